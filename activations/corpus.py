@@ -1,0 +1,160 @@
+"""Text sources, tokenised and packed into fixed-length contexts.
+
+Sources (`CorpusConfig.source`):
+  * ``"default"``: the embedded corpus (`activations/data/default_corpus.jsonl.xz`, 3.0M
+    SmolLM2 tokens of human-written English: Jane Austen's novels and the Python and Debian
+    documentation, see README) with a fixed train/held-out split;
+  * a path to a ``.txt`` (documents separated by blank lines), ``.jsonl`` (a ``text`` field)
+    or ``.parquet`` (a ``text`` column) file, or a folder of them;
+  * ``"hf:<dataset>[:<config>]"``: a Hugging Face dataset, streamed (needs network).
+
+Packing (BOS handling): documents are tokenised without special tokens and joined into one
+stream with a separator token after each document. The stream is cut into chunks of
+`context_len - 1` tokens and each context starts with that same token, so position 0 of every
+context is a BOS-like attention sink (excluded from training and metrics by default). The
+token is ``<|endoftext|>`` where the vocabulary has it (SmolLM2 and GPT-2 style models use it
+as their document boundary; SmolLM2's nominal BOS is the chat marker ``<|im_start|>``), else
+the tokenizer's BOS, else its EOS.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+DEFAULT_CORPUS = Path(__file__).parent / "data" / "default_corpus.jsonl.xz"
+
+
+@dataclass
+class CorpusConfig:
+    source: str = "default"
+    """"default", a .txt/.jsonl/.parquet file or folder, or "hf:<name>[:<config>]"."""
+    split: Literal["train", "heldout"] = "train"
+    """For "default": the fixed split. For files, "heldout" takes every 20th document."""
+    context_len: int = 128
+    """Tokens per context, BOS included."""
+    text_field: str = "text"
+    """Field or column holding the text in .jsonl/.parquet/HF sources."""
+    hf_split: str = "train"
+    """Split name of a Hugging Face dataset."""
+
+
+class EmptyCorpusError(ValueError):
+    pass
+
+
+def _split_of_index(i: int, split: str) -> bool:
+    return (i % 20 == 19) == (split == "heldout")
+
+
+def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
+    """Yield the documents of `cfg.source` that belong to `cfg.split`, in a fixed order."""
+    if cfg.source == "default":
+        with lzma.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
+            for line in f:
+                doc = json.loads(line)
+                if doc["split"] == cfg.split:
+                    yield doc["text"]
+        return
+    if cfg.source.startswith("hf:"):
+        import datasets  # optional, needs network
+
+        name, _, config = cfg.source[3:].partition(":")
+        stream = datasets.load_dataset(name, config or None, split=cfg.hf_split, streaming=True)
+        for i, row in enumerate(stream):
+            if _split_of_index(i, cfg.split):
+                yield row[cfg.text_field]
+        return
+    path = Path(cfg.source)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus source {cfg.source!r} does not exist")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".parquet")) if path.is_dir() else [path]
+    i = 0
+    for file in files:
+        for text in _read_file(file, cfg.text_field):
+            if text.strip() and _split_of_index(i, cfg.split):
+                yield text
+            i += 1
+
+
+def _read_file(path: Path, field: str) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield from (d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip())
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)[field]
+                    except (json.JSONDecodeError, KeyError) as e:
+                        raise ValueError(f"{path}:{n}: expected a JSON object with a {field!r} field ({e})") from e
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=[field])
+        yield from (t for t in table.column(field).to_pylist() if t)
+    else:
+        raise ValueError(f"unsupported corpus file type {path.suffix!r}: use .txt, .jsonl or .parquet")
+
+
+def pack_contexts(documents: Iterator[str], tokenizer, context_len: int = 128, max_contexts: int | None = None) -> np.ndarray:
+    """Tokenise and pack documents into contexts: int32 [n_contexts, context_len].
+    Every context starts with BOS; documents are separated by EOS (see module docstring)."""
+    if context_len < 2:
+        raise ValueError("context_len must be at least 2")
+    bos = eos = boundary_token_id(tokenizer)
+    body = context_len - 1
+    chunks: list[np.ndarray] = []
+    buffer: list[int] = []
+    n = 0
+    for doc in documents:
+        buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        buffer.append(eos)
+        while len(buffer) >= body and (max_contexts is None or n < max_contexts):
+            chunks.append(np.asarray([bos] + buffer[:body], dtype=np.int32))
+            del buffer[:body]
+            n += 1
+        if max_contexts is not None and n >= max_contexts:
+            break
+    if not chunks:
+        raise EmptyCorpusError("the corpus produced no complete context: it is empty or shorter than one context")
+    return np.stack(chunks)
+
+
+def boundary_token_id(tokenizer) -> int:
+    """The token that starts every context and separates documents (see module docstring)."""
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("tokenizer has no <|endoftext|>, BOS or EOS token to mark context starts")
+
+
+def fingerprint(tokens: np.ndarray) -> str:
+    """Content hash of packed tokens, stored in manifests to catch mismatched corpora."""
+    return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()[:16]
+
+
+def load_contexts(cfg: CorpusConfig, tokenizer, max_contexts: int | None = None, cache_dir: Path | None = None) -> np.ndarray:
+    """Packed contexts for `cfg`, cached as .npy in `cache_dir` when given (tokenising the
+    default corpus takes ~10 s)."""
+    cache = None
+    if cache_dir is not None:
+        key = hashlib.sha256(json.dumps([cfg.__dict__, tokenizer.name_or_path, len(tokenizer), max_contexts], sort_keys=True).encode()).hexdigest()[:12]
+        cache = Path(cache_dir) / f"contexts_{cfg.split}_{key}.npy"
+        if cache.exists():
+            return np.load(cache, allow_pickle=False)
+    tokens = pack_contexts(iter_documents(cfg), tokenizer, cfg.context_len, max_contexts)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npy")
+        np.save(tmp, tokens, allow_pickle=False)
+        tmp.replace(cache)
+    return tokens

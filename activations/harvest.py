@@ -1,0 +1,141 @@
+"""Harvest activations at one or more hook points into an on-disk store.
+
+One forward pass per batch serves every requested hook and stops after the last hooked
+layer. Shards cover fixed context ranges and are written atomically, so rerunning a killed
+harvest skips finished shards and yields the same store as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .corpus import CorpusConfig, fingerprint, load_contexts
+from .model import DEFAULT_MODEL, load_model, resolve_device, run_to_hooks, validate_hook
+from .store import DTYPES, FORMAT, ActivationStore, atomic_save_safetensors, atomic_write_json, hook_dir, sha256_file
+
+
+@dataclass
+class HarvestConfig:
+    out_dir: str = "runs/default/activations"
+    """Store root; each hook gets a sub-folder named after it."""
+    model: str = DEFAULT_MODEL
+    """"smollm2" (embedded default), a local HF directory, or a hub name."""
+    hooks: list[str] = field(default_factory=lambda: ["blocks.8.hook_resid_post"])
+    """TransformerLens hook names, all harvested in one forward pass."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    n_tokens: int = 2_000_000
+    """Activation rows to store per hook (BOS rows excluded when `exclude_bos`)."""
+    batch_contexts: int = 8
+    """Contexts per forward pass."""
+    shard_contexts: int = 512
+    """Contexts per shard (512 x 128 = 65k tokens); a multiple of batch_contexts."""
+    dtype: str = "bfloat16"
+    """Storage dtype: float32, bfloat16 or float16."""
+    exclude_bos: bool = True
+    """Drop position 0 (the BOS-like attention sink, norms ~100x the median)."""
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.shard_contexts % self.batch_contexts:
+            raise ValueError("shard_contexts must be a multiple of batch_contexts")
+        if not self.hooks:
+            raise ValueError("at least one hook is needed")
+        if isinstance(self.corpus, dict):
+            self.corpus = CorpusConfig(**self.corpus)
+
+
+def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
+    """Run (or resume) the harvest; returns {hook_name: ActivationStore}."""
+    model = model if model is not None else load_model(cfg.model, cfg.device)
+    for hook in cfg.hooks:
+        validate_hook(model, hook)
+    device = next(model.parameters()).device
+    ctx_len = cfg.corpus.context_len
+    kept_per_context = ctx_len - 1 if cfg.exclude_bos else ctx_len
+    n_contexts = math.ceil(cfg.n_tokens / kept_per_context)
+    tokens = load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts, cache_dir=Path(cfg.out_dir) / ".token_cache")
+    if len(tokens) < n_contexts:
+        raise ValueError(
+            f"corpus {cfg.corpus.source!r} ({cfg.corpus.split}) has only {len(tokens) * kept_per_context:,} tokens, "
+            f"{cfg.n_tokens:,} requested"
+        )
+    corpus_fp = fingerprint(tokens)
+    n_shards = math.ceil(n_contexts / cfg.shard_contexts)
+    first_pos = 1 if cfg.exclude_bos else 0
+
+    manifests = {}
+    for hook in cfg.hooks:
+        folder = hook_dir(Path(cfg.out_dir), hook)
+        folder.mkdir(parents=True, exist_ok=True)
+        header = {
+            "format": FORMAT, "model": cfg.model, "hook_name": hook, "d_in": None, "dtype": cfg.dtype,
+            "context_len": ctx_len, "exclude_bos": cfg.exclude_bos, "corpus": asdict(cfg.corpus),
+            "corpus_fingerprint": corpus_fp, "n_contexts": n_contexts, "shard_contexts": cfg.shard_contexts,
+            "batch_contexts": cfg.batch_contexts,
+        }
+        path = folder / "manifest.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            mismatched = [k for k in header if k != "d_in" and old.get(k) != header[k]]
+            if mismatched:
+                raise ValueError(
+                    f"{folder} holds a different harvest (differs in {mismatched}); choose another --out or delete it"
+                )
+            header["d_in"] = old["d_in"]
+            done = {s["file"]: s for s in old["shards"] if (folder / s["file"]).exists()}
+        else:
+            done = {}
+        manifests[hook] = {**header, "shards": list(done.values()), "complete": False}
+
+    todo = [i for i in range(n_shards) if any(f"shard_{i:05d}.safetensors" not in {s["file"] for s in m["shards"]} for m in manifests.values())]
+    total_rows = (n_contexts - len([i for i in range(n_shards) if i not in todo]) * cfg.shard_contexts) * kept_per_context
+    bar = tqdm(total=max(total_rows, 0), unit="tok", unit_scale=True, desc=f"harvest {len(cfg.hooks)} hook(s)")
+    storage = DTYPES[cfg.dtype]
+    for shard_index in todo:
+        start = shard_index * cfg.shard_contexts
+        shard_tokens = torch.from_numpy(tokens[start:start + cfg.shard_contexts])
+        outputs: dict[str, list[torch.Tensor]] = {h: [] for h in cfg.hooks}
+        for b in range(0, len(shard_tokens), cfg.batch_contexts):
+            batch = shard_tokens[b:b + cfg.batch_contexts].long().to(device)
+            acts = run_to_hooks(model, batch, cfg.hooks)
+            for hook, a in acts.items():
+                a = a[:, first_pos:]
+                if not torch.isfinite(a).all():
+                    raise FloatingPointError(f"non-finite activations at {hook} in contexts {start + b}..{start + b + len(batch)}")
+                outputs[hook].append(a.reshape(-1, a.shape[-1]).to("cpu", storage))
+            bar.update(batch.shape[0] * kept_per_context)
+        positions = (np.arange(len(shard_tokens))[:, None] * ctx_len + np.arange(first_pos, ctx_len)[None, :]).reshape(-1)
+        for hook in cfg.hooks:
+            folder = hook_dir(Path(cfg.out_dir), hook)
+            acts = torch.cat(outputs[hook])
+            name = f"shard_{shard_index:05d}.safetensors"
+            atomic_save_safetensors(
+                {"acts": acts, "tokens": shard_tokens.int(), "positions": torch.from_numpy(positions).long()},
+                folder / name,
+                metadata={"hook_name": hook, "first_context": str(start)},
+            )
+            m = manifests[hook]
+            m["d_in"] = int(acts.shape[1])
+            m["shards"] = [s for s in m["shards"] if s["file"] != name] + [
+                {"file": name, "first_context": start, "n_contexts": len(shard_tokens), "n_tokens": len(acts), "sha256": sha256_file(folder / name)}
+            ]
+            m["shards"].sort(key=lambda s: s["first_context"])
+            atomic_write_json(folder / "manifest.json", m)
+    bar.close()
+
+    stores = {}
+    for hook, m in manifests.items():
+        folder = hook_dir(Path(cfg.out_dir), hook)
+        m["n_tokens"] = sum(s["n_tokens"] for s in m["shards"])
+        m["complete"] = True
+        atomic_write_json(folder / "manifest.json", m)
+        stores[hook] = ActivationStore(folder)
+    return stores

