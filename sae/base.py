@@ -1,0 +1,198 @@
+"""The SAE base class, the architecture registry, and SAE Lens-format save/load.
+
+Every architecture shares the parameters and maths
+    pre   = (x - b_dec) @ W_enc + b_enc          [batch, d_sae]
+    f     = activation(pre)                      [batch, d_sae]
+    x_hat = f @ W_dec + b_dec                    [batch, d_in]
+and differs only in `activation` (inference) and `training_forward` (loss during training).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .common import normalize_decoder_rows, sparse_decode, tied_init
+from .config import SAEConfig
+
+ARCHITECTURES: dict[str, type["SAE"]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.architecture = name
+        ARCHITECTURES[name] = cls
+        return cls
+    return wrap
+
+
+class TrainOutput(NamedTuple):
+    loss: Tensor
+    """Total loss to backpropagate."""
+    x_hat: Tensor
+    """Reconstruction [batch, d_in]."""
+    active: Tensor
+    """Bool [d_sae]: which latents fired anywhere in this batch (dead-latent tracking)."""
+    l0: Tensor
+    """Mean active latents per token."""
+    mse: Tensor
+    """Mean over the batch of ||x - x_hat||^2."""
+    sparsity: Tensor
+    """The architecture's sparsity penalty (already weighted), or 0."""
+
+
+class SAE(nn.Module):
+    architecture: ClassVar[str] = ""
+    sae_lens_architecture: ClassVar[str] = ""  # the `architecture` string SAE Lens knows
+
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        w_enc, w_dec = tied_init(cfg.d_in, cfg.d_sae, generator)
+        self.W_enc = nn.Parameter(w_enc)  # [d_in, d_sae]
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = nn.Parameter(w_dec)  # [d_sae, d_in]
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    # ---------------------------------------------------------------- inference
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """[..., d_in] -> [..., d_sae]"""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations f [..., d_sae] of raw activations x [..., d_in]."""
+        self._check_input(x)
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """[..., d_sae] -> [..., d_in]"""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"SAE expects d_in={self.cfg.d_in} ({self.cfg.hook_name}), got activations of width {x.shape[-1]}")
+
+    # ---------------------------------------------------------------- training
+    def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
+        """Loss on a batch x [batch, d_in] (normalised inputs). `sparsity_scale` in [0, 1]
+        warms the sparsity penalty up. AuxK is added by the trainer, which knows dead latents."""
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        mse = (x - x_hat).pow(2).sum(-1).mean()
+        zero = x.new_zeros(())
+        return TrainOutput(mse, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, zero)
+
+    def topk_training_forward(self, x: Tensor, values: Tensor, indices: Tensor) -> TrainOutput:
+        """Shared tail of TopK-style training: sparse decode from (values, indices) [batch, k]."""
+        x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
+        mse = (x - x_hat).pow(2).sum(-1).mean()
+        active = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
+        active[indices[values > 0]] = True
+        l0 = (values > 0).float().sum(-1).mean()
+        return TrainOutput(mse, x_hat, active, l0, mse, x.new_zeros(()))
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        """Called after every optimiser step: keep decoder rows unit-norm."""
+        normalize_decoder_rows(self.W_dec)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on `scale * x` take raw x: pre-activations and outputs
+        are unchanged, so thresholds and k stay valid."""
+        self.W_enc *= scale
+        self.b_dec /= scale
+        self.W_dec /= scale
+
+    # ---------------------------------------------------------------- SAE Lens format
+    def sae_lens_config(self) -> dict:
+        cfg = self.cfg
+        return {
+            "architecture": self.sae_lens_architecture,
+            "d_in": cfg.d_in,
+            "d_sae": cfg.d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": {
+                "model_name": cfg.model_name,
+                "hook_name": cfg.hook_name,
+                "hook_head_index": None,
+                "context_size": cfg.context_size,
+                "prepend_bos": True,
+                "workbench_config": cfg.to_dict(),
+            },
+        }
+
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """Non-parameter tensors saved beside the weights (e.g. a JumpReLU threshold)."""
+        return {}
+
+    def load_extra_tensors(self, state: dict[str, Tensor]) -> None:
+        pass
+
+    def load_tensors(self, state: dict[str, Tensor]) -> None:
+        """Copy weights from `state`, with clear errors for missing or mis-shaped tensors."""
+        for name, p in self.named_parameters():
+            if name not in state:
+                raise ValueError(f"SAE weights are missing {name!r}")
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"SAE weight {name!r} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(state[name].float())
+        self.load_extra_tensors(state)
+
+    def save(self, path: str | Path) -> Path:
+        """Write `cfg.json` + `sae_weights.safetensors` (SAE Lens format), atomically."""
+        from activations.store import atomic_save_safetensors, atomic_write_json
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.detach().float().cpu() for n, p in self.named_parameters()} | self.extra_tensors()
+        atomic_save_safetensors(tensors, path / "sae_weights.safetensors")
+        atomic_write_json(path / "cfg.json", self.sae_lens_config())
+        return path
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE Lens-format directory (ours or another tool's) into the matching class."""
+    path = Path(path)
+    cfg_path, weights_path = path / "cfg.json", path / "sae_weights.safetensors"
+    if not cfg_path.exists() or not weights_path.exists():
+        raise FileNotFoundError(f"{path} is not an SAE directory: it needs cfg.json and sae_weights.safetensors")
+    raw = json.loads(cfg_path.read_text())
+    meta = raw.get("metadata") or {}
+    ours = meta.get("workbench_config")
+    if ours:
+        cfg = SAEConfig(**ours)
+    else:
+        arch = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(raw.get("architecture", "standard"))
+        if arch is None:
+            raise ValueError(f"{cfg_path}: architecture {raw.get('architecture')!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+        if raw.get("normalize_activations", "none") not in ("none", None):
+            raise ValueError(f"{cfg_path}: normalize_activations={raw['normalize_activations']!r} is not supported (fold it into the weights)")
+        cfg = SAEConfig(
+            architecture=arch, d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), k=int(raw.get("k", 32)),
+            hook_name=meta.get("hook_name") or raw.get("hook_name", ""), model_name=meta.get("model_name") or raw.get("model_name", ""),
+            context_size=int(meta.get("context_size") or raw.get("context_size") or 128),
+        )
+    sae = ARCHITECTURES[cfg.architecture](cfg)
+    state = load_file(str(weights_path))
+    if not raw.get("apply_b_dec_to_input", True):
+        # other tools' SAEs may skip subtracting b_dec before encoding: fold that into b_enc
+        state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
+    sae.load_tensors(state)
+    return sae.to(device)

@@ -1,0 +1,73 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024; Gemma Scope): f = pre * H(pre - theta) with a
+learned per-latent threshold and an L0 penalty, trained by straight-through estimators
+with a rectangle kernel of bandwidth eps.
+
+theta is a plain parameter, not log(theta): under Adam a log parameterisation barely moves
+theta, which left L0 flat for a year in a peer library."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import SAE, TrainOutput, register
+
+
+def _rectangle(z: Tensor) -> Tensor:
+    return ((z > -0.5) & (z < 0.5)).to(z.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
+        return grad_pre, grad_threshold.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
+        return torch.zeros_like(pre), grad_threshold.sum(0), None
+
+
+@register("jumprelu")
+class JumpReLUSAE(SAE):
+    sae_lens_architecture = "jumprelu"
+
+    def __init__(self, cfg, generator=None):
+        super().__init__(cfg, generator)
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return pre * (pre > self.threshold)
+
+    def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
+        pre = self.pre_acts(x)
+        f = _JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+        x_hat = self.decode(f)
+        mse = (x - x_hat).pow(2).sum(-1).mean()
+        l0 = _Step.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+        penalty = sparsity_scale * self.cfg.l0_coefficient * l0
+        return TrainOutput(mse + penalty, x_hat, (f > 0).any(0), l0.detach(), mse, penalty)
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        super().post_step()
+        self.threshold.clamp_(min=0.0)  # a negative threshold would let every latent fire

@@ -1,0 +1,313 @@
+"""Train one or several SAEs from one pass over activations.
+
+Batches come from an `ActivationStore` (shuffled across shards, bounded memory) or from
+`OnTheFlySource` (harvested from the model as training runs). Every SAE in
+`TrainConfig.saes` sees the same batches, so a sweep over k or width costs one data pass.
+
+Checkpoints (weights, Adam state, dead-latent counters, step) are written atomically every
+`checkpoint_every` steps; rerunning the same command resumes from the last one and ends
+with the same weights as an uninterrupted run (the data order is a pure function of
+seed and epoch).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Protocol
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from activations.model import resolve_device
+from activations.store import atomic_save_safetensors, atomic_write_json
+
+from .base import ARCHITECTURES, SAE
+from .common import auxk_loss, geometric_median, input_scale, project_out_parallel_grad
+from .config import SAEConfig
+
+
+class BatchSource(Protocol):
+    d_in: int
+    hook_name: str
+
+    def iter_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]: ...
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default/sae"
+    saes: list[SAEConfig] = field(default_factory=lambda: [SAEConfig()])
+    """SAEs trained side by side on the same batches (a sweep)."""
+    n_tokens: int = 2_000_000
+    """Training tokens; more than the store holds means several shuffled epochs."""
+    batch_size: int = 4096
+    lr: float | None = None
+    """Adam learning rate; None: 2e-4 / sqrt(d_sae / 2^14), per SAE."""
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    """Linear decay to zero over this final fraction of steps."""
+    sparsity_warmup_fraction: float = 0.05
+    """L1/L0 coefficients ramp linearly from 0 over this first fraction of steps."""
+    dead_tokens: int = 250_000
+    """A latent unseen for this many tokens counts as dead (AuxK target). 10M in Gao et al.,
+    scaled down for runs of a few million tokens."""
+    aux_k: int | None = None
+    """AuxK latents; None: d_in // 2."""
+    aux_coefficient: float = 1 / 32
+    b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
+    init_tokens: int = 16384
+    """Sample used for the input scale and b_dec."""
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    logger: Literal["jsonl", "wandb", "tensorboard"] = "jsonl"
+    device: str = "auto"
+    autocast: Literal["none", "bf16"] = "none"
+    """bf16 autocast of the encoder/decoder matmuls (weights and Adam stay fp32)."""
+    max_steps: int | None = None
+    """Stop after this many steps (for tests and time-boxed runs); the schedule still
+    assumes n_tokens, so a later run resumes seamlessly."""
+
+    def __post_init__(self):
+        self.saes = [SAEConfig(**s) if isinstance(s, dict) else s for s in self.saes]
+        if not self.saes:
+            raise ValueError("TrainConfig.saes is empty")
+        for s in self.saes:
+            if s.architecture not in ARCHITECTURES:
+                raise ValueError(f"unknown architecture {s.architecture!r}; registered: {sorted(ARCHITECTURES)}")
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.n_tokens // self.batch_size)
+
+
+def sae_name(cfg: SAEConfig) -> str:
+    sparsity = {"topk": f"k{cfg.k}", "batchtopk": f"k{cfg.k}", "standard": f"l1_{cfg.l1_coefficient:g}", "jumprelu": f"l0_{cfg.l0_coefficient:g}"}
+    return f"{cfg.architecture}_{sparsity.get(cfg.architecture, '')}_{cfg.d_sae}"
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    decay_start = int(cfg.total_steps * (1 - cfg.decay_fraction))
+    decay = 1.0 if step < decay_start else max(0.0, (cfg.total_steps - step) / max(1, cfg.total_steps - decay_start))
+    return warm * decay
+
+
+class _Logger:
+    def __init__(self, cfg: TrainConfig, out: Path):
+        self.path = out / "metrics.jsonl"
+        self.backend = None
+        if cfg.logger == "wandb":
+            import wandb
+
+            self.backend = wandb.init(project="sae-workbench", config=asdict(cfg), dir=str(out))
+        elif cfg.logger == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.backend = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.backend is None:
+            return
+        prefixed = {f"{record['sae']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
+        if hasattr(self.backend, "log"):
+            self.backend.log(prefixed, step=record["step"])
+        else:
+            for k, v in prefixed.items():
+                self.backend.add_scalar(k, v, record["step"])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, source: BatchSource):
+        self.cfg = cfg
+        self.source = source
+        self.out = Path(cfg.out_dir)
+        self.device = resolve_device(cfg.device)
+        for s in cfg.saes:
+            if s.d_in != source.d_in:
+                raise ValueError(f"SAE d_in={s.d_in} does not match the activations' d_in={source.d_in} at {source.hook_name}")
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.saes: list[SAE] = [ARCHITECTURES[s.architecture](s, generator).to(self.device) for s in cfg.saes]
+        self.names = [sae_name(s) for s in cfg.saes]
+        if len(set(self.names)) != len(self.names):
+            self.names = [f"{n}_{i}" for i, n in enumerate(self.names)]
+        self.optimizers = [
+            torch.optim.Adam(sae.parameters(), lr=cfg.lr or 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14), betas=(0.9, 0.999))
+            for sae in self.saes
+        ]
+        self.base_lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers]
+        self.tokens_since_fired = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in cfg.saes]
+        self.step = 0
+        self.scale = 1.0
+
+    # ------------------------------------------------------------------ data
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """Training batches from the current step on, over as many epochs as needed."""
+        per_epoch = getattr(self.source, "n_tokens", None)
+        steps_per_epoch = (per_epoch // self.cfg.batch_size) if per_epoch else None
+        if steps_per_epoch == 0:
+            raise ValueError(f"the activation store holds {per_epoch} tokens, fewer than one batch of {self.cfg.batch_size}")
+        epoch = self.step // steps_per_epoch if steps_per_epoch else 0
+        skip = self.step - epoch * steps_per_epoch if steps_per_epoch else 0
+        while True:
+            for i, batch in enumerate(self.source.iter_batches(self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch)):
+                if i < skip:
+                    continue
+                yield batch
+            epoch, skip = epoch + 1, 0
+
+    def _init_from_sample(self) -> None:
+        rows, sample = 0, []
+        for batch in self.source.iter_batches(min(self.cfg.batch_size, self.cfg.init_tokens), seed=self.cfg.seed, epoch=10**6):
+            sample.append(batch)
+            rows += len(batch)
+            if rows >= self.cfg.init_tokens:
+                break
+        sample = torch.cat(sample).to(self.device)
+        self.scale = input_scale(sample)
+        center = geometric_median(sample * self.scale) if self.cfg.b_dec_init == "geometric_median" else (sample * self.scale).mean(0)
+        with torch.no_grad():
+            for sae in self.saes:
+                sae.b_dec.copy_(center)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save_checkpoint(self) -> None:
+        tmp = self.out / f".checkpoint.{self.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for i, (sae, opt) in enumerate(zip(self.saes, self.optimizers)):
+            tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
+            tensors[f"tokens_since_fired"] = self.tokens_since_fired[i].cpu()
+            for p_index, state in opt.state_dict()["state"].items():
+                for key, value in state.items():
+                    tensors[f"adam.{p_index}.{key}"] = torch.as_tensor(value).detach().cpu()
+            atomic_save_safetensors(tensors, tmp / f"sae_{i}.safetensors")
+        atomic_write_json(tmp / "state.json", {"step": self.step, "scale": self.scale, "names": self.names, "config": asdict(self.cfg)})
+        final = self._checkpoint_dir()
+        old = self.out / ".checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)  # the checkpoint is either the old or the new one, never half-written
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> bool:
+        folder = self._checkpoint_dir()
+        if not (folder / "state.json").exists():
+            old = self.out / ".checkpoint.old"  # killed between the two renames
+            if not (old / "state.json").exists():
+                return False
+            folder = old
+        state = json.loads((folder / "state.json").read_text())
+        saved_cfg = state["config"]
+        for key in ("saes", "batch_size", "n_tokens", "seed"):
+            now = json.loads(json.dumps(asdict(self.cfg)[key]))
+            if saved_cfg[key] != now:
+                raise ValueError(f"{folder} was written by a run with a different {key!r}; use a new --out or delete it")
+        self.step, self.scale = int(state["step"]), float(state["scale"])
+        for i, (sae, opt) in enumerate(zip(self.saes, self.optimizers)):
+            tensors = load_file(str(folder / f"sae_{i}.safetensors"), device=str(self.device))
+            sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+            self.tokens_since_fired[i] = tensors["tokens_since_fired"]
+            opt_state = opt.state_dict()
+            per_param: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith("adam."):
+                    _, p_index, name = key.split(".", 2)
+                    per_param.setdefault(int(p_index), {})[name] = value.cpu() if name == "step" else value
+            opt_state["state"] = per_param
+            opt.load_state_dict(opt_state)
+        return True
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> list[Path]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.load_checkpoint()
+        if not resumed:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            self._init_from_sample()
+        logger = _Logger(cfg, self.out)
+        aux_k = [cfg.aux_k or s.d_in // 2 for s in cfg.saes]
+        end = cfg.total_steps if cfg.max_steps is None else min(cfg.total_steps, cfg.max_steps)
+        bar = tqdm(total=end * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok", unit_scale=True, desc="train")
+        started, start_step = time.perf_counter(), self.step
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
+        sparsity_steps = max(1, int(cfg.sparsity_warmup_fraction * cfg.total_steps))
+        batches = self._batches() if self.step < end else iter(())
+        while self.step < end:
+            x_raw = next(batches).to(self.device, non_blocking=True)
+            if not torch.isfinite(x_raw).all():
+                raise FloatingPointError(f"non-finite activations in training batch {self.step}: the store is corrupt (run `saewb harvest` again)")
+            x = x_raw * self.scale
+            lr_mult = lr_factor(self.step, cfg)
+            sparsity_scale = min(1.0, (self.step + 1) / sparsity_steps)
+            log_now = self.step % cfg.log_every == 0 or self.step == end - 1
+            for i, (sae, opt) in enumerate(zip(self.saes, self.optimizers)):
+                for group in opt.param_groups:
+                    group["lr"] = self.base_lrs[i] * lr_mult
+                with autocast:
+                    out = sae.training_forward(x, sparsity_scale)
+                    dead = self.tokens_since_fired[i] > cfg.dead_tokens
+                    aux = x.new_zeros(())
+                    if sae.architecture in ("topk", "batchtopk") and dead.any():
+                        aux = auxk_loss(x, out.x_hat, sae.pre_acts(x), dead, aux_k[i], sae.W_dec)
+                    loss = out.loss + cfg.aux_coefficient * aux
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.names[i]}: loss became {loss.item()} at step {self.step}; lower the learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                project_out_parallel_grad(sae.W_dec)
+                opt.step()
+                sae.post_step()
+                with torch.no_grad():
+                    self.tokens_since_fired[i] += len(x)
+                    self.tokens_since_fired[i][out.active] = 0
+                if log_now:
+                    with torch.no_grad():
+                        variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+                        record = {
+                            "sae": self.names[i], "step": self.step, "tokens": (self.step + 1) * cfg.batch_size,
+                            "lr": self.base_lrs[i] * lr_mult, "loss": loss.item(), "mse": out.mse.item(),
+                            "fvu": (out.mse / variance).item(), "l0": out.l0.item(), "aux_loss": aux.item(),
+                            "sparsity_loss": out.sparsity.item(), "dead_fraction": dead.float().mean().item(),
+                            "tokens_per_s": (self.step + 1 - start_step) * cfg.batch_size / (time.perf_counter() - started),
+                        }
+                        if hasattr(sae, "threshold"):
+                            record["threshold_mean"] = sae.threshold.float().mean().item()
+                        logger.log(record)
+            self.step += 1
+            bar.update(cfg.batch_size)
+            if log_now:
+                bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}")
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                self.save_checkpoint()
+        bar.close()
+        return self.save_final() if self.step >= cfg.total_steps else []
+
+    def save_final(self) -> list[Path]:
+        """Save every SAE in SAE Lens format with the input scale folded into the weights."""
+        paths = []
+        for name, sae in zip(self.names, self.saes):
+            final = ARCHITECTURES[sae.cfg.architecture](sae.cfg)
+            final.load_state_dict(sae.state_dict())
+            final = final.cpu()
+            final.fold_input_scale(self.scale)
+            paths.append(final.save(self.out / name))
+        atomic_write_json(self.out / "train_summary.json", {"saes": {n: str(p) for n, p in zip(self.names, paths)}, "steps": self.step, "input_scale": self.scale, "config": asdict(self.cfg)})
+        return paths
+
+
+def train(cfg: TrainConfig, source: BatchSource) -> list[Path]:
+    """Train (or resume) the SAEs of `cfg` on `source`; returns the saved SAE directories."""
+    return Trainer(cfg, source).train()
