@@ -207,3 +207,18 @@ def run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[str
         except _StopForward:
             pass
     return captured
+
+
+def logits_with_edit(model, tokens: torch.Tensor, hook_name: str | None = None, edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Full forward pass logits [batch, pos, vocab], with `edit` (activation -> replacement)
+    applied at `hook_name` when given. Hooks are removed afterwards, even on error."""
+    with torch.no_grad():
+        if hook_name is None:
+            edits = {}
+        else:
+            validate_hook(model, hook_name)
+            edits = {hook_name: edit}
+        if all(hook_module(model, n) is not None for n in edits) and hasattr(model, "original_model"):
+            with hf_hooks(model, edits):
+                return model.original_model(input_ids=tokens, use_cache=False).logits
+        return model.run_with_hooks(tokens, fwd_hooks=[(n, lambda act, hook, fn=fn: fn(act)) for n, fn in edits.items()])

@@ -1,0 +1,140 @@
+"""Evaluate an SAE on held-out text: reconstruction, sparsity and spliced-in CE loss.
+
+Positions are chosen as in training: position 0 of every context (the BOS-like sink) is
+excluded from every metric and left untouched when splicing.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from activations.corpus import CorpusConfig, load_contexts
+from activations.model import logits_with_edit, run_to_hooks, validate_hook
+from activations.store import atomic_write_bytes, atomic_write_json
+from sae.base import SAE
+
+from .metrics import ReconstructionStats, ce_loss_recovered, cross_entropy, dense_fraction, dead_fraction, kl_per_token
+
+
+@dataclass
+class EvalConfig:
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(split="heldout"))
+    n_tokens: int = 131_072
+    """Held-out tokens for reconstruction metrics and the dead/dense fractions (BOS excluded)."""
+    n_ce_contexts: int = 128
+    """Contexts for the CE metrics (three full forward passes each)."""
+    batch_contexts: int = 8
+
+    def __post_init__(self):
+        if isinstance(self.corpus, dict):
+            self.corpus = CorpusConfig(**self.corpus)
+
+
+@dataclass
+class EvalResult:
+    n_tokens: int
+    """Held-out tokens behind the reconstruction metrics and dead/dense fractions."""
+    n_ce_tokens: int
+    """Predicted positions behind the CE metrics."""
+    mse: float
+    fvu: float
+    explained_variance: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+    ce_clean: float
+    ce_spliced: float
+    ce_zero_ablated: float
+    ce_loss_recovered: float
+    delta_ce: float
+    """CE_spliced - CE_clean, in nats."""
+    kl_per_token: float
+    """Mean KL(clean || spliced) per predicted position."""
+    log10_feature_density: list[float]
+    """log10 firing frequency per feature (-inf for dead ones is stored as -10)."""
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, model, cfg: EvalConfig = EvalConfig()) -> EvalResult:
+    hook = sae.cfg.hook_name
+    validate_hook(model, hook)
+    device = next(model.parameters()).device
+    sae = sae.to(device).eval()
+    ctx_len = cfg.corpus.context_len
+    n_contexts = max(cfg.n_ce_contexts, -(-cfg.n_tokens // (ctx_len - 1)))
+    tokens = torch.from_numpy(load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts)).long()
+    if len(tokens) < n_contexts:
+        raise ValueError(f"held-out corpus has {len(tokens)} contexts, {n_contexts} needed; lower --eval-tokens")
+
+    stats = ReconstructionStats(sae.cfg.d_sae)
+    recon_contexts = -(-cfg.n_tokens // (ctx_len - 1))
+    for b in tqdm(range(0, recon_contexts, cfg.batch_contexts), desc="evaluate: reconstruction"):
+        batch = tokens[b:min(b + cfg.batch_contexts, recon_contexts)].to(device)
+        x = run_to_hooks(model, batch, [hook])[hook][:, 1:].flatten(0, 1).float()
+        if x.shape[-1] != sae.cfg.d_in:
+            raise ValueError(f"SAE d_in={sae.cfg.d_in} but {hook} has width {x.shape[-1]}")
+        f = sae.encode(x)
+        stats.update(x, sae.decode(f), f)
+
+    ce = {"clean": [], "spliced": [], "zero": []}
+    kl = []
+
+    def splice(act):
+        out = act.clone()
+        out[:, 1:] = sae(act[:, 1:].float()).to(act.dtype)
+        return out
+
+    def zero(act):
+        out = act.clone()
+        out[:, 1:] = 0
+        return out
+
+    for b in tqdm(range(0, cfg.n_ce_contexts, cfg.batch_contexts), desc="evaluate: CE loss"):
+        batch = tokens[b:min(b + cfg.batch_contexts, cfg.n_ce_contexts)].to(device)
+        clean = logits_with_edit(model, batch)
+        spliced = logits_with_edit(model, batch, hook, splice)
+        ce["clean"].append(cross_entropy(clean, batch)[:, 1:].flatten().cpu())
+        ce["spliced"].append(cross_entropy(spliced, batch)[:, 1:].flatten().cpu())
+        ce["zero"].append(cross_entropy(logits_with_edit(model, batch, hook, zero), batch)[:, 1:].flatten().cpu())
+        kl.append(kl_per_token(clean, spliced)[:, 1:-1].flatten().cpu())
+    means = {k: float(torch.cat(v).mean()) for k, v in ce.items()}
+    density = (stats.fire_counts.double() / stats.n).clamp_min(1e-10).log10()
+    return EvalResult(
+        n_tokens=stats.n, n_ce_tokens=int(torch.cat(ce["clean"]).numel()), mse=stats.mse, fvu=stats.fvu,
+        explained_variance=1 - stats.fvu, l0=stats.l0,
+        dead_fraction=dead_fraction(stats.fire_counts), dense_fraction=dense_fraction(stats.fire_counts, stats.n),
+        ce_clean=means["clean"], ce_spliced=means["spliced"], ce_zero_ablated=means["zero"],
+        ce_loss_recovered=ce_loss_recovered(means["clean"], means["spliced"], means["zero"]),
+        delta_ce=means["spliced"] - means["clean"], kl_per_token=float(torch.cat(kl).mean()),
+        log10_feature_density=[round(float(v), 4) for v in density],
+    )
+
+
+def write_results(result: EvalResult, out_dir: str | Path, metrics_jsonl: str | Path | None = None, title: str = "SAE evaluation") -> tuple[Path, Path]:
+    """Write `eval.json` and the standalone `report.html` (training curves + density histogram)."""
+    from .report import evaluation_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out / "eval.json", out / "report.html"
+    atomic_write_json(json_path, asdict(result))
+    records = []
+    if metrics_jsonl and Path(metrics_jsonl).exists():
+        records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    atomic_write_bytes(html_path, evaluation_report(result, records, title).encode())
+    return json_path, html_path
+
+
+def summary_line(result: EvalResult) -> str:
+    return (
+        f"FVU {result.fvu:.4f} | L0 {result.l0:.1f} | dead {result.dead_fraction:.1%} | dense {result.dense_fraction:.1%} | "
+        f"CE clean {result.ce_clean:.3f} spliced {result.ce_spliced:.3f} zero {result.ce_zero_ablated:.3f} | "
+        f"CE recovered {result.ce_loss_recovered:.4f} | delta CE {result.delta_ce:.4f} nats | KL {result.kl_per_token:.4f}"
+    )
+
+
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "summary_line", "write_results"]

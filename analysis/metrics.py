@@ -1,0 +1,87 @@
+"""Pure metric functions (tested against hand-computed values) and a streaming accumulator.
+
+Definitions (REFERENCE.md):
+  FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2   (variance about the mean, not about 0)
+  L0  = mean number of non-zero features per token
+  dead fraction  = share of features that never fire on the evaluated tokens
+  dense fraction = share of features firing on more than 10% of them
+  CE loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """x, x_hat: [n, d]."""
+    x, x_hat = x.double(), x_hat.double()
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> float:
+    return 1.0 - fvu(x, x_hat)
+
+
+def l0(f: Tensor) -> float:
+    """f: [n, d_sae]."""
+    return float((f != 0).float().sum(-1).mean())
+
+
+def dead_fraction(fire_counts: Tensor) -> float:
+    """fire_counts: [d_sae] tokens on which each feature fired."""
+    return float((fire_counts == 0).float().mean())
+
+
+def dense_fraction(fire_counts: Tensor, n_tokens: int, threshold: float = 0.1) -> float:
+    return float((fire_counts > threshold * n_tokens).float().mean())
+
+
+def cross_entropy(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Next-token CE per predicted position: logits [b, p, v], tokens [b, p] -> [b, p-1]."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(tokens.shape[0], -1)
+
+
+def kl_per_token(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p || q) per position: [b, p, v] x2 -> [b, p]."""
+    logp, logq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+
+
+class ReconstructionStats:
+    """Streams FVU, MSE, L0 and firing counts over batches without keeping them."""
+
+    def __init__(self, d_sae: int):
+        self.n = 0
+        self.sum_x: Tensor | None = None
+        self.sum_sq = 0.0
+        self.sum_err = 0.0
+        self.sum_l0 = 0.0
+        self.fire_counts = torch.zeros(d_sae, dtype=torch.long)
+
+    def update(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
+        x64 = x.double()
+        self.sum_x = x64.sum(0) if self.sum_x is None else self.sum_x + x64.sum(0)
+        self.sum_sq += float(x64.pow(2).sum())
+        self.sum_err += float((x64 - x_hat.double()).pow(2).sum())
+        active = f != 0
+        self.sum_l0 += float(active.sum())
+        self.fire_counts += active.sum(0).cpu()
+        self.n += len(x)
+
+    @property
+    def fvu(self) -> float:
+        total_variance = self.sum_sq - float(self.sum_x.pow(2).sum()) / self.n
+        return self.sum_err / total_variance
+
+    @property
+    def mse(self) -> float:
+        return self.sum_err / self.n
+
+    @property
+    def l0(self) -> float:
+        return self.sum_l0 / self.n

@@ -1,0 +1,45 @@
+"""Train straight from the model, for runs too big to store: contexts are harvested as
+training goes and mixed in an in-memory shuffle buffer (`buffer_tokens` rows)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from activations.corpus import CorpusConfig, load_contexts
+from activations.model import run_to_hooks, validate_hook
+
+
+class OnTheFlySource:
+    n_tokens = None  # streaming: no epochs to count
+
+    def __init__(self, model, hook_name: str, corpus: CorpusConfig | None = None, context_len: int = 128,
+                 buffer_tokens: int = 131_072, batch_contexts: int = 8, exclude_bos: bool = True):
+        validate_hook(model, hook_name)
+        self.model, self.hook_name = model, hook_name
+        self.corpus = corpus or CorpusConfig(context_len=context_len)
+        self.buffer_tokens, self.batch_contexts = buffer_tokens, batch_contexts
+        self.first_pos = 1 if exclude_bos else 0
+        self.device = next(model.parameters()).device
+        probe = run_to_hooks(model, torch.zeros(1, 2, dtype=torch.long, device=self.device), [hook_name])[hook_name]
+        self.d_in = int(probe.shape[-1])
+
+    def iter_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+        rng = np.random.default_rng([seed, epoch])
+        tokens = load_contexts(self.corpus, self.model.tokenizer)
+        order = rng.permutation(len(tokens))[rank::world_size]
+        buffer: list[torch.Tensor] = []
+        held = 0
+        for start in range(0, len(order), self.batch_contexts):
+            batch = torch.from_numpy(tokens[order[start:start + self.batch_contexts]]).long().to(self.device)
+            acts = run_to_hooks(self.model, batch, [self.hook_name])[self.hook_name][:, self.first_pos:]
+            buffer.append(acts.flatten(0, 1).float().cpu())
+            held += buffer[-1].shape[0]
+            if held >= self.buffer_tokens:
+                mixed = torch.cat(buffer)
+                mixed = mixed[torch.from_numpy(rng.permutation(len(mixed)))]
+                n_out = (len(mixed) // 2) // batch_size * batch_size  # keep half to mix with what comes next
+                for b in range(0, n_out, batch_size):
+                    yield mixed[b:b + batch_size]
+                buffer, held = [mixed[n_out:]], len(mixed) - n_out
