@@ -119,8 +119,7 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
             name = f"shard_{shard_index:05d}.safetensors"
             atomic_save_safetensors(
                 {"acts": acts, "tokens": shard_tokens.int(), "positions": torch.from_numpy(positions).long()},
-                folder / name,
-                metadata={"hook_name": hook, "first_context": str(start)},
+                folder / name,  # no header metadata: safetensors writes it in random order, breaking checksums
             )
             m = manifests[hook]
             m["d_in"] = int(acts.shape[1])

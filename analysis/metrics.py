@@ -30,11 +30,11 @@ def l0(f: Tensor) -> float:
 
 def dead_fraction(fire_counts: Tensor) -> float:
     """fire_counts: [d_sae] tokens on which each feature fired."""
-    return float((fire_counts == 0).float().mean())
+    return float((fire_counts == 0).double().mean())
 
 
 def dense_fraction(fire_counts: Tensor, n_tokens: int, threshold: float = 0.1) -> float:
-    return float((fire_counts > threshold * n_tokens).float().mean())
+    return float((fire_counts > threshold * n_tokens).double().mean())
 
 
 def cross_entropy(logits: Tensor, tokens: Tensor) -> Tensor:

@@ -43,6 +43,8 @@ class TrainOutput(NamedTuple):
     """Mean over the batch of ||x - x_hat||^2."""
     sparsity: Tensor
     """The architecture's sparsity penalty (already weighted), or 0."""
+    pre: Tensor
+    """Pre-activations [batch, d_sae], reused by AuxK instead of a second encoder matmul."""
 
 
 class SAE(nn.Module):
@@ -86,20 +88,21 @@ class SAE(nn.Module):
     def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
         """Loss on a batch x [batch, d_in] (normalised inputs). `sparsity_scale` in [0, 1]
         warms the sparsity penalty up. AuxK is added by the trainer, which knows dead latents."""
-        f = self.encode(x)
+        pre = self.pre_acts(x)
+        f = self.activation(pre)
         x_hat = self.decode(f)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         zero = x.new_zeros(())
-        return TrainOutput(mse, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, zero)
+        return TrainOutput(mse, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, zero, pre)
 
-    def topk_training_forward(self, x: Tensor, values: Tensor, indices: Tensor) -> TrainOutput:
+    def topk_training_forward(self, x: Tensor, pre: Tensor, values: Tensor, indices: Tensor) -> TrainOutput:
         """Shared tail of TopK-style training: sparse decode from (values, indices) [batch, k]."""
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         active = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
         active[indices[values > 0]] = True
         l0 = (values > 0).float().sum(-1).mean()
-        return TrainOutput(mse, x_hat, active, l0, mse, x.new_zeros(()))
+        return TrainOutput(mse, x_hat, active, l0, mse, x.new_zeros(()), pre)
 
     @torch.no_grad()
     def post_step(self) -> None:
@@ -191,6 +194,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         )
     sae = ARCHITECTURES[cfg.architecture](cfg)
     state = load_file(str(weights_path))
+    if raw.get("rescale_acts_by_decoder_norm"):
+        # SAE Lens TopK checkpoints choose top-k on pre * ||W_dec[i]||: fold the norms in
+        norms = state["W_dec"].norm(dim=1)
+        state["W_enc"], state["b_enc"], state["W_dec"] = state["W_enc"] * norms, state["b_enc"] * norms, state["W_dec"] / norms[:, None]
     if not raw.get("apply_b_dec_to_input", True):
         # other tools' SAEs may skip subtracting b_dec before encoding: fold that into b_enc
         state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]

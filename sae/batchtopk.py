@@ -22,8 +22,8 @@ class BatchTopKSAE(SAE):
         return pre * (pre > self.threshold)
 
     def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
-        pre = self.pre_acts(x).relu()
-        flat_values, flat_indices = pre.flatten().topk(self.cfg.k * x.shape[0])
+        pre = self.pre_acts(x)
+        flat_values, flat_indices = pre.relu().flatten().topk(self.cfg.k * x.shape[0])
         with torch.no_grad():  # running mean of the smallest kept activation
             smallest = flat_values[-1].clamp_min(0)
             n = self.threshold_batches.item()
@@ -32,7 +32,7 @@ class BatchTopKSAE(SAE):
         f = torch.zeros_like(pre).flatten().scatter(0, flat_indices, flat_values).view_as(pre)
         x_hat = self.decode(f)
         mse = (x - x_hat).pow(2).sum(-1).mean()
-        return TrainOutput(mse, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, x.new_zeros(()))
+        return TrainOutput(mse, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, x.new_zeros(()), pre)
 
     def extra_tensors(self) -> dict[str, Tensor]:
         return {"threshold": self.threshold.expand(self.cfg.d_sae).clone().float().cpu()}

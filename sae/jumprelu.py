@@ -65,7 +65,7 @@ class JumpReLUSAE(SAE):
         mse = (x - x_hat).pow(2).sum(-1).mean()
         l0 = _Step.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
         penalty = sparsity_scale * self.cfg.l0_coefficient * l0
-        return TrainOutput(mse + penalty, x_hat, (f > 0).any(0), l0.detach(), mse, penalty)
+        return TrainOutput(mse + penalty, x_hat, (f > 0).any(0), l0.detach(), mse, penalty, pre)
 
     @torch.no_grad()
     def post_step(self) -> None:

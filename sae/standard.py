@@ -16,9 +16,10 @@ class StandardSAE(SAE):
         return pre.relu()
 
     def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
-        f = self.encode(x)
+        pre = self.pre_acts(x)
+        f = self.activation(pre)
         x_hat = self.decode(f)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         penalty = sparsity_scale * self.cfg.l1_coefficient * l1
-        return TrainOutput(mse + penalty, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, penalty)
+        return TrainOutput(mse + penalty, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, penalty, pre)

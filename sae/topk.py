@@ -17,8 +17,9 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
     def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
-        values, indices = self.pre_acts(x).topk(self.cfg.k, dim=-1)
-        return self.topk_training_forward(x, values.relu(), indices)
+        pre = self.pre_acts(x)
+        values, indices = pre.topk(self.cfg.k, dim=-1)
+        return self.topk_training_forward(x, pre, values.relu(), indices)
 
     def sae_lens_config(self) -> dict:
         return super().sae_lens_config() | {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

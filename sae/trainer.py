@@ -31,6 +31,10 @@ from .common import auxk_loss, geometric_median, input_scale, project_out_parall
 from .config import SAEConfig
 
 
+INIT_SAMPLE_EPOCH = 10**6
+"""The init sample (input scale, b_dec) is drawn as this 'epoch' so it never equals a training epoch's order."""
+
+
 class BatchSource(Protocol):
     d_in: int
     hook_name: str
@@ -148,7 +152,7 @@ class Trainer:
         self.scale = 1.0
 
     # ------------------------------------------------------------------ data
-    def _batches(self) -> Iterator[torch.Tensor]:
+    def batches(self) -> Iterator[torch.Tensor]:
         """Training batches from the current step on, over as many epochs as needed."""
         per_epoch = getattr(self.source, "n_tokens", None)
         steps_per_epoch = (per_epoch // self.cfg.batch_size) if per_epoch else None
@@ -163,9 +167,9 @@ class Trainer:
                 yield batch
             epoch, skip = epoch + 1, 0
 
-    def _init_from_sample(self) -> None:
+    def init_from_sample(self) -> None:
         rows, sample = 0, []
-        for batch in self.source.iter_batches(min(self.cfg.batch_size, self.cfg.init_tokens), seed=self.cfg.seed, epoch=10**6):
+        for batch in self.source.iter_batches(min(self.cfg.batch_size, self.cfg.init_tokens), seed=self.cfg.seed, epoch=INIT_SAMPLE_EPOCH):
             sample.append(batch)
             rows += len(batch)
             if rows >= self.cfg.init_tokens:
@@ -236,7 +240,7 @@ class Trainer:
         resumed = self.load_checkpoint()
         if not resumed:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            self._init_from_sample()
+            self.init_from_sample()
         logger = _Logger(cfg, self.out)
         aux_k = [cfg.aux_k or s.d_in // 2 for s in cfg.saes]
         end = cfg.total_steps if cfg.max_steps is None else min(cfg.total_steps, cfg.max_steps)
@@ -244,7 +248,7 @@ class Trainer:
         started, start_step = time.perf_counter(), self.step
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
         sparsity_steps = max(1, int(cfg.sparsity_warmup_fraction * cfg.total_steps))
-        batches = self._batches() if self.step < end else iter(())
+        batches = self.batches() if self.step < end else iter(())
         while self.step < end:
             x_raw = next(batches).to(self.device, non_blocking=True)
             if not torch.isfinite(x_raw).all():
@@ -261,7 +265,7 @@ class Trainer:
                     dead = self.tokens_since_fired[i] > cfg.dead_tokens
                     aux = x.new_zeros(())
                     if sae.architecture in ("topk", "batchtopk") and dead.any():
-                        aux = auxk_loss(x, out.x_hat, sae.pre_acts(x), dead, aux_k[i], sae.W_dec)
+                        aux = auxk_loss(x, out.x_hat, out.pre, dead, aux_k[i], sae.W_dec)
                     loss = out.loss + cfg.aux_coefficient * aux
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{self.names[i]}: loss became {loss.item()} at step {self.step}; lower the learning rate")

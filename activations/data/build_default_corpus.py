@@ -8,7 +8,7 @@ It needs six Debian packages' contents, unpacked with `dpkg -x`:
     for p in python3.11-doc r-cran-janeaustenr debian-handbook debian-reference-en developers-reference debian-policy; do
         dpkg -x ${p}_*.deb $p; done
     pip install rdata
-    python scripts/build_default_corpus.py --python-docs python3.11-doc --austen r-cran-janeaustenr \
+    python activations/data/build_default_corpus.py --python-docs python3.11-doc --austen r-cran-janeaustenr \
         --handbook debian-handbook --debian-reference debian-reference-en --developers-reference developers-reference \
         --policy debian-policy
 
@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--debian-reference", type=Path, required=True, help="folder where debian-reference-en was unpacked")
     parser.add_argument("--developers-reference", type=Path, required=True, help="folder where developers-reference was unpacked")
     parser.add_argument("--policy", type=Path, required=True, help="folder where debian-policy was unpacked")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "activations/data/default_corpus.jsonl.xz")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "default_corpus.jsonl.xz")
     args = parser.parse_args()
     docs = austen_documents(args.austen) + python_doc_documents(args.python_docs) + html_book_documents(args.handbook, "debian-handbook", "html/en-US/*.html")
     docs += html_book_documents(args.debian_reference, "debian-reference", "*.en.html")

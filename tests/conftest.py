@@ -1,0 +1,58 @@
+"""Shared fixtures: a seed, a tiny random TransformerLens model with a character tokenizer,
+and (for slow tests) the real SmolLM2 loaded once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+class CharTokenizer:
+    """Byte-level stand-in for a HF tokenizer: ids 0..255 = bytes, 256 = <|endoftext|>."""
+
+    name_or_path = "char-test"
+    bos_token_id = eos_token_id = pad_token_id = 256
+    padding_side = "right"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def get_vocab(self):
+        return {"<|endoftext|>": 256}
+
+    def __len__(self):
+        return 257
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=64, d_vocab=257, act_fn="gelu", normalization_type="LN")
+    model = HookedTransformer(cfg)
+    model.tokenizer = CharTokenizer()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    words = "the cat sat on a mat while dogs ran past quiet rivers and old stone bridges".split()
+    gen = torch.Generator().manual_seed(1)
+    docs = [" ".join(words[i] for i in torch.randint(len(words), (60,), generator=gen).tolist()) for _ in range(120)]
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from activations import load_model
+
+    torch.set_num_threads(2)
+    return load_model("smollm2", device="cpu")
