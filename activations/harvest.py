@@ -31,7 +31,7 @@ class HarvestConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     n_tokens: int = 2_000_000
     """Activation rows to store per hook (BOS rows excluded when `exclude_bos`)."""
-    batch_contexts: int = 8
+    batch_contexts: int = 16
     """Contexts per forward pass."""
     shard_contexts: int = 512
     """Contexts per shard (512 x 128 = 65k tokens); a multiple of batch_contexts."""
@@ -39,6 +39,8 @@ class HarvestConfig:
     """Storage dtype: float32, bfloat16 or float16."""
     exclude_bos: bool = True
     """Drop position 0 (the BOS-like attention sink, norms ~100x the median)."""
+    autocast: str = "bf16"
+    """Model matmuls in "bf16" (2x faster on CPU, ~1e-4 relative error) or "none" (fp32)."""
     device: str = "auto"
 
     def __post_init__(self):
@@ -46,6 +48,8 @@ class HarvestConfig:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.shard_contexts % self.batch_contexts:
             raise ValueError("shard_contexts must be a multiple of batch_contexts")
+        if self.autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
         if not self.hooks:
             raise ValueError("at least one hook is needed")
         if isinstance(self.corpus, dict):
@@ -79,7 +83,7 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
             "format": FORMAT, "model": cfg.model, "hook_name": hook, "d_in": None, "dtype": cfg.dtype,
             "context_len": ctx_len, "exclude_bos": cfg.exclude_bos, "corpus": asdict(cfg.corpus),
             "corpus_fingerprint": corpus_fp, "n_contexts": n_contexts, "shard_contexts": cfg.shard_contexts,
-            "batch_contexts": cfg.batch_contexts,
+            "batch_contexts": cfg.batch_contexts, "autocast": cfg.autocast,
         }
         path = folder / "manifest.json"
         if path.exists():
@@ -105,7 +109,7 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
         outputs: dict[str, list[torch.Tensor]] = {h: [] for h in cfg.hooks}
         for b in range(0, len(shard_tokens), cfg.batch_contexts):
             batch = shard_tokens[b:b + cfg.batch_contexts].long().to(device)
-            acts = run_to_hooks(model, batch, cfg.hooks)
+            acts = run_to_hooks(model, batch, cfg.hooks, cfg.autocast)
             for hook, a in acts.items():
                 a = a[:, first_pos:]
                 if not torch.isfinite(a).all():

@@ -182,9 +182,21 @@ def hf_hooks(model, edits: dict[str, Callable[[torch.Tensor], torch.Tensor | Non
 
 
 @torch.no_grad()
-def run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[str, torch.Tensor]:
+def run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str], autocast: str = "none") -> dict[str, torch.Tensor]:
     """Activations at `hook_names` for `tokens` [batch, pos], stopping after the last
-    layer needed. Returns {hook: [batch, pos, d]}."""
+    layer needed. Returns {hook: [batch, pos, d]} (float32).
+
+    autocast="bf16" runs the matmuls in bfloat16 (weights stay fp32): about 2x faster on
+    CPUs with AVX-512 bf16 and on GPUs; on SmolLM2 layer 8 the difference to fp32 is
+    ~1e-4 of the activation variance (bench/harvest_throughput.py measures both)."""
+    if autocast not in ("none", "bf16"):
+        raise ValueError(f"autocast must be 'none' or 'bf16', got {autocast!r}")
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        acts = _run_to_hooks(model, tokens, hook_names)
+    return {name: a.float() for name, a in acts.items()}
+
+
+def _run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[str, torch.Tensor]:
     for name in hook_names:
         validate_hook(model, name)
     fast = all(hook_module(model, n) is not None for n in hook_names)

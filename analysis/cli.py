@@ -37,7 +37,8 @@ def _add_harvest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="storage dtype")
     p.add_argument("--keep-bos", action="store_true", help="also store position 0 (excluded by default)")
-    p.add_argument("--batch-contexts", type=int, default=8, help="contexts per forward pass")
+    p.add_argument("--batch-contexts", type=int, default=16, help="contexts per forward pass")
+    p.add_argument("--harvest-autocast", choices=["none", "bf16"], default="bf16", help="model matmul precision while harvesting")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -114,7 +115,8 @@ def cmd_harvest(args) -> dict:
     cfg = HarvestConfig(
         out_dir=str(args.out / "activations"), model=args.model, hooks=args.hooks or [args.hook],
         corpus=CorpusConfig(source=args.corpus, context_len=args.context_len), n_tokens=args.n_tokens,
-        batch_contexts=args.batch_contexts, dtype=args.dtype, exclude_bos=not args.keep_bos, device=args.device,
+        batch_contexts=args.batch_contexts, dtype=args.dtype, exclude_bos=not args.keep_bos, autocast=args.harvest_autocast,
+        device=args.device,
     )
     stores = harvest(cfg, _model(args))
     for hook, store in stores.items():

@@ -15,12 +15,13 @@ class OnTheFlySource:
     n_tokens = None  # streaming: no epochs to count
 
     def __init__(self, model, hook_name: str, corpus: CorpusConfig | None = None, context_len: int = 128,
-                 buffer_tokens: int = 131_072, batch_contexts: int = 8, exclude_bos: bool = True):
+                 buffer_tokens: int = 131_072, batch_contexts: int = 16, exclude_bos: bool = True, autocast: str = "bf16"):
         validate_hook(model, hook_name)
         self.model, self.hook_name = model, hook_name
         self.corpus = corpus or CorpusConfig(context_len=context_len)
         self.buffer_tokens, self.batch_contexts = buffer_tokens, batch_contexts
         self.first_pos = 1 if exclude_bos else 0
+        self.autocast = autocast
         self.device = next(model.parameters()).device
         probe = run_to_hooks(model, torch.zeros(1, 2, dtype=torch.long, device=self.device), [hook_name])[hook_name]
         self.d_in = int(probe.shape[-1])
@@ -33,7 +34,7 @@ class OnTheFlySource:
         held = 0
         for start in range(0, len(order), self.batch_contexts):
             batch = torch.from_numpy(tokens[order[start:start + self.batch_contexts]]).long().to(self.device)
-            acts = run_to_hooks(self.model, batch, [self.hook_name])[self.hook_name][:, self.first_pos:]
+            acts = run_to_hooks(self.model, batch, [self.hook_name], self.autocast)[self.hook_name][:, self.first_pos:]
             buffer.append(acts.flatten(0, 1).float().cpu())
             held += buffer[-1].shape[0]
             if held >= self.buffer_tokens:

@@ -14,7 +14,7 @@ from sae.trainer import Trainer, TrainConfig
 def harvest_cfg(tmp_path, corpus, **kw):
     base = dict(out_dir=str(tmp_path / "acts"), model="tiny", hooks=["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"],
                 corpus=CorpusConfig(source=str(corpus), context_len=16), n_tokens=600, batch_contexts=4, shard_contexts=8,
-                dtype="float32", device="cpu")
+                dtype="float32", autocast="none", device="cpu")
     return HarvestConfig(**{**base, **kw})
 
 
@@ -110,3 +110,17 @@ def test_killed_training_resumes_to_the_same_weights(tiny_model, text_corpus, tm
             assert torch.allclose(p, q, atol=1e-6), name
     summary = json.loads((tmp_path / "killed" / "train_summary.json").read_text())
     assert summary["steps"] == 20
+
+
+def test_on_the_fly_training_needs_no_store(tiny_model, text_corpus, tmp_path):
+    from sae.on_the_fly import OnTheFlySource
+
+    source = OnTheFlySource(tiny_model, "blocks.1.hook_resid_post", CorpusConfig(source=str(text_corpus), context_len=16),
+                            buffer_tokens=256, batch_contexts=4, autocast="none")
+    assert source.d_in == 32
+    trainer = Trainer(TrainConfig(out_dir=str(tmp_path), saes=[SAEConfig(d_in=32, d_sae=64, k=4)], n_tokens=64 * 12,
+                                  batch_size=64, device="cpu", init_tokens=64, log_every=1), source)
+    [path] = trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and records[-1]["fvu"] < records[0]["fvu"]
+    assert (path / "cfg.json").exists()
