@@ -52,7 +52,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l0-coefficient", type=float, default=0.05)
     p.add_argument("--train-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14)")
+    p.add_argument("--lr", type=float, default=None, help="default: 8e-4 / sqrt(d_sae / 2^14)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autocast", choices=["none", "bf16"], default="none")
     p.add_argument("--logger", choices=["jsonl", "wandb", "tensorboard"], default="jsonl")
