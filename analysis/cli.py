@@ -99,14 +99,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _model(args, cache={}):
+_LOADED_MODELS: dict[tuple[str, str], object] = {}
+
+
+def _model(args):
+    """Load the model once per process (`run` needs it for harvest and evaluation)."""
     from activations import load_model
 
-    if "model" not in cache:
+    key = (args.model, args.device)
+    if key not in _LOADED_MODELS:
         started = time.perf_counter()
-        cache["model"] = load_model(args.model, args.device)
+        _LOADED_MODELS[key] = load_model(args.model, args.device)
         print(f"loaded {args.model} in {time.perf_counter() - started:.0f} s")
-    return cache["model"]
+    return _LOADED_MODELS[key]
 
 
 def cmd_harvest(args) -> dict:
@@ -189,11 +194,7 @@ def cmd_evaluate(args, sae_paths=None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
     args = parse(argv)
-    if torch.get_num_threads() > 1:
-        torch.set_num_threads(torch.get_num_threads())
     started = time.perf_counter()
     if args.command == "harvest":
         cmd_harvest(args)

@@ -59,7 +59,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, model, cfg: EvalConfig = EvalConfig()) -> EvalResult:
+def evaluate(sae: SAE, model, cfg: EvalConfig | None = None) -> EvalResult:
+    """Metrics of `sae` spliced into `model` at `sae.cfg.hook_name`, on held-out text."""
+    cfg = cfg or EvalConfig()
     hook = sae.cfg.hook_name
     validate_hook(model, hook)
     device = next(model.parameters()).device
