@@ -111,14 +111,17 @@ class _Logger:
     def __init__(self, cfg: TrainConfig, out: Path):
         self.path = out / "metrics.jsonl"
         self.backend = None
-        if cfg.logger == "wandb":
-            import wandb
+        try:
+            if cfg.logger == "wandb":
+                import wandb
 
-            self.backend = wandb.init(project="sae-workbench", config=asdict(cfg), dir=str(out))
-        elif cfg.logger == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+                self.backend = wandb.init(project="sae-workbench", config=asdict(cfg), dir=str(out))
+            elif cfg.logger == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.backend = SummaryWriter(str(out / "tensorboard"))
+                self.backend = SummaryWriter(str(out / "tensorboard"))
+        except ImportError as e:
+            raise RuntimeError(f"--logger {cfg.logger} needs its package: pip install {cfg.logger} ({e})") from e
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:

@@ -1,0 +1,72 @@
+"""Corpus sources and model loading paths that need no network: user files in every
+format, and (mocked at the boundary, since this machine has no hub access) Hugging Face
+datasets streaming and hub model names."""
+import json
+import sys
+import types
+
+import pytest
+
+from activations import CorpusConfig, iter_documents, load_model, pack_contexts
+from tests.conftest import CharTokenizer
+
+DOCS = [f"document number {i} about rivers" for i in range(40)]
+
+
+def test_txt_jsonl_parquet_give_the_same_documents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d.txt").write_text("\n\n".join(DOCS))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in DOCS))
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "d.parquet")
+    for name in ("d.txt", "d.jsonl", "d.parquet"):
+        train = list(iter_documents(CorpusConfig(source=str(tmp_path / name))))
+        heldout = list(iter_documents(CorpusConfig(source=str(tmp_path / name), split="heldout")))
+        assert heldout == DOCS[19::20] and len(train) == 38, name
+
+
+def test_bad_jsonl_line_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        list(iter_documents(CorpusConfig(source=str(tmp_path / "bad.jsonl"))))
+
+
+def test_default_corpus_split_is_fixed_and_disjoint():
+    heldout = list(iter_documents(CorpusConfig(split="heldout")))
+    train = list(iter_documents(CorpusConfig(split="train")))
+    assert 40 < len(heldout) < 100 and len(train) > 800
+    assert not set(heldout) & set(train)
+
+
+def test_packing_starts_every_context_with_the_boundary_token():
+    tokens = pack_contexts(iter(["ab", "cdefg"]), CharTokenizer(), context_len=4)
+    # stream: a b <eot> c d e f g <eot>, cut into chunks of 3 after the leading boundary token
+    assert tokens.tolist() == [[256, 97, 98, 256], [256, 99, 100, 101], [256, 102, 103, 256]]
+
+
+def test_hf_datasets_streaming_is_used_through_the_same_interface(monkeypatch):
+    calls = {}
+
+    def load_dataset(name, config, split, streaming):
+        calls.update(name=name, config=config, split=split, streaming=streaming)
+        return iter({"text": d} for d in DOCS)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    docs = list(iter_documents(CorpusConfig(source="hf:wikitext:wikitext-103-raw-v1")))
+    assert calls == dict(name="wikitext", config="wikitext-103-raw-v1", split="train", streaming=True)
+    assert len(docs) == 38
+
+
+def test_hub_names_go_to_transformer_lens(monkeypatch):
+    import transformer_lens
+
+    seen = {}
+
+    def from_pretrained(name, device, dtype):
+        seen.update(name=name, device=device)
+        return "hooked-model"
+
+    monkeypatch.setattr(transformer_lens.HookedTransformer, "from_pretrained", staticmethod(from_pretrained))
+    assert load_model("gpt2", device="cpu") == "hooked-model"
+    assert seen == dict(name="gpt2", device="cpu")
