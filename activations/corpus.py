@@ -1,9 +1,9 @@
 """Text sources, tokenised and packed into fixed-length contexts.
 
 Sources (`CorpusConfig.source`):
-  * ``"default"``: the embedded corpus (`activations/data/default_corpus.jsonl.xz`, 3.0M
-    SmolLM2 tokens of human-written English: Jane Austen's novels and the Python and Debian
-    documentation, see README) with a fixed train/held-out split;
+  * ``"default"``: the embedded corpus (`activations/data/default_corpus.jsonl.xz`, 4.0M
+    SmolLM2 tokens of human-written English: Jane Austen's novels, the King James Bible and the
+    Python and Debian documentation, see README) with a fixed train/held-out split;
   * a path to a ``.txt`` (documents separated by blank lines), ``.jsonl`` (a ``text`` field)
     or ``.parquet`` (a ``text`` column) file, or a folder of them;
   * ``"hf:<dataset>[:<config>]"``: a Hugging Face dataset, streamed (needs network).

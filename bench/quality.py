@@ -117,7 +117,7 @@ def workbench_config(args: argparse.Namespace, store: ActivationStore) -> TrainC
     )
     return TrainConfig(
         out_dir=str(args.out / "ours"), saes=[sae_cfg], n_tokens=args.train_tokens, batch_size=args.batch_size,
-        seed=args.seed, device=args.device,
+        lr=args.lr, seed=args.seed, device=args.device,
     )
 
 
@@ -383,6 +383,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours", type=Path, default=None, help="an already-trained workbench SAE folder to evaluate instead of training ours")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="for training and evaluation (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="Adam lr for ours and the matched peers (default: sae.trainer.default_lr)")
     p.add_argument(
         "--peers-python", default=os.environ.get("SAEWB_PEERS_PYTHON", str(Path(__file__).resolve().parents[2] / "venv-peers" / "bin" / "python")),
         help="interpreter with sparsify installed, used when this one lacks it (default: %(default)s)",
