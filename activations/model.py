@@ -16,6 +16,7 @@ bridge's per-component wrappers cost more than half the throughput on CPU).
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,13 +32,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available)."""
+    """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available). Under torchrun a bare
+    `cuda` means this process' GPU, `cuda:LOCAL_RANK`."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"unknown device {device!r}: choose cpu, cuda or auto")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
 
 
@@ -221,6 +225,26 @@ def _run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[st
     return captured
 
 
+def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W_U [d_model, vocab], final-norm scale [d_model] or None): what a residual direction
+    goes through on its way to the logits, for logit effects. The norm's scale is applied
+    by callers (its normalisation is per token and does not change directions)."""
+    hf = getattr(model, "original_model", None)
+    if hf is not None:  # TransformerBridge over a HF causal LM
+        norm = getattr(getattr(hf, "base_model", hf), "norm", None)
+        return hf.get_output_embeddings().weight.detach().T, (None if norm is None else norm.weight.detach())
+    ln_final = getattr(model, "ln_final", None)
+    scale = getattr(ln_final, "w", None)
+    return model.W_U.detach(), (None if scale is None else scale.detach())
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """How each token id reads on its own (byte-level BPE pieces decoded, e.g. ' the')."""
+    if hasattr(tokenizer, "convert_ids_to_tokens") and hasattr(tokenizer, "convert_tokens_to_string"):
+        return [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(ids)]
+    return [tokenizer.decode([i]) for i in ids]
+
+
 def logits_with_edit(model, tokens: torch.Tensor, hook_name: str | None = None, edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Full forward pass logits [batch, pos, vocab], with `edit` (activation -> replacement)
     applied at `hook_name` when given. Hooks are removed afterwards, even on error."""
@@ -234,3 +258,25 @@ def logits_with_edit(model, tokens: torch.Tensor, hook_name: str | None = None, 
             with hf_hooks(model, edits):
                 return model.original_model(input_ids=tokens, use_cache=False).logits
         return model.run_with_hooks(tokens, fwd_hooks=[(n, lambda act, hook, fn=fn: fn(act)) for n, fn in edits.items()])
+
+
+def hook_width(model, hook_name: str) -> int:
+    """Width of the activation at `hook_name` (trailing dims after [batch, pos] flattened),
+    read from a 2-token forward pass that stops after the hooked layer."""
+    validate_hook(model, hook_name)
+    device = next(model.parameters()).device
+    act = run_to_hooks(model, torch.zeros(1, 2, dtype=torch.long, device=device), [hook_name])[hook_name]
+    return int(act[0, 0].numel())
+
+
+def unembed_direction(model, direction: torch.Tensor) -> torch.Tensor:
+    """Logit effect [..., d_vocab] of a residual-stream direction [..., d_model]: through the
+    final norm's elementwise weight (and its centring, for LayerNorm), then W_U. The norm's
+    per-token scale is left out: it is positive, so the ranking of tokens does not change."""
+    direction = direction.to(model.W_U.dtype)
+    if getattr(model.cfg, "normalization_type", None) in ("LN", "LNPre"):
+        direction = direction - direction.mean(-1, keepdim=True)
+    weight = getattr(getattr(model, "ln_final", None), "w", None)
+    if weight is not None:
+        direction = direction * weight
+    return direction @ model.W_U

@@ -16,8 +16,14 @@ class CharTokenizer:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": list(text.encode("utf-8"))}
 
+    def decode(self, ids):
+        return "".join("<|endoftext|>" if i == 256 else bytes([i]).decode("latin-1") for i in ids)
+
     def get_vocab(self):
         return {"<|endoftext|>": 256}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def __len__(self):
         return 257
@@ -28,8 +34,8 @@ def seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def tiny_model():
+def make_tiny_model():
+    """2 layers, d_model 32, random weights fixed by seed 0 (also built in spawned workers)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.manual_seed(0)
@@ -38,6 +44,11 @@ def tiny_model():
     model.tokenizer = CharTokenizer()
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_model()
 
 
 @pytest.fixture(scope="session")
