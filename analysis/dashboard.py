@@ -1,0 +1,246 @@
+"""Static HTML dashboards of a feature atlas: opens offline from file://, no server.
+
+    build_dashboard(load_atlas("runs/default/atlas"), "runs/default/dashboard", labels=load_labels(...))
+    saewb dashboard --atlas runs/default/atlas --labels labels.json
+
+The bundle:
+
+    index.html              searchable (also `index.html?q=...`), sortable table of features +
+                            the log-density histogram and the atlas summary
+    features/<id>.html      one small stub page per feature: its data as JSON + the shared renderer
+    assets/plotly.min.js    plotly, written once for the whole bundle (no CDN)
+    assets/vocab.js         display strings of the token ids the pages refer to
+    assets/style.css, common.js, index.js, feature.js   (copied from analysis/dashboard_assets/)
+
+Pages are rendered in the browser from JSON, so a 4,608-feature bundle is tens of MB rather
+than one plotly figure per page. Model and corpus text only ever reaches the DOM through
+`textContent`, and JSON embedded in pages has `<`, `>`, `&` escaped, so token strings such
+as `</script>` stay text. Feature pages are written to a staging folder that replaces
+features/ when all are done, other files atomically; index.html is written last, so its
+presence marks a complete bundle.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from activations.store import atomic_write_bytes
+
+from .atlas import Atlas
+
+ASSETS = Path(__file__).with_name("dashboard_assets")
+ASSET_FILES = ("style.css", "common.js", "index.js", "feature.js")
+QUANTILE_GROUPS = 4
+"""The uniform sample of activating contexts (strongest first) is split into this many activation quantiles."""
+PER_QUANTILE = 5
+"""Contexts shown per quantile group (evenly spaced within it)."""
+N_RANDOM = 5
+"""Random activating contexts shown (sampled contexts not already shown in a quantile group)."""
+N_FEATURE_TOKENS = 12
+"""Tokens the feature fires on most often, listed on its page (5 of them in the index)."""
+
+# Inline, first thing in <head>: records script errors and failed asset loads (capture phase)
+# in a visible banner and in <html data-errors>, where headless-browser tests read them.
+_ERROR_RECORDER = (
+    "<script>window.SAEWB_ERRORS=[];addEventListener('error',function(e){"
+    "var t=e.target,m=e.message||('could not load '+((t&&(t.src||t.href))||'a resource'));"
+    "SAEWB_ERRORS.push(m);document.documentElement.setAttribute('data-errors',SAEWB_ERRORS.join(' | '));"
+    "if(window.SAEWB&&SAEWB.showErrors)SAEWB.showErrors();},true);</script>"
+)
+
+
+def build_dashboard(atlas: Atlas, out_dir: str | Path, labels: dict | None = None, features: list[int] | None = None) -> Path:
+    """Write the dashboard bundle of `features` (default: all) to `out_dir`; returns the path
+    of its index.html. `labels`: the dict of `analysis.labels` (`labels.json`): {"summary",
+    "features": [None (dead) or {"label", "kind", "f1", "precision", "recall", ...}, one per feature]}."""
+    out = Path(out_dir)
+    features = sorted({atlas.check_feature(i) for i in (range(atlas.d_sae) if features is None else features)})
+    label_records = _label_records(labels, atlas.d_sae)
+    (out / "assets").mkdir(parents=True, exist_ok=True)
+    (out / "index.html").unlink(missing_ok=True)  # rewritten last: marks a complete bundle
+    _write_assets(out / "assets")
+
+    # Pages go to a staging folder that replaces features/ at the end: readers never see a
+    # half-written page, stale pages of an earlier build go with it, and thousands of small
+    # files need no fsync each.
+    staging = Path(tempfile.mkdtemp(prefix=".features-", dir=out))
+    in_bundle = set(features)
+    used_tokens: set[int] = set()
+    try:
+        for position, i in enumerate(tqdm(features, desc="dashboard pages", unit="page")):
+            data = feature_data(atlas, i, label_records, in_bundle)
+            data["prev"] = features[position - 1] if position > 0 else None
+            data["next"] = features[position + 1] if position + 1 < len(features) else None
+            used_tokens |= _token_ids(data)
+            title = f"Feature {i}" + (f" · {data['label'].get('label')}" if data["label"] else "")
+            (staging / f"{i}.html").write_bytes(_page(title, data, "feature.js", root="../"))
+        vocab = {str(t): atlas.vocab.get(t, f"<id {t}>") for t in sorted(used_tokens)}
+        atomic_write_bytes(out / "assets" / "vocab.js", f"window.SAEWB_VOCAB={_safe_json(vocab)};\n".encode())
+        staging.chmod(0o755)
+        _replace_dir(staging, out / "features")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    index = index_data(atlas, features, labels)
+    path = out / "index.html"
+    atomic_write_bytes(path, _page(f"Feature atlas · {atlas.meta.get('hook_name', '')}", index, "index.js", root=""))
+    return path
+
+
+# ---------------------------------------------------------------------------- page data
+def feature_data(atlas: Atlas, i: int, label_records: list[dict | None], in_bundle: set[int]) -> dict:
+    """Everything the page of feature `i` shows, as plain JSON (token ids, not strings:
+    pages share assets/vocab.js)."""
+    fire_count = int(atlas.tensors["fire_count"][i])
+    data = {
+        "id": i, "n_features": atlas.d_sae, "n_tokens": atlas.n_tokens, "fire_count": fire_count,
+        "density": fire_count / atlas.n_tokens, "max": float(atlas.max_activation[i]), "mean": float(atlas.mean_activation[i]),
+        "label": label_records[i], "meta": _meta(atlas),
+        "logits": {
+            side: [[int(t), round(float(v), 4)] for t, v in zip(atlas.tensors[f"logit_{side}_ids"][i], atlas.tensors[f"logit_{side}_values"][i])]
+            for side in ("top", "bottom")
+        },
+        "neighbours": {
+            kind: [_neighbour(int(j), float(s), label_records, in_bundle) for j, s in zip(atlas.tensors[ids][i], atlas.tensors[scores][i]) if j >= 0]
+            for kind, ids, scores in (("decoder", "decoder_neighbours", "decoder_cosine"), ("coact", "coact_neighbours", "coact_jaccard"))
+        },
+    }
+    if fire_count == 0:
+        return data | {"dead": True}
+
+    samples = atlas.examples(i, "sample")
+    groups = np.array_split(np.arange(len(samples)), min(QUANTILE_GROUPS, len(samples)))
+    shown = [g[np.unique(np.linspace(0, len(g) - 1, min(PER_QUANTILE, len(g))).round().astype(int))] for g in groups]
+    rest = sorted(set(range(len(samples))) - {int(k) for g in shown for k in g})
+    random = np.random.default_rng(i).choice(rest, size=min(N_RANDOM, len(rest)), replace=False) if rest else []
+    ids, counts, act_sums = atlas.feature_tokens(i)
+    frequency = atlas.token_counts["token_frequency"]
+    edges, hist = atlas.hist_edges.tolist(), atlas.tensors["hist"][i].tolist()
+    nonzero = [b for b, c in enumerate(hist) if c]
+    lo, hi = nonzero[0], nonzero[-1] + 1
+    return data | {
+        "dead": False,
+        "top": [_example(e) for e in atlas.examples(i, "top")],
+        "quantiles": [
+            {"rank_from": int(g[0]), "rank_to": int(g[-1]), "n_sample": len(samples), "examples": [_example(samples[k]) for k in sel]}
+            for g, sel in zip(groups, shown)
+        ],
+        "random": [_example(samples[k]) for k in sorted(int(k) for k in random)],
+        "hist": {"edges": [round(e, 6) for e in edges[lo:hi + 1]], "counts": hist[lo:hi]},
+        "tokens": [
+            [int(t), int(c), round(float(s) / int(c), 4), int(frequency[t])]
+            for t, c, s in zip(ids[:N_FEATURE_TOKENS], counts[:N_FEATURE_TOKENS], act_sums[:N_FEATURE_TOKENS])
+        ],
+    }
+
+
+def index_data(atlas: Atlas, features: list[int], labels: dict | None = None) -> dict:
+    """The index table (one row per bundled feature) plus what the density histogram and
+    summary need (over all features of the atlas, bundled or not)."""
+    label_records = _label_records(labels, atlas.d_sae)
+    density = atlas.density.tolist()
+    max_act, mean_act = atlas.max_activation.tolist(), atlas.mean_activation.tolist()
+    rows = []
+    for i in features:
+        record = label_records[i] or {}
+        top_tokens = [atlas.vocab.get(t, f"<id {t}>") for t in atlas.feature_tokens(i)[0][:5].tolist()]
+        rows.append([
+            i, round(math.log10(density[i]), 3) if density[i] > 0 else None, round(max_act[i], 4), round(mean_act[i], 4),
+            record.get("label"), record.get("kind"), record.get("f1"), top_tokens,
+        ])
+    return {
+        "meta": _meta(atlas), "summary": atlas.summary(), "labelled": labels is not None,
+        "label_summary": labels.get("summary") if labels else None,
+        "columns": ["id", "log10_density", "max", "mean", "label", "kind", "f1", "top_tokens"], "rows": rows,
+        "log10_density": [round(math.log10(d), 4) for d in density if d > 0],
+    }
+
+
+def _example(example: dict) -> dict:
+    """One context window: value at the maximum, token ids, activations (3 decimals: stored in fp16), max index."""
+    return {
+        "value": round(example["value"], 4), "context": example["context"], "tokens": example["tokens"],
+        "acts": [round(a, 3) if a else 0 for a in example["acts"]], "max_index": example["max_index"],
+    }
+
+
+def _neighbour(j: int, score: float, label_records: list[dict | None], in_bundle: set[int]) -> dict:
+    record = label_records[j] or {}
+    return {"id": j, "score": round(score, 4), "label": record.get("label"), "f1": record.get("f1"), "page": j in in_bundle}
+
+
+def _meta(atlas: Atlas) -> dict:
+    keys = ("model_name", "hook_name", "sae_path", "d_sae", "n_tokens", "n_contexts")
+    return {k: atlas.meta.get(k) for k in keys}
+
+
+def _label_records(labels: dict | None, d_sae: int) -> list[dict | None]:
+    if labels is None:
+        return [None] * d_sae
+    records = labels.get("features")
+    if not isinstance(records, list) or len(records) != d_sae:
+        n = len(records) if isinstance(records, list) else "no"
+        raise ValueError(f"labels have {n} feature entries but the atlas has {d_sae} features (labels of another SAE?)")
+    return records
+
+
+def _token_ids(data: dict) -> set[int]:
+    """Token ids a feature page refers to (its share of assets/vocab.js)."""
+    ids = {t for side in data["logits"].values() for t, _ in side}
+    for example in data.get("top", []) + data.get("random", []) + [e for q in data.get("quantiles", []) for e in q["examples"]]:
+        ids.update(example["tokens"])
+    ids.update(row[0] for row in data.get("tokens", []))
+    return ids
+
+
+# ---------------------------------------------------------------------------- writing
+def _safe_json(obj) -> str:
+    """JSON that can sit inside <script> (and a .js file): no `<`, `>`, `&` or JS line separators."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escape)
+    return text
+
+
+def _page(title: str, data: dict, renderer: str, root: str) -> bytes:
+    """A stub page: data as JSON, shared CSS/JS from assets/ (`root` = path to the bundle root)."""
+    vocab = f'<script src="{root}assets/vocab.js"></script>' if renderer == "feature.js" else ""
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">{_ERROR_RECORDER}'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
+        f'<link rel="stylesheet" href="{root}assets/style.css"></head><body><main id="app"></main>'
+        f'<script id="saewb-data" type="application/json">{_safe_json(data)}</script>'
+        f'<script src="{root}assets/plotly.min.js"></script>{vocab}'
+        f'<script src="{root}assets/common.js"></script><script src="{root}assets/{renderer}"></script></body></html>\n'
+    ).encode()
+
+
+def _write_assets(assets: Path) -> None:
+    from plotly.offline import get_plotlyjs
+
+    plotly_js = get_plotlyjs().encode()
+    target = assets / "plotly.min.js"
+    if not target.exists() or target.stat().st_size != len(plotly_js) or target.read_bytes() != plotly_js:
+        atomic_write_bytes(target, plotly_js)
+    for name in ASSET_FILES:
+        atomic_write_bytes(assets / name, (ASSETS / name).read_bytes())
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap `new` in for `target` (two renames; the old folder is deleted afterwards)."""
+    old = target.with_name(f".{target.name}-old-{os.getpid()}")
+    if target.exists():
+        target.replace(old)
+    new.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["build_dashboard", "feature_data", "index_data"]
