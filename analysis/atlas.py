@@ -3,7 +3,8 @@
 One vectorised pass over held-out contexts keeps, for all features at once (no Python loop
 per feature):
   * firing counts, activation sums and maxima -> density, mean and max activation;
-  * a histogram of activations on fixed log-spaced bins (shared by all features);
+  * a histogram of activations on fixed log-spaced bins (shared by all features), and
+    firing counts per position in the context;
   * the top-N contexts by the feature's maximum in the context (a running top-N merged
     with each batch's candidates), with the activations in a window around the maximum;
   * a uniform random sample of activating contexts (reservoir sampling with random keys):
@@ -82,7 +83,7 @@ class AtlasConfig:
 
 # Per-feature tensors written to features.safetensors (first dim = d_sae).
 FEATURE_TENSORS = (
-    "fire_count", "sum_act", "max_act", "hist",
+    "fire_count", "sum_act", "max_act", "hist", "position_count",
     "top_values", "top_context", "top_position", "top_window",
     "sample_values", "sample_context", "sample_position", "sample_window",
     "logit_top_ids", "logit_top_values", "logit_bottom_ids", "logit_bottom_values",
@@ -210,6 +211,7 @@ class _Accumulator:
         self.sum_act = torch.zeros(d_sae, dtype=torch.float64)
         self.max_act = torch.zeros(d_sae)
         self.hist = torch.zeros(d_sae * cfg.hist_bins, dtype=torch.int64)
+        self.position_count = torch.zeros(d_sae * context_len, dtype=torch.int64)
         lo, hi = cfg.hist_range
         self.inner_edges = torch.logspace(math.log10(lo), math.log10(hi), cfg.hist_bins + 1)[1:-1]
         self.top = self._examples(cfg.top_n)
@@ -263,6 +265,7 @@ class _Accumulator:
         self.sum_act.index_add_(0, feature, value.double())
         self.max_act.scatter_reduce_(0, feature, value, "amax")
         self.hist += torch.bincount(feature * cfg.hist_bins + torch.bucketize(value, self.inner_edges), minlength=d_sae * cfg.hist_bins)
+        self.position_count += torch.bincount(feature * n_pos + p, minlength=d_sae * self.context_len)
         tokens = tokens.cpu()
         self.token_frequency += torch.bincount(tokens[:, 1:].flatten(), minlength=self.vocab_size)
         self.token_keys.append(feature * self.vocab_size + tokens[b, p])
@@ -377,7 +380,7 @@ def _finish(acc: _Accumulator, sae: SAE, model, cfg: AtlasConfig, tokens: Tensor
     d_sae = sae.cfg.d_sae
     tensors = {
         "fire_count": acc.fire_count, "sum_act": acc.sum_act.float(), "max_act": acc.max_act,
-        "hist": acc.hist.view(d_sae, cfg.hist_bins),
+        "hist": acc.hist.view(d_sae, cfg.hist_bins), "position_count": acc.position_count.view(d_sae, acc.context_len),
     }
     for kind, examples in (("top", acc.top), ("sample", acc.sample)):
         # samples are kept in random order; store them by value so quantile bins are slices
@@ -522,4 +525,42 @@ def _mean_pairwise_cosine(rows: Tensor) -> float | None:
     return float((sims.sum() - n) / (n * (n - 1)))
 
 
-__all__ = ["Atlas", "AtlasConfig", "build_atlas", "coactivation_neighbours", "decoder_neighbours", "load_atlas", "logit_effects"]
+def export_neuronpedia(atlas: Atlas, path: str | Path, labels: dict | None = None, features: list[int] | None = None) -> Path:
+    """Feature data in Neuronpedia's feature-dashboard JSON shape (one object per feature:
+    activation examples as token strings + values, logit effects, density, histogram and
+    explanations), as one JSON file {"model", "layer", "features": [...]}."""
+    from activations.store import atomic_write_bytes
+
+    vocab = atlas.vocab
+    label_entries = (labels or {}).get("features") or [None] * atlas.d_sae
+    edges = atlas.hist_edges
+    out = []
+    for i in (features if features is not None else range(atlas.d_sae)):
+        i = atlas.check_feature(i)
+        examples = [
+            {"tokens": [vocab.get(t, "") for t in e["tokens"]], "values": [round(v, 4) for v in e["acts"]],
+             "maxValue": round(e["value"], 4), "maxValueTokenIndex": e["max_index"]}
+            for e in atlas.examples(i, "top") + atlas.examples(i, "sample")
+        ]
+        hist = atlas.tensors["hist"][i]
+        entry = label_entries[i]
+        out.append({
+            "modelId": atlas.meta["model_name"], "layer": atlas.meta["hook_name"], "index": i,
+            "maxActApprox": round(float(atlas.max_activation[i]), 4), "frac_nonzero": float(atlas.density[i]),
+            "pos_str": [vocab.get(int(t), "") for t in atlas.tensors["logit_top_ids"][i]],
+            "pos_values": [round(float(v), 4) for v in atlas.tensors["logit_top_values"][i]],
+            "neg_str": [vocab.get(int(t), "") for t in atlas.tensors["logit_bottom_ids"][i]],
+            "neg_values": [round(float(v), 4) for v in atlas.tensors["logit_bottom_values"][i]],
+            "freq_hist_data_bar_heights": hist.tolist(),
+            "freq_hist_data_bar_values": [round(float((edges[b] * edges[b + 1]).sqrt()), 5) for b in range(len(hist))],
+            "activations": examples,
+            "explanations": [] if entry is None else [{"description": entry["label"], "explanationModelName": f"saewb/{entry['kind']}",
+                                                      "scores": [{"method": "held-out F1", "value": entry["f1"]}]}],
+        })
+    payload = {"model": atlas.meta["model_name"], "layer": atlas.meta["hook_name"], "features": out}
+    path = Path(path)
+    atomic_write_bytes(path, json.dumps(payload, ensure_ascii=False).encode())
+    return path
+
+
+__all__ = ["Atlas", "AtlasConfig", "build_atlas", "coactivation_neighbours", "decoder_neighbours", "export_neuronpedia", "load_atlas", "logit_effects"]

@@ -43,6 +43,7 @@ def test_atlas_matches_brute_force(tiny_model, text_corpus, tmp_path):
     torch.testing.assert_close(atlas.max_activation, f.amax((0, 1)))
     torch.testing.assert_close(atlas.mean_activation, f.sum((0, 1)) / fires.sum((0, 1)).clamp_min(1), rtol=1e-4, atol=1e-5)
     assert int(atlas.tensors["hist"].sum()) == int(fires.sum())
+    assert torch.equal(atlas.tensors["position_count"], fires.sum(0).T)
 
     ctx_max = f.amax(1)  # [contexts, d_sae]
     live = torch.nonzero(atlas.tensors["fire_count"] > 0).flatten()

@@ -1,0 +1,157 @@
+"""Labels: the vectorised scorer against brute-force predicates, the whole labelling job on
+a tiny model, the optional LLM explainer against a fake loopback server, and the monitor."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from activations.corpus import CorpusConfig, load_contexts
+from activations.model import run_to_hooks
+from analysis.atlas import AtlasConfig, build_atlas
+from analysis.labels import (
+    Candidate, LabelConfig, _is_punctuation, _Scorer, class_candidates, label_features, llm_candidates, logit_candidates,
+    token_set_candidates,
+)
+from analysis.monitor import find_features, monitor, monitor_html
+
+from .test_atlas import HOOK, tiny_sae
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, text_corpus):
+    sae = tiny_sae()
+    corpus = CorpusConfig(source=str(text_corpus), context_len=32)
+    cfg = AtlasConfig(corpus=corpus, n_tokens=31 * 30, batch_contexts=8, autocast="none", device="cpu")
+    return sae, build_atlas(sae, tiny_model, cfg), corpus
+
+
+def brute_force_predicate(c: Candidate, tokens: torch.Tensor, punctuation: torch.Tensor) -> torch.Tensor:
+    b, n = tokens.shape
+    out = torch.zeros(b, n, dtype=torch.bool)
+    for r in range(b):
+        for p in range(n):
+            if c.kind in ("token-set", "llm"):
+                out[r, p] = int(tokens[r, p]) in c.tokens
+            elif c.kind == "logit":
+                out[r, p] = p + 1 < n and int(tokens[r, p + 1]) in c.tokens
+            elif c.kind == "pattern":
+                out[r, p] = any(p + 1 >= len(pat) and tuple(tokens[r, p + 1 - len(pat):p + 1].tolist()) == pat for pat in c.patterns)
+            elif c.kind == "punctuation":
+                out[r, p] = bool(punctuation[tokens[r, p]])
+            elif c.kind == "position":
+                out[r, p] = p <= c.max_position
+            elif c.kind == "dense":
+                out[r, p] = True
+    return out
+
+
+def test_scorer_matches_brute_force(setup, tiny_model):
+    sae, atlas, corpus = setup
+    candidates = token_set_candidates(atlas, 12) + logit_candidates(atlas, 3) + class_candidates(atlas, 8)
+    live = torch.nonzero(atlas.tensors["fire_count"] > 0).flatten().tolist()
+    # patterns of several lengths, some of which occur in the scoring text
+    text_tokens = torch.from_numpy(load_contexts(corpus, tiny_model.tokenizer, max_contexts=40)[30:36]).long()
+    candidates += [Candidate(live[0], "pattern", "p", patterns=[tuple(text_tokens[0, 3:5].tolist()), tuple(text_tokens[1, 10:11].tolist())]),
+                   Candidate(live[1], "pattern", "q", patterns=[tuple(text_tokens[2, 5:9].tolist())])]
+    punctuation = torch.tensor([_is_punctuation(chr(i)) for i in range(257)])
+    scorer = _Scorer(candidates, atlas, 257, punctuation)
+    with torch.no_grad():
+        f = sae.encode(run_to_hooks(tiny_model, text_tokens, [HOOK])[HOOK])
+    scorer.update(f, text_tokens)
+    results = scorer.results()
+
+    fires = f[:, 1:] > 0
+    for c in candidates:
+        pred = brute_force_predicate(c, text_tokens, punctuation)[:, 1:]
+        tp = int((pred & fires[..., c.feature]).sum())
+        fp = int((pred & ~fires[..., c.feature]).sum())
+        fn = int((~pred & fires[..., c.feature]).sum())
+        scored = next(s for s in results[c.feature]["candidates"] if s["kind"] == c.kind)
+        assert scored["f1"] == pytest.approx(2 * tp / max(2 * tp + fp + fn, 1), abs=1e-4), c.kind
+        assert scored["precision"] == pytest.approx(tp / max(tp + fp, 1), abs=1e-4), c.kind
+    assert results[live[0]]["held_out_fires"] == int(fires[..., live[0]].sum())
+    # the best label is the candidate with the highest held-out F1
+    best = results[live[0]]
+    assert best["f1"] == max(s["f1"] for s in best["candidates"])
+
+
+def test_label_features_end_to_end(setup, tiny_model):
+    sae, atlas, _ = setup
+    labels = label_features(atlas, sae, tiny_model, LabelConfig(n_score_contexts=20, autocast="none"))
+    live = int((atlas.tensors["fire_count"] > 0).sum())
+    assert len(labels["features"]) == atlas.d_sae and labels["summary"]["live_features"] == live
+    entry = next(e for e in labels["features"] if e is not None)
+    assert {"label", "kind", "f1", "precision", "recall", "recall_by_quartile", "fpr_random", "fpr_hard", "candidates"} <= set(entry)
+    assert {c["kind"] for c in entry["candidates"]} >= {"token-set", "logit", "punctuation", "position", "dense"}
+    json.dumps(labels)  # serialisable as written
+
+
+def test_labels_need_unseen_text(tiny_model, text_corpus):
+    sae = tiny_sae()
+    corpus = CorpusConfig(source=str(text_corpus), context_len=32)
+    everything = len(load_contexts(corpus, tiny_model.tokenizer))
+    atlas = build_atlas(sae, tiny_model, AtlasConfig(corpus=corpus, n_tokens=31 * everything, autocast="none", device="cpu"))
+    with pytest.raises(ValueError, match="unseen text"):
+        label_features(atlas, sae, tiny_model, LabelConfig(autocast="none"))
+
+
+class _FakeExplainer(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _FakeExplainer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        answer = {"explanation": "the word cat", "words": ["cat", "mat"]}
+        reply = {"choices": [{"message": {"role": "assistant", "content": "Sure: " + json.dumps(answer)}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llm_explainer_against_a_fake_loopback_server(setup, tiny_model):
+    sae, atlas, _ = setup
+    server = HTTPServer(("127.0.0.1", 0), _FakeExplainer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        live = torch.nonzero(atlas.tensors["fire_count"] > 0).flatten().tolist()[:2]
+        base_url = f"http://127.0.0.1:{server.server_port}/v1"
+        candidates = llm_candidates(atlas, tiny_model.tokenizer, live, base_url, "fake-model", api_key="k")
+        labels = label_features(atlas, sae, tiny_model, LabelConfig(n_score_contexts=10, autocast="none",
+                                                                     llm={"base_url": base_url, "model": "fake-model", "features": live}))
+    finally:
+        server.shutdown()
+    request = _FakeExplainer.requests[0]
+    assert request["path"] == "/v1/chat/completions" and request["body"]["model"] == "fake-model" and request["auth"] == "Bearer k"
+    assert "<<" in request["body"]["messages"][0]["content"]  # the top contexts, strongest token marked
+    # "cat" and " cat" -> their first tokens ('c', ' '), scored like every other label
+    assert candidates[0].kind == "llm" and candidates[0].tokens == sorted({ord("c"), ord("m"), ord(" ")})
+    scored = [c for c in labels["features"][live[0]]["candidates"] if c["kind"] == "llm"]
+    assert len(scored) == 1 and 0 <= scored[0]["f1"] <= 1 and scored[0]["label"] == "LLM: the word cat"
+
+
+def test_monitor_and_concept_search(setup, tiny_model):
+    sae, atlas, _ = setup
+    rows = monitor("the cat sat <script>", tiny_model, sae, top_k=3)
+    assert [r.token for r in rows] == list("the cat sat <script>")
+    assert all(len(r.features) <= 3 and r.values == sorted(r.values, reverse=True) for r in rows)
+    page = monitor_html(rows)
+    # the page has no script of its own: model text must never open one
+    assert "<script" not in page and "&lt;" in page and "<span class=\"tok\"" in page
+    with pytest.raises(ValueError, match="empty"):
+        monitor("  ", tiny_model, sae)
+    found = find_features("cat", tiny_model, sae, atlas, n=5)
+    assert len(found) == 5 and found[0]["corpus_occurrences"] > 0
+    assert [r["score"] for r in found] == sorted((r["score"] for r in found), reverse=True)
+    # the top feature really fires more often on "cat" than its density elsewhere
+    assert found[0]["fire_rate_on_query"] > found[0]["density"]
