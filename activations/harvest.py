@@ -3,6 +3,11 @@
 One forward pass per batch serves every requested hook and stops after the last hooked
 layer. Shards cover fixed context ranges and are written atomically, so rerunning a killed
 harvest skips finished shards and yields the same store as an uninterrupted run.
+
+Under torchrun the shards still to do are dealt round-robin to the ranks, which write them
+into the one store; after each round of shards rank 0 records them all in the manifest. A
+shard's bytes do not depend on which rank wrote it or on the number of ranks, so a store
+harvested by N ranks equals the single-process one, and a killed run resumes with any N.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .corpus import CorpusConfig, fingerprint, load_contexts
 from .model import DEFAULT_MODEL, load_model, resolve_device, run_to_hooks, validate_hook
 from .store import DTYPES, FORMAT, ActivationStore, atomic_save_safetensors, atomic_write_json, hook_dir, sha256_file
@@ -65,7 +71,9 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
     ctx_len = cfg.corpus.context_len
     kept_per_context = ctx_len - 1 if cfg.exclude_bos else ctx_len
     n_contexts = math.ceil(cfg.n_tokens / kept_per_context)
-    tokens = load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts, cache_dir=Path(cfg.out_dir) / ".token_cache")
+    rank = distributed.current()
+    with distributed.main_first():  # rank 0 fills the token cache, the others read it
+        tokens = load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts, cache_dir=Path(cfg.out_dir) / ".token_cache")
     if len(tokens) < n_contexts:
         raise ValueError(
             f"corpus {cfg.corpus.source!r} ({cfg.corpus.split}) has only {len(tokens) * kept_per_context:,} tokens, "
@@ -73,7 +81,6 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
         )
     corpus_fp = fingerprint(tokens)
     n_shards = math.ceil(n_contexts / cfg.shard_contexts)
-    first_pos = 1 if cfg.exclude_bos else 0
 
     manifests = {}
     for hook in cfg.hooks:
@@ -100,45 +107,59 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
         manifests[hook] = {**header, "shards": list(done.values()), "complete": False}
 
     todo = [i for i in range(n_shards) if any(f"shard_{i:05d}.safetensors" not in {s["file"] for s in m["shards"]} for m in manifests.values())]
-    total_rows = (n_contexts - len([i for i in range(n_shards) if i not in todo]) * cfg.shard_contexts) * kept_per_context
-    bar = tqdm(total=max(total_rows, 0), unit="tok", unit_scale=True, desc=f"harvest {len(cfg.hooks)} hook(s)")
+    mine = todo[rank.rank::rank.world_size]  # round r: every rank does its r-th shard
+    my_rows = sum(min(cfg.shard_contexts, n_contexts - i * cfg.shard_contexts) for i in mine) * kept_per_context
+    bar = tqdm(total=my_rows, unit="tok", unit_scale=True, desc=f"harvest {len(cfg.hooks)} hook(s)", disable=not rank.is_main)
     storage = DTYPES[cfg.dtype]
-    for shard_index in todo:
-        start = shard_index * cfg.shard_contexts
-        shard_tokens = torch.from_numpy(tokens[start:start + cfg.shard_contexts])
-        outputs: dict[str, list[torch.Tensor]] = {h: [] for h in cfg.hooks}
-        for b in range(0, len(shard_tokens), cfg.batch_contexts):
-            batch = shard_tokens[b:b + cfg.batch_contexts].long().to(device)
-            acts = run_to_hooks(model, batch, cfg.hooks, cfg.autocast)
-            for hook, a in acts.items():
-                a = a[:, first_pos:]
-                if not torch.isfinite(a).all():
-                    raise FloatingPointError(f"non-finite activations at {hook} in contexts {start + b}..{start + b + len(batch)}")
-                outputs[hook].append(a.reshape(-1, a.shape[-1]).to("cpu", storage))
-            bar.update(batch.shape[0] * kept_per_context)
-        positions = (np.arange(len(shard_tokens))[:, None] * ctx_len + np.arange(first_pos, ctx_len)[None, :]).reshape(-1)
-        for hook in cfg.hooks:
-            folder = hook_dir(Path(cfg.out_dir), hook)
-            acts = torch.cat(outputs[hook])
-            name = f"shard_{shard_index:05d}.safetensors"
-            atomic_save_safetensors(
-                {"acts": acts, "tokens": shard_tokens.int(), "positions": torch.from_numpy(positions).long()},
-                folder / name,  # no header metadata: safetensors writes it in random order, breaking checksums
-            )
-            m = manifests[hook]
-            m["d_in"] = int(acts.shape[1])
-            m["shards"] = [s for s in m["shards"] if s["file"] != name] + [
-                {"file": name, "first_context": start, "n_contexts": len(shard_tokens), "n_tokens": len(acts), "sha256": sha256_file(folder / name)}
-            ]
-            m["shards"].sort(key=lambda s: s["first_context"])
-            atomic_write_json(folder / "manifest.json", m)
+    for round_index in range(math.ceil(len(todo) / rank.world_size)):
+        written = _harvest_shard(model, cfg, tokens, mine[round_index], device, storage, bar) if round_index < len(mine) else {}
+        for entries in distributed.all_gather_object(written):  # every rank keeps the same manifest
+            for hook, entry in entries.items():
+                m = manifests[hook]
+                m["d_in"] = entry.pop("d_in")
+                m["shards"] = sorted([s for s in m["shards"] if s["file"] != entry["file"]] + [entry], key=lambda s: s["first_context"])
+        if rank.is_main:
+            for hook, m in manifests.items():
+                atomic_write_json(hook_dir(Path(cfg.out_dir), hook) / "manifest.json", m)
     bar.close()
 
-    stores = {}
-    for hook, m in manifests.items():
+    if rank.is_main:
+        for hook, m in manifests.items():
+            m["n_tokens"] = sum(s["n_tokens"] for s in m["shards"])
+            m["complete"] = True
+            atomic_write_json(hook_dir(Path(cfg.out_dir), hook) / "manifest.json", m)
+    distributed.barrier()  # no rank returns before the store is complete
+    return {hook: ActivationStore(hook_dir(Path(cfg.out_dir), hook)) for hook in cfg.hooks}
+
+
+def _harvest_shard(model, cfg: HarvestConfig, tokens: np.ndarray, shard_index: int, device: torch.device,
+                   storage: torch.dtype, bar) -> dict[str, dict]:
+    """Run the model over one shard's contexts and write one shard file per hook; returns
+    {hook: manifest entry (+ d_in)}."""
+    ctx_len = cfg.corpus.context_len
+    first_pos = 1 if cfg.exclude_bos else 0
+    start = shard_index * cfg.shard_contexts
+    shard_tokens = torch.from_numpy(tokens[start:start + cfg.shard_contexts])
+    outputs: dict[str, list[torch.Tensor]] = {h: [] for h in cfg.hooks}
+    for b in range(0, len(shard_tokens), cfg.batch_contexts):
+        batch = shard_tokens[b:b + cfg.batch_contexts].long().to(device)
+        acts = run_to_hooks(model, batch, cfg.hooks, cfg.autocast)
+        for hook, a in acts.items():
+            a = a[:, first_pos:]
+            if not torch.isfinite(a).all():
+                raise FloatingPointError(f"non-finite activations at {hook} in contexts {start + b}..{start + b + len(batch)}")
+            outputs[hook].append(a.reshape(-1, a.shape[-1]).to("cpu", storage))
+        bar.update(batch.shape[0] * (ctx_len - first_pos))
+    positions = (np.arange(len(shard_tokens))[:, None] * ctx_len + np.arange(first_pos, ctx_len)[None, :]).reshape(-1)
+    entries = {}
+    for hook in cfg.hooks:
         folder = hook_dir(Path(cfg.out_dir), hook)
-        m["n_tokens"] = sum(s["n_tokens"] for s in m["shards"])
-        m["complete"] = True
-        atomic_write_json(folder / "manifest.json", m)
-        stores[hook] = ActivationStore(folder)
-    return stores
+        acts = torch.cat(outputs[hook])
+        name = f"shard_{shard_index:05d}.safetensors"
+        atomic_save_safetensors(
+            {"acts": acts, "tokens": shard_tokens.int(), "positions": torch.from_numpy(positions).long()},
+            folder / name,  # no header metadata: safetensors writes it in random order, breaking checksums
+        )
+        entries[hook] = {"file": name, "first_context": start, "n_contexts": len(shard_tokens), "n_tokens": len(acts),
+                         "sha256": sha256_file(folder / name), "d_in": int(acts.shape[1])}
+    return entries

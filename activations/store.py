@@ -139,55 +139,81 @@ class ActivationStore:
         rank: int = 0,
         world_size: int = 1,
         prefetch: bool = True,
+        pin_memory: bool | None = None,
     ) -> Iterator[torch.Tensor]:
         """Shuffled float32 batches [batch_size, d_in] over one epoch, deterministic in (seed, epoch).
         With `world_size` > 1 each rank gets its slice of every global batch of
-        `batch_size * world_size` rows (data-parallel). A final partial batch is dropped."""
+        `batch_size * world_size` rows (data-parallel). A final partial batch is dropped.
+        With `prefetch`, one background thread reads and shuffles the next window of shards
+        and another cuts and converts batches a few steps ahead, so the consumer only computes.
+        `pin_memory` (default: when CUDA is available) returns page-locked batches, so that
+        `.to("cuda", non_blocking=True)` copies them asynchronously."""
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(self.shards))
         windows = [order[i:i + window_shards] for i in range(0, len(order), window_shards)]
         global_batch = batch_size * world_size
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
 
-        def load_window(shard_ids):
-            acts = torch.cat([self.load_shard(int(i))["acts"] for i in shard_ids])
-            return acts
+        def shuffled_windows() -> Iterator[torch.Tensor]:
+            for shard_ids in windows:
+                acts = torch.cat([self.load_shard(int(i))["acts"] for i in shard_ids])
+                yield acts[torch.from_numpy(rng.permutation(len(acts)))]
 
-        loader = _prefetching(load_window, windows) if prefetch else (load_window(w) for w in windows)
-        carry = None
-        for acts in loader:
-            acts = acts[torch.from_numpy(rng.permutation(len(acts)))]
-            if carry is not None:
-                acts = torch.cat([carry, acts])
-            n_full = len(acts) // global_batch
-            for b in range(n_full):
-                batch = acts[b * global_batch + rank * batch_size: b * global_batch + (rank + 1) * batch_size]
-                yield batch.float()
-            carry = acts[n_full * global_batch:]
+        def batches(window_iter: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+            carry = None
+            for acts in window_iter:
+                if carry is not None:
+                    acts = torch.cat([carry, acts])
+                n_full = len(acts) // global_batch
+                for b in range(n_full):
+                    rows = acts[b * global_batch + rank * batch_size: b * global_batch + (rank + 1) * batch_size]
+                    yield torch.empty(rows.shape, dtype=torch.float32, pin_memory=True).copy_(rows) if pin else rows.float()
+                carry = acts[n_full * global_batch:]
+
+        if not prefetch:
+            yield from batches(shuffled_windows())
+            return
+        yield from _prefetching(batches(_prefetching(shuffled_windows(), depth=1)), depth=4)
 
     def tokens(self) -> np.ndarray:
         """All packed contexts of the store, int32 [n_contexts, context_len]."""
         return np.concatenate([self.load_shard(i)["tokens"].numpy() for i in range(len(self.shards))])
 
 
-def _prefetching(fn, items, depth: int = 1):
-    """Run `fn` over `items` in a background thread, `depth` results ahead (overlaps I/O)."""
+def _prefetching(items: Iterator, depth: int = 1) -> Iterator:
+    """Run the iterator `items` in a background thread, up to `depth` results ahead (overlaps
+    I/O and conversion with the consumer's compute). Closing or dropping the returned
+    generator stops the thread, so an abandoned epoch does not pin its window in memory."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    sentinel = object()
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        # also give up once the main thread has finished, so the interpreter can exit (the
+        # thread is not a daemon: exiting while it is inside a torch op would abort)
+        while not stop.is_set() and threading.main_thread().is_alive():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def worker():
         try:
             for item in items:
-                q.put(fn(item))
+                if not put(item):
+                    return
         except BaseException as e:  # surfaced in the consumer
-            q.put(e)
-        q.put(sentinel)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    while True:
-        item = q.get()
-        if item is sentinel:
+            put(e)
             return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+        put(done)
+
+    threading.Thread(target=worker, daemon=False).start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -6,6 +6,7 @@ Definitions (REFERENCE.md):
   dead fraction  = share of features that never fire on the evaluated tokens
   dense fraction = share of features firing on more than 10% of them
   CE loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)
+  repetition rate = 1 - unique n-grams / n-grams of one generated text
 """
 from __future__ import annotations
 
@@ -50,6 +51,17 @@ def kl_per_token(logits_p: Tensor, logits_q: Tensor) -> Tensor:
 
 def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
     return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+
+
+def repetition_rate(tokens, n: int = 3) -> float:
+    """Share of the n-grams in `tokens` (a sequence of ids) that repeat an earlier n-gram of
+    the same sequence: 0 for text without repeats, towards 1 for a loop. NaN when the
+    sequence is shorter than n (no n-gram to judge)."""
+    ids = [int(t) for t in tokens]
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        return float("nan")
+    return 1.0 - len(set(grams)) / len(grams)
 
 
 class ReconstructionStats:

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .common import normalize_decoder_rows, sparse_decode, tied_init
+from . import common
+from .common import encoder_pre_acts, gather_pre_acts, normalize_decoder_rows, sparse_decode, tied_init
 from .config import SAEConfig
 
 ARCHITECTURES: dict[str, type["SAE"]] = {}
@@ -63,7 +64,7 @@ class SAE(nn.Module):
     # ---------------------------------------------------------------- inference
     def pre_acts(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., d_sae]"""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec)
 
     def activation(self, pre: Tensor) -> Tensor:
         raise NotImplementedError
@@ -94,6 +95,19 @@ class SAE(nn.Module):
         mse = (x - x_hat).pow(2).sum(-1).mean()
         zero = x.new_zeros(())
         return TrainOutput(mse, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, zero, pre)
+
+    def selective_pre_acts(self, x: Tensor) -> Tensor:
+        """Pre-activations [batch, d_sae] for SAEs whose gradient reaches only selected latents
+        (TopK, AuxK): no autograd graph with the fast backward on; take gradients through
+        `gather_pre_acts`."""
+        if common.FAST_TRAINING:
+            with torch.no_grad():
+                return self.pre_acts(x)
+        return self.pre_acts(x)
+
+    def gather_pre_acts(self, x: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
+        """pre.gather(1, indices) [batch, k] with the encoder's gradient at those latents only."""
+        return gather_pre_acts(pre, indices, x, self.W_enc, self.b_enc, self.b_dec)
 
     def topk_training_forward(self, x: Tensor, pre: Tensor, values: Tensor, indices: Tensor) -> TrainOutput:
         """Shared tail of TopK-style training: sparse decode from (values, indices) [batch, k]."""

@@ -1,8 +1,13 @@
 """Maths shared by every architecture and the trainer, written once."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .base import SAE
 
 
 def tied_init(d_in: int, d_sae: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -44,21 +49,145 @@ def project_out_parallel_grad(w_dec: Tensor) -> None:
     w_dec.grad -= parallel * w_dec
 
 
-def sparse_decode(values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor) -> Tensor:
+FAST_TRAINING = True
+"""Train through the hand-written backward passes below (same maths as plain autograd, less
+work) and fused Adam; False runs plain autograd and the default Adam, the reference that
+tests/test_fast_training.py compares loss curves against."""
+
+
+def _matmul_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast gives a matmul on t's device right now (t's own dtype outside autocast)."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def scatter_rows(indices: Tensor, values: Tensor, rows: Tensor, n: int) -> Tensor:
+    """out [n, d] with out[indices[b, s]] += values[b, s] * rows[b] for indices/values
+    [batch, k] and rows [batch, d]: the weight gradient of a product with k nonzeros per row,
+    as a sparse x dense matmul of O(batch * k * d) instead of a dense O(batch * n * d) one."""
+    batch, k = indices.shape
+    row_of = torch.arange(batch, device=indices.device)[:, None].expand(batch, k)
+    coo = torch.sparse_coo_tensor(
+        torch.stack([indices.reshape(-1), row_of.reshape(-1)]), values.reshape(-1).to(rows.dtype), (n, batch), check_invariants=False,
+    )
+    return torch.sparse.mm(coo, rows)
+
+
+class _PreActs(torch.autograd.Function):
+    """pre = (x - b_dec) @ W_enc + b_enc [batch, d_sae], computed as plain autograd computes it,
+    with a leaner backward: no gradient for x (activations are data), and b_dec's gradient as
+    -W_enc @ (sum over the batch of grad_pre), a vector-matrix product where autograd does a
+    second [batch, d_sae] x [d_sae, d_in] matmul. W_enc's gradient is the usual matmul, in the
+    forward's autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+        xc = x - b_dec
+        ctx.mm_dtype = _matmul_dtype(xc)
+        ctx.save_for_backward(xc, w_enc)
+        return xc @ w_enc + b_enc
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xc, w_enc = ctx.saved_tensors
+        mm = ctx.mm_dtype
+        grad_w = (xc.to(mm).T @ grad.to(mm)).to(w_enc.dtype)
+        grad_sum = grad.sum(0).to(w_enc.dtype)
+        grad_x = (grad.to(mm) @ w_enc.to(mm).T).to(xc.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w, grad_sum, -(w_enc @ grad_sum)
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """values [batch, k] = pre[b, indices[b, s]], where pre = (x - b_dec) @ W_enc + b_enc was
+    computed without autograd. The backward touches only the gathered latents: O(batch * k * d_in)
+    where autograd's would be two dense [batch, d_sae] x [d_sae, d_in] matmuls (TopK at the
+    default: k = 32 of 4,608 latents)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, indices: Tensor, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(indices, x, w_enc, b_dec)
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        indices, x, w_enc, b_dec = ctx.saved_tensors
+        grad = grad.to(w_enc.dtype)
+        grad_w = scatter_rows(indices, grad, x - b_dec, w_enc.shape[1]).T
+        grad_sum = torch.zeros(w_enc.shape[1], dtype=w_enc.dtype, device=w_enc.device).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+        return None, None, None, grad_w, grad_sum, -(w_enc @ grad_sum)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """sum_s values[b, s] * W_dec[indices[b, s]] [batch, d_in]: an embedding-bag gather forward;
+    backward W_dec's gradient by `scatter_rows` (embedding_bag's own backward sorts all
+    batch * k indices and is several times slower on CPU) and the values' gradient by
+    embedding_bag's per-sample-weight backward."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, w_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(values, indices, w_dec)
+        return torch.nn.functional.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, indices, w_dec = ctx.saved_tensors
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            with torch.enable_grad():
+                v = values.detach().requires_grad_()
+                out = torch.nn.functional.embedding_bag(indices, w_dec.detach(), per_sample_weights=v, mode="sum")
+                (grad_values,) = torch.autograd.grad(out, v, grad)
+        grad_w = scatter_rows(indices, values, grad, w_dec.shape[0]) if ctx.needs_input_grad[2] else None
+        return grad_values, None, grad_w
+
+
+def _fast(*params: Tensor) -> bool:
+    return FAST_TRAINING and torch.is_grad_enabled() and any(p.requires_grad for p in params)
+
+
+def encoder_pre_acts(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    """(x - b_dec) @ W_enc + b_enc: [..., d_in] -> [..., d_sae]."""
+    if x.dim() == 2 and _fast(w_enc, b_enc, b_dec):
+        return _PreActs.apply(x, w_enc, b_enc, b_dec)
+    return (x - b_dec) @ w_enc + b_enc
+
+
+def gather_pre_acts(pre: Tensor, indices: Tensor, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    """pre.gather(1, indices) [batch, k] with the encoder's gradient at those latents only;
+    `pre` [batch, d_sae] must then come from `encoder_pre_acts` under no_grad. With
+    FAST_TRAINING off, `pre` carries the gradient and this is a plain gather."""
+    if _fast(w_enc, b_enc, b_dec) and not pre.requires_grad:
+        return _GatherPreActs.apply(pre, indices, x, w_enc, b_enc, b_dec)
+    return pre.gather(1, indices)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """x_hat [batch, d_in] from the k active latents per row (values/indices [batch, k]):
     an embedding-bag gather over decoder rows, never a dense [batch, d_sae] matmul."""
-    return torch.nn.functional.embedding_bag(indices, w_dec, per_sample_weights=values.to(w_dec.dtype), mode="sum") + b_dec
+    values = values.to(w_dec.dtype)
+    if _fast(values, w_dec):
+        out = _SparseDecode.apply(values, indices, w_dec)
+    else:
+        out = torch.nn.functional.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
+    return out if b_dec is None else out + b_dec
 
 
-def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int, w_dec: Tensor) -> Tensor:
-    """AuxK (Gao et al. 2024): reconstruct the residual x - x_hat with the top `k_aux`
-    pre-activations of dead latents; loss ||e - e_hat||^2 / ||e||^2 (batch sums)."""
+def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int, sae: "SAE",
+              residual_norm: Tensor | None = None) -> Tensor:
+    """AuxK (Gao et al. 2024): reconstruct the residual e = x - x_hat [batch, d_in] with the
+    top `k_aux` pre-activations [batch, d_sae] of dead latents (bool [d_sae]); loss
+    ||e - e_hat||^2 / ||e||^2 (batch sums). `residual_norm` replaces the denominator: data-
+    parallel ranks pass the mean over ranks of ||e||^2, so the loss averaged over ranks
+    equals the single-process loss of the global batch."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros(())
     residual = (x - x_hat).detach()
-    dead_pre = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
-    values, indices = dead_pre.topk(min(k_aux, n_dead), dim=1)
-    values = values.relu()
-    e_hat = torch.nn.functional.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
-    return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8)
+    with torch.no_grad():
+        dead_pre = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
+        indices = dead_pre.topk(min(k_aux, n_dead), dim=1).indices
+    values = sae.gather_pre_acts(x, pre, indices).relu()
+    e_hat = sparse_decode(values, indices, sae.W_dec)
+    if residual_norm is None:
+        residual_norm = residual.pow(2).sum()
+    return (residual - e_hat).pow(2).sum() / residual_norm.clamp_min(1e-8)

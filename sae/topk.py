@@ -17,9 +17,9 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
     def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
-        pre = self.pre_acts(x)
-        values, indices = pre.topk(self.cfg.k, dim=-1)
-        return self.topk_training_forward(x, pre, values.relu(), indices)
+        pre = self.selective_pre_acts(x)
+        indices = pre.topk(self.cfg.k, dim=-1).indices
+        return self.topk_training_forward(x, pre, self.gather_pre_acts(x, pre, indices).relu(), indices)
 
     def sae_lens_config(self) -> dict:
         return super().sae_lens_config() | {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from analysis.metrics import ReconstructionStats, ce_loss_recovered, cross_entropy, dead_fraction, dense_fraction, fvu, kl_per_token, l0
+from analysis.metrics import ReconstructionStats, ce_loss_recovered, cross_entropy, dead_fraction, dense_fraction, fvu, kl_per_token, l0, repetition_rate
 
 
 def test_fvu_is_relative_to_the_mean_not_zero():
@@ -41,3 +41,11 @@ def test_cross_entropy_and_kl_by_hand():
     kl = kl_per_token(logits, q)
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert torch.allclose(kl[0, 0], torch.tensor(expected), atol=1e-6) and abs(kl[0, 1]) < 1e-6
+
+
+def test_repetition_rate_by_hand():
+    assert repetition_rate([1, 2, 3, 4, 5]) == 0.0
+    # trigrams of 1 2 3 1 2 3: (123)(231)(312)(123) -> 3 unique of 4
+    assert math.isclose(repetition_rate([1, 2, 3, 1, 2, 3]), 0.25)
+    assert math.isclose(repetition_rate([7] * 6, n=2), 0.8)  # 5 bigrams, 1 unique
+    assert math.isnan(repetition_rate([1, 2]))
