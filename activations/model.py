@@ -267,16 +267,3 @@ def hook_width(model, hook_name: str) -> int:
     device = next(model.parameters()).device
     act = run_to_hooks(model, torch.zeros(1, 2, dtype=torch.long, device=device), [hook_name])[hook_name]
     return int(act[0, 0].numel())
-
-
-def unembed_direction(model, direction: torch.Tensor) -> torch.Tensor:
-    """Logit effect [..., d_vocab] of a residual-stream direction [..., d_model]: through the
-    final norm's elementwise weight (and its centring, for LayerNorm), then W_U. The norm's
-    per-token scale is left out: it is positive, so the ranking of tokens does not change."""
-    direction = direction.to(model.W_U.dtype)
-    if getattr(model.cfg, "normalization_type", None) in ("LN", "LNPre"):
-        direction = direction - direction.mean(-1, keepdim=True)
-    weight = getattr(getattr(model, "ln_final", None), "w", None)
-    if weight is not None:
-        direction = direction * weight
-    return direction @ model.W_U

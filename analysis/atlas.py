@@ -512,6 +512,9 @@ def density_clusters(atlas: Atlas, W_dec: Tensor | None = None) -> dict:
             others = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(0))[:len(members)]]
             summary["ultralow"]["mean_decoder_cosine"] = _mean_pairwise_cosine(W_dec[members])
             summary["ultralow"]["mean_decoder_cosine_random_live"] = _mean_pairwise_cosine(W_dec[others])
+            # Anthropic's cluster shares one direction; a low-density tail does not
+            cos, base = summary["ultralow"]["mean_decoder_cosine"], summary["ultralow"]["mean_decoder_cosine_random_live"]
+            summary["ultralow"]["shares_direction"] = cos is not None and base is not None and cos > base + 0.1
     summary["below_1e-5"] = int((live & (density < max(1e-5, resolution))).sum())
     return summary
 

@@ -2,12 +2,18 @@
 
     saewb run [--preset smoke|default]     harvest -> train -> evaluate on the embedded default
     saewb harvest / train / evaluate       one stage each
+    saewb analyze [--sae DIR]              feature atlas + scored labels (+ Neuronpedia JSON)
+    saewb dashboard --atlas DIR            static HTML feature browser (opens offline)
+    saewb monitor --sae DIR "some text"    which features fire on which tokens; --find CONCEPT
+    saewb steer --sae DIR --features I ..  steered vs unsteered text + dose-response sweep figure
 Every flag can also come from a JSON config file (`--config run.json`, keys = flag names
 with underscores); flags given on the command line win.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -15,9 +21,11 @@ from pathlib import Path
 
 PRESETS = {
     # ~30 min on a 2-core CPU: 2M training tokens at layer 8, 8x expansion, k=32
-    "default": dict(n_tokens=2_000_000, train_tokens=2_000_000, d_sae=4608, k=32, batch_size=4096, eval_tokens=131_072, ce_contexts=128),
+    "default": dict(n_tokens=2_000_000, train_tokens=2_000_000, d_sae=4608, k=32, batch_size=4096, eval_tokens=131_072, ce_contexts=128,
+                    atlas_tokens=1_000_000, label_contexts=2048),
     # ~2 min: checks the whole pipeline, numbers are not meaningful
-    "smoke": dict(n_tokens=40_000, train_tokens=40_000, d_sae=1152, k=32, batch_size=1024, eval_tokens=8_192, ce_contexts=16),
+    "smoke": dict(n_tokens=40_000, train_tokens=40_000, d_sae=1152, k=32, batch_size=1024, eval_tokens=8_192, ce_contexts=16,
+                  atlas_tokens=16_384, label_contexts=64),
 }
 
 
@@ -52,7 +60,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l0-coefficient", type=float, default=0.05)
     p.add_argument("--train-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="default: 8e-4 / sqrt(d_sae / 2^14)")
+    p.add_argument("--lr", type=float, default=None, help="default: 1.6e-3 / sqrt(d_sae / 2^14)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autocast", choices=["none", "bf16"], default="none")
     p.add_argument("--logger", choices=["jsonl", "wandb", "tensorboard"], default="jsonl")
@@ -65,14 +73,72 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ce-contexts", type=int, default=None, help="held-out contexts for CE metrics")
 
 
+def _add_analyze_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atlas-tokens", type=int, default=None, help="held-out tokens the atlas reads (default preset: 1M)")
+    p.add_argument("--label-contexts", type=int, default=None, help="held-out contexts after the atlas's on which labels are scored")
+    p.add_argument("--skip-analysis", action="store_true", help="stop after evaluation (no atlas, labels or dashboard)")
+
+
+def _add_analyze(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", nargs="+", default=None, help="SAE folder(s) (default: every SAE the train stage wrote); results go to <sae>/atlas")
+    p.add_argument("--atlas-tokens", type=int, default=None, help="held-out tokens the atlas reads (default preset: 1M)")
+    p.add_argument("--label-contexts", type=int, default=None, help="held-out contexts after the atlas's on which labels are scored")
+    p.add_argument("--neuronpedia", action="store_true", help="also export <sae>/atlas/neuronpedia.json")
+    p.add_argument("--llm-base-url", default=None, help="optional LLM explainer: an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (off by default)")
+    p.add_argument("--llm-model", default=None, help="model name for the explainer endpoint")
+    p.add_argument("--llm-features", type=int, nargs="+", default=None, help="features to send to the explainer (default: all live ones)")
+
+
+def _add_monitor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="*", help="text to read (or --file)")
+    p.add_argument("--sae", default=None, help="SAE folder (default: the first SAE the train stage wrote)")
+    p.add_argument("--file", type=Path, default=None, help="read the text from this file")
+    p.add_argument("--find", default=None, help="a concept (word or phrase): rank the features that fire most selectively on it")
+    p.add_argument("--top-k", type=int, default=5, help="features shown per token / concept results x2")
+    p.add_argument("--html", type=Path, default=None, help="also write the token view as a standalone HTML page")
+
+
+def _add_dashboard(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atlas", type=Path, default=None, help="feature atlas folder (default: <out>/atlas)")
+    p.add_argument("--labels", type=Path, default=None, help="labels.json of the same SAE (optional: label columns and scores)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--features", type=int, nargs="+", default=None, help="only these features (default: all)")
+    which.add_argument("--top-n", type=int, default=None, help="only the N most frequently firing features")
+
+
+def _add_steer(p: argparse.ArgumentParser) -> None:
+    from .steering import MODES
+
+    p.add_argument("--sae", default=None, help="SAE folder (SAE Lens format; required); it names the hook to steer")
+    p.add_argument("--features", type=int, nargs="+", default=None, help="feature ids, steered together (required)")
+    p.add_argument("--mode", choices=MODES, default="clamp", help="clamp f_i = v | add alpha * W_dec[i] | ablate f_i = 0 (error term kept)")
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="v or alpha, one sweep point each (ignored by ablate)")
+    p.add_argument("--unit", choices=["max", "absolute"], default="max", help="strengths in multiples of the feature's max activation, or raw")
+    p.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the first 6 of analysis.steering.NEUTRAL_PROMPTS)")
+    p.add_argument("--prompts-file", type=Path, default=None, help="a .json list of prompts, or a text file with one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (seeded)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=0.25, help="concept present when a feature exceeds this (in --unit) on a generated token")
+    p.add_argument("--atlas", type=Path, default=None, help="feature atlas folder for max activations (default: measure them on --max-contexts held-out contexts)")
+    p.add_argument("--max-contexts", type=int, default=64, help="held-out contexts for max activations when no --atlas is given")
+    p.add_argument("--kl-contexts", type=int, default=8, help="held-out contexts of neutral text for the KL side-effect measure")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saewb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     specs = {
-        "run": ("harvest, train and evaluate in one go", [_add_harvest, _add_train, _add_eval]),
+        "run": ("harvest, train, evaluate, analyze and build the dashboard in one go", [_add_harvest, _add_train, _add_eval, _add_analyze_run]),
         "harvest": ("store activations of a model at hook points", [_add_harvest]),
         "train": ("train SAEs on a store", [_add_train]),
         "evaluate": ("metrics + HTML report of trained SAEs on held-out text", [_add_eval]),
+        "analyze": ("feature atlas (one pass over held-out text) + labels scored on other held-out text", [_add_analyze]),
+        "dashboard": ("static HTML bundle of a feature atlas, written to <out>/dashboard", [_add_dashboard]),
+        "monitor": ("features firing on each token of a text, or the features of a concept (--find)", [_add_monitor]),
+        "steer": ("steer generation with SAE features: side-by-side text and a dose-response figure in <out>/steer", [_add_steer]),
     }
     for name, (help_text, adders) in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -193,20 +259,207 @@ def cmd_evaluate(args, sae_paths=None):
     return results
 
 
+def _trained_saes(args) -> list[Path]:
+    summary = args.out / "sae" / "train_summary.json"
+    if not summary.exists():
+        raise SystemExit(f"no --sae given and no {summary}; train first or pass --sae")
+    return [Path(p) for p in json.loads(summary.read_text())["saes"].values()]
+
+
+def cmd_analyze(args, sae_paths=None, dashboard: bool = False) -> list[Path]:
+    """Atlas + labels (+ dashboard) of each SAE, written into <sae>/atlas (and <sae>/dashboard)."""
+    from activations import CorpusConfig
+    from sae import load_sae
+
+    from .atlas import AtlasConfig, build_atlas, export_neuronpedia
+    from .labels import LabelConfig, label_features, save_labels
+
+    paths = sae_paths or ([Path(p) for p in args.sae] if getattr(args, "sae", None) else _trained_saes(args))
+    model = _model(args)
+    llm = None
+    if getattr(args, "llm_base_url", None):
+        import os
+
+        llm = {"base_url": args.llm_base_url, "model": args.llm_model or "default", "api_key": os.environ.get("OPENAI_API_KEY"), "features": args.llm_features}
+    out_dirs = []
+    for path in paths:
+        sae = load_sae(path)
+        started = time.perf_counter()
+        atlas_cfg = AtlasConfig(n_tokens=args.atlas_tokens, corpus=CorpusConfig(split="heldout", context_len=sae.cfg.context_size), device=args.device)
+        atlas = build_atlas(sae, model, atlas_cfg, sae_path=str(path))
+        atlas_dir = atlas.save(path / "atlas")
+        s = atlas.summary()
+        print(f"atlas: {atlas_dir} ({atlas.n_tokens:,} tokens, {time.perf_counter() - started:.0f} s): {s['dead']} dead, {s['dense']} dense, "
+              f"ultralow-density mode: {_ultralow_text(s['ultralow'])}")
+        started = time.perf_counter()
+        labels = label_features(atlas, sae, model, LabelConfig(n_score_contexts=args.label_contexts, llm=llm))
+        labels_path = save_labels(labels, atlas_dir / "labels.json")
+        ls = labels["summary"]
+        print(f"labels: {labels_path} ({time.perf_counter() - started:.0f} s): {ls['share_of_live_with_f1_at_least_0.5']:.1%} of "
+              f"{ls['live_features']:,} live features have a label with held-out F1 >= 0.5 (median best F1 {ls['median_best_f1']:.2f})")
+        if getattr(args, "neuronpedia", False):
+            print(f"neuronpedia: {export_neuronpedia(atlas, atlas_dir / 'neuronpedia.json', labels)}")
+        if dashboard:
+            from .dashboard import build_dashboard
+
+            index = build_dashboard(atlas, path / "dashboard", labels=labels)
+            print(f"dashboard: open {index.resolve().as_uri()}")
+        out_dirs.append(atlas_dir)
+    return out_dirs
+
+
+def _ultralow_text(ultralow: dict | None) -> str:
+    if not ultralow:
+        return "none found"
+    kind = "a cluster sharing a decoder direction" if ultralow.get("shares_direction") else "a tail, no shared decoder direction"
+    return f"{ultralow['n_features']} features below 10^{ultralow['log10_density_below']:.2f} ({kind})"
+
+
+def cmd_monitor(args) -> None:
+    from sae import load_sae
+
+    from .labels import load_labels
+    from .monitor import find_features, monitor, monitor_html, monitor_table
+
+    sae_path = Path(args.sae) if args.sae else _trained_saes(args)[0]
+    sae = load_sae(sae_path)
+    model = _model(args)
+    atlas_dir = sae_path / "atlas"
+    labels = load_labels(atlas_dir / "labels.json") if (atlas_dir / "labels.json").exists() else None
+    if args.find:
+        from .atlas import load_atlas
+
+        atlas = load_atlas(atlas_dir)
+        results = find_features(args.find, model, sae, atlas, labels, n=2 * args.top_k)
+        print(f"features for {args.find!r} ({results[0]['occurrences']} occurrences, {results[0]['corpus_occurrences']} from held-out text):")
+        print(f"{'feature':>8} {'score':>7} {'fires on query':>14} {'density':>9}  label (held-out F1)")
+        for r in results:
+            f1 = "" if r["label_f1"] is None else f" ({r['label_f1']:.2f})"
+            print(f"{r['feature']:>8} {r['score']:>7.2f} {r['fire_rate_on_query']:>14.0%} {r['density']:>9.2e}  {r['label'][:70]}{f1}")
+        return
+    text = args.file.read_text() if args.file else " ".join(args.text)
+    rows = monitor(text, model, sae, labels, top_k=args.top_k)
+    max_activation = None
+    if (atlas_dir / "atlas.json").exists():
+        from .atlas import load_atlas
+
+        max_activation = load_atlas(atlas_dir).max_activation
+    print(monitor_table(rows, max_activation))
+    if args.html:
+        from activations.store import atomic_write_bytes
+
+        atomic_write_bytes(args.html, monitor_html(rows, f"{sae_path.name}: feature monitor", max_activation).encode())
+        print(f"page: {args.html.resolve().as_uri()}")
+
+
+def cmd_dashboard(args) -> Path:
+    from .atlas import load_atlas
+    from .dashboard import build_dashboard
+
+    atlas = load_atlas(args.atlas or args.out / "atlas")
+    labels = json.loads(Path(args.labels).read_text()) if args.labels else None
+    features = args.features
+    if args.top_n is not None:
+        features = atlas.density.argsort(descending=True, stable=True)[:args.top_n].tolist()
+    started = time.perf_counter()
+    index = build_dashboard(atlas, args.out / "dashboard", labels=labels, features=features)
+    n_pages = atlas.d_sae if features is None else len(set(features))
+    print(f"dashboard: {n_pages:,} feature pages in {time.perf_counter() - started:.0f} s\n  open {index.resolve().as_uri()}")
+    return index
+
+
+def _steer_prompts(args) -> list[str]:
+    from .steering import NEUTRAL_PROMPTS
+
+    if args.prompts_file is not None:
+        text = Path(args.prompts_file).read_text()
+        prompts = json.loads(text) if Path(args.prompts_file).suffix == ".json" else [line.strip() for line in text.splitlines() if line.strip()]
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise SystemExit(f"{args.prompts_file}: expected a JSON list of prompt strings")
+        return prompts
+    return list(args.prompts or NEUTRAL_PROMPTS[:6])
+
+
+def cmd_steer(args):
+    import torch
+
+    from activations import CorpusConfig, load_contexts
+    from sae import load_sae
+
+    from .steering import GenerationConfig, SideBySide, SweepConfig, feature_stats, format_side_by_side, sweep, write_sweep
+
+    if not args.sae or not args.features:
+        raise SystemExit("saewb steer needs --sae and --features (as flags or in --config)")
+    sae = load_sae(args.sae)
+    prompts = _steer_prompts(args)
+    model = _model(args)
+    n_contexts = max(args.kl_contexts, args.max_contexts if args.unit == "max" and args.atlas is None else 0)
+    heldout = torch.from_numpy(load_contexts(CorpusConfig(split="heldout", context_len=sae.cfg.context_size), model.tokenizer, max_contexts=n_contexts)).long()
+    max_activation = None
+    if args.unit == "max" and args.mode != "ablate":
+        if args.atlas is not None:
+            from .atlas import load_atlas
+
+            max_activation = load_atlas(args.atlas).max_activation
+        else:
+            max_activation = feature_stats(sae, model, heldout[:args.max_contexts]).max_activation
+        print("max activations: " + ", ".join(f"f{f} {float(max_activation[f]):.3g}" for f in args.features))
+    cfg = SweepConfig(
+        features=args.features, mode=args.mode, strengths=[0.0] if args.mode == "ablate" else args.strengths, unit=args.unit,
+        threshold=args.threshold, n_examples=len(prompts),
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat),
+    )
+    result = sweep(model, sae, prompts, heldout[:args.kl_contexts], cfg, max_activation)
+    base = result.points[0]
+    for point in result.points[1:]:
+        strength = "" if args.mode == "ablate" else f" = {point.strength:g}" + (" x max activation" if args.unit == "max" else "")
+        print(f"\n{args.mode} features {args.features}{strength}")
+        print(format_side_by_side([SideBySide(p, b, s) for p, b, s in zip(prompts, base.examples, point.examples)]))
+    print(f"\n{'condition':<16} {'concept act':>11} {'concept freq':>12} {'perplexity':>10} {'repetition':>10} {'KL':>8}")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for p in result.points:
+        name = p.series if p.strength is None or args.mode == "ablate" else f"{p.series} {p.strength:g}"
+        print(f"{name:<16} {fmt(p.concept_activation, '11.3f')} {p.concept_frequency:>12.2f} {fmt(p.perplexity, '10.2f')} {fmt(p.repetition, '10.3f')} {fmt(p.kl, '8.4f')}")
+    json_path, html_path = write_sweep(result, args.out / "steer", title=f"Steering {Path(args.sae).name} features {args.features} ({args.mode})")
+    print(f"  sweep:  {json_path}\n  figure: {html_path}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
+    from activations import distributed
+
     args = parse(argv)
     started = time.perf_counter()
-    if args.command == "harvest":
-        cmd_harvest(args)
-    elif args.command == "train":
-        cmd_train(args)
-    elif args.command == "evaluate":
-        cmd_evaluate(args)
-    else:
-        cmd_harvest(args)
-        paths = cmd_train(args)
-        cmd_evaluate(args, paths)
-        print(f"outputs in {args.out.resolve()} (total {time.perf_counter() - started:.0f} s)")
+    rank = distributed.current()  # under torchrun: harvest is sharded, training is DDP (activations/distributed.py)
+    with contextlib.nullcontext() if rank.is_main else contextlib.redirect_stdout(io.StringIO()):  # rank 0 prints
+        if args.command == "harvest":
+            cmd_harvest(args)
+        elif args.command == "train":
+            cmd_train(args)
+        elif args.command == "evaluate":
+            if rank.is_main:  # evaluation is not sharded
+                cmd_evaluate(args)
+        elif args.command == "analyze":
+            if rank.is_main:
+                cmd_analyze(args)
+        elif args.command == "monitor":
+            if rank.is_main:
+                cmd_monitor(args)
+        elif args.command == "dashboard":
+            if rank.is_main:
+                cmd_dashboard(args)
+        elif args.command == "steer":
+            if rank.is_main:
+                cmd_steer(args)
+        else:
+            cmd_harvest(args)
+            paths = cmd_train(args)
+            if rank.is_main:
+                cmd_evaluate(args, paths)
+                if not args.skip_analysis:
+                    cmd_analyze(args, paths, dashboard=True)
+            print(f"outputs in {args.out.resolve()} (total {time.perf_counter() - started:.0f} s)")
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ Peers
 
 Recipes (`--peer-recipe`)
 -------------------------
-Ours always uses the workbench defaults: Adam lr 8e-4/sqrt(d_sae/2^14) (`sae.trainer.default_lr`), 50 warm-up steps,
+Ours always uses the workbench defaults: Adam lr 1.6e-3/sqrt(d_sae/2^14) (`sae.trainer.default_lr`), 50 warm-up steps,
 linear decay over the last 20%, inputs scaled to mean norm sqrt(d_in), b_dec = geometric
 median, unit-norm decoder rows, AuxK (k_aux = d_in/2, alpha 1/32, dead after 250k tokens).
 

@@ -16,14 +16,12 @@ class CharTokenizer:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": list(text.encode("utf-8"))}
 
-    def decode(self, ids):
-        return "".join("<|endoftext|>" if i == 256 else bytes([i]).decode("latin-1") for i in ids)
+    def decode(self, ids, skip_special_tokens=False):
+        special = "" if skip_special_tokens else "<|endoftext|>"
+        return "".join(special if i == 256 else bytes([i]).decode("latin-1") for i in ids)
 
     def get_vocab(self):
         return {"<|endoftext|>": 256}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def __len__(self):
         return 257

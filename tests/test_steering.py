@@ -1,0 +1,303 @@
+"""Steering semantics on the tiny random model (fast), and on SmolLM2 (slow): the clamp /
+ablate / add formulas with the error term kept, strengths in max-activation units, every
+position but 0 steered (generated tokens included, KV cache or not), scoped hooks, clear
+errors, and the measurements (concept score, fluency, KL, sweep, causal check)."""
+import json
+import math
+
+import pytest
+import torch
+
+from analysis.metrics import cross_entropy
+from analysis.steering import (
+    GenerationConfig, Intervention, Steering, SweepConfig, causal_check, compare, concept_scores, encode_prompts,
+    format_side_by_side, generate_tokens, generation_nll, kl_on_text, steer, sweep, write_sweep,
+)
+from sae import ARCHITECTURES, SAEConfig
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def make_sae(d_in=32, d_sae=64, k=4, hook=HOOK, seed=0):
+    return ARCHITECTURES["topk"](SAEConfig(d_in=d_in, d_sae=d_sae, k=k, hook_name=hook), generator=torch.Generator().manual_seed(seed))
+
+
+def constant_feature_sae(feature=5, value=3.0, **kw):
+    """An SAE whose `feature` reads `value` on every token, so 'its current value' is one number."""
+    sae = make_sae(**kw)
+    with torch.no_grad():
+        sae.W_enc[:, feature] = 0
+        sae.b_enc[feature] = value
+    return sae
+
+
+def prompts(n=3, length=6, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.tensor([256]), torch.randint(97, 123, (length,), generator=gen)]) for _ in range(n)]
+
+
+def hooks_attached(model) -> int:
+    return sum(len(hp.fwd_hooks) for hp in model.hook_dict.values()) + len(model._forward_pre_hooks) + len(model._forward_hooks)
+
+
+# ----------------------------------------------------------------------------- the edit itself
+def test_clamp_is_decode_of_edited_features_plus_error_term():
+    sae = make_sae()
+    x = torch.randn(2, 5, 32) * 3
+    out = Steering(sae, Intervention(7, "clamp", 2.5, unit="absolute"))(x)
+    f = sae.encode(x)
+    f_edit = f.clone()
+    f_edit[..., 7] = 2.5
+    expected = sae.decode(f_edit) + (x - sae.decode(f))
+    assert torch.allclose(out[:, 1:], expected[:, 1:], atol=1e-5)
+    assert torch.equal(out[:, 0], x[:, 0])  # position 0 (BOS / attention sink) is never steered
+    assert not torch.allclose(out[:, 1:], x[:, 1:])
+
+
+def test_several_features_at_once_ablate_and_add():
+    sae = make_sae()
+    x = torch.randn(2, 6, 32) * 3
+    f = sae.encode(x)
+    firing = int((f[:, 1:] > 0).float().sum((0, 1)).argmax())  # a feature that fires, so ablation does something
+    others = [i for i in range(64) if i != firing][:2]
+    steering = Steering(sae, [Intervention(firing, "ablate"), Intervention(others[0], "clamp", 1.0, "absolute"),
+                              Intervention(others[1], "add", 0.5, "absolute")])
+    w = sae.W_dec.detach()
+    expected = x - f[..., firing, None] * w[firing] + (1.0 - f[..., others[0], None]) * w[others[0]] + 0.5 * w[others[1]]
+    out = steering(x)
+    assert torch.allclose(out[:, 1:], expected[:, 1:], atol=1e-5)
+    assert torch.equal(out[:, 0], x[:, 0])
+
+
+def test_strengths_in_units_of_max_activation():
+    sae = make_sae()
+    max_act = torch.rand(64) + 0.5
+    steering = Steering(sae, [Intervention(3, "clamp", 2.0), Intervention(4, "add", -0.5), Intervention(9, "ablate")], max_act)
+    assert steering.values == pytest.approx({3: 2.0 * float(max_act[3]), 4: -0.5 * float(max_act[4]), 9: 0.0})
+    x = torch.randn(1, 3, 32)
+    absolute = Steering(sae, [Intervention(3, "clamp", 2.0 * float(max_act[3]), "absolute"),
+                              Intervention(4, "add", -0.5 * float(max_act[4]), "absolute"), Intervention(9, "ablate")])
+    assert torch.allclose(steering(x), absolute(x), atol=1e-6)
+
+
+def test_bad_requests_get_clear_errors(tiny_model):
+    sae = make_sae()
+    with pytest.raises(ValueError, match="out of range.*64 features"):
+        Steering(sae, Intervention(64, "clamp", 1.0, "absolute"))
+    with pytest.raises(ValueError, match="out of range"):
+        Steering(sae, Intervention(-1, "clamp", 1.0, "absolute"))
+    with pytest.raises(ValueError, match="needs max_activation"):
+        Steering(sae, Intervention(3, "clamp", 1.0))  # unit="max" without max activations
+    with pytest.raises(ValueError, match="never fired"):
+        Steering(sae, Intervention(3, "add", 1.0), torch.zeros(64))
+    with pytest.raises(ValueError, match="more than one"):
+        Steering(sae, [Intervention(3, "ablate"), Intervention(3, "add", 1.0, "absolute")])
+    with pytest.raises(ValueError, match="unknown steering mode"):
+        Intervention(3, "boost", 1.0)
+    with pytest.raises(KeyError, match="no hook point"):
+        with steer(tiny_model, Steering(make_sae(hook="blocks.7.hook_resid_post"), Intervention(3, "ablate"))):
+            pass
+    with pytest.raises(ValueError, match="d_in=48"):
+        generate_tokens(tiny_model, prompts(1), GenerationConfig(max_new_tokens=2), Steering(make_sae(d_in=48), Intervention(3, "ablate")))
+    assert hooks_attached(tiny_model) == 0
+
+
+# ----------------------------------------------------------------------------- on a model
+def test_clamping_a_feature_to_its_current_value_leaves_logits_unchanged(tiny_model):
+    sae = constant_feature_sae(feature=5, value=3.0)
+    tokens = torch.stack(prompts(2, 12))
+    clean = tiny_model(tokens)
+    with steer(tiny_model, Steering(sae, Intervention(5, "clamp", 3.0, "absolute"))):
+        same = tiny_model(tokens)
+    with steer(tiny_model, Steering(sae, Intervention(5, "clamp", 4.0, "absolute"))):
+        moved = tiny_model(tokens)
+    assert torch.allclose(same, clean, atol=1e-5)
+    assert (moved - clean).abs().max() > 1e-2  # the hook was live: another value changes the logits
+
+
+def test_steer_edits_every_position_but_the_first(tiny_model):
+    sae = make_sae()
+    steering = Steering(sae, Intervention(2, "add", 4.0, "absolute"))
+    tokens = torch.stack(prompts(2, 9))
+    direction = sae.W_dec[2].detach() * 4.0
+
+    def by_hand(act, hook):
+        act = act.clone()
+        act[:, 1:] += direction
+        return act
+
+    with steer(tiny_model, steering):
+        steered = tiny_model(tokens)
+    assert torch.allclose(steered, tiny_model.run_with_hooks(tokens, fwd_hooks=[(HOOK, by_hand)]), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_is_the_same_with_and_without_the_kv_cache(tiny_model, temperature):
+    steering = Steering(make_sae(), [Intervention(2, "add", 6.0, "absolute"), Intervention(11, "clamp", 5.0, "absolute")])
+    batch = prompts(3, 5) + prompts(1, 8, seed=4)  # two lengths: batched by length on this path
+    cfg = dict(max_new_tokens=12, temperature=temperature, top_p=0.9, seed=3, stop_at_eos=False)
+    cached = generate_tokens(tiny_model, batch, GenerationConfig(**cfg), steering)
+    recomputed = generate_tokens(tiny_model, batch, GenerationConfig(**cfg, use_cache=False), steering)
+    unsteered = generate_tokens(tiny_model, batch, GenerationConfig(**cfg))
+    assert [t.tolist() for t in cached] == [t.tolist() for t in recomputed]
+    assert all(len(t) == 12 for t in cached)
+    assert sum(a.tolist() != b.tolist() for a, b in zip(cached, unsteered)) >= 2  # the steering changes the text
+    assert hooks_attached(tiny_model) == 0
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_model):
+    cfg = dict(max_new_tokens=10, temperature=1.0, stop_at_eos=False)
+    a = generate_tokens(tiny_model, prompts(2), GenerationConfig(**cfg, seed=1))
+    b = generate_tokens(tiny_model, prompts(2), GenerationConfig(**cfg, seed=1))
+    c = generate_tokens(tiny_model, prompts(2), GenerationConfig(**cfg, seed=2))
+    assert [t.tolist() for t in a] == [t.tolist() for t in b] != [t.tolist() for t in c]
+
+
+def test_hooks_are_removed_even_when_an_exception_is_raised(tiny_model):
+    tokens = torch.stack(prompts(1, 8))
+    clean = tiny_model(tokens)
+    steering = Steering(make_sae(), Intervention(2, "add", 6.0, "absolute"))
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(tiny_model, steering):
+            assert hooks_attached(tiny_model) > 0
+            raise RuntimeError("boom")
+    assert hooks_attached(tiny_model) == 0 and steering.positions is None
+
+    class FailsOnThirdCall(Steering):
+        calls = 0
+
+        def __call__(self, x):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("boom in a hook")
+            return super().__call__(x)
+
+    with pytest.raises(RuntimeError, match="boom in a hook"):
+        generate_tokens(tiny_model, prompts(1), GenerationConfig(max_new_tokens=5), FailsOnThirdCall(make_sae(), Intervention(2, "ablate")))
+    assert hooks_attached(tiny_model) == 0
+    assert torch.equal(tiny_model(tokens), clean)
+
+
+# ----------------------------------------------------------------------------- measurement
+def test_concept_scores_reread_the_text_alone(tiny_model):
+    sae = make_sae()
+    generated = [torch.tensor([104, 105, 106, 107]), torch.tensor([120, 121]), torch.tensor([], dtype=torch.long)]
+    x = tiny_model.run_with_cache(torch.tensor([[256, 104, 105, 106, 107]]), names_filter=HOOK)[1][HOOK]
+    f = sae.encode(x)[0, 1:].detach()  # BOS excluded
+    feature = int(f.sum(0).argmax())
+    max_act = torch.full((64,), 2.0)
+    scores = concept_scores(tiny_model, sae, [feature], generated, max_act, threshold=0.0,
+                            predicate=lambda t: t == 105)
+    assert scores.activation[0] == pytest.approx(float(f[:, feature].mean() / 2.0), rel=1e-4)
+    assert bool(scores.present[0])
+    assert math.isnan(float(scores.activation[2])) and not bool(scores.present[2])
+    assert scores.predicate_rate.tolist()[:2] == pytest.approx([0.25, 0.0])
+    high = concept_scores(tiny_model, sae, [feature], generated, max_act, threshold=1e6)
+    assert not high.present.any()
+
+
+def test_generation_nll_is_the_ce_of_the_new_tokens_given_the_prompt(tiny_model):
+    p, g = prompts(2, 4), [torch.tensor([100, 101, 102]), torch.tensor([103])]
+    nll, n = generation_nll(tiny_model, p, g)
+    assert n.tolist() == [3, 1]
+    full = torch.cat([p[0], g[0]])[None]
+    ce = cross_entropy(tiny_model(full).detach(), full)[0]
+    assert float(nll[0]) == pytest.approx(float(ce[-3:].sum()), rel=1e-4)
+
+
+def test_kl_on_neutral_text(tiny_model):
+    tokens = torch.stack(prompts(3, 16))
+    same = Steering(constant_feature_sae(5, 3.0), Intervention(5, "clamp", 3.0, "absolute"))
+    strong = Steering(make_sae(), Intervention(2, "add", 8.0, "absolute"))
+    assert kl_on_text(tiny_model, same, tokens) == pytest.approx(0.0, abs=1e-6)
+    assert kl_on_text(tiny_model, strong, tokens) > 1e-3
+
+
+def test_causal_check_ablation_lowers_the_promoted_tokens(tiny_model):
+    # at the last layer only the final norm and W_U follow, so the direct effect decides
+    sae = make_sae(hook="blocks.1.hook_resid_post")
+    tokens = torch.stack(prompts(4, 30))
+    x = tiny_model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")[1]["blocks.1.hook_resid_post"]
+    feature = int((sae.encode(x)[:, 1:] > 0).float().sum((0, 1)).argmax())
+    check = causal_check(tiny_model, sae, feature, tokens, top_k=5)
+    assert check.n_positions > 0 and len(check.promoted_tokens) == 5
+    assert check.delta < 0 and check.delta < check.control_delta
+    assert check.fraction_lowered > 0.5
+
+
+def test_sweep_writes_json_and_standalone_html(tiny_model, tmp_path):
+    sae = make_sae()
+    cfg = SweepConfig(features=[2], mode="add", strengths=[2.0, 8.0], unit="absolute",
+                      generation=GenerationConfig(max_new_tokens=6, stop_at_eos=False), threshold=0.0)
+    result = sweep(tiny_model, sae, ["<b>bold</b> prompt", "another prompt"], torch.stack(prompts(2, 10)), cfg)
+    assert [p.series for p in result.points] == ["unsteered", "add", "add"]
+    assert [p.strength for p in result.points] == [None, 2.0, 8.0]
+    assert result.points[0].kl == 0.0 and result.points[2].kl > result.points[1].kl > 0
+    assert all(p.perplexity > 1 for p in result.points)
+    json_path, html_path = write_sweep(result, tmp_path)
+    assert json.loads(json_path.read_text())["points"][1]["strength"] == 2.0
+    page = html_path.read_text()
+    assert "plotly" in page and "&lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold</b>" not in page
+
+
+def test_compare_and_format_side_by_side(tiny_model):
+    steering = Steering(make_sae(), Intervention(2, "add", 6.0, "absolute"))
+    rows = compare(tiny_model, ["abc", "xyz"], steering, GenerationConfig(max_new_tokens=8, stop_at_eos=False))
+    assert [r.prompt for r in rows] == ["abc", "xyz"]
+    text = format_side_by_side(rows, width=60)
+    assert "prompt: abc" in text and "unsteered" in text and "steered" in text
+
+
+def test_plain_prompts_start_with_the_context_start_token(tiny_model):
+    [ids] = encode_prompts(tiny_model.tokenizer, ["hi"])
+    assert ids.tolist() == [256, ord("h"), ord("i")]
+    with pytest.raises(ValueError, match="no chat template"):
+        encode_prompts(tiny_model.tokenizer, ["hi"], chat=True)
+
+
+# ----------------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_steering_smollm2_cache_padding_chat_and_scoped_hooks(smollm2):
+    hook = "blocks.8.hook_resid_post"
+    sae = constant_feature_sae(feature=5, value=1000.0, d_in=576, d_sae=1152, k=16, hook=hook)  # above every other pre-activation
+    tokens = encode_prompts(smollm2.tokenizer, ["The weather today is", "Once upon a time, in a small village by the sea,"])
+    batch = torch.stack([tokens[0], tokens[0]])
+    clean = smollm2(batch)
+    module_hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in smollm2.original_model.modules())  # noqa: E731
+    before = module_hooks()  # after a first forward pass: the bridge adds hooks of its own then
+    with steer(smollm2, Steering(sae, Intervention(5, "clamp", 1000.0, "absolute"))):
+        assert torch.allclose(smollm2(batch), clean, atol=1e-4)  # clamped to its own value: unchanged
+
+    steering = Steering(sae, Intervention(7, "add", 60.0, "absolute"))
+    chat = encode_prompts(smollm2.tokenizer, ["Name a colour."], chat=True)
+    assert smollm2.tokenizer.decode(chat[0].tolist()).rstrip().endswith("<|im_start|>assistant")
+    cfg = dict(max_new_tokens=6, stop_at_eos=False)
+    batched = generate_tokens(smollm2, tokens + chat, GenerationConfig(**cfg), steering)  # left padding
+    recomputed = generate_tokens(smollm2, tokens + chat, GenerationConfig(**cfg, use_cache=False), steering)
+    one_by_one = [generate_tokens(smollm2, [p], GenerationConfig(**cfg), steering)[0] for p in tokens + chat]
+    unsteered = generate_tokens(smollm2, tokens + chat, GenerationConfig(**cfg))
+    assert [t.tolist() for t in batched] == [t.tolist() for t in recomputed] == [t.tolist() for t in one_by_one]
+    assert [t.tolist() for t in batched] != [t.tolist() for t in unsteered]
+    with steer(smollm2, steering):  # Hugging Face's own generate sees the same steering
+        hf = smollm2.original_model.generate(chat[0][None], max_new_tokens=6, min_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(chat[0][None]))
+    assert hf[0, len(chat[0]):].tolist() == batched[2].tolist()
+    assert module_hooks() == before
+    assert torch.allclose(smollm2(batch), clean, atol=1e-5)
+
+
+def test_cli_steer_prints_side_by_side_and_writes_the_sweep(tiny_model, tmp_path, monkeypatch, capsys):
+    from analysis import cli
+
+    sae = constant_feature_sae(5, 3.0)  # fires everywhere, so its max activation is known: 3.0
+    sae.cfg.context_size = 32  # the tiny model's contexts
+    sae.save(tmp_path / "sae")
+    monkeypatch.setattr(cli, "_model", lambda args: tiny_model)
+    config = tmp_path / "steer.json"
+    config.write_text(json.dumps({"features": [5], "mode": "clamp", "strengths": [2.0], "prompts": ["abc", "<xyz>"]}))
+    cli.main(["steer", "--config", str(config), "--sae", str(tmp_path / "sae"), "--max-new-tokens", "4",
+              "--max-contexts", "2", "--kl-contexts", "2", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "max activations: f5 3" in out and "clamp features [5] = 2 x max activation" in out
+    assert "prompt: abc" in out and "prompt: <xyz>" in out and "perplexity" in out
+    assert (tmp_path / "out" / "steer" / "sweep.html").exists()
+    assert json.loads((tmp_path / "out" / "steer" / "sweep.json").read_text())["features"] == [5]
