@@ -81,17 +81,6 @@ class AtlasConfig:
         return self.window_left + 1 + self.window_right
 
 
-# Per-feature tensors written to features.safetensors (first dim = d_sae).
-FEATURE_TENSORS = (
-    "fire_count", "sum_act", "max_act", "hist", "position_count",
-    "top_values", "top_context", "top_position", "top_window",
-    "sample_values", "sample_context", "sample_position", "sample_window",
-    "logit_top_ids", "logit_top_values", "logit_bottom_ids", "logit_bottom_values",
-    "decoder_neighbours", "decoder_cosine", "coact_neighbours", "coact_jaccard",
-    "token_count_ptr",
-)
-
-
 @dataclass
 class Atlas:
     """Everything the dashboards, labels and monitor need; tensors are indexed by feature."""
