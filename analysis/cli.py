@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
+import operator
 import sys
 import time
 from pathlib import Path
@@ -122,7 +124,8 @@ def _add_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.25, help="concept present when a feature exceeds this (in --unit) on a generated token")
-    p.add_argument("--atlas", type=Path, default=None, help="feature atlas folder for max activations (default: measure them on --max-contexts held-out contexts)")
+    p.add_argument("--atlas", type=Path, default=None, help="feature atlas folder for max activations and labels (default: <sae>/atlas "
+                   "when it exists, else max activations are measured on --max-contexts held-out contexts)")
     p.add_argument("--max-contexts", type=int, default=64, help="held-out contexts for max activations when no --atlas is given")
     p.add_argument("--kl-contexts", type=int, default=8, help="held-out contexts of neutral text for the KL side-effect measure")
 
@@ -380,6 +383,22 @@ def _steer_prompts(args) -> list[str]:
     return list(args.prompts or NEUTRAL_PROMPTS[:6])
 
 
+def _label_predicates(labels_path: Path, features: list[int], tokenizer):
+    """The OR of the features' best-label predicates (None without labels): "the steered
+    text says what the label says", a concept score independent of the feature's activation."""
+    if not labels_path.exists():
+        return None
+    from .labels import label_predicate, load_labels
+
+    entries = [load_labels(labels_path)["features"][f] for f in features]
+    predicates = [label_predicate(e, tokenizer) for e in entries if e is not None]
+    for f, e in zip(features, entries):
+        print(f"f{f} label: {e['label'] if e else '(dead feature)'}" + (f"  (held-out F1 {e['f1']:.2f})" if e else ""))
+    if not predicates:
+        return None
+    return lambda tokens: functools.reduce(operator.or_, (p(tokens) for p in predicates))
+
+
 def cmd_steer(args):
     import torch
 
@@ -395,31 +414,37 @@ def cmd_steer(args):
     model = _model(args)
     n_contexts = max(args.kl_contexts, args.max_contexts if args.unit == "max" and args.atlas is None else 0)
     heldout = torch.from_numpy(load_contexts(CorpusConfig(split="heldout", context_len=sae.cfg.context_size), model.tokenizer, max_contexts=n_contexts)).long()
-    max_activation = None
-    if args.unit == "max" and args.mode != "ablate":
-        if args.atlas is not None:
-            from .atlas import load_atlas
+    atlas_dir = args.atlas or (Path(args.sae) / "atlas" if (Path(args.sae) / "atlas" / "atlas.json").exists() else None)
+    max_activation, predicate = None, None
+    if atlas_dir is not None:
+        from .atlas import load_atlas
 
-            max_activation = load_atlas(args.atlas).max_activation
-        else:
-            max_activation = feature_stats(sae, model, heldout[:args.max_contexts]).max_activation
+        atlas = load_atlas(atlas_dir)
+        for f in args.features:
+            atlas.check_feature(f)
+        max_activation = atlas.max_activation
+        predicate = _label_predicates(atlas_dir / "labels.json", args.features, model.tokenizer)
+    elif args.unit == "max" and args.mode != "ablate":
+        max_activation = feature_stats(sae, model, heldout[:args.max_contexts]).max_activation
+    if max_activation is not None:
         print("max activations: " + ", ".join(f"f{f} {float(max_activation[f]):.3g}" for f in args.features))
     cfg = SweepConfig(
         features=args.features, mode=args.mode, strengths=[0.0] if args.mode == "ablate" else args.strengths, unit=args.unit,
         threshold=args.threshold, n_examples=len(prompts),
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat),
     )
-    result = sweep(model, sae, prompts, heldout[:args.kl_contexts], cfg, max_activation)
+    result = sweep(model, sae, prompts, heldout[:args.kl_contexts], cfg, max_activation, predicate)
     base = result.points[0]
     for point in result.points[1:]:
         strength = "" if args.mode == "ablate" else f" = {point.strength:g}" + (" x max activation" if args.unit == "max" else "")
         print(f"\n{args.mode} features {args.features}{strength}")
         print(format_side_by_side([SideBySide(p, b, s) for p, b, s in zip(prompts, base.examples, point.examples)]))
-    print(f"\n{'condition':<16} {'concept act':>11} {'concept freq':>12} {'perplexity':>10} {'repetition':>10} {'KL':>8}")
+    print(f"\n{'condition':<16} {'concept act':>11} {'concept freq':>12} {'label freq':>10} {'perplexity':>10} {'repetition':>10} {'KL':>8}")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for p in result.points:
         name = p.series if p.strength is None or args.mode == "ablate" else f"{p.series} {p.strength:g}"
-        print(f"{name:<16} {fmt(p.concept_activation, '11.3f')} {p.concept_frequency:>12.2f} {fmt(p.perplexity, '10.2f')} {fmt(p.repetition, '10.3f')} {fmt(p.kl, '8.4f')}")
+        print(f"{name:<16} {fmt(p.concept_activation, '11.3f')} {p.concept_frequency:>12.2f} {fmt(p.predicate_frequency, '10.2f')} "
+              f"{fmt(p.perplexity, '10.2f')} {fmt(p.repetition, '10.3f')} {fmt(p.kl, '8.4f')}")
     json_path, html_path = write_sweep(result, args.out / "steer", title=f"Steering {Path(args.sae).name} features {args.features} ({args.mode})")
     print(f"  sweep:  {json_path}\n  figure: {html_path}")
     return result

@@ -351,6 +351,42 @@ class _Scorer:
         return out
 
 
+def label_predicate(label: dict, tokenizer=None):
+    """The predicate of one scored label (an entry of `label_features(...)["features"]` or one
+    of its "candidates") as a function tokens [b, pos] -> bool [b, pos]: where the label says
+    its feature fires. Used to score steered text (`analysis.steering.concept_scores`)."""
+    kind = label["kind"]
+    if kind in ("token-set", "llm", "logit"):
+        ids = torch.tensor(label["tokens"], dtype=torch.long)
+        if kind != "logit":
+            return lambda tokens: torch.isin(tokens, ids.to(tokens.device))
+        # logit lens: the NEXT token is one the feature promotes
+        return lambda tokens: torch.nn.functional.pad(torch.isin(tokens[:, 1:], ids.to(tokens.device)), (0, 1))
+    if kind == "pattern":
+        patterns = [torch.tensor(p, dtype=torch.long) for p in label["patterns"]]
+
+        def matches(tokens: Tensor) -> Tensor:
+            out = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+            for p in patterns:
+                if len(p) <= tokens.shape[1]:  # the n-gram ending at each position equals p
+                    out[:, len(p) - 1:] |= (tokens.unfold(1, len(p), 1) == p.to(tokens.device)).all(-1)
+            return out
+        return matches
+    if kind == "position":
+        max_position = int(label["label"].rsplit("<=", 1)[1])
+        return lambda tokens: (torch.arange(tokens.shape[1], device=tokens.device) <= max_position).expand(tokens.shape)
+    if kind == "dense":
+        return lambda tokens: torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    if kind == "punctuation":
+        if tokenizer is None:
+            raise ValueError("a punctuation label needs the tokenizer to build its predicate")
+        from activations.model import token_strings
+
+        table = torch.tensor([_is_punctuation(s) for s in token_strings(tokenizer, list(range(len(tokenizer))))])
+        return lambda tokens: table.to(tokens.device)[tokens]
+    raise ValueError(f"no predicate for a label of kind {kind!r}")
+
+
 # ---------------------------------------------------------------------------- the whole job
 @torch.no_grad()
 def label_features(atlas: Atlas, sae: SAE, model, cfg: LabelConfig | None = None) -> dict:
@@ -415,4 +451,4 @@ def load_labels(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["Candidate", "LabelConfig", "label_features", "llm_candidates", "load_labels", "save_labels"]
+__all__ = ["Candidate", "LabelConfig", "label_features", "label_predicate", "llm_candidates", "load_labels", "save_labels"]

@@ -54,7 +54,8 @@ def steering_sweep_figure(result) -> go.Figure:
                         subplot_titles=("concept (re-read by the unsteered model)", "fluency cost", "side effects on neutral text"))
     curves = [  # (column, field, label, secondary y)
         (1, "concept_activation", "mean activation", False), (1, "concept_frequency", "concept frequency", False),
-        (1, "predicate_rate", "label predicate rate", False), (2, "perplexity", "perplexity", False),
+        (1, "predicate_frequency", "label predicate frequency", False), (1, "predicate_rate", "label predicate rate", False),
+        (2, "perplexity", "perplexity", False),
         (2, "repetition", "repetition rate", True), (3, "kl", "KL per token", False),
     ]
     series = list(dict.fromkeys(p.series for p in result.points))
@@ -68,7 +69,7 @@ def steering_sweep_figure(result) -> go.Figure:
             values = [getattr(p, key) for p in points]
             if all(v is None for v in values):
                 continue
-            dash = {"concept_frequency": "dot", "predicate_rate": "dashdot", "repetition": "dot"}.get(key)
+            dash = {"concept_frequency": "dot", "predicate_frequency": "dashdot", "predicate_rate": "longdash", "repetition": "dot"}.get(key)
             if points[0].strength is None:  # a condition without strength: a level line
                 x, y, mode, dash = [lo, hi], [values[0]] * 2, "lines", "dash" if dash is None else "longdashdot"
             else:

@@ -507,20 +507,6 @@ def feature_stats(sae: SAE, model, tokens: Tensor, batch_size: int = 8) -> Featu
     return FeatureStats(top.cpu(), (fires.double() / max(n, 1)).float().cpu(), n)
 
 
-@torch.no_grad()
-def features_for_text(sae: SAE, model, text: str, stats: FeatureStats, n: int = 3, max_frequency: float = 0.01) -> list[int]:
-    """A crude concept search by example, until the atlas' concept search is used: the `n`
-    features firing most strongly on `text` relative to their max activation, among those
-    firing on fewer than `max_frequency` of held-out tokens (rare features tend to be topical)."""
-    hook = sae.cfg.hook_name
-    device = next(model.parameters()).device
-    [ids] = encode_prompts(model.tokenizer, [text])
-    x = run_to_hooks(model, ids[None].to(device), [hook])[hook][0, 1:]
-    relative = sae.to(device).encode(x.reshape(len(x), -1)).max(0).values.cpu() / stats.max_activation.clamp_min(1e-6)
-    eligible = (stats.frequency > 0) & (stats.frequency < max_frequency)
-    return relative.masked_fill(~eligible, -1).topk(n).indices.tolist()
-
-
 def _right_pad(seqs: Sequence[Tensor], pad: int) -> tuple[Tensor, Tensor]:
     """[n, max_len] ids and a bool mask of real tokens."""
     n = max(len(s) for s in seqs)
@@ -640,6 +626,8 @@ class SweepPoint:
     """Share of generations where a feature exceeds the threshold on some token."""
     predicate_rate: float | None
     """Mean share of generated tokens matching the label predicate (None without one)."""
+    predicate_frequency: float | None
+    """Share of generations with at least one token matching the label predicate (None without one)."""
     perplexity: float
     """exp(mean NLL per generated token) under the unsteered model, given the prompts."""
     repetition: float
@@ -664,6 +652,7 @@ def summarize(series: str, strength: float | None, tokenizer, generated: Sequenc
         concept_activation=_nan_to_none(float(concept.activation.nanmean())),
         concept_frequency=float(concept.present.float().mean()),
         predicate_rate=None if concept.predicate_rate is None else float(concept.predicate_rate.mean()),
+        predicate_frequency=None if concept.predicate_rate is None else float((concept.predicate_rate > 0).float().mean()),
         perplexity=_nan_to_none(math.exp(float(nll.sum()) / total) if total else float("nan")),
         repetition=_nan_to_none(float(reps.nanmean())), kl=_nan_to_none(kl), n_generations=len(generated),
         examples=[decode(tokenizer, g) for g in generated[:n_examples]],
@@ -784,6 +773,6 @@ def causal_check(model, sae: SAE, feature: int, tokens: Tensor, top_k: int = 10,
 __all__ = [
     "CausalCheck", "ConceptScores", "FeatureStats", "GenerationConfig", "Intervention", "MODES", "NEUTRAL_PROMPTS", "SideBySide", "Steering",
     "SweepConfig", "SweepPoint", "SweepResult", "causal_check", "check_compatible", "compare", "concept_scores", "decode",
-    "encode_prompts", "feature_stats", "features_for_text", "format_side_by_side", "generate_tokens", "generation_nll", "kl_on_text",
+    "encode_prompts", "feature_stats", "format_side_by_side", "generate_tokens", "generation_nll", "kl_on_text",
     "score_condition", "steer", "stop_token_ids", "summarize", "sweep", "write_sweep",
 ]

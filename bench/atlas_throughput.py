@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from memory import peak_rss_mb  # bench/memory.py (this script's folder is on sys.path)
+
 
 def floor_seconds(sae_path: str, n_tokens: int, batch_contexts: int, autocast: str) -> float:
     from activations import CorpusConfig, load_contexts, load_model
@@ -52,7 +54,7 @@ def atlas_child(sae_path: str, n_tokens: int, batch_contexts: int, autocast: str
     atlas = build_atlas(sae, model, AtlasConfig(n_tokens=n_tokens, batch_contexts=batch_contexts, autocast=autocast, device="cpu"))
     seconds = time.perf_counter() - started
     atlas.save(out)
-    Path(out, "bench.json").write_text(json.dumps({"seconds": seconds, "n_tokens": atlas.n_tokens}))
+    Path(out, "bench.json").write_text(json.dumps({"seconds": seconds, "n_tokens": atlas.n_tokens, "peak_rss_mb": peak_rss_mb()}))
 
 
 def main() -> None:
@@ -71,8 +73,7 @@ def main() -> None:
 
     command = [sys.executable, __file__, "--child", "--sae", args.sae, "--tokens", str(args.tokens),
                "--batch-contexts", str(args.batch_contexts), "--autocast", args.autocast, "--out", args.out]
-    process = subprocess.Popen(command)
-    _, status, usage = os.wait4(process.pid, 0)
+    status = subprocess.run(command).returncode
     if status != 0:
         raise SystemExit(f"atlas child failed with status {status}")
     result = json.loads(Path(args.out, "bench.json").read_text())
@@ -81,7 +82,7 @@ def main() -> None:
     print(f"\n{'stage':<34} {'seconds':>8} {'tokens/s':>9}")
     print(f"{'forward + encode (floor)':<34} {floor:>8.1f} {n / floor:>9,.0f}")
     print(f"{'build_atlas (all features)':<34} {result['seconds']:>8.1f} {n / result['seconds']:>9,.0f}")
-    print(f"atlas / floor throughput: {floor / result['seconds']:.2f}; atlas peak RSS {usage.ru_maxrss / 2**20:.2f} GB; {n:,} tokens")
+    print(f"atlas / floor throughput: {floor / result['seconds']:.2f}; atlas peak RSS {result['peak_rss_mb'] / 1024:.2f} GB; {n:,} tokens")
 
 
 if __name__ == "__main__":

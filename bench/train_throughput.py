@@ -35,7 +35,7 @@ Parts (`--skip` any of them):
            Hugging Face folder written once under `<out>/smollm2_hf`. FVU on held-out-split
            activations of the same model. The model runs in fp32 for both; `--e2e-autocast bf16`
            harvests under bf16 autocast and runs sparsify's whole `fit` under it.
-``rss``    Peak RSS of training (a child process each, `os.wait4`) from stores of two sizes:
+``rss``    Peak RSS of training (a child process each, its own VmHWM) from stores of two sizes:
            the first `--rss-small-shards` shards, and the whole store; same steps, small SAE.
            Memory is bounded by the shard window, so the two should match.
 
@@ -58,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (bench/quality.py: shared peer setup)
+from memory import peak_rss_mb  # noqa: E402
 
 from activations import ActivationStore  # noqa: E402
 from activations.model import resolve_device  # noqa: E402
@@ -289,11 +290,11 @@ def part_rss(args, store: ActivationStore) -> list[dict]:
     rows = []
     for n_shards in sizes:
         spec = {"store": str(store.path), "n_shards": n_shards, "tokens": args.rss_tokens, "batch_size": args.batch_size, "device": str(args.device)}
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--rss-child", json.dumps(spec), "--out", str(args.out)])
-        _, status, usage = os.wait4(proc.pid, 0)
+        status = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-child", json.dumps(spec), "--out", str(args.out)]).returncode
         if status != 0:
             raise SystemExit(f"the RSS child for {n_shards} shards failed (status {status})")
-        rows.append({"n_shards": n_shards, "store_tokens": sum(s.n_tokens for s in store.shards[:n_shards]), "peak_rss_mb": usage.ru_maxrss / 1024})  # KiB on Linux
+        peak = json.loads((args.out / f"rss_{n_shards}" / "peak_rss.json").read_text())["peak_rss_mb"]
+        rows.append({"n_shards": n_shards, "store_tokens": sum(s.n_tokens for s in store.shards[:n_shards]), "peak_rss_mb": peak})
     return rows
 
 
@@ -304,6 +305,7 @@ def rss_child(spec: dict, out: Path) -> None:
     cfg = TrainConfig(out_dir=str(quality.fresh_dir(out / f"rss_{spec['n_shards']}")), saes=[sae], n_tokens=spec["tokens"],
                       batch_size=spec["batch_size"], device=spec["device"], checkpoint_every=10**9)
     Trainer(cfg, store).train()
+    atomic_write_json(out / f"rss_{spec['n_shards']}" / "peak_rss.json", {"peak_rss_mb": peak_rss_mb()})  # the child's own, see bench/memory.py
 
 
 # ---------------------------------------------------------------------------- report

@@ -22,17 +22,22 @@ class BatchTopKSAE(SAE):
         return pre * (pre > self.threshold)
 
     def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
-        pre = self.pre_acts(x)
-        flat_values, flat_indices = pre.relu().flatten().topk(self.cfg.k * x.shape[0])
-        with torch.no_grad():  # running mean of the smallest kept activation
-            smallest = flat_values[-1].clamp_min(0)
+        pre = self.selective_pre_acts(x)
+        with torch.no_grad():
+            # the k * batch largest activations of the whole batch, as per-row (indices, kept)
+            # padded to the row that keeps most, so decoding stays sparse (an embedding bag)
+            relu = pre.detach().relu()
+            kept_values, flat_indices = relu.flatten().topk(self.cfg.k * x.shape[0])
+            smallest = kept_values[-1].clamp_min(0)  # running mean of the smallest kept activation
             n = self.threshold_batches.item()
             self.threshold.copy_((self.threshold * n + smallest) / (n + 1))
             self.threshold_batches += 1
-        f = torch.zeros_like(pre).flatten().scatter(0, flat_indices, flat_values).view_as(pre)
-        x_hat = self.decode(f)
-        mse = (x - x_hat).pow(2).sum(-1).mean()
-        return TrainOutput(mse, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, x.new_zeros(()), pre)
+            kept = torch.zeros(relu.numel(), dtype=torch.bool, device=x.device).scatter_(0, flat_indices, True).view_as(relu)
+            width = max(int(kept.sum(1).max()), 1)
+            indices = relu.masked_fill(~kept, -1.0).topk(width, dim=1).indices  # kept latents first in every row
+            valid = kept.gather(1, indices)
+        values = self.gather_pre_acts(x, pre, indices).relu() * valid
+        return self.topk_training_forward(x, pre, values, indices)
 
     def extra_tensors(self) -> dict[str, Tensor]:
         return {"threshold": self.threshold.expand(self.cfg.d_sae).clone().float().cpu()}

@@ -13,7 +13,7 @@ from activations.corpus import CorpusConfig, load_contexts
 from activations.model import run_to_hooks
 from analysis.atlas import AtlasConfig, build_atlas
 from analysis.labels import (
-    Candidate, LabelConfig, _is_punctuation, _Scorer, class_candidates, label_features, llm_candidates, logit_candidates,
+    Candidate, LabelConfig, _is_punctuation, _Scorer, class_candidates, label_features, label_predicate, llm_candidates, logit_candidates,
     token_set_candidates,
 )
 from analysis.monitor import find_features, monitor, monitor_html
@@ -73,6 +73,8 @@ def test_scorer_matches_brute_force(setup, tiny_model):
         scored = next(s for s in results[c.feature]["candidates"] if s["kind"] == c.kind)
         assert scored["f1"] == pytest.approx(2 * tp / max(2 * tp + fp + fn, 1), abs=1e-4), c.kind
         assert scored["precision"] == pytest.approx(tp / max(tp + fp, 1), abs=1e-4), c.kind
+        if c.kind != "punctuation":  # the saved label rebuilds the same predicate (steering scores text with it)
+            assert torch.equal(label_predicate(scored)(text_tokens)[:, 1:], pred), c.kind
     assert results[live[0]]["held_out_fires"] == int(fires[..., live[0]].sum())
     # the best label is the candidate with the highest held-out F1
     best = results[live[0]]

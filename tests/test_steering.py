@@ -301,3 +301,30 @@ def test_cli_steer_prints_side_by_side_and_writes_the_sweep(tiny_model, tmp_path
     assert "prompt: abc" in out and "prompt: <xyz>" in out and "perplexity" in out
     assert (tmp_path / "out" / "steer" / "sweep.html").exists()
     assert json.loads((tmp_path / "out" / "steer" / "sweep.json").read_text())["features"] == [5]
+
+
+def test_cli_steer_reads_the_saes_atlas_and_scores_with_its_label(tiny_model, text_corpus, tmp_path, monkeypatch, capsys):
+    from activations import CorpusConfig
+    from analysis import cli
+    from analysis.atlas import AtlasConfig, build_atlas
+
+    sae = constant_feature_sae(5, 3.0)
+    sae.cfg.context_size = 32
+    sae.save(tmp_path / "sae")
+    atlas_cfg = AtlasConfig(corpus=CorpusConfig(source=str(text_corpus), context_len=32), n_tokens=31 * 8, autocast="none", device="cpu")
+    build_atlas(sae, tiny_model, atlas_cfg).save(tmp_path / "sae" / "atlas")
+    features = [None] * sae.cfg.d_sae
+    features[5] = {"feature": 5, "kind": "token-set", "label": 'tokens "a"', "tokens": [ord("a")], "f1": 0.9}
+    (tmp_path / "sae" / "atlas" / "labels.json").write_text(json.dumps({"features": features}))
+    monkeypatch.setattr(cli, "_model", lambda args: tiny_model)
+    prompts = ["abc", "xyz", "hello"]
+    cli.main(["steer", "--sae", str(tmp_path / "sae"), "--features", "5", "--strengths", "2", "--prompts", *prompts,
+              "--max-new-tokens", "6", "--kl-contexts", "2", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "max activations: f5 3" in out  # from the atlas: the feature reads 3.0 everywhere
+    assert 'f5 label: tokens "a"' in out and "label freq" in out
+    sweep = json.loads((tmp_path / "out" / "steer" / "sweep.json").read_text())
+    for point in sweep["points"]:  # the label predicate ("the token is 'a'") scored each generation
+        assert point["predicate_frequency"] == pytest.approx(sum("a" in e for e in point["examples"]) / len(prompts))
+    with pytest.raises(IndexError, match="out of range"):
+        cli.main(["steer", "--sae", str(tmp_path / "sae"), "--features", str(sae.cfg.d_sae), "--prompts", "abc", "--out", str(tmp_path / "out")])
