@@ -2,7 +2,7 @@
 and at what fluency cost? Clamp vs add vs simply prompting for the concept.
 
     python bench/steering_demo.py --sae runs/default/sae/topk_k32_4608 \
-        --concepts music sea Jesus --strengths 1 1.5 2 3 --out runs/bench_steering
+        --concepts marriage love music food Python --out runs/bench_steering
 
 Features come from the SAE's feature atlas and labels (`saewb analyze`, in <sae>/atlas):
 

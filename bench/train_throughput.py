@@ -37,7 +37,9 @@ Parts (`--skip` any of them):
            harvests under bf16 autocast and runs sparsify's whole `fit` under it.
 ``rss``    Peak RSS of training (a child process each, its own VmHWM) from stores of two sizes:
            the first `--rss-small-shards` shards, and the whole store; same steps, small SAE.
-           Memory is bounded by the shard window, so the two should match.
+           Memory is bounded by the shard window (the one being read and the next, prefetched),
+           so the two should match. A store that ends within the run has no next window to
+           prefetch and peaks lower: that is why the small store is not smaller (16 shards).
 
 Writes `<out>/train_throughput.json` and prints the tables.
 """
@@ -373,7 +375,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context-len", type=int, default=128)
     p.add_argument("--e2e-tokens", type=int, default=262_144, help="e2e: training tokens (default: %(default)s)")
     p.add_argument("--e2e-autocast", choices=["none", "bf16"], default="none", help="e2e: model precision for all (default: fp32)")
-    p.add_argument("--rss-small-shards", type=int, default=4, help="rss: shards of the small store (default: %(default)s)")
+    p.add_argument("--rss-small-shards", type=int, default=16, help="rss: shards of the small store (default: %(default)s: more than the "
+                   "--rss-tokens cover, so the prefetcher holds its next window as in any long run)")
     p.add_argument("--rss-tokens", type=int, default=3 * 4 * 65_024, help="rss: training tokens per run, ~3 windows (default: %(default)s)")
     p.add_argument("--peers-python", default=os.environ.get("SAEWB_PEERS_PYTHON", str(Path(__file__).resolve().parents[2] / "venv-peers" / "bin" / "python")),
                    help="interpreter with sparsify installed, used when this one lacks it (default: %(default)s)")

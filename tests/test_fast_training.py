@@ -84,3 +84,21 @@ def test_prefetched_pinned_rank_sliced_batches_equal_plain_reading(tiny_model, t
     # two ranks: each gets half of every global batch, in order
     halves = [list(store.iter_batches(32, seed=2, epoch=1, window_shards=2, rank=r, world_size=2)) for r in (0, 1)]
     assert all(torch.equal(torch.cat([a, b]), g) for a, b, g in zip(*halves, plain))
+
+
+@pytest.mark.parametrize("spread", [1.0, 5.0, 100.0])
+def test_batchtopk_selection_equals_a_top_k_over_the_whole_batch(spread):
+    """BatchTopK picks its candidates per row (top 4k, widened when a row may keep more);
+    the kept set must equal a top-(k * batch) over every value of the batch."""
+    from sae.batchtopk import BatchTopKSAE
+
+    sae = BatchTopKSAE(SAEConfig(architecture="batchtopk", d_in=8, d_sae=512, k=4))
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(64, 512, generator=gen).relu() * torch.rand(64, 1, generator=gen)
+    acts[0] *= spread  # one row far above the rest keeps far more than 4k
+    indices, kept = sae._batch_top_k(acts)
+    chosen = torch.zeros_like(acts, dtype=torch.bool)
+    chosen[torch.arange(64)[:, None].expand_as(indices)[kept], indices[kept]] = True
+    expected = torch.zeros(acts.numel(), dtype=torch.bool).scatter_(0, acts.flatten().topk(4 * 64).indices, True).view_as(acts)
+    assert torch.equal(chosen, expected)
+    assert float(sae.threshold) == pytest.approx(float(acts.flatten().topk(4 * 64).values[-1]))
