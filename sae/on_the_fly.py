@@ -23,19 +23,42 @@ class OnTheFlySource:
         self.first_pos = 1 if exclude_bos else 0
         self.autocast = autocast
         self.device = next(model.parameters()).device
+        self._tokens: np.ndarray | None = None
         probe = run_to_hooks(model, torch.zeros(1, 2, dtype=torch.long, device=self.device), [hook_name])[hook_name]
         self.d_in = int(probe.shape[-1])
 
+    @property
+    def tokens(self) -> np.ndarray:
+        """The corpus' packed contexts [n_contexts, context_len], tokenised once per source."""
+        if self._tokens is None:
+            self._tokens = load_contexts(self.corpus, self.model.tokenizer)
+        return self._tokens
+
+    def _activations(self, contexts: np.ndarray) -> torch.Tensor:
+        batch = torch.from_numpy(contexts).long().to(self.device)
+        acts = run_to_hooks(self.model, batch, [self.hook_name], self.autocast)[self.hook_name][:, self.first_pos:]
+        return acts.flatten(0, 1).float().cpu()
+
+    def init_sample(self, n_tokens: int, seed: int = 0) -> torch.Tensor:
+        """[n_tokens, d_in] from random contexts, for the trainer's input scale and b_dec: only
+        the contexts it needs, not a full shuffle buffer."""
+        order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(self.tokens))
+        rows, taken = [], 0
+        for start in range(0, len(order), self.batch_contexts):
+            rows.append(self._activations(self.tokens[np.sort(order[start:start + self.batch_contexts])]))
+            taken += len(rows[-1])
+            if taken >= n_tokens:
+                break
+        return torch.cat(rows)[:n_tokens]
+
     def iter_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng([seed, epoch])
-        tokens = load_contexts(self.corpus, self.model.tokenizer)
+        tokens = self.tokens
         order = rng.permutation(len(tokens))[rank::world_size]
         buffer: list[torch.Tensor] = []
         held = 0
         for start in range(0, len(order), self.batch_contexts):
-            batch = torch.from_numpy(tokens[order[start:start + self.batch_contexts]]).long().to(self.device)
-            acts = run_to_hooks(self.model, batch, [self.hook_name], self.autocast)[self.hook_name][:, self.first_pos:]
-            buffer.append(acts.flatten(0, 1).float().cpu())
+            buffer.append(self._activations(tokens[order[start:start + self.batch_contexts]]))
             held += buffer[-1].shape[0]
             if held >= self.buffer_tokens:
                 mixed = torch.cat(buffer)

@@ -222,13 +222,17 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     def init_from_sample(self) -> None:
-        rows, sample = 0, []
-        for batch in self.source.iter_batches(min(self.cfg.batch_size, self.cfg.init_tokens), seed=self.cfg.seed, epoch=INIT_SAMPLE_EPOCH):
-            sample.append(batch)
-            rows += len(batch)
-            if rows >= self.cfg.init_tokens:
-                break
-        sample = torch.cat(sample).to(self.device)
+        if hasattr(self.source, "init_sample"):  # streaming sources: just the tokens needed
+            sample = self.source.init_sample(self.cfg.init_tokens, seed=self.cfg.seed)
+        else:
+            rows, batches = 0, []
+            for batch in self.source.iter_batches(min(self.cfg.batch_size, self.cfg.init_tokens), seed=self.cfg.seed, epoch=INIT_SAMPLE_EPOCH):
+                batches.append(batch)
+                rows += len(batch)
+                if rows >= self.cfg.init_tokens:
+                    break
+            sample = torch.cat(batches)
+        sample = sample.to(self.device)
         self.scale = input_scale(sample)
         center = geometric_median(sample * self.scale) if self.cfg.b_dec_init == "geometric_median" else (sample * self.scale).mean(0)
         with torch.no_grad():

@@ -118,6 +118,10 @@ def test_on_the_fly_training_needs_no_store(tiny_model, text_corpus, tmp_path):
     source = OnTheFlySource(tiny_model, "blocks.1.hook_resid_post", CorpusConfig(source=str(text_corpus), context_len=16),
                             buffer_tokens=256, batch_contexts=4, autocast="none")
     assert source.d_in == 32
+    # the init sample reads only the contexts it needs (not a shuffle buffer), reproducibly
+    sample = source.init_sample(100, seed=3)
+    assert sample.shape == (100, 32) and torch.equal(sample, source.init_sample(100, seed=3))
+    assert source.tokens is source.tokens  # tokenised once per source, not once per epoch
     trainer = Trainer(TrainConfig(out_dir=str(tmp_path), saes=[SAEConfig(d_in=32, d_sae=64, k=4)], n_tokens=64 * 12,
                                   batch_size=64, device="cpu", init_tokens=64, log_every=1), source)
     [path] = trainer.train()
