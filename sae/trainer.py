@@ -46,6 +46,11 @@ INIT_SAMPLE_EPOCH = 10**6
 
 
 class BatchSource(Protocol):
+    """What the trainer reads. A source may also offer `init_sample(n_tokens, seed) -> [n, d_in]`
+    for the input-scale / b_dec sample; otherwise the sample is the first batches of the
+    INIT_SAMPLE_EPOCH order (cheap for a store, but a streaming source would fill its whole
+    shuffle buffer for it, so `sae.on_the_fly.OnTheFlySource` offers one)."""
+
     d_in: int
     hook_name: str
 
@@ -222,7 +227,7 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     def init_from_sample(self) -> None:
-        if hasattr(self.source, "init_sample"):  # streaming sources: just the tokens needed
+        if hasattr(self.source, "init_sample"):  # optional, see BatchSource
             sample = self.source.init_sample(self.cfg.init_tokens, seed=self.cfg.seed)
         else:
             rows, batches = 0, []
