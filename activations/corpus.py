@@ -48,6 +48,23 @@ class EmptyCorpusError(ValueError):
     pass
 
 
+def heldout_corpus(training_data: dict | None, source: str | None = None, context_len: int = 128) -> CorpusConfig:
+    """The held-out split every stage after the harvest measures on: of `source` when the user
+    names one, else of the corpus the SAE was trained on (`SAE.training_data["corpus"]`, which
+    the store's manifest recorded), else of the embedded default (an SAE from another tool)."""
+    if source is not None:
+        return CorpusConfig(source=source, split="heldout", context_len=context_len)
+    recorded = dict((training_data or {}).get("corpus") or {"source": "default"})
+    recorded.update(split="heldout", context_len=context_len)
+    return CorpusConfig(**recorded)
+
+
+def describe(cfg: CorpusConfig) -> str:
+    """One line naming a corpus and split, for every output measured on it."""
+    name = "the embedded default corpus" if cfg.source == "default" else repr(cfg.source)
+    return f"{name}, {cfg.split} split"
+
+
 def _split_of_index(i: int, split: str) -> bool:
     return (i % 20 == 19) == (split == "heldout")
 
@@ -151,7 +168,10 @@ def load_contexts(cfg: CorpusConfig, tokenizer, max_contexts: int | None = None,
         cache = Path(cache_dir) / f"contexts_{cfg.split}_{key}.npy"
         if cache.exists():
             return np.load(cache, allow_pickle=False)
-    tokens = pack_contexts(iter_documents(cfg), tokenizer, cfg.context_len, max_contexts)
+    try:
+        tokens = pack_contexts(iter_documents(cfg), tokenizer, cfg.context_len, max_contexts)
+    except EmptyCorpusError as error:
+        raise EmptyCorpusError(f"{describe(cfg)}: {error}") from None
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npy")

@@ -8,6 +8,11 @@ Under torchrun the shards still to do are dealt round-robin to the ranks, which 
 into the one store; after each round of shards rank 0 records them all in the manifest. A
 shard's bytes do not depend on which rank wrote it or on the number of ranks, so a store
 harvested by N ranks equals the single-process one, and a killed run resumes with any N.
+
+A resumed harvest checks the sha256 of every shard the manifest already lists and stops at a
+corrupt one with a `StoreError` naming it; `HarvestConfig.repair` (`saewb harvest --repair
+<store>`, config read back from the manifest by `repair_config`) re-harvests exactly the
+corrupt and missing shards instead, giving the same bytes as the original harvest.
 """
 from __future__ import annotations
 
@@ -22,8 +27,11 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .corpus import CorpusConfig, fingerprint, load_contexts
-from .model import DEFAULT_MODEL, load_model, resolve_device, run_to_hooks, validate_hook
-from .store import DTYPES, FORMAT, ActivationStore, atomic_save_safetensors, atomic_write_json, hook_dir, sha256_file
+from .model import DEFAULT_MODEL, load_model, model_mismatch, resolve_device, run_to_hooks, validate_hook
+from .store import (
+    DTYPES, FORMAT, ActivationStore, StoreError, atomic_save_safetensors, atomic_write_json, hook_dir, remove_stale_temp_files,
+    repair_command, sha256_file,
+)
 
 
 @dataclass
@@ -48,6 +56,8 @@ class HarvestConfig:
     autocast: str = "bf16"
     """Model matmuls in "bf16" (2x faster on CPU, ~1e-4 relative error) or "none" (fp32)."""
     device: str = "auto"
+    repair: bool = False
+    """Re-harvest the shards whose checksum does not match the manifest (else: an error)."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -67,6 +77,8 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
     model = model if model is not None else load_model(cfg.model, cfg.device)
     for hook in cfg.hooks:
         validate_hook(model, hook)
+    if (mismatch := model_mismatch(cfg.model, model)) is not None:
+        raise ValueError(f"HarvestConfig.model={cfg.model!r} names another model than the one passed: {mismatch}")
     device = next(model.parameters()).device
     ctx_len = cfg.corpus.context_len
     kept_per_context = ctx_len - 1 if cfg.exclude_bos else ctx_len
@@ -86,6 +98,9 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
     for hook in cfg.hooks:
         folder = hook_dir(Path(cfg.out_dir), hook)
         folder.mkdir(parents=True, exist_ok=True)
+        with distributed.main_first():
+            if rank.is_main:
+                remove_stale_temp_files(folder)  # no writer is running yet: these are from killed runs
         header = {
             "format": FORMAT, "model": cfg.model, "hook_name": hook, "d_in": None, "dtype": cfg.dtype,
             "context_len": ctx_len, "exclude_bos": cfg.exclude_bos, "corpus": asdict(cfg.corpus),
@@ -101,10 +116,13 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
                     f"{folder} holds a different harvest (differs in {mismatched}); choose another --out or delete it"
                 )
             header["d_in"] = old["d_in"]
-            done = {s["file"]: s for s in old["shards"] if (folder / s["file"]).exists()}
+            done = _verified_shards(folder, old, cfg.repair)
+        elif cfg.repair:
+            raise StoreError(f"{folder} has no manifest.json: there is no harvest to repair")
         else:
             done = {}
-        manifests[hook] = {**header, "shards": list(done.values()), "complete": False}
+        # "device" (not checked on resume) lets a repair harvest where the shards were made: same bytes
+        manifests[hook] = {**header, "device": device.type, "shards": list(done.values()), "complete": False}
 
     todo = [i for i in range(n_shards) if any(f"shard_{i:05d}.safetensors" not in {s["file"] for s in m["shards"]} for m in manifests.values())]
     mine = todo[rank.rank::rank.world_size]  # round r: every rank does its r-th shard
@@ -130,6 +148,45 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
             atomic_write_json(hook_dir(Path(cfg.out_dir), hook) / "manifest.json", m)
     distributed.barrier()  # no rank returns before the store is complete
     return {hook: ActivationStore(hook_dir(Path(cfg.out_dir), hook)) for hook in cfg.hooks}
+
+
+def _verified_shards(folder: Path, manifest: dict, repair: bool) -> dict[str, dict]:
+    """The shards of `manifest` that are on disk with the recorded sha256. A resumed harvest
+    (or a repair) hashes each of them (rank 0, shared with the others); a complete store
+    rerun without `repair` is trusted here, its reader checks each shard once. Corrupt shards
+    are an error unless `repair`, which drops them so they are harvested again."""
+    rank = distributed.current()
+    check = repair or not manifest.get("complete")
+    bad = []
+    with distributed.main_first():
+        if rank.is_main and check:
+            bad = [s["file"] for s in manifest["shards"] if (folder / s["file"]).exists() and sha256_file(folder / s["file"]) != s["sha256"]]
+    bad = distributed.broadcast_object(bad)
+    if bad and not repair:
+        raise StoreError(f"{folder}: shard(s) {', '.join(bad)} do not match the checksums in the manifest (corrupt or "
+                         f"truncated); re-harvest just those with `{repair_command(folder)}`")
+    if bad:
+        print(f"{folder}: re-harvesting corrupt shard(s) {', '.join(bad)}")
+    return {s["file"]: s for s in manifest["shards"] if (folder / s["file"]).exists() and s["file"] not in bad}
+
+
+def repair_config(store_path: str | Path, **overrides) -> HarvestConfig:
+    """The `HarvestConfig` that rebuilds the corrupt or missing shards of the store at
+    `store_path` (one hook's folder), read back from its manifest; `overrides` e.g. device."""
+    folder = Path(store_path)
+    try:
+        m = json.loads((folder / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{folder} is not an activation store (no manifest.json): there is nothing to repair") from None
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{folder / 'manifest.json'} is corrupt ({e}): harvest the store again into a new folder") from e
+    kept = m["context_len"] - (1 if m["exclude_bos"] else 0)
+    fields = dict(
+        out_dir=str(folder.parent), model=m["model"], hooks=[m["hook_name"]], corpus=CorpusConfig(**m["corpus"]),
+        n_tokens=m["n_contexts"] * kept, batch_contexts=m["batch_contexts"], shard_contexts=m["shard_contexts"],
+        dtype=m["dtype"], exclude_bos=m["exclude_bos"], autocast=m["autocast"], device=m.get("device", "auto"), repair=True,
+    )
+    return HarvestConfig(**{**fields, **overrides})
 
 
 def _harvest_shard(model, cfg: HarvestConfig, tokens: np.ndarray, shard_index: int, device: torch.device,

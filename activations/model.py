@@ -65,14 +65,94 @@ def _boot_bridge(name: str, hf_model, tokenizer, device: torch.device):
     hf_model = hf_model.to(device).eval()
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
     bridge.eval()
+    _bridge_cache_under_both_names(hf_model)
     return bridge
+
+
+def cache_kwarg(hf_model: nn.Module) -> str:
+    """The name under which this transformers release passes the KV cache to a model's
+    forward: ``"cache"`` from transformers 5.2x on, ``"past_key_values"`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
+def kv_cache_of(kwargs: dict):
+    """The KV cache in a forward call's kwargs, under either name (None when absent)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _bridge_cache_under_both_names(hf_model: nn.Module) -> None:
+    """TransformerLens' bridge replaces each attention module by a wrapper that reads the KV
+    cache from ``past_key_values`` only. Newer transformers releases pass it as ``cache``, so
+    the wrapper never updated it and cached generation attended to the new token alone. A
+    permanent pre-hook on each wrapper hands the cache over under the name it reads."""
+    if cache_kwarg(hf_model) == "past_key_values":
+        return  # the names agree; nothing to bridge
+
+    def both_names(_module, args, kwargs):
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            return args, {**kwargs, "past_key_values": kwargs["cache"]}
+        return None
+
+    for module in hf_model.modules():
+        if hasattr(module, "_update_kv_cache"):  # TransformerLens' attention wrappers
+            module.register_forward_pre_hook(both_names, with_kwargs=True)
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype = torch.float32):
     """Load `name` as a TransformerLens model (a `TransformerBridge` for HF models).
 
     name: ``"smollm2"`` for the embedded default, a local HF model directory, or a hub name.
+    The model records where it came from as `model.saewb_model_name` (`canonical_model_name`),
+    so evaluation can refuse an SAE trained on another model (`model_mismatch`).
     """
+    model = _load_model(name, device, dtype)
+    try:
+        setattr(model, MODEL_NAME_ATTR, canonical_model_name(name))
+    except AttributeError:  # not a module (a stand-in): its name stays unknown
+        pass
+    return model
+
+
+MODEL_NAME_ATTR = "saewb_model_name"
+
+
+def canonical_model_name(name: str | None) -> str | None:
+    """One spelling per model: the embedded default under any of its names, a local folder
+    by its resolved path, a hub name as is; None for an empty (unknown) name."""
+    if not name:
+        return None
+    if name in (DEFAULT_MODEL, SMOLLM2_HUB_NAME) and not Path(name).exists():
+        return DEFAULT_MODEL
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two recorded model names (a store's, an SAE's, a loaded model's) denote the
+    same model. Lenient where it cannot tell: True when either name is unknown, and a local
+    folder that no longer exists under its recorded path matches a folder of the same name."""
+    ca, cb = canonical_model_name(a), canonical_model_name(b)
+    if ca is None or cb is None or ca == cb:
+        return True
+    da, db = Path(ca).is_dir(), Path(cb).is_dir()
+    return da != db and Path(ca).name == Path(cb).name  # moved since it was recorded
+
+
+def model_mismatch(recorded: str | None, model) -> str | None:
+    """Why `model` is not the model named `recorded` (an SAE's `model_name`), or None when
+    they match or either name is unknown (a model not loaded by `load_model`)."""
+    given = getattr(model, MODEL_NAME_ATTR, None)
+    if same_model(recorded, given):
+        return None
+    cfg = getattr(model, "cfg", None)
+    shape = ", ".join(f"{k} {getattr(cfg, k)}" for k in ("d_model", "n_layers", "d_vocab") if hasattr(cfg, k))
+    return f"expected model {recorded!r}, but the model given is {given!r}" + (f" ({shape})" if shape else "")
+
+
+def _load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype = torch.float32):
     torch_device = resolve_device(device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

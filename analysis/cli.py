@@ -35,20 +35,33 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="JSON file of flag values (flags on the command line win)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="size preset (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF folder, or a hub name")
+    p.add_argument("--model", default=None, help="'smollm2' (embedded, the default), a local HF folder, or a hub name "
+                   "(train: default the store's model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--hook", default="blocks.8.hook_resid_post", help="TransformerLens hook name")
 
 
+def _add_corpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default=None, help="text: 'default' (embedded), a .txt/.jsonl/.parquet file or folder, or hf:<dataset>. "
+                   "harvest/train/run read its train split (default: 'default'); evaluate/analyze/steer its held-out split "
+                   "(default: the corpus the SAE was trained on, recorded in its cfg.json)")
+
+
 def _add_harvest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hooks", nargs="+", default=None, help="several hooks in one pass (default: --hook)")
-    p.add_argument("--corpus", default="default", help="'default', a .txt/.jsonl/.parquet file or folder, or hf:<dataset>")
     p.add_argument("--n-tokens", type=int, default=None, help="activations to store per hook")
     p.add_argument("--context-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="storage dtype")
     p.add_argument("--keep-bos", action="store_true", help="also store position 0 (excluded by default)")
     p.add_argument("--batch-contexts", type=int, default=16, help="contexts per forward pass")
     p.add_argument("--harvest-autocast", choices=["none", "bf16"], default="bf16", help="model matmul precision while harvesting")
+    p.add_argument("--shard-contexts", type=int, default=512, help="contexts per shard file (a multiple of --batch-contexts)")
+
+
+def _add_repair(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repair", type=Path, default=None, metavar="STORE",
+                   help="re-harvest the corrupt or missing shards of this store folder (<out>/activations/<hook>); "
+                        "every other setting is read from its manifest")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -66,6 +79,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autocast", choices=["none", "bf16"], default="none")
     p.add_argument("--logger", choices=["jsonl", "wandb", "tensorboard"], default="jsonl")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (a rerun resumes from the last)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
     p.add_argument("--on-the-fly", action="store_true", help="train from the model directly, no store (see README)")
 
 
@@ -79,6 +94,16 @@ def _add_analyze_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atlas-tokens", type=int, default=None, help="held-out tokens the atlas reads (default preset: 1M)")
     p.add_argument("--label-contexts", type=int, default=None, help="held-out contexts after the atlas's on which labels are scored")
     p.add_argument("--skip-analysis", action="store_true", help="stop after evaluation (no atlas, labels or dashboard)")
+    _add_llm(p)
+
+
+def _add_llm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm-base-url", default=None, help="optional LLM explainer: an OpenAI-compatible endpoint, https:// or http:// to a "
+                   "loopback host, e.g. http://localhost:8000/v1 (off by default); its key is read from $OPENAI_API_KEY, never saved")
+    p.add_argument("--llm-model", default=None, help="model name for the explainer endpoint")
+    p.add_argument("--llm-features", type=int, nargs="+", default=None, help="features to send to the explainer (default: all live ones)")
+    p.add_argument("--allow-insecure-endpoint", action="store_true",
+                   help="accept a plain http:// explainer endpoint on a non-loopback host (prompts and key sent unencrypted)")
 
 
 def _add_analyze(p: argparse.ArgumentParser) -> None:
@@ -86,9 +111,7 @@ def _add_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atlas-tokens", type=int, default=None, help="held-out tokens the atlas reads (default preset: 1M)")
     p.add_argument("--label-contexts", type=int, default=None, help="held-out contexts after the atlas's on which labels are scored")
     p.add_argument("--neuronpedia", action="store_true", help="also export <sae>/atlas/neuronpedia.json")
-    p.add_argument("--llm-base-url", default=None, help="optional LLM explainer: an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (off by default)")
-    p.add_argument("--llm-model", default=None, help="model name for the explainer endpoint")
-    p.add_argument("--llm-features", type=int, nargs="+", default=None, help="features to send to the explainer (default: all live ones)")
+    _add_llm(p)
 
 
 def _add_monitor(p: argparse.ArgumentParser) -> None:
@@ -134,14 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saewb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     specs = {
-        "run": ("harvest, train, evaluate, analyze and build the dashboard in one go", [_add_harvest, _add_train, _add_eval, _add_analyze_run]),
-        "harvest": ("store activations of a model at hook points", [_add_harvest]),
-        "train": ("train SAEs on a store", [_add_train]),
-        "evaluate": ("metrics + HTML report of trained SAEs on held-out text", [_add_eval]),
-        "analyze": ("feature atlas (one pass over held-out text) + labels scored on other held-out text", [_add_analyze]),
+        "run": ("harvest, train, evaluate, analyze and build the dashboard in one go", [_add_corpus, _add_harvest, _add_train, _add_eval, _add_analyze_run]),
+        "harvest": ("store activations of a model at hook points", [_add_corpus, _add_harvest, _add_repair]),
+        "train": ("train SAEs on a store", [_add_corpus, _add_train]),
+        "evaluate": ("metrics + HTML report of trained SAEs on held-out text", [_add_corpus, _add_eval]),
+        "analyze": ("feature atlas (one pass over held-out text) + labels scored on other held-out text", [_add_corpus, _add_analyze]),
         "dashboard": ("static HTML bundle of a feature atlas, written to <out>/dashboard", [_add_dashboard]),
         "monitor": ("features firing on each token of a text, or the features of a concept (--find)", [_add_monitor]),
-        "steer": ("steer generation with SAE features: side-by-side text and a dose-response figure in <out>/steer", [_add_steer]),
+        "steer": ("steer generation with SAE features: side-by-side text and a dose-response figure in <out>/steer", [_add_corpus, _add_steer]),
     }
     for name, (help_text, adders) in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -165,6 +188,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key, "absent") is None:
             setattr(args, key, value)
     args.out = Path(args.out or f"runs/{args.preset}")
+    args.model_given = args.model is not None  # train and --repair default to the store's model
+    args.model = args.model or "smollm2"
     return args
 
 
@@ -186,11 +211,22 @@ def _model(args):
 def cmd_harvest(args) -> dict:
     from activations import CorpusConfig, HarvestConfig, harvest
 
+    if getattr(args, "repair", None):
+        from activations.harvest import repair_config
+
+        # same model, corpus, sizes and device as the original harvest; --model only says where
+        # to load that model from (e.g. a moved folder), --device where to run
+        cfg = repair_config(args.repair, **({"device": args.device} if args.device != "auto" else {}))
+        args.device, args.model = cfg.device, args.model if args.model_given else cfg.model
+        stores = harvest(cfg, _model(args))
+        for hook, store in stores.items():
+            print(f"repaired: {store.path} ({len(store.shards)} shards, {store.n_tokens:,} tokens)")
+        return stores
     cfg = HarvestConfig(
         out_dir=str(args.out / "activations"), model=args.model, hooks=args.hooks or [args.hook],
-        corpus=CorpusConfig(source=args.corpus, context_len=args.context_len), n_tokens=args.n_tokens,
-        batch_contexts=args.batch_contexts, dtype=args.dtype, exclude_bos=not args.keep_bos, autocast=args.harvest_autocast,
-        device=args.device,
+        corpus=CorpusConfig(source=args.corpus or "default", context_len=args.context_len), n_tokens=args.n_tokens,
+        batch_contexts=args.batch_contexts, shard_contexts=args.shard_contexts, dtype=args.dtype, exclude_bos=not args.keep_bos,
+        autocast=args.harvest_autocast, device=args.device,
     )
     stores = harvest(cfg, _model(args))
     for hook, store in stores.items():
@@ -222,13 +258,19 @@ def cmd_train(args):
     if args.on_the_fly:
         from sae.on_the_fly import OnTheFlySource
 
-        source = OnTheFlySource(_model(args), args.hook, context_len=getattr(args, "context_len", 128))
+        from activations import CorpusConfig
+
+        corpus = CorpusConfig(source=args.corpus or "default", context_len=getattr(args, "context_len", 128))
+        source = OnTheFlySource(_model(args), args.hook, corpus=corpus)
     else:
         source = ActivationStore(args.store or args.out / "activations" / args.hook)
         args.hook = source.hook_name
+        if not args.model_given:  # the SAEs record the model the store was harvested from
+            args.model = source.model_name
     cfg = TrainConfig(
         out_dir=str(args.out / "sae"), saes=_sae_configs(args, source.d_in), n_tokens=args.train_tokens,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, autocast=args.autocast, logger=args.logger,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
     )
     paths = train(cfg, source)
     for p in paths:
@@ -236,8 +278,25 @@ def cmd_train(args):
     return paths
 
 
+def _heldout_contexts(corpus, tokenizer, wanted: int) -> int:
+    """How many of `wanted` contexts the corpus' held-out split has (tokenises at most those)."""
+    from activations import EmptyCorpusError, load_contexts
+
+    try:
+        return len(load_contexts(corpus, tokenizer, max_contexts=wanted))
+    except EmptyCorpusError:
+        return 0
+
+
+def _too_small(corpus, have: int, need: int, what: str) -> SystemExit:
+    from activations.corpus import describe
+
+    return SystemExit(f"{describe(corpus)} has {have} contexts of {corpus.context_len} tokens; {what} needs at least {need}. "
+                      "Use a larger corpus (files hold out every 20th document) or name another with --corpus")
+
+
 def cmd_evaluate(args, sae_paths=None):
-    from activations import CorpusConfig
+    from activations.corpus import describe, heldout_corpus
     from sae import load_sae
 
     from .evaluate import EvalConfig, evaluate, summary_line, write_results
@@ -253,9 +312,19 @@ def cmd_evaluate(args, sae_paths=None):
     results = {}
     for path in sae_paths:
         sae = load_sae(path)
-        cfg = EvalConfig(corpus=CorpusConfig(split="heldout", context_len=sae.cfg.context_size), n_tokens=args.eval_tokens, n_ce_contexts=args.ce_contexts)
+        corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
+        n_tokens, n_ce = args.eval_tokens, args.ce_contexts
+        wanted = max(n_ce, -(-n_tokens // (corpus.context_len - 1)))
+        have = _heldout_contexts(corpus, model.tokenizer, wanted)
+        if have < 2:
+            raise _too_small(corpus, have, 2, "evaluation")
+        if have < wanted:  # scale down to what the corpus holds rather than fail
+            n_tokens, n_ce = min(n_tokens, have * (corpus.context_len - 1)), min(n_ce, have)
+            print(f"{describe(corpus)} has only {have} contexts: evaluating on {n_tokens:,} tokens and {n_ce} CE contexts")
+        cfg = EvalConfig(corpus=corpus, n_tokens=n_tokens, n_ce_contexts=n_ce)
         result = evaluate(sae, model, cfg)
-        json_path, html_path = write_results(result, path, path.parent / "metrics.jsonl", title=f"{path.name} @ {sae.cfg.hook_name}")
+        json_path, html_path = write_results(result, path, path.parent / "metrics.jsonl",
+                                             title=f"{path.name} @ {sae.cfg.hook_name}, measured on {describe(corpus)}")
         print(f"{path.name}: {summary_line(result)}")
         print(f"  metrics: {json_path}\n  report:  {html_path}")
         results[str(path)] = result
@@ -271,34 +340,41 @@ def _trained_saes(args) -> list[Path]:
 
 def cmd_analyze(args, sae_paths=None, dashboard: bool = False) -> list[Path]:
     """Atlas + labels (+ dashboard) of each SAE, written into <sae>/atlas (and <sae>/dashboard)."""
-    from activations import CorpusConfig
+    from activations.corpus import describe, heldout_corpus
     from sae import load_sae
 
     from .atlas import AtlasConfig, build_atlas, export_neuronpedia
     from .labels import LabelConfig, label_features, save_labels
 
     paths = sae_paths or ([Path(p) for p in args.sae] if getattr(args, "sae", None) else _trained_saes(args))
-    model = _model(args)
-    llm = None
+    llm, insecure = None, bool(getattr(args, "allow_insecure_endpoint", False))
     if getattr(args, "llm_base_url", None):
-        import os
-
-        llm = {"base_url": args.llm_base_url, "model": args.llm_model or "default", "api_key": os.environ.get("OPENAI_API_KEY"), "features": args.llm_features}
+        # no API key here: the explainer reads $OPENAI_API_KEY when it calls, so it is never saved
+        llm = {"base_url": args.llm_base_url, "model": args.llm_model or "default", "features": args.llm_features}
+        try:
+            LabelConfig(llm=llm, allow_insecure_endpoint=insecure)  # refuse a bad endpoint before any work
+        except ValueError as error:
+            raise SystemExit(f"--llm-base-url: {error}") from None
+    model = _model(args)
     out_dirs = []
     for path in paths:
         sae = load_sae(path)
         started = time.perf_counter()
-        atlas_cfg = AtlasConfig(n_tokens=args.atlas_tokens, corpus=CorpusConfig(split="heldout", context_len=sae.cfg.context_size), device=args.device)
+        corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
+        atlas_tokens, label_contexts = _split_heldout(corpus, model.tokenizer, args.atlas_tokens, args.label_contexts)
+        atlas_cfg = AtlasConfig(n_tokens=atlas_tokens, corpus=corpus, device=args.device)
         atlas = build_atlas(sae, model, atlas_cfg, sae_path=str(path))
         atlas_dir = atlas.save(path / "atlas")
         s = atlas.summary()
-        print(f"atlas: {atlas_dir} ({atlas.n_tokens:,} tokens, {time.perf_counter() - started:.0f} s): {s['dead']} dead, {s['dense']} dense, "
+        print(f"atlas: {atlas_dir} ({atlas.n_tokens:,} tokens of {describe(corpus)}, {time.perf_counter() - started:.0f} s): "
+              f"{s['dead']} dead, {s['dense']} dense, "
               f"ultralow-density mode: {_ultralow_text(s['ultralow'])}")
         started = time.perf_counter()
-        labels = label_features(atlas, sae, model, LabelConfig(n_score_contexts=args.label_contexts, llm=llm))
+        labels = label_features(atlas, sae, model, LabelConfig(n_score_contexts=label_contexts, llm=llm, allow_insecure_endpoint=insecure))
         labels_path = save_labels(labels, atlas_dir / "labels.json")
         ls = labels["summary"]
-        print(f"labels: {labels_path} ({time.perf_counter() - started:.0f} s): {ls['share_of_live_with_f1_at_least_0.5']:.1%} of "
+        print(f"labels: {labels_path} (scored on {labels['scored_on']['n_contexts']} later contexts, {time.perf_counter() - started:.0f} s): "
+              f"{ls['share_of_live_with_f1_at_least_0.5']:.1%} of "
               f"{ls['live_features']:,} live features have a label with held-out F1 >= 0.5 (median best F1 {ls['median_best_f1']:.2f})")
         if getattr(args, "neuronpedia", False):
             print(f"neuronpedia: {export_neuronpedia(atlas, atlas_dir / 'neuronpedia.json', labels)}")
@@ -309,6 +385,26 @@ def cmd_analyze(args, sae_paths=None, dashboard: bool = False) -> list[Path]:
             print(f"dashboard: open {index.resolve().as_uri()}")
         out_dirs.append(atlas_dir)
     return out_dirs
+
+
+def _split_heldout(corpus, tokenizer, atlas_tokens: int, label_contexts: int) -> tuple[int, int]:
+    """(atlas tokens, label contexts) that fit the held-out split: the labels are scored on
+    contexts after the atlas's, so a small corpus is shared out rather than eaten by the atlas."""
+    from activations.corpus import describe
+
+    body = corpus.context_len - 1
+    atlas_contexts = -(-atlas_tokens // body)
+    have = _heldout_contexts(corpus, tokenizer, atlas_contexts + label_contexts)
+    if have >= atlas_contexts + label_contexts:
+        return atlas_tokens, label_contexts
+    minimum = 16  # the fewest contexts label scoring accepts
+    if have < 2 * minimum:
+        raise _too_small(corpus, have, 2 * minimum, "the atlas and label scoring")
+    label_contexts = min(label_contexts, max(minimum, have // 4))
+    atlas_contexts = have - label_contexts
+    print(f"{describe(corpus)} has only {have} contexts: the atlas reads the first {atlas_contexts} "
+          f"({atlas_contexts * body:,} tokens), labels are scored on the other {label_contexts}")
+    return atlas_contexts * body, label_contexts
 
 
 def _ultralow_text(ultralow: dict | None) -> str:
@@ -326,9 +422,12 @@ def cmd_monitor(args) -> None:
 
     sae_path = Path(args.sae) if args.sae else _trained_saes(args)[0]
     sae = load_sae(sae_path)
-    model = _model(args)
     atlas_dir = sae_path / "atlas"
-    labels = load_labels(atlas_dir / "labels.json") if (atlas_dir / "labels.json").exists() else None
+    try:  # labels of another SAE would be read at the wrong features: check the count first
+        labels = load_labels(atlas_dir / "labels.json", sae.cfg.d_sae) if (atlas_dir / "labels.json").exists() else None
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    model = _model(args)
     if args.find:
         from .atlas import load_atlas
 
@@ -360,7 +459,12 @@ def cmd_dashboard(args) -> Path:
     from .dashboard import build_dashboard
 
     atlas = load_atlas(args.atlas or args.out / "atlas")
-    labels = json.loads(Path(args.labels).read_text()) if args.labels else None
+    from .labels import load_labels
+
+    try:
+        labels = load_labels(args.labels, atlas.d_sae) if args.labels else None
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     features = args.features
     if args.top_n is not None:
         features = atlas.density.argsort(descending=True, stable=True)[:args.top_n].tolist()
@@ -383,14 +487,17 @@ def _steer_prompts(args) -> list[str]:
     return list(args.prompts or NEUTRAL_PROMPTS[:6])
 
 
-def _label_predicates(labels_path: Path, features: list[int], tokenizer):
+def _label_predicates(labels_path: Path, features: list[int], tokenizer, d_sae: int | None = None):
     """The OR of the features' best-label predicates (None without labels): "the steered
     text says what the label says", a concept score independent of the feature's activation."""
     if not labels_path.exists():
         return None
     from .labels import label_predicate, load_labels
 
-    entries = [load_labels(labels_path)["features"][f] for f in features]
+    try:
+        entries = [load_labels(labels_path, d_sae)["features"][f] for f in features]
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     predicates = [label_predicate(e, tokenizer) for e in entries if e is not None]
     for f, e in zip(features, entries):
         print(f"f{f} label: {e['label'] if e else '(dead feature)'}" + (f"  (held-out F1 {e['f1']:.2f})" if e else ""))
@@ -402,28 +509,39 @@ def _label_predicates(labels_path: Path, features: list[int], tokenizer):
 def cmd_steer(args):
     import torch
 
-    from activations import CorpusConfig, load_contexts
+    from activations import load_contexts
+    from activations.corpus import describe, heldout_corpus
     from sae import load_sae
 
-    from .steering import GenerationConfig, SideBySide, SweepConfig, feature_stats, format_side_by_side, sweep, write_sweep
+    from .steering import GenerationConfig, SideBySide, SweepConfig, check_features, feature_stats, format_side_by_side, sweep, write_sweep
 
     if not args.sae or not args.features:
         raise SystemExit("saewb steer needs --sae and --features (as flags or in --config)")
     sae = load_sae(args.sae)
+    try:
+        args.features = check_features(args.features, sae.cfg.d_sae)  # before loading the model or any text
+    except ValueError as error:
+        raise SystemExit(f"--features: {error}") from None
     prompts = _steer_prompts(args)
     model = _model(args)
     n_contexts = max(args.kl_contexts, args.max_contexts if args.unit == "max" and args.atlas is None else 0)
-    heldout = torch.from_numpy(load_contexts(CorpusConfig(split="heldout", context_len=sae.cfg.context_size), model.tokenizer, max_contexts=n_contexts)).long()
+    corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
+    heldout = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=n_contexts)).long()
+    if len(heldout) < n_contexts:
+        print(f"{describe(corpus)} has only {len(heldout)} contexts: KL and max activations use those")
     atlas_dir = args.atlas or (Path(args.sae) / "atlas" if (Path(args.sae) / "atlas" / "atlas.json").exists() else None)
     max_activation, predicate = None, None
     if atlas_dir is not None:
         from .atlas import load_atlas
 
         atlas = load_atlas(atlas_dir)
+        if atlas.d_sae != sae.cfg.d_sae:
+            raise SystemExit(f"{atlas_dir} is the atlas of a {atlas.d_sae}-feature SAE, not of {args.sae} ({sae.cfg.d_sae} features); "
+                             "pass the right --atlas or rebuild it with `saewb analyze`")
         for f in args.features:
             atlas.check_feature(f)
         max_activation = atlas.max_activation
-        predicate = _label_predicates(atlas_dir / "labels.json", args.features, model.tokenizer)
+        predicate = _label_predicates(atlas_dir / "labels.json", args.features, model.tokenizer, sae.cfg.d_sae)
     elif args.unit == "max" and args.mode != "ablate":
         max_activation = feature_stats(sae, model, heldout[:args.max_contexts]).max_activation
     if max_activation is not None:
@@ -433,7 +551,7 @@ def cmd_steer(args):
         threshold=args.threshold, n_examples=len(prompts),
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat),
     )
-    result = sweep(model, sae, prompts, heldout[:args.kl_contexts], cfg, max_activation, predicate)
+    result = sweep(model, sae, prompts, heldout[:args.kl_contexts], cfg, max_activation, predicate, neutral_text=describe(corpus))
     base = result.points[0]
     for point in result.points[1:]:
         strength = "" if args.mode == "ablate" else f" = {point.strength:g}" + (" x max activation" if args.unit == "max" else "")
@@ -445,6 +563,7 @@ def cmd_steer(args):
         name = p.series if p.strength is None or args.mode == "ablate" else f"{p.series} {p.strength:g}"
         print(f"{name:<16} {fmt(p.concept_activation, '11.3f')} {p.concept_frequency:>12.2f} {fmt(p.predicate_frequency, '10.2f')} "
               f"{fmt(p.perplexity, '10.2f')} {fmt(p.repetition, '10.3f')} {fmt(p.kl, '8.4f')}")
+    print(f"  KL on {len(heldout[:args.kl_contexts])} contexts of {describe(corpus)}")
     json_path, html_path = write_sweep(result, args.out / "steer", title=f"Steering {Path(args.sae).name} features {args.features} ({args.mode})")
     print(f"  sweep:  {json_path}\n  figure: {html_path}")
     return result

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from activations.corpus import CorpusConfig, load_contexts
-from activations.model import logits_with_edit, run_to_hooks, validate_hook
+from activations.corpus import CorpusConfig, describe, load_contexts
+from activations.model import logits_with_edit, model_mismatch, run_to_hooks, validate_hook
 from activations.store import atomic_write_bytes, atomic_write_json
 from sae.base import SAE
 
@@ -56,6 +56,8 @@ class EvalResult:
     """Mean KL(clean || spliced) per predicted position."""
     log10_feature_density: list[float]
     """log10 firing frequency per feature (-inf for dead ones is stored as -10)."""
+    corpus: dict = field(default_factory=dict)
+    """The text measured on: the CorpusConfig (source, split, context length)."""
 
 
 @torch.no_grad()
@@ -64,13 +66,16 @@ def evaluate(sae: SAE, model, cfg: EvalConfig | None = None) -> EvalResult:
     cfg = cfg or EvalConfig()
     hook = sae.cfg.hook_name
     validate_hook(model, hook)
+    if (mismatch := model_mismatch(sae.cfg.model_name, model)) is not None:
+        raise ValueError(f"this SAE was trained on activations of another model: {mismatch}; evaluate it with --model {sae.cfg.model_name}")
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
     ctx_len = cfg.corpus.context_len
     n_contexts = max(cfg.n_ce_contexts, -(-cfg.n_tokens // (ctx_len - 1)))
     tokens = torch.from_numpy(load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts)).long()
     if len(tokens) < n_contexts:
-        raise ValueError(f"held-out corpus has {len(tokens)} contexts, {n_contexts} needed; lower --eval-tokens")
+        raise ValueError(f"{describe(cfg.corpus)} has {len(tokens)} contexts of {ctx_len} tokens, {n_contexts} needed "
+                         f"(n_tokens={cfg.n_tokens:,}, n_ce_contexts={cfg.n_ce_contexts}); lower them or use a larger corpus")
 
     stats = ReconstructionStats(sae.cfg.d_sae)
     recon_contexts = -(-cfg.n_tokens // (ctx_len - 1))
@@ -112,7 +117,7 @@ def evaluate(sae: SAE, model, cfg: EvalConfig | None = None) -> EvalResult:
         ce_clean=means["clean"], ce_spliced=means["spliced"], ce_zero_ablated=means["zero"],
         ce_loss_recovered=ce_loss_recovered(means["clean"], means["spliced"], means["zero"]),
         delta_ce=means["spliced"] - means["clean"], kl_per_token=float(torch.cat(kl).mean()),
-        log10_feature_density=[round(float(v), 4) for v in density],
+        log10_feature_density=[round(float(v), 4) for v in density], corpus=asdict(cfg.corpus),
     )
 
 
@@ -124,9 +129,9 @@ def write_results(result: EvalResult, out_dir: str | Path, metrics_jsonl: str | 
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "eval.json", out / "report.html"
     atomic_write_json(json_path, asdict(result))
-    records = []
-    if metrics_jsonl and Path(metrics_jsonl).exists():
-        records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    from sae.trainer import read_metrics
+
+    records = read_metrics(metrics_jsonl) if metrics_jsonl else []  # tolerates a torn last line
     atomic_write_bytes(html_path, evaluation_report(result, records, title).encode())
     return json_path, html_path
 
@@ -135,7 +140,8 @@ def summary_line(result: EvalResult) -> str:
     return (
         f"FVU {result.fvu:.4f} | L0 {result.l0:.1f} | dead {result.dead_fraction:.1%} | dense {result.dense_fraction:.1%} | "
         f"CE clean {result.ce_clean:.3f} spliced {result.ce_spliced:.3f} zero {result.ce_zero_ablated:.3f} | "
-        f"CE recovered {result.ce_loss_recovered:.4f} | delta CE {result.delta_ce:.4f} nats | KL {result.kl_per_token:.4f}"
+        f"CE recovered {result.ce_loss_recovered:.4f} | delta CE {result.delta_ce:.4f} nats | KL {result.kl_per_token:.4f} | "
+        f"{result.n_tokens:,} tokens of {describe(CorpusConfig(**result.corpus)) if result.corpus else 'unrecorded text'}"
     )
 
 

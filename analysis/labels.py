@@ -23,9 +23,14 @@ are scored exactly like the others.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import string
-from dataclasses import dataclass, field
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +48,84 @@ from .atlas import Atlas
 PATTERN_LENGTHS = (1, 2, 4, 8)
 QUARTILE_EDGES = (0.25, 0.5, 0.75)
 KINDS = ("token-set", "pattern", "logit", "punctuation", "position", "dense", "llm")
+API_KEY_ENV = "OPENAI_API_KEY"
+"""Where the optional LLM explainer's API key is read from, at call time (never saved)."""
+LLM_KEYS = {"base_url", "model", "features", "api_key_env"}
+SECRET_KEYS = {"api_key", "key", "token", "secret", "password", "authorization"}
+
+
+# ---------------------------------------------------------------------------- explainer endpoint
+def _is_loopback(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8, ::1
+    except ValueError:
+        return False
+
+
+def _shown_url(url: str) -> str:
+    """`url` without user info, query or fragment, for error messages."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def check_endpoint(url: str, allow_insecure: bool = False) -> str:
+    """The explainer endpoint `url` if it is safe to send prompts (and the API key) to:
+    https://, or http:// to a loopback host (127.0.0.0/8, ::1, localhost); plain http://
+    elsewhere only with `allow_insecure`. Raises ValueError saying what is allowed otherwise."""
+    parts = urllib.parse.urlsplit(str(url))
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in ("http", "https") or not host:
+        raise ValueError(f"LLM explainer endpoint {_shown_url(str(url))!r} is not an http(s) URL with a host; "
+                         "use e.g. https://api.example.com/v1 or http://localhost:8000/v1")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"LLM explainer endpoint {_shown_url(str(url))!r} has credentials in the URL; remove them and "
+                         f"put the key in the environment variable {API_KEY_ENV}")
+    if scheme == "http" and not _is_loopback(host) and not allow_insecure:
+        raise ValueError(
+            f"LLM explainer endpoint {_shown_url(str(url))!r} is plain http:// to {host!r}, which is not a loopback address: "
+            "prompts and the API key would travel unencrypted. Use https://, a loopback host (127.0.0.0/8, ::1, localhost), "
+            "or accept it explicitly with --allow-insecure-endpoint (allow_insecure_endpoint in the config)")
+    return str(url)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects that never carry the Authorization header to another origin (scheme, host or
+    port), and never to an endpoint `check_endpoint` refuses."""
+
+    def __init__(self, allow_insecure: bool = False):
+        self.allow_insecure = allow_insecure
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is None:
+            return None
+        try:
+            check_endpoint(new.full_url, self.allow_insecure)
+        except ValueError as error:
+            raise ValueError(f"LLM explainer at {_shown_url(req.full_url)!r} redirected to a refused endpoint: {error}") from None
+        if _origin(new.full_url) != _origin(req.full_url):
+            for name in [k for k in new.headers if k.lower() == "authorization"]:
+                new.remove_header(name)
+        return new
+
+
+def _redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
 
 
 @dataclass
@@ -61,7 +144,25 @@ class LabelConfig:
     batch_contexts: int = 16
     autocast: str = "bf16"
     llm: dict | None = field(default=None)
-    """Optional OpenAI-compatible explainer: {"base_url", "model", "api_key"?, "features"?}."""
+    """Optional OpenAI-compatible explainer: {"base_url", "model", "features"?, "api_key_env"?}. The API key is
+    never part of the config (which is saved in labels.json): it is read from the environment variable
+    `api_key_env` (default OPENAI_API_KEY) when the endpoint is called."""
+    allow_insecure_endpoint: bool = False
+    """Accept a plain http:// explainer endpoint on a non-loopback host (prompts and key unencrypted)."""
+
+    def __post_init__(self):
+        if self.llm is None:
+            return
+        secret = sorted(k for k in self.llm if k.lower() in SECRET_KEYS)
+        if secret:
+            raise ValueError(f"LabelConfig.llm must not hold a secret ({', '.join(secret)}): the config is saved in labels.json. "
+                             f"Put the key in the environment variable {self.llm.get('api_key_env') or API_KEY_ENV} instead")
+        unknown = sorted(set(self.llm) - LLM_KEYS)
+        if unknown:
+            raise ValueError(f"LabelConfig.llm: unknown key(s) {unknown}; allowed: {sorted(LLM_KEYS)}")
+        if not self.llm.get("base_url"):
+            raise ValueError("LabelConfig.llm needs a 'base_url' (an OpenAI-compatible endpoint, e.g. https://host/v1)")
+        check_endpoint(self.llm["base_url"], self.allow_insecure_endpoint)
 
 
 @dataclass
@@ -162,12 +263,21 @@ def pattern_candidates(atlas: Atlas, sae: SAE, model, cfg: LabelConfig) -> list[
     return list(out.values())
 
 
-def llm_candidates(atlas: Atlas, tokenizer, features: list[int], base_url: str, model: str, api_key: str | None = None, timeout: float = 60) -> list[Candidate]:
+def llm_candidates(atlas: Atlas, tokenizer, features: list[int], base_url: str, model: str, api_key: str | None = None, timeout: float = 60,
+                   allow_insecure: bool = False, api_key_env: str = API_KEY_ENV) -> list[Candidate]:
     """Ask an OpenAI-compatible chat endpoint to explain each feature from its top contexts.
     It must answer JSON {"explanation": str, "words": [str, ...]}; the words (with and
-    without a leading space) become a token-set predicate, scored like every other label."""
-    import urllib.request
+    without a leading space) become a token-set predicate, scored like every other label.
 
+    The key is `api_key`, else the environment variable `api_key_env` read now; it is sent as
+    a Bearer token only to `base_url`'s origin (redirects elsewhere drop it) and appears in no
+    error message. `base_url` must pass `check_endpoint` (https, or http to loopback, unless
+    `allow_insecure`)."""
+    check_endpoint(base_url, allow_insecure)
+    if api_key is None:
+        api_key = os.environ.get(api_key_env) or None
+    opener = urllib.request.build_opener(_SafeRedirects(allow_insecure))
+    url = base_url.rstrip("/") + "/chat/completions"
     out = []
     for i in features:
         shown = []
@@ -182,15 +292,28 @@ def llm_candidates(atlas: Atlas, tokenizer, features: list[int], base_url: str, 
         )
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0}).encode()
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
-        request = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", data=body, headers=headers)
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            content = json.loads(response.read())["choices"][0]["message"]["content"]
+        request = urllib.request.Request(url, data=body, headers=headers)
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                reply = response.read()
+        except urllib.error.HTTPError as error:
+            raise RuntimeError(_redact(f"LLM explainer at {_shown_url(url)!r} answered HTTP {error.code} ({error.reason}) for feature {i}"
+                                       + (f"; is {api_key_env} set to a valid key?" if error.code in (401, 403) else ""), api_key)) from None
+        except (urllib.error.URLError, OSError) as error:
+            raise RuntimeError(_redact(f"LLM explainer at {_shown_url(url)!r} could not be reached for feature {i}: "
+                                       f"{getattr(error, 'reason', error)}", api_key)) from None
+        try:
+            content = str(json.loads(reply)["choices"][0]["message"]["content"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ValueError(_redact(f"LLM explainer at {_shown_url(url)!r} sent no chat completion for feature {i}: {reply[:200]!r}",
+                                     api_key)) from None
         try:
             answer = json.loads(content[content.index("{"): content.rindex("}") + 1])
             words = [str(w) for w in answer.get("words", [])][:10]
             explanation = str(answer.get("explanation", ""))[:200]
-        except ValueError as error:
-            raise ValueError(f"explainer answer for feature {i} is not the requested JSON: {content[:200]!r}") from error
+        except (ValueError, AttributeError):
+            raise ValueError(_redact(f"explainer answer for feature {i} is not the requested JSON: {content[:200]!r}", api_key)) from None
+        explanation = _redact(explanation, api_key)
         tokens = sorted({t for w in words for variant in (w, " " + w.strip()) for t in tokenizer(variant, add_special_tokens=False)["input_ids"][:1]})
         out.append(Candidate(i, "llm", f"LLM: {explanation}", tokens=tokens))
     return out
@@ -409,7 +532,11 @@ def label_features(atlas: Atlas, sae: SAE, model, cfg: LabelConfig | None = None
     candidates += class_candidates(atlas, cfg.max_position) + pattern_candidates(atlas, sae, model, cfg)
     if cfg.llm:
         features = cfg.llm.get("features") or torch.nonzero(atlas.tensors["fire_count"] > 0).flatten().tolist()
-        candidates += llm_candidates(atlas, model.tokenizer, features, cfg.llm["base_url"], cfg.llm["model"], cfg.llm.get("api_key"))
+        bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < atlas.d_sae]
+        if bad:
+            raise ValueError(f"LLM explainer features {bad} are out of range: this SAE has {atlas.d_sae} features (ids 0..{atlas.d_sae - 1})")
+        candidates += llm_candidates(atlas, model.tokenizer, features, cfg.llm["base_url"], cfg.llm.get("model") or "default",
+                                     allow_insecure=cfg.allow_insecure_endpoint, api_key_env=cfg.llm.get("api_key_env") or API_KEY_ENV)
 
     vocab_size = max(len(model.tokenizer), int(tokens.max()) + 1, int(atlas.tokens.max()) + 1)
     from activations.model import token_strings
@@ -421,7 +548,20 @@ def label_features(atlas: Atlas, sae: SAE, model, cfg: LabelConfig | None = None
         x = run_to_hooks(model, batch.to(device), [sae.cfg.hook_name], autocast=cfg.autocast)[sae.cfg.hook_name]
         scorer.update(sae.encode(x).cpu(), batch)
     features = scorer.results()
-    return {"summary": summarize(features, scorer.n_positions, atlas), "config": cfg.__dict__, "features": features}
+    scored_on = {"corpus": asdict(corpus), "first_context": first, "n_contexts": len(tokens)}
+    return {"summary": summarize(features, scorer.n_positions, atlas), "config": saved_config(cfg), "scored_on": scored_on, "features": features}
+
+
+def saved_config(cfg: LabelConfig) -> dict:
+    """The config as labels.json keeps it: no secret (LabelConfig refuses one in `llm`, and
+    this drops any that was set after construction), the explainer URL without credentials."""
+    out = dict(cfg.__dict__)
+    if out.get("llm"):
+        llm = {k: v for k, v in out["llm"].items() if k.lower() not in SECRET_KEYS}
+        if llm.get("base_url"):
+            llm["base_url"] = _shown_url(llm["base_url"])
+        out["llm"] = llm
+    return out
 
 
 def summarize(features: list[dict | None], n_positions: int, atlas: Atlas) -> dict:
@@ -447,8 +587,26 @@ def save_labels(labels: dict, path: str | Path) -> Path:
     return path
 
 
-def load_labels(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+def check_labels(labels: dict, d_sae: int, source: str | Path = "labels") -> dict:
+    """`labels` if it has one entry (or null) per feature of a `d_sae`-feature SAE; else a
+    ValueError naming `source` (labels of another SAE would be read at the wrong features)."""
+    features = labels.get("features") if isinstance(labels, dict) else None
+    if not isinstance(features, list):
+        raise ValueError(f"{source}: not a labels file (no \"features\" list); rebuild it with `saewb analyze`")
+    if len(features) != d_sae:
+        raise ValueError(f"{source} has {len(features)} feature entries but the SAE has {d_sae} features: "
+                         "these are labels of another SAE; rebuild them with `saewb analyze --sae <this SAE>`")
+    return labels
 
 
-__all__ = ["Candidate", "LabelConfig", "label_features", "label_predicate", "llm_candidates", "load_labels", "save_labels"]
+def load_labels(path: str | Path, d_sae: int | None = None) -> dict:
+    """Read labels.json; with `d_sae`, check it labels an SAE of that many features (`check_labels`)."""
+    try:
+        labels = json.loads(Path(path).read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); rebuild it with `saewb analyze`") from None
+    return labels if d_sae is None else check_labels(labels, d_sae, path)
+
+
+__all__ = ["API_KEY_ENV", "Candidate", "LabelConfig", "check_endpoint", "check_labels", "label_features", "label_predicate", "llm_candidates",
+           "load_labels", "save_labels", "saved_config"]

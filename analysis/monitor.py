@@ -17,6 +17,7 @@ from activations.model import run_to_hooks, token_strings
 from sae.base import SAE
 
 from .atlas import Atlas
+from .labels import check_labels
 
 
 @dataclass
@@ -62,6 +63,8 @@ def activations_of_ids(rows: list[list[int]], model, sae: SAE, autocast: str = "
 
 def monitor(text: str, model, sae: SAE, labels: dict | None = None, top_k: int = 5) -> list[TokenFeatures]:
     """For each token of `text`, its `top_k` strongest features with their labels."""
+    if labels is not None:
+        check_labels(labels, sae.cfg.d_sae)
     tokens, f = feature_activations(text, model, sae)
     values, ids = f[0, 1:].topk(min(top_k, f.shape[-1]), dim=-1)
     strings = token_strings(model.tokenizer, tokens[0, 1:].tolist())
@@ -126,6 +129,10 @@ def find_features(query: str, model, sae: SAE, atlas: Atlas, labels: dict | None
     feature fires on the concept reliably and rarely elsewhere."""
     if not query.strip():
         raise ValueError("empty concept query")
+    if atlas.d_sae != sae.cfg.d_sae:
+        raise ValueError(f"the atlas is of a {atlas.d_sae}-feature SAE, not this one ({sae.cfg.d_sae} features); rebuild it with `saewb analyze`")
+    if labels is not None:
+        check_labels(labels, sae.cfg.d_sae)
     windows = []
     for variant in dict.fromkeys((" " + query.strip(), query.strip())):
         ids = torch.tensor(model.tokenizer(variant, add_special_tokens=False)["input_ids"])

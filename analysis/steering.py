@@ -43,6 +43,7 @@ Measurement (no judge model), all under the *unsteered* model:
 from __future__ import annotations
 
 import math
+import operator
 import textwrap
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -54,7 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from activations.corpus import boundary_token_id
-from activations.model import hf_hooks, hook_module, hook_width, logits_with_edit, run_to_hooks, unembedding, validate_hook
+from activations.model import cache_kwarg, hf_hooks, hook_module, hook_width, kv_cache_of, logits_with_edit, run_to_hooks, unembedding, validate_hook
 from activations.store import atomic_write_bytes, atomic_write_json
 from sae.base import SAE
 
@@ -81,6 +82,25 @@ NEUTRAL_PROMPTS = [
 
 
 # ============================================================================ interventions
+def _feature_id(feature) -> int:
+    if isinstance(feature, bool):
+        raise ValueError(f"feature id must be an integer, got {feature!r}")
+    try:
+        return operator.index(feature)
+    except TypeError:
+        raise ValueError(f"feature id must be an integer, got {feature!r}") from None
+
+
+def check_features(features: Sequence[int], d_sae: int) -> list[int]:
+    """`features` as ints if every one is a feature id of a `d_sae`-feature SAE (0..d_sae - 1,
+    no wrap-around for negative ids); else a ValueError naming the bad ids and the range."""
+    ids = [_feature_id(f) for f in features]
+    out_of_range = [i for i in ids if not 0 <= i < d_sae]
+    if out_of_range:
+        raise ValueError(f"feature(s) {out_of_range} out of range: this SAE has {d_sae} features (ids 0..{d_sae - 1})")
+    return ids
+
+
 @dataclass(frozen=True)
 class Intervention:
     feature: int
@@ -93,6 +113,9 @@ class Intervention:
     """"max": multiples of the feature's max observed activation; "absolute": raw values."""
 
     def __post_init__(self):
+        object.__setattr__(self, "feature", _feature_id(self.feature))
+        if self.feature < 0:
+            raise ValueError(f"feature {self.feature} is out of range: feature ids are 0 or more (and below the SAE's d_sae)")
         if self.mode not in MODES:
             raise ValueError(f"unknown steering mode {self.mode!r}: choose one of {MODES}")
         if self.unit not in ("max", "absolute"):
@@ -201,7 +224,7 @@ def _position_reader(model):
             seq = seq if seq is not None else kwargs.get("inputs_embeds")
             if seq is None:
                 return None
-            past = kwargs.get("past_key_values")
+            past = kv_cache_of(kwargs)
             offset = past.get_seq_length() if past is not None else 0
             return torch.arange(seq.shape[1], device=seq.device)[None] + offset
         return model.original_model.base_model, hf_positions
@@ -373,7 +396,7 @@ class _HFDecoder(_Decoder):
 
     def step(self) -> Tensor:
         out = self.model(input_ids=self.feed_ids, attention_mask=self.mask, position_ids=self.feed_pos,
-                         past_key_values=self.cache, use_cache=self.cache is not None, logits_to_keep=1)
+                         use_cache=self.cache is not None, logits_to_keep=1, **{cache_kwarg(self.model): self.cache})
         return out.logits[:, -1]
 
     def append(self, token):
@@ -534,6 +557,7 @@ def concept_scores(model, sae: SAE, features: Sequence[int], generated: Sequence
     """How much each generation [n_new] expresses `features`: the text (after the BOS token,
     without its prompt) is re-read by the unsteered model and encoded by the SAE. With
     `max_activation`, activations and `threshold` are in units of each feature's max."""
+    features = check_features(features, sae.cfg.d_sae)
     device = next(model.parameters()).device
     sae = sae.to(device)
     hook, ids = sae.cfg.hook_name, torch.tensor(list(features), dtype=torch.long)
@@ -676,15 +700,18 @@ class SweepResult:
     prompts: list[str]
     points: list[SweepPoint]
     """The unsteered baseline first, then one point per strength (and any extra conditions)."""
+    neutral_text: str = ""
+    """What the KL side effect was measured on (e.g. a corpus and split)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def sweep(model, sae: SAE, prompts: Sequence[str], neutral_tokens: Tensor, cfg: SweepConfig, max_activation: Tensor | None = None,
-          predicate: Predicate | None = None) -> SweepResult:
+          predicate: Predicate | None = None, neutral_text: str = "") -> SweepResult:
     """Dose-response: generate from `prompts` unsteered and at every strength of `cfg`,
     and score concept, fluency and side effects (KL on `neutral_tokens` [n, pos])."""
+    check_features(cfg.features, sae.cfg.d_sae)  # before any generation
     check_compatible(model, sae)
     concept_max = max_activation if cfg.unit == "max" else None
     prompt_tokens = encode_prompts(model.tokenizer, prompts, cfg.generation.chat)
@@ -695,7 +722,7 @@ def sweep(model, sae: SAE, prompts: Sequence[str], neutral_tokens: Tensor, cfg: 
         steering = Steering(sae, [Intervention(f, cfg.mode, strength, cfg.unit) for f in cfg.features], max_activation)
         generated = generate_tokens(model, prompt_tokens, cfg.generation, steering)
         points.append(score(cfg.mode, strength, generated, kl_on_text(model, steering, neutral_tokens)))
-    return SweepResult(list(cfg.features), cfg.mode, cfg.unit, list(prompts), points)
+    return SweepResult(list(cfg.features), cfg.mode, cfg.unit, list(prompts), points, neutral_text)
 
 
 def write_sweep(result: SweepResult, out_dir: str | Path, title: str = "Steering dose-response") -> tuple[Path, Path]:
@@ -736,6 +763,7 @@ def causal_check(model, sae: SAE, feature: int, tokens: Tensor, top_k: int = 10,
     of the tokens its logit effects promote changes. `tokens` [n_contexts, pos] are first read
     up to the hook only; the full clean and ablated passes run on at most `max_contexts` of
     the contexts where the feature fires."""
+    (feature,) = check_features([feature], sae.cfg.d_sae)  # a negative id must not wrap around to another feature
     check_compatible(model, sae)
     device = next(model.parameters()).device
     sae = sae.to(device)
@@ -772,7 +800,7 @@ def causal_check(model, sae: SAE, feature: int, tokens: Tensor, top_k: int = 10,
 
 __all__ = [
     "CausalCheck", "ConceptScores", "FeatureStats", "GenerationConfig", "Intervention", "MODES", "NEUTRAL_PROMPTS", "SideBySide", "Steering",
-    "SweepConfig", "SweepPoint", "SweepResult", "causal_check", "check_compatible", "compare", "concept_scores", "decode",
+    "SweepConfig", "SweepPoint", "SweepResult", "causal_check", "check_compatible", "check_features", "compare", "concept_scores", "decode",
     "encode_prompts", "feature_stats", "format_side_by_side", "generate_tokens", "generation_nll", "kl_on_text",
     "score_condition", "steer", "stop_token_ids", "summarize", "sweep", "write_sweep",
 ]

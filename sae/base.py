@@ -8,6 +8,7 @@ and differs only in `activation` (inference) and `training_forward` (loss during
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -60,6 +61,10 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(w_dec)  # [d_sae, d_in]
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.training_data: dict = {}
+        """Where the training activations came from (set by the trainer, saved in cfg.json):
+        "corpus" (a CorpusConfig dict), "model", "store" and "store_fingerprint". Later stages
+        read their held-out text from the same corpus (`activations.corpus.heldout_corpus`)."""
 
     # ---------------------------------------------------------------- inference
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -150,6 +155,8 @@ class SAE(nn.Module):
                 "context_size": cfg.context_size,
                 "prepend_bos": True,
                 "workbench_config": cfg.to_dict(),
+                **({"dataset_path": self.training_data["corpus"]["source"]} if "corpus" in self.training_data else {}),
+                **({"workbench_training_data": self.training_data} if self.training_data else {}),
             },
         }
 
@@ -184,19 +191,53 @@ class SAE(nn.Module):
         return path
 
 
+def _workbench_config(ours, cfg_path: Path) -> SAEConfig:
+    """The SAEConfig saved in cfg.json's metadata.workbench_config, with errors that name the
+    file and what is allowed (unknown keys, no or an unregistered architecture, bad values)."""
+    where = f"{cfg_path} (metadata.workbench_config)"
+    if not isinstance(ours, dict):
+        raise ValueError(f"{where}: expected an object of SAEConfig fields, found {type(ours).__name__}")
+    known = [f.name for f in dataclasses.fields(SAEConfig)]
+    unknown = sorted(set(ours) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; the known keys are {known}")
+    if "architecture" not in ours:
+        raise ValueError(f"{where} has no \"architecture\"; registered architectures: {sorted(ARCHITECTURES)}")
+    if ours["architecture"] not in ARCHITECTURES:
+        raise ValueError(f"{where}: architecture {ours['architecture']!r} is not registered; registered: {sorted(ARCHITECTURES)}")
+    try:
+        return SAEConfig(**ours)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE Lens-format directory (ours or another tool's) into the matching class."""
     path = Path(path)
     cfg_path, weights_path = path / "cfg.json", path / "sae_weights.safetensors"
     if not cfg_path.exists() or not weights_path.exists():
         raise FileNotFoundError(f"{path} is not an SAE directory: it needs cfg.json and sae_weights.safetensors")
-    raw = json.loads(cfg_path.read_text())
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{cfg_path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object (an SAE Lens cfg.json), found {type(raw).__name__}")
     meta = raw.get("metadata") or {}
-    ours = meta.get("workbench_config")
+    ours = meta.get("workbench_config") if isinstance(meta, dict) else None
     if ours:
-        cfg = SAEConfig(**ours)
+        cfg = _workbench_config(ours, cfg_path)
     else:
-        arch = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(raw.get("architecture", "standard"))
+        if "architecture" not in raw:
+            # SAE Lens >= 6 always writes it; older SAE Lens assumed "standard" when it was missing
+            raise ValueError(
+                f"{cfg_path} has no \"architecture\" field, so it is unknown which SAE this is; registered architectures: "
+                f"{sorted(ARCHITECTURES)}. Add the right one to the file (a cfg.json from SAE Lens before 6.0 without it "
+                "meant \"architecture\": \"standard\")")
+        missing = [key for key in ("d_in", "d_sae") if key not in raw]
+        if missing:
+            raise ValueError(f"{cfg_path} lacks {missing}: an SAE Lens cfg.json needs d_in and d_sae")
+        arch = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(raw["architecture"])
         if arch is None:
             raise ValueError(f"{cfg_path}: architecture {raw.get('architecture')!r} is not supported; supported: {sorted(ARCHITECTURES)}")
         if raw.get("normalize_activations", "none") not in ("none", None):
@@ -216,4 +257,6 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         # other tools' SAEs may skip subtracting b_dec before encoding: fold that into b_enc
         state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
     sae.load_tensors(state)
+    if isinstance(meta.get("workbench_training_data"), dict):
+        sae.training_data = meta["workbench_training_data"]
     return sae.to(device)

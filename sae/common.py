@@ -29,6 +29,33 @@ def geometric_median(points: Tensor, iters: int = 100, eps: float = 1e-6) -> Ten
     return median
 
 
+def check_init_sample(sample: Tensor, source=None) -> None:
+    """A ValueError if the initialisation sample [n, d_in] (input scale, b_dec) holds NaN/inf:
+    the activations are broken, which training would otherwise report later as a diverging
+    loss. Names the store and the shards holding non-finite rows when `source` is a store."""
+    bad = ~torch.isfinite(sample).all(-1)
+    if not bad.any():
+        return
+    where = "the training activations"
+    if getattr(source, "path", None) is not None:
+        where = f"the activation store {source.path}"
+    elif getattr(source, "hook_name", None):
+        where = f"the activations at {source.hook_name} ({type(source).__name__})"
+    shards = []
+    try:
+        for i, shard in enumerate(source.shards):
+            acts = source.load_shard(i)["acts"]
+            n_bad = int((~torch.isfinite(acts.float()).all(-1)).sum())
+            if n_bad:
+                shards.append(f"{shard.file} ({n_bad} rows)")
+    except Exception:  # not a store, or unreadable: report what is known
+        pass
+    in_shards = f"; non-finite rows in shard(s) {', '.join(shards)}" if shards else ""
+    raise ValueError(f"{where} contain NaN/inf: {int(bad.sum())} of the {len(sample)} rows of the initialisation sample (input scale "
+                     f"and b_dec) are not finite{in_shards}. The activations are broken (a corrupt store, or a model that overflows "
+                     "in the harvest dtype); harvest them again (e.g. with --dtype float32), not a lower learning rate")
+
+
 def input_scale(sample: Tensor) -> float:
     """Scalar s such that mean ||s * x|| = sqrt(d_in) over `sample` [n, d_in]."""
     return float(sample.shape[1] ** 0.5 / sample.norm(dim=1).mean())

@@ -2,6 +2,7 @@
 training goes and mixed in an in-memory shuffle buffer (`buffer_tokens` rows)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import numpy as np
@@ -26,6 +27,11 @@ class OnTheFlySource:
         self._tokens: np.ndarray | None = None
         probe = run_to_hooks(model, torch.zeros(1, 2, dtype=torch.long, device=self.device), [hook_name])[hook_name]
         self.d_in = int(probe.shape[-1])
+
+    @property
+    def training_data(self) -> dict:
+        """Provenance an SAE trained from this source records (`SAE.training_data`)."""
+        return {"corpus": dataclasses.asdict(self.corpus)}
 
     @property
     def tokens(self) -> np.ndarray:

@@ -7,7 +7,11 @@ Batches come from an `ActivationStore` (shuffled across shards, bounded memory) 
 Checkpoints (weights, Adam state, dead-latent counters, step) are written atomically every
 `checkpoint_every` steps; rerunning the same command resumes from the last one and ends
 with the same weights as an uninterrupted run (the data order is a pure function of
-seed and epoch).
+seed and epoch). A resume refuses a checkpoint whose settings (everything in `TrainConfig`
+but `RESUME_MAY_CHANGE`) or source store (its fingerprint) differ, and cuts metrics.jsonl back
+to the checkpoint's step (a killed run logged past it). Rotation keeps one complete
+checkpoint on disk at every moment: the current one is renamed to `.checkpoint.old` and
+deleted only after the new one (written and fsynced in a temp folder) is renamed into place.
 
 Under torchrun (see `activations.distributed`) training is data-parallel: every rank takes
 its `batch_size / world_size` rows of each global batch, DDP averages the gradients, and the
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,14 +37,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from activations import distributed
-from activations.model import resolve_device
-from activations.store import atomic_save_safetensors, atomic_write_json
+from activations.model import MODEL_NAME_ATTR, resolve_device, same_model
+from activations.store import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, fsync_dir, pause_for_tests
 
 from . import common
 from .base import ARCHITECTURES, SAE, TrainOutput
-from .common import auxk_loss, geometric_median, input_scale, project_out_parallel_grad
+from .common import auxk_loss, check_init_sample, geometric_median, input_scale, project_out_parallel_grad
 from .config import SAEConfig
 
+
+RESUME_MAY_CHANGE = ("out_dir", "device", "logger", "checkpoint_every", "log_every", "max_steps")
+"""TrainConfig fields a resumed run may change; any other difference refuses the checkpoint."""
 
 INIT_SAMPLE_EPOCH = 10**6
 """The init sample (input scale, b_dec) is drawn as this 'epoch' so it never equals a training epoch's order."""
@@ -189,9 +197,13 @@ class Trainer:
         self.rank = distributed.current()
         if cfg.batch_size % self.rank.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.rank.world_size} ranks")
+        source_model = getattr(source, "model_name", None) or getattr(getattr(source, "model", None), MODEL_NAME_ATTR, None)
         for s in cfg.saes:
             if s.d_in != source.d_in:
                 raise ValueError(f"SAE d_in={s.d_in} does not match the activations' d_in={source.d_in} at {source.hook_name}")
+            if not same_model(s.model_name, source_model):
+                raise ValueError(f"SAEConfig.model_name={s.model_name!r} but the activations at {source.hook_name} come from model "
+                                 f"{source_model!r}; set model_name to the store's model (saewb train: --model {source_model})")
         generator = torch.Generator().manual_seed(cfg.seed)
         self.saes: list[SAE] = [ARCHITECTURES[s.architecture](s, generator).to(self.device) for s in cfg.saes]
         self.names = [sae_name(s) for s in cfg.saes]
@@ -238,6 +250,7 @@ class Trainer:
                     break
             sample = torch.cat(batches)
         sample = sample.to(self.device)
+        check_init_sample(sample, self.source)  # NaN/inf here is broken data, not a learning-rate problem
         self.scale = input_scale(sample)
         center = geometric_median(sample * self.scale) if self.cfg.b_dec_init == "geometric_median" else (sample * self.scale).mean(0)
         with torch.no_grad():
@@ -248,9 +261,15 @@ class Trainer:
     def _checkpoint_dir(self) -> Path:
         return self.out / "checkpoint"
 
+    def _source_identity(self) -> dict:
+        """What the checkpoint records of its data source, to refuse a resume on another one."""
+        return {"hook_name": getattr(self.source, "hook_name", None), "d_in": self.source.d_in,
+                "fingerprint": getattr(self.source, "fingerprint", None)}
+
     def save_checkpoint(self) -> None:
+        for stale in self.out.glob(".checkpoint.*.tmp"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = self.out / f".checkpoint.{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for i, (sae, opt) in enumerate(zip(self.saes, self.optimizers)):
             tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
@@ -258,29 +277,69 @@ class Trainer:
             for p_index, state in opt.state_dict()["state"].items():
                 for key, value in state.items():
                     tensors[f"adam.{p_index}.{key}"] = torch.as_tensor(value).detach().cpu()
-            atomic_save_safetensors(tensors, tmp / f"sae_{i}.safetensors")
-        atomic_write_json(tmp / "state.json", {"step": self.step, "scale": self.scale, "names": self.names, "config": asdict(self.cfg)})
+            atomic_save_safetensors(tensors, tmp / f"sae_{i}.safetensors")  # each write fsyncs the file and `tmp`
+        atomic_write_json(tmp / "state.json", {"step": self.step, "scale": self.scale, "names": self.names, "config": asdict(self.cfg),
+                                               "source": self._source_identity()})  # last: marks a complete checkpoint
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():  # the records up to this checkpoint survive a crash with it
+            with metrics.open("rb") as f:
+                os.fsync(f.fileno())
         final = self._checkpoint_dir()
         old = self.out / ".checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
+        # One complete checkpoint is on disk at every moment: `final` becomes `old` only when it
+        # is complete, and `old` (maybe the only one, after a resume from it) is deleted only
+        # once the new checkpoint is in place.
         if final.exists():
-            final.rename(old)
-        tmp.rename(final)  # the checkpoint is either the old or the new one, never half-written
+            if self._complete(final):
+                shutil.rmtree(old, ignore_errors=True)  # `final` is complete
+                final.rename(old)
+                fsync_dir(self.out)
+                pause_for_tests("rotate", final)  # tests: a kill here leaves only `old`
+            else:
+                shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_dir(self.out)
+        pause_for_tests("rotated", final)  # tests: a kill here leaves `final` and `old`
         shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def _complete(folder: Path) -> bool:
+        """Whether `folder` holds a whole checkpoint (state.json, written last, and every SAE's file)."""
+        try:
+            names = json.loads((folder / "state.json").read_text())["names"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return all((folder / f"sae_{i}.safetensors").exists() for i in range(len(names)))
+
+    def _resume_differences(self, state: dict) -> list[str]:
+        """What differs between the checkpoint's run and this one, as "field: then -> now"."""
+        saved, now = state["config"], json.loads(json.dumps(asdict(self.cfg)))
+        diffs = []
+        for key, value in now.items():
+            if key in RESUME_MAY_CHANGE or key not in saved or saved[key] == value:
+                continue
+            if key == "saes" and len(saved[key]) == len(value):
+                for i, (a, b) in enumerate(zip(saved[key], value)):
+                    diffs += [f"saes[{i}].{k}: {a[k]!r} -> {b[k]!r}" for k in b if k in a and a[k] != b[k]]  # new fields: not a change
+            else:
+                diffs.append(f"{key}: {saved[key]!r} -> {value!r}")
+        then, source = state.get("source") or {}, self._source_identity()
+        for key, value in source.items():
+            if then.get(key) is not None and value is not None and then[key] != value:
+                diffs.append(f"source {key}: {then[key]!r} -> {value!r}" + (" (another activation store)" if key == "fingerprint" else ""))
+        return diffs
 
     def load_checkpoint(self) -> bool:
         folder = self._checkpoint_dir()
-        if not (folder / "state.json").exists():
-            old = self.out / ".checkpoint.old"  # killed between the two renames
-            if not (old / "state.json").exists():
+        if not self._complete(folder):
+            folder = self.out / ".checkpoint.old"  # killed between the two renames
+            if not self._complete(folder):
                 return False
-            folder = old
         state = json.loads((folder / "state.json").read_text())
-        saved_cfg = state["config"]
-        for key in ("saes", "batch_size", "n_tokens", "seed"):
-            now = json.loads(json.dumps(asdict(self.cfg)[key]))
-            if saved_cfg[key] != now:
-                raise ValueError(f"{folder} was written by a run with a different {key!r}; use a new --out or delete it")
+        diffs = self._resume_differences(state)
+        if diffs:
+            raise ValueError(f"{folder} was written by a run with other settings ({'; '.join(diffs)}, checkpoint -> now); "
+                             f"rerun with the checkpoint's settings to resume it, or use a new --out (or delete {folder}) to start over")
         self.step, self.scale = int(state["step"]), float(state["scale"])
         for i, (sae, opt) in enumerate(zip(self.saes, self.optimizers)):
             tensors = load_file(str(folder / f"sae_{i}.safetensors"), device=str(self.device))
@@ -307,6 +366,8 @@ class Trainer:
         cfg, rank = self.cfg, self.rank
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.load_checkpoint()  # every rank reads the same checkpoint
+        if resumed and rank.is_main:
+            truncate_metrics(self.out / "metrics.jsonl", self.step)
         if not resumed:
             if rank.is_main:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
@@ -327,7 +388,9 @@ class Trainer:
         while self.step < end:
             x_raw = next(batches).to(self.device, non_blocking=True)
             if not torch.isfinite(x_raw).all():
-                raise FloatingPointError(f"non-finite activations in training batch {self.step}: the store is corrupt (run `saewb harvest` again)")
+                raise FloatingPointError(f"non-finite activations in training batch {self.step}: the source holds NaN/inf (a store's "
+                                         "checksums passed, so the harvest wrote them); harvest again into a new --out, e.g. with "
+                                         "--harvest-autocast none")
             x = x_raw * self.scale
             lr_mult = lr_factor(self.step, cfg)
             sparsity_scale = min(1.0, (self.step + 1) / sparsity_steps)
@@ -392,9 +455,43 @@ class Trainer:
             final.load_state_dict(sae.state_dict())
             final = final.cpu()
             final.fold_input_scale(self.scale)
+            final.training_data = getattr(self.source, "training_data", {})
             paths.append(final.save(self.out / name))
         atomic_write_json(self.out / "train_summary.json", {"saes": {n: str(p) for n, p in zip(self.names, paths)}, "steps": self.step, "input_scale": self.scale, "config": asdict(self.cfg)})
         return paths
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break  # torn last line
+            raise ValueError(f"{path}:{n}: not a JSON record (the file is corrupt)") from None
+    return records
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps before `step` (a resumed run logs the later ones again), and
+    drop a torn last line."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if _record_step(line) is not None and _record_step(line) < step]
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def train(cfg: TrainConfig, source: BatchSource) -> list[Path]:

@@ -65,3 +65,38 @@ def smollm2():
 
     torch.set_num_threads(2)
     return load_model("smollm2", device="cpu")
+
+
+def save_tiny_llama(path) -> str:
+    """A random 2-layer Llama (d_model 32) with a byte-level tokenizer, saved as a local
+    Hugging Face folder: loads offline through `load_model(path)` like any HF model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, bos_token_id=256, eos_token_id=256)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bridge(tiny_llama_dir):
+    """The tiny Llama through `load_model`: a TransformerBridge over a Hugging Face model,
+    the same path as SmolLM2 (HF fast hooks, KV cache, HF generate)."""
+    from activations import load_model
+
+    return load_model(tiny_llama_dir, device="cpu")

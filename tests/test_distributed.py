@@ -26,7 +26,7 @@ def harvest_cfg(out, corpus) -> HarvestConfig:
 
 
 def train_cfg(out, **kw) -> TrainConfig:
-    saes = [SAEConfig(architecture=a, d_in=32, d_sae=64, k=4, l1_coefficient=0.5) for a in ARCHS]
+    saes = [SAEConfig(architecture=a, d_in=32, d_sae=64, k=4, l1_coefficient=0.5, model_name="tiny") for a in ARCHS]
     # dead_tokens small so AuxK switches on; 20 steps of a global batch of 64
     return TrainConfig(out_dir=str(out), saes=saes, n_tokens=64 * 20, batch_size=64, lr=3e-3, warmup_steps=3, device="cpu",
                        checkpoint_every=3, init_tokens=128, dead_tokens=128, log_every=1, **kw)

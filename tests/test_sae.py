@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from sae import ARCHITECTURES, SAEConfig, load_sae
-from sae.common import normalize_decoder_rows, project_out_parallel_grad
+from sae import ARCHITECTURES, SAEConfig, common, load_sae
+from sae.common import normalize_decoder_rows, project_out_parallel_grad, sparse_decode
 
 ARCHS = sorted(ARCHITECTURES)
 
@@ -12,13 +12,163 @@ def make(arch, d_in=16, d_sae=64, **kw):
     return ARCHITECTURES[arch](SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=4, **kw))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forward_is_decode_of_encode(arch):
-    sae = make(arch)
+def make_nontrivial(arch, d_in=16, d_sae=64):
+    """An SAE with every parameter away from its init: W_enc untied from W_dec (so mixing
+    them up shows), b_enc mostly negative (TopK rows with fewer than k positive
+    pre-activations), b_dec non-zero, and thresholds inside the pre-activations' range."""
+    sae = make(arch, d_in, d_sae)
     with torch.no_grad():
-        sae.b_enc.normal_()
-    x = torch.randn(10, 16)
-    assert torch.allclose(sae(x), sae.decode(sae.encode(x)))
+        sae.W_enc.normal_(0, 0.4)
+        sae.b_enc.normal_(-1.5, 0.5)
+        sae.b_dec.normal_(0, 1.0)
+        if arch == "jumprelu":
+            sae.threshold.uniform_(0.1, 1.0)  # per latent
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.5)  # one scalar theta at inference
+    return sae
+
+
+def inputs(sae, *shape):
+    """Tokens at distances 0 to 3 from b_dec: near it every pre-activation is about b_enc < 0,
+    so TopK keeps fewer than k, and thresholds cut some positive pre-activations."""
+    return sae.b_dec.detach() + torch.randn(*shape, sae.cfg.d_in) * torch.rand(*shape, 1) * 3
+
+
+def reference_pre(sae, x):
+    """(x - b_dec) @ W_enc + b_enc in float64, from the parameters alone."""
+    return (x.double() - sae.b_dec.detach().double()) @ sae.W_enc.detach().double() + sae.b_enc.detach().double()
+
+
+def reference_encode(sae, x):
+    """The inference activations of REFERENCE.md, in float64, written independently of sae/*.py."""
+    pre = reference_pre(sae, x)
+    arch = sae.cfg.architecture
+    if arch == "topk":  # topk(relu(pre)): the k largest pre-activations of each token, then ReLU
+        keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, pre.argsort(-1, descending=True)[..., :sae.cfg.k], True)
+        return torch.where(keep & (pre > 0), pre, torch.zeros_like(pre))
+    if arch == "standard":
+        return torch.where(pre > 0, pre, torch.zeros_like(pre))
+    if arch in ("jumprelu", "batchtopk"):  # pre * H(pre - theta); BatchTopK at inference: JumpReLU with its theta
+        return torch.where(pre > sae.threshold.detach().double(), pre, torch.zeros_like(pre))
+    pytest.fail(f"no reference formula for architecture {arch!r}: add one here")
+
+
+def reference_decode(sae, f):
+    return f.double() @ sae.W_dec.detach().double() + sae.b_dec.detach().double()
+
+
+def _check_reference_is_exercised(sae, x, f_ref):
+    """The data must hit the cases a wrong formula gets wrong."""
+    pre = reference_pre(sae, x).flatten(0, -2)
+    f_ref = f_ref.flatten(0, -2)
+    arch = sae.cfg.architecture
+    if arch == "topk":
+        n_active = (f_ref != 0).sum(-1)
+        assert (n_active == sae.cfg.k).any() and (n_active < sae.cfg.k).any()  # ReLU after the top-k matters
+        assert ((pre > 0) & (f_ref == 0)).any()  # positive but outside the top k
+    if arch in ("jumprelu", "batchtopk"):
+        assert ((pre > 0) & (f_ref == 0)).any() and (f_ref > 0).any()  # between 0 and theta: dropped
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_encode_matches_the_reference_formula(arch, grad):
+    # with gradients on, 2-D inputs take the hand-written autograd function of sae.common
+    sae = make_nontrivial(arch)
+    x = inputs(sae, 200)
+    f_ref = reference_encode(sae, x)
+    _check_reference_is_exercised(sae, x, f_ref)
+    with torch.set_grad_enabled(grad):
+        f = sae.encode(x)
+    assert f.shape == (200, 64) and f.dtype == torch.float32
+    assert torch.allclose(f.double(), f_ref, atol=1e-5)
+    assert torch.equal(f != 0, f_ref != 0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_is_the_affine_map(arch):
+    sae = make_nontrivial(arch)
+    f = torch.randn(7, 3, 64).relu() * (torch.rand(7, 3, 64) < 0.2)
+    assert torch.allclose(sae.decode(f).double(), reference_decode(sae, f), atol=1e-5)
+    assert torch.allclose(sae.decode(torch.zeros(64)), sae.b_dec)  # nothing active: b_dec
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_sparse_decode_equals_a_dense_matmul(grad):
+    """sae.common.sparse_decode (embedding bag; a custom autograd function with gradients on)
+    against scattering the values into a dense [batch, d_sae] code and multiplying."""
+    gen = torch.Generator().manual_seed(3)
+    w_dec = torch.randn(64, 16, generator=gen).requires_grad_(grad)
+    b_dec = torch.randn(16, generator=gen)
+    indices = torch.stack([torch.randperm(64, generator=gen)[:5] for _ in range(30)])
+    values = torch.rand(30, 5, generator=gen) * 3
+    values[:4, 3:] = 0  # BatchTopK pads rows with (index 0, value 0)
+    indices[:4, 3:] = 0
+    dense = torch.zeros(30, 64).scatter_add_(1, indices, values)
+    expected = dense.double() @ w_dec.detach().double()
+    with torch.set_grad_enabled(grad):
+        out = sparse_decode(values, indices, w_dec, b_dec)
+        no_bias = sparse_decode(values, indices, w_dec)
+    assert out.shape == (30, 16)
+    assert torch.allclose(out.double(), expected + b_dec.double(), atol=1e-5)
+    assert torch.allclose(no_bias.double(), expected, atol=1e-5)
+
+
+def reference_training_code(sae, x):
+    """The code the training forward decodes: as at inference, except BatchTopK, which keeps
+    the k * batch largest ReLU'd pre-activations of the whole batch."""
+    if sae.cfg.architecture != "batchtopk":
+        return reference_encode(sae, x)
+    acts = reference_pre(sae, x).clamp_min(0)
+    keep = torch.zeros(acts.numel(), dtype=torch.bool).scatter_(0, acts.flatten().topk(sae.cfg.k * len(x)).indices, True)
+    return torch.where(keep.view_as(acts), acts, torch.zeros_like(acts))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_training_reconstruction_matches_the_formula(arch, fast, monkeypatch):
+    """training_forward's x_hat (sparse decode of gathered pre-activations for TopK and
+    BatchTopK, fast or plain autograd) equals decoding the reference code densely."""
+    monkeypatch.setattr(common, "FAST_TRAINING", fast)
+    sae = make_nontrivial(arch)
+    x = inputs(sae, 100)
+    f_ref = reference_training_code(sae, x)
+    out = sae.training_forward(x)
+    x_hat_ref = reference_decode(sae, f_ref)
+    assert torch.allclose(out.x_hat.double(), x_hat_ref, atol=1e-5)
+    assert torch.allclose(out.mse.double(), (x.double() - x_hat_ref).pow(2).sum(-1).mean(), rtol=1e-5)
+    assert float(out.l0) == pytest.approx(float((f_ref != 0).sum(-1).double().mean()), abs=1e-6)
+    assert torch.equal(out.active, (f_ref != 0).any(0))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_inputs_equal_per_row_results(arch):
+    """[batch, pos, d_in] inputs (the plain path) give, token by token, what one token at a
+    time gives (2-D inputs, the fast path with gradients on) and the reference formula."""
+    sae = make_nontrivial(arch)
+    x = inputs(sae, 3, 5)
+    f, x_hat = sae.encode(x), sae(x)
+    assert f.shape == (3, 5, 64) and x_hat.shape == (3, 5, 16)
+    for b in range(3):
+        for p in range(5):
+            assert torch.allclose(f[b, p], sae.encode(x[b, p][None])[0], atol=1e-6)
+            assert torch.allclose(x_hat[b, p], sae(x[b, p][None])[0], atol=1e-6)
+    assert torch.allclose(f.double(), reference_encode(sae, x), atol=1e-5)
+    assert torch.allclose(x_hat.double(), reference_decode(sae, reference_encode(sae, x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+@pytest.mark.parametrize("shape", [(16,), (9, 16), (2, 4, 16)], ids=["token", "batch", "batch_pos"])
+def test_dtype_and_shape_are_preserved(arch, dtype, shape):
+    sae = make_nontrivial(arch).to(dtype)
+    x = inputs(sae, *shape[:-1]).to(dtype)
+    f, x_hat = sae.encode(x), sae(x)
+    assert f.dtype == x_hat.dtype == dtype
+    assert f.shape == (*shape[:-1], 64) and x_hat.shape == shape
+    if dtype == torch.float64:  # full precision: the formula itself
+        assert torch.allclose(f, reference_encode(sae, x), atol=1e-10)
+        assert torch.allclose(x_hat, reference_decode(sae, reference_encode(sae, x)), atol=1e-10)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

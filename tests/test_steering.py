@@ -245,7 +245,34 @@ def test_compare_and_format_side_by_side(tiny_model):
     rows = compare(tiny_model, ["abc", "xyz"], steering, GenerationConfig(max_new_tokens=8, stop_at_eos=False))
     assert [r.prompt for r in rows] == ["abc", "xyz"]
     text = format_side_by_side(rows, width=60)
-    assert "prompt: abc" in text and "unsteered" in text and "steered" in text
+    assert row_bodies(text, rows, width=60, col=28, labels=("unsteered", "steered"))
+    # narrow columns wrap each continuation over several lines, none of them lost
+    narrow = row_bodies(format_side_by_side(rows, width=15, labels=("base", "steer")), rows, width=15, col=6, labels=("base", "steer"))
+    assert max(len(body) for body in narrow) > 1
+
+
+def row_bodies(text, rows, width, col, labels):
+    """Check the exact layout: per prompt a rule, the prompt, a rule, the column header, then
+    the two continuations in columns of `col` = (width - 3) // 2 characters split by " | ".
+    Returns the body lines of each prompt."""
+    lines = text.split("\n")
+    assert all(len(line) <= width for line in lines)
+    starts = [i for i, line in enumerate(lines) if line == "=" * width]
+    assert len(starts) == len(rows) and starts[0] == 0
+    bodies = []
+    for row, start, end in zip(rows, starts, starts[1:] + [len(lines)]):
+        block = lines[start:end]
+        assert block[1] == f"prompt: {row.prompt}"
+        assert block[2] == "-" * width
+        assert block[3] == labels[0].ljust(col) + " | " + labels[1]
+        body = block[4:]
+        assert body and all(line[col:col + 3] == " | " for line in body)
+        left, right = "".join(line[:col] for line in body), "".join(line[col + 3:] for line in body)
+        squash = lambda s: "".join(s.split())  # noqa: E731  (wrapping only moves whitespace)
+        assert row.unsteered != row.steered  # so a swap of the columns would show
+        assert squash(left) == squash(row.unsteered) and squash(right) == squash(row.steered)
+        bodies.append(body)
+    return bodies
 
 
 def test_plain_prompts_start_with_the_context_start_token(tiny_model):
@@ -255,34 +282,55 @@ def test_plain_prompts_start_with_the_context_start_token(tiny_model):
         encode_prompts(tiny_model.tokenizer, ["hi"], chat=True)
 
 
-# ----------------------------------------------------------------------------- the real model
+# --------------------------------------------- Hugging Face models: KV cache, padding, HF generate
+def check_hf_generation(model, sae, tokens, hf_prompt, strength):
+    """On a TransformerBridge: clamping a feature to its own value changes nothing; cached,
+    recomputed and one-by-one generation agree, steered and unsteered; HF's own `generate`
+    sees the same steering; and every hook is gone afterwards."""
+    batch = torch.stack([tokens[0], tokens[0]])
+    clean = model(batch)
+    module_hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.original_model.modules())  # noqa: E731
+    before = module_hooks()  # after a first forward pass: the bridge adds hooks of its own then
+    with steer(model, Steering(sae, Intervention(5, "clamp", 1000.0, "absolute"))):
+        assert torch.allclose(model(batch), clean, atol=1e-4)  # clamped to its own value: unchanged
+
+    steering = Steering(sae, Intervention(7, "add", strength, "absolute"))
+    prompts = tokens + [hf_prompt]
+    cfg = dict(max_new_tokens=6, stop_at_eos=False)
+    as_lists = lambda runs: [t.tolist() for t in runs]  # noqa: E731
+    batched = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg), steering))  # left padding
+    recomputed = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg, use_cache=False), steering))
+    one_by_one = [generate_tokens(model, [p], GenerationConfig(**cfg), steering)[0].tolist() for p in prompts]
+    unsteered = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg)))
+    unsteered_recomputed = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg, use_cache=False)))
+    assert batched == recomputed == one_by_one
+    assert unsteered == unsteered_recomputed
+    assert batched != unsteered
+    with steer(model, steering):  # Hugging Face's own generate sees the same steering
+        hf = model.original_model.generate(hf_prompt[None], max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                           attention_mask=torch.ones_like(hf_prompt[None]))
+    assert hf[0, len(hf_prompt):].tolist() == batched[-1]
+    assert module_hooks() == before
+    assert torch.allclose(model(batch), clean, atol=1e-5)
+
+
+def test_steering_hf_model_cache_padding_generate_and_scoped_hooks(tiny_bridge):
+    """The same checks on a tiny random Llama, so they run on every install (a transformers
+    release once renamed the cache argument and cached generation silently broke)."""
+    hook = "blocks.1.hook_resid_post"
+    sae = constant_feature_sae(feature=5, value=1000.0, d_in=32, d_sae=64, k=4, hook=hook)
+    tokens = encode_prompts(tiny_bridge.tokenizer, ["The weather today is", "Once upon a time, in a small village"])
+    check_hf_generation(tiny_bridge, sae, tokens, encode_prompts(tiny_bridge.tokenizer, ["Name a colour."])[0], strength=20.0)
+
+
 @pytest.mark.slow
 def test_steering_smollm2_cache_padding_chat_and_scoped_hooks(smollm2):
     hook = "blocks.8.hook_resid_post"
     sae = constant_feature_sae(feature=5, value=1000.0, d_in=576, d_sae=1152, k=16, hook=hook)  # above every other pre-activation
     tokens = encode_prompts(smollm2.tokenizer, ["The weather today is", "Once upon a time, in a small village by the sea,"])
-    batch = torch.stack([tokens[0], tokens[0]])
-    clean = smollm2(batch)
-    module_hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in smollm2.original_model.modules())  # noqa: E731
-    before = module_hooks()  # after a first forward pass: the bridge adds hooks of its own then
-    with steer(smollm2, Steering(sae, Intervention(5, "clamp", 1000.0, "absolute"))):
-        assert torch.allclose(smollm2(batch), clean, atol=1e-4)  # clamped to its own value: unchanged
-
-    steering = Steering(sae, Intervention(7, "add", 60.0, "absolute"))
     chat = encode_prompts(smollm2.tokenizer, ["Name a colour."], chat=True)
     assert smollm2.tokenizer.decode(chat[0].tolist()).rstrip().endswith("<|im_start|>assistant")
-    cfg = dict(max_new_tokens=6, stop_at_eos=False)
-    batched = generate_tokens(smollm2, tokens + chat, GenerationConfig(**cfg), steering)  # left padding
-    recomputed = generate_tokens(smollm2, tokens + chat, GenerationConfig(**cfg, use_cache=False), steering)
-    one_by_one = [generate_tokens(smollm2, [p], GenerationConfig(**cfg), steering)[0] for p in tokens + chat]
-    unsteered = generate_tokens(smollm2, tokens + chat, GenerationConfig(**cfg))
-    assert [t.tolist() for t in batched] == [t.tolist() for t in recomputed] == [t.tolist() for t in one_by_one]
-    assert [t.tolist() for t in batched] != [t.tolist() for t in unsteered]
-    with steer(smollm2, steering):  # Hugging Face's own generate sees the same steering
-        hf = smollm2.original_model.generate(chat[0][None], max_new_tokens=6, min_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(chat[0][None]))
-    assert hf[0, len(chat[0]):].tolist() == batched[2].tolist()
-    assert module_hooks() == before
-    assert torch.allclose(smollm2(batch), clean, atol=1e-5)
+    check_hf_generation(smollm2, sae, tokens, chat[0], strength=60.0)
 
 
 def test_cli_steer_prints_side_by_side_and_writes_the_sweep(tiny_model, tmp_path, monkeypatch, capsys):
@@ -326,5 +374,59 @@ def test_cli_steer_reads_the_saes_atlas_and_scores_with_its_label(tiny_model, te
     sweep = json.loads((tmp_path / "out" / "steer" / "sweep.json").read_text())
     for point in sweep["points"]:  # the label predicate ("the token is 'a'") scored each generation
         assert point["predicate_frequency"] == pytest.approx(sum("a" in e for e in point["examples"]) / len(prompts))
-    with pytest.raises(IndexError, match="out of range"):
+    with pytest.raises(SystemExit, match="out of range"):
         cli.main(["steer", "--sae", str(tmp_path / "sae"), "--features", str(sae.cfg.d_sae), "--prompts", "abc", "--out", str(tmp_path / "out")])
+    # labels.json of another SAE (fewer entries) is refused, not read at the wrong features
+    (tmp_path / "sae" / "atlas" / "labels.json").write_text(json.dumps({"features": features[:10]}))
+    with pytest.raises(SystemExit, match="10 feature entries but the SAE has 64 features"):
+        cli.main(["steer", "--sae", str(tmp_path / "sae"), "--features", "5", "--strengths", "2", "--prompts", "abc",
+                  "--max-new-tokens", "2", "--kl-contexts", "1", "--out", str(tmp_path / "out")])
+
+
+def test_cli_steer_without_an_atlas_rejects_out_of_range_features_before_any_work(tiny_model, tmp_path, monkeypatch):
+    from analysis import cli
+
+    sae = constant_feature_sae(5, 3.0)
+    sae.cfg.context_size = 32
+    sae.save(tmp_path / "sae")
+    loads = []
+    monkeypatch.setattr(cli, "_model", lambda args: loads.append(1) or tiny_model)
+    for bad in (["64"], ["5", "70"], ["-1"]):
+        for unit in ("max", "absolute"):
+            with pytest.raises(SystemExit, match=r"--features: feature\(s\) \[[-0-9, ]+\] out of range: this SAE has 64 features \(ids 0..63\)"):
+                cli.main(["steer", "--sae", str(tmp_path / "sae"), "--features", *bad, "--unit", unit, "--prompts", "abc",
+                          "--max-new-tokens", "2", "--max-contexts", "2", "--kl-contexts", "1", "--out", str(tmp_path / "out")])
+    assert not loads  # refused before the model (or any text) was loaded
+
+
+def test_feature_ids_are_checked_against_the_sae_before_any_work(tiny_model, monkeypatch):
+    from analysis import steering
+
+    sae = make_sae()
+    with pytest.raises(ValueError, match="out of range"):
+        Intervention(-1, "ablate")  # negative ids never wrap around to the last features
+    with pytest.raises(ValueError, match="must be an integer"):
+        Intervention(2.5, "ablate")
+    assert Intervention(torch.tensor(3), "ablate").feature == 3
+    generated = []
+    monkeypatch.setattr(steering, "generate_tokens", lambda *a, **k: generated.append(1) or [])
+    with pytest.raises(ValueError, match=r"feature\(s\) \[64\] out of range: this SAE has 64 features"):
+        sweep(tiny_model, sae, ["abc"], torch.zeros(1, 4, dtype=torch.long), SweepConfig(features=[64], unit="absolute"))
+    assert not generated  # refused before generating the unsteered baseline
+    with pytest.raises(ValueError, match=r"feature\(s\) \[64\] out of range"):
+        concept_scores(tiny_model, sae, [1, 64], prompts(1))
+
+
+def test_causal_check_refuses_negative_and_out_of_range_feature_ids(tiny_model, monkeypatch):
+    from analysis import steering
+
+    sae = make_sae(hook="blocks.1.hook_resid_post")
+    tokens = torch.stack(prompts(2, 12))
+    reads = []
+    original = steering.run_to_hooks
+    monkeypatch.setattr(steering, "run_to_hooks", lambda *a, **k: reads.append(1) or original(*a, **k))
+    for bad in (-1, -64, 64):  # -1 would read W_dec[-1], feature 63's direction
+        with pytest.raises(ValueError, match=r"out of range: this SAE has 64 features \(ids 0..63\)") as error:
+            causal_check(tiny_model, sae, bad, tokens)
+        assert not reads, "the text was read before the feature id was checked"
+        assert f"[{bad}]" in str(error.value)
