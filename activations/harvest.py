@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .corpus import CorpusConfig, fingerprint, load_contexts
-from .model import DEFAULT_MODEL, load_model, model_mismatch, resolve_device, run_to_hooks, validate_hook
+from .model import DEFAULT_MODEL, load_model, model_mismatch, run_to_hooks, validate_hook
 from .store import (
     DTYPES, FORMAT, ActivationStore, StoreError, atomic_save_safetensors, atomic_write_json, hook_dir, remove_stale_temp_files,
     repair_command, sha256_file,

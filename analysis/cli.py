@@ -208,6 +208,13 @@ def _model(args):
     return _LOADED_MODELS[key]
 
 
+def _model_of(args, sae):
+    """The model `sae` reads: --model when given, else the one its cfg.json names."""
+    if not args.model_given and sae.cfg.model_name:
+        args.model = sae.cfg.model_name
+    return _model(args)
+
+
 def cmd_harvest(args) -> dict:
     from activations import CorpusConfig, HarvestConfig, harvest
 
@@ -234,7 +241,7 @@ def cmd_harvest(args) -> dict:
     return stores
 
 
-def _sae_configs(args, d_in: int):
+def _sae_configs(args, d_in: int, context_len: int):
     """One SAEConfig per (architecture, d_sae, k) in the sweep; k only varies for TopK-style SAEs."""
     from sae import SAEConfig
 
@@ -246,7 +253,7 @@ def _sae_configs(args, d_in: int):
                 configs.append(SAEConfig(
                     architecture=arch, d_in=d_in, d_sae=d_sae, k=k, l1_coefficient=args.l1_coefficient,
                     l0_coefficient=args.l0_coefficient, hook_name=args.hook, model_name=args.model,
-                    context_size=getattr(args, "context_len", 128),
+                    context_size=context_len,
                 ))
     return configs
 
@@ -256,19 +263,20 @@ def cmd_train(args):
     from sae.trainer import TrainConfig, train
 
     if args.on_the_fly:
-        from sae.on_the_fly import OnTheFlySource
-
         from activations import CorpusConfig
+        from sae.on_the_fly import OnTheFlySource
 
         corpus = CorpusConfig(source=args.corpus or "default", context_len=getattr(args, "context_len", 128))
         source = OnTheFlySource(_model(args), args.hook, corpus=corpus)
+        context_len = corpus.context_len
     else:
         source = ActivationStore(args.store or args.out / "activations" / args.hook)
         args.hook = source.hook_name
+        context_len = int(source.manifest["context_len"])
         if not args.model_given:  # the SAEs record the model the store was harvested from
             args.model = source.model_name
     cfg = TrainConfig(
-        out_dir=str(args.out / "sae"), saes=_sae_configs(args, source.d_in), n_tokens=args.train_tokens,
+        out_dir=str(args.out / "sae"), saes=_sae_configs(args, source.d_in, context_len), n_tokens=args.train_tokens,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, autocast=args.autocast, logger=args.logger,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
     )
@@ -308,10 +316,10 @@ def cmd_evaluate(args, sae_paths=None):
         if not summary.exists():
             raise SystemExit(f"no --sae given and no {summary}; train first or pass --sae")
         sae_paths = [Path(p) for p in json.loads(summary.read_text())["saes"].values()]
-    model = _model(args)
     results = {}
     for path in sae_paths:
         sae = load_sae(path)
+        model = _model_of(args, sae)
         corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
         n_tokens, n_ce = args.eval_tokens, args.ce_contexts
         wanted = max(n_ce, -(-n_tokens // (corpus.context_len - 1)))
@@ -355,10 +363,10 @@ def cmd_analyze(args, sae_paths=None, dashboard: bool = False) -> list[Path]:
             LabelConfig(llm=llm, allow_insecure_endpoint=insecure)  # refuse a bad endpoint before any work
         except ValueError as error:
             raise SystemExit(f"--llm-base-url: {error}") from None
-    model = _model(args)
     out_dirs = []
     for path in paths:
         sae = load_sae(path)
+        model = _model_of(args, sae)
         started = time.perf_counter()
         corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
         atlas_tokens, label_contexts = _split_heldout(corpus, model.tokenizer, args.atlas_tokens, args.label_contexts)
@@ -427,7 +435,7 @@ def cmd_monitor(args) -> None:
         labels = load_labels(atlas_dir / "labels.json", sae.cfg.d_sae) if (atlas_dir / "labels.json").exists() else None
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    model = _model(args)
+    model = _model_of(args, sae)
     if args.find:
         from .atlas import load_atlas
 
@@ -523,7 +531,7 @@ def cmd_steer(args):
     except ValueError as error:
         raise SystemExit(f"--features: {error}") from None
     prompts = _steer_prompts(args)
-    model = _model(args)
+    model = _model_of(args, sae)
     n_contexts = max(args.kl_contexts, args.max_contexts if args.unit == "max" and args.atlas is None else 0)
     corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
     heldout = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=n_contexts)).long()

@@ -5,7 +5,6 @@ excluded from every metric and left untouched when splicing.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

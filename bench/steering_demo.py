@@ -39,8 +39,6 @@ frequency is counted as 1 answer in the ratio, so ratios are lower bounds there.
 from __future__ import annotations
 
 import argparse
-import functools
-import operator
 import time
 from pathlib import Path
 

@@ -273,7 +273,7 @@ class Trainer:
         tmp.mkdir(parents=True)
         for i, (sae, opt) in enumerate(zip(self.saes, self.optimizers)):
             tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
-            tensors[f"tokens_since_fired"] = self.tokens_since_fired[i].cpu()
+            tensors["tokens_since_fired"] = self.tokens_since_fired[i].cpu()
             for p_index, state in opt.state_dict()["state"].items():
                 for key, value in state.items():
                     tensors[f"adam.{p_index}.{key}"] = torch.as_tensor(value).detach().cpu()

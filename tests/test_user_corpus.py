@@ -59,6 +59,12 @@ def test_run_on_a_user_corpus_measures_on_its_heldout_split(tiny_llama_dir, tmp_
     sweep = json.loads((tmp_path / "steer" / "steer" / "sweep.json").read_text())
     assert sweep["neutral_text"] == f"'{corpus}', heldout split"
 
+    # without --model, a later stage loads the model the SAE names (not the embedded default)
+    (sae_dir / "eval.json").unlink()
+    cli.main(["evaluate", "--device", "cpu", "--sae", str(sae_dir), "--eval-tokens", "500", "--ce-contexts", "4"])
+    assert f"loaded {tiny_llama_dir}" in capsys.readouterr().out or (tiny_llama_dir, "cpu") in cli._LOADED_MODELS
+    assert json.loads((sae_dir / "eval.json").read_text())["corpus"]["source"] == str(corpus)
+
 
 def test_a_corpus_too_small_for_analysis_is_a_clear_error(tiny_llama_dir, tmp_path):
     import pytest

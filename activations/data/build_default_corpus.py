@@ -33,7 +33,6 @@ import hashlib
 import json
 import lzma
 import re
-import struct
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
