@@ -1,27 +1,34 @@
-"""The one SAE config dataclass, shared by every architecture."""
+"""The fields every SAE config shares. Each architecture file subclasses `SAEConfig` with
+its own fields (e.g. `sae.topk.TopKConfig` adds `k`); `sae.make_config` builds the right
+subclass from an architecture name and flat fields."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+
+class _BuiltByArchitecture(type):
+    """`SAEConfig(architecture=..., **fields)` is `sae.make_config(...)`: it returns the
+    architecture's config subclass, so code and cfg.json files written when every field sat in
+    one flat config keep working. Subclasses are constructed as ordinary dataclasses."""
+
+    def __call__(cls, *args, **kwargs):
+        if cls is SAEConfig:
+            if args:
+                raise TypeError("SAEConfig takes keyword arguments only (architecture=..., d_in=..., ...)")
+            from .base import make_config
+
+            return make_config(**kwargs)
+        return super().__call__(*args, **kwargs)
 
 
 @dataclass
-class SAEConfig:
-    architecture: str = "topk"
-    """Registered architecture: see `sae.ARCHITECTURES` (topk, batchtopk, standard, jumprelu)."""
+class SAEConfig(metaclass=_BuiltByArchitecture):
+    architecture: str = ""
+    """Registered architecture (a key of `sae.ARCHITECTURES`); each subclass fixes its own."""
     d_in: int = 576
     """Width of the hooked activation."""
     d_sae: int = 4608
     """Number of latents (features)."""
-    k: int = 32
-    """Active latents per token (topk) or on average (batchtopk)."""
-    l1_coefficient: float = 5.0
-    """standard: weight of the decoder-norm-weighted L1 penalty (inputs normalised to ||x|| = sqrt(d_in))."""
-    l0_coefficient: float = 0.05
-    """jumprelu: weight of the (straight-through) L0 penalty."""
-    jumprelu_init_threshold: float = 0.05
-    """jumprelu: initial threshold theta (same for every latent)."""
-    jumprelu_bandwidth: float = 0.05
-    """jumprelu: width of the rectangle kernel of the straight-through estimator."""
     hook_name: str = "blocks.8.hook_resid_post"
     model_name: str = "smollm2"
     context_size: int = 128
@@ -29,8 +36,24 @@ class SAEConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @property
+    def sparsity_tag(self) -> str:
+        """What the run name says about the sparsity setting (e.g. "k32"); "" when nothing."""
+        return ""
+
+    @property
+    def run_name(self) -> str:
+        """Folder name of the trained SAE, e.g. "topk_k32_4608"."""
+        return f"{self.architecture}_{self.sparsity_tag}_{self.d_sae}"
+
     def __post_init__(self):
+        own = type(self).__dataclass_fields__["architecture"].default
+        if self.architecture != own:
+            raise ValueError(f"{type(self).__name__} configures architecture {own!r}, not {self.architecture!r}; "
+                             "build configs by name with sae.make_config")
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError("d_in and d_sae must be positive")
-        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"k must be in 1..d_sae, got {self.k}")
