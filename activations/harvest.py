@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .corpus import CorpusConfig, fingerprint, load_contexts
 from .model import DEFAULT_MODEL, load_model, model_mismatch, run_to_hooks, validate_hook
-from .store import (
-    DTYPES, FORMAT, ActivationStore, StoreError, atomic_save_safetensors, atomic_write_json, hook_dir, remove_stale_temp_files,
-    repair_command, sha256_file,
-)
+from .io import atomic_save_safetensors, atomic_write_json, remove_stale_temp_files
+from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_dir, repair_command, sha256_file
 
 
 @dataclass
@@ -49,12 +48,12 @@ class HarvestConfig:
     """Contexts per forward pass."""
     shard_contexts: int = 512
     """Contexts per shard (512 x 128 = 65k tokens); a multiple of batch_contexts."""
-    dtype: str = "bfloat16"
-    """Storage dtype: float32, bfloat16 or float16."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Storage dtype of the activations."""
     exclude_bos: bool = True
     """Drop position 0 (the BOS-like attention sink, norms ~100x the median)."""
-    autocast: str = "bf16"
-    """Model matmuls in "bf16" (2x faster on CPU, ~1e-4 relative error) or "none" (fp32)."""
+    autocast: Literal["none", "bf16"] = "bf16"
+    """Model matmuls while harvesting: "bf16" (2x faster on CPU, ~1e-4 relative error) or "none" (fp32)."""
     device: str = "auto"
     repair: bool = False
     """Re-harvest the shards whose checksum does not match the manifest (else: an error)."""

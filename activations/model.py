@@ -21,14 +21,55 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import torch
 from torch import nn
 
+class HookedModel(Protocol):
+    """What the workbench needs of a model: TransformerLens' interface, as a `TransformerBridge`
+    over a Hugging Face model (what `load_model` returns) or a `HookedTransformer` offers it.
+    Tensors: tokens [batch pos] -> logits [batch pos d_vocab]."""
+
+    cfg: Any  # n_layers, d_model, d_vocab
+    tokenizer: Any  # a Hugging Face tokenizer
+    hook_dict: dict[str, Any]  # TransformerLens hook name -> hook point
+
+    def __call__(self, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def run_with_cache(self, tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]: ...
+
+    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks: list = ..., **kwargs: Any) -> torch.Tensor: ...
+
+    def hooks(self, fwd_hooks: list = ..., **kwargs: Any) -> ContextManager: ...
+
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelCache:
+    """Models loaded once and reused, keyed by (name, device): an explicit object its owner
+    passes around (the CLI keeps one per command), not module state."""
+
+    def __init__(self):
+        self._models: dict[tuple[str, str], HookedModel] = {}
+
+    def get(self, name: str = DEFAULT_MODEL, device: str = "auto") -> HookedModel:
+        key = (name, device)
+        if key not in self._models:
+            import time
+
+            started = time.perf_counter()
+            self._models[key] = load_model(name, device)
+            print(f"loaded {name} in {time.perf_counter() - started:.0f} s")
+        return self._models[key]
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._models
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -47,35 +47,32 @@ def _add_corpus(p: argparse.ArgumentParser) -> None:
                    "(default: the corpus the SAE was trained on, recorded in its cfg.json)")
 
 
-def _add_harvest(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hooks", nargs="+", default=None, help="several hooks in one pass (default: --hook)")
-    p.add_argument("--n-tokens", type=int, default=None, help="activations to store per hook")
-    p.add_argument("--context-len", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="storage dtype")
-    p.add_argument("--keep-bos", action="store_true", help="also store position 0 (excluded by default)")
-    p.add_argument("--batch-contexts", type=int, default=16, help="contexts per forward pass")
-    p.add_argument("--harvest-autocast", choices=["none", "bf16"], default="bf16", help="model matmul precision while harvesting")
-    p.add_argument("--shard-contexts", type=int, default=512, help="contexts per shard file (a multiple of --batch-contexts)")
+def _add_harvest_flags(p: argparse.ArgumentParser) -> None:
+    from activations import cli as harvest_cli
+
+    harvest_cli.add_arguments(p)
 
 
-def _add_repair(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repair", type=Path, default=None, metavar="STORE",
-                   help="re-harvest the corrupt or missing shards of this store folder (<out>/activations/<hook>); "
-                        "every other setting is read from its manifest")
+def _add_repair_flag(p: argparse.ArgumentParser) -> None:
+    from activations import cli as harvest_cli
+
+    harvest_cli.add_repair_argument(p)
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     from sae import ARCHITECTURES
+    from sae.trainer import DEFAULT_LR_RULE
 
     p.add_argument("--store", default=None, help="activation store folder (default: <out>/activations/<hook>)")
-    p.add_argument("--architecture", nargs="+", default=["topk"], choices=sorted(ARCHITECTURES), help="one or several: trained side by side")
+    p.add_argument("--architecture", nargs="+", default=None, choices=sorted(ARCHITECTURES),
+                   help="one or several, trained side by side (default: the registry's default, topk)")
     p.add_argument("--d-sae", type=int, nargs="+", default=None, help="latent counts (several = a sweep)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="TopK/BatchTopK k values (several = a sweep)")
     p.add_argument("--l1-coefficient", type=float, default=5.0)
     p.add_argument("--l0-coefficient", type=float, default=0.05)
     p.add_argument("--train-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="default: 1.6e-3 / sqrt(d_sae / 2^14)")
+    p.add_argument("--lr", type=float, default=None, help=f"default: {DEFAULT_LR_RULE}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autocast", choices=["none", "bf16"], default="none")
     p.add_argument("--logger", choices=["jsonl", "wandb", "tensorboard"], default="jsonl")
@@ -157,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saewb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     specs = {
-        "run": ("harvest, train, evaluate, analyze and build the dashboard in one go", [_add_corpus, _add_harvest, _add_train, _add_eval, _add_analyze_run]),
-        "harvest": ("store activations of a model at hook points", [_add_corpus, _add_harvest, _add_repair]),
+        "run": ("harvest, train, evaluate, analyze and build the dashboard in one go", [_add_corpus, _add_harvest_flags, _add_train, _add_eval, _add_analyze_run]),
+        "harvest": ("store activations of a model at hook points", [_add_corpus, _add_harvest_flags, _add_repair_flag]),
         "train": ("train SAEs on a store", [_add_corpus, _add_train]),
         "evaluate": ("metrics + HTML report of trained SAEs on held-out text", [_add_corpus, _add_eval]),
         "analyze": ("feature atlas (one pass over held-out text) + labels scored on other held-out text", [_add_corpus, _add_analyze]),
@@ -193,19 +190,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-_LOADED_MODELS: dict[tuple[str, str], object] = {}
-
-
 def _model(args):
-    """Load the model once per process (`run` needs it for harvest and evaluation)."""
-    from activations import load_model
+    """The model of `args.model` on `args.device`, loaded once per command (`run` needs it for
+    harvest, evaluation and analysis) through the command's own `ModelCache`."""
+    if getattr(args, "models", None) is None:
+        from activations.model import ModelCache
 
-    key = (args.model, args.device)
-    if key not in _LOADED_MODELS:
-        started = time.perf_counter()
-        _LOADED_MODELS[key] = load_model(args.model, args.device)
-        print(f"loaded {args.model} in {time.perf_counter() - started:.0f} s")
-    return _LOADED_MODELS[key]
+        args.models = ModelCache()
+    return args.models.get(args.model, args.device)
 
 
 def _model_of(args, sae):
@@ -216,45 +208,28 @@ def _model_of(args, sae):
 
 
 def cmd_harvest(args) -> dict:
-    from activations import CorpusConfig, HarvestConfig, harvest
+    from activations import cli as harvest_cli
 
-    if getattr(args, "repair", None):
-        from activations.harvest import repair_config
-
-        # same model, corpus, sizes and device as the original harvest; --model only says where
-        # to load that model from (e.g. a moved folder), --device where to run
-        cfg = repair_config(args.repair, **({"device": args.device} if args.device != "auto" else {}))
-        args.device, args.model = cfg.device, args.model if args.model_given else cfg.model
-        stores = harvest(cfg, _model(args))
-        for hook, store in stores.items():
-            print(f"repaired: {store.path} ({len(store.shards)} shards, {store.n_tokens:,} tokens)")
-        return stores
-    cfg = HarvestConfig(
-        out_dir=str(args.out / "activations"), model=args.model, hooks=args.hooks or [args.hook],
-        corpus=CorpusConfig(source=args.corpus or "default", context_len=args.context_len), n_tokens=args.n_tokens,
-        batch_contexts=args.batch_contexts, shard_contexts=args.shard_contexts, dtype=args.dtype, exclude_bos=not args.keep_bos,
-        autocast=args.harvest_autocast, device=args.device,
-    )
-    stores = harvest(cfg, _model(args))
-    for hook, store in stores.items():
-        print(f"activations: {store.path} ({store.n_tokens:,} tokens, d_in {store.d_in})")
-    return stores
+    return harvest_cli.run(args, _model)
 
 
 def _sae_configs(args, d_in: int, context_len: int):
-    """One SAEConfig per (architecture, d_sae, k) in the sweep; k only varies for TopK-style SAEs."""
-    from sae import SAEConfig
+    """One SAE config per architecture x d_sae x the values of the fields that architecture
+    sweeps (`sweep_fields`, e.g. k for TopK-style SAEs); other flags go to every config, and
+    each architecture's config keeps only its own fields."""
+    import itertools
+
+    from sae import ARCHITECTURES, make_config
 
     as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    shared = dict(d_in=d_in, hook_name=args.hook, model_name=args.model, context_size=context_len, k=as_list(args.k)[0],
+                  l1_coefficient=args.l1_coefficient, l0_coefficient=args.l0_coefficient)
     configs = []
-    for arch in args.architecture:
+    for arch in args.architecture or [make_config().architecture]:
+        swept = {name: as_list(getattr(args, name)) for name in ARCHITECTURES[arch].sweep_fields}
         for d_sae in as_list(args.d_sae):
-            for k in as_list(args.k) if arch in ("topk", "batchtopk") else as_list(args.k)[:1]:
-                configs.append(SAEConfig(
-                    architecture=arch, d_in=d_in, d_sae=d_sae, k=k, l1_coefficient=args.l1_coefficient,
-                    l0_coefficient=args.l0_coefficient, hook_name=args.hook, model_name=args.model,
-                    context_size=context_len,
-                ))
+            for values in itertools.product(*swept.values()):
+                configs.append(make_config(arch, **{**shared, "d_sae": d_sae, **dict(zip(swept, values))}))
     return configs
 
 
@@ -264,9 +239,10 @@ def cmd_train(args):
 
     if args.on_the_fly:
         from activations import CorpusConfig
+        from activations.flags import from_flags
         from sae.on_the_fly import OnTheFlySource
 
-        corpus = CorpusConfig(source=args.corpus or "default", context_len=getattr(args, "context_len", 128))
+        corpus = from_flags(CorpusConfig, args, source=args.corpus or "default")
         source = OnTheFlySource(_model(args), args.hook, corpus=corpus)
         context_len = corpus.context_len
     else:
@@ -307,7 +283,7 @@ def cmd_evaluate(args, sae_paths=None):
     from activations.corpus import describe, heldout_corpus
     from sae import load_sae
 
-    from .evaluate import EvalConfig, evaluate, summary_line, write_results
+    from .evaluation.evaluate import EvalConfig, evaluate, summary_line, write_results
 
     if sae_paths is None and args.sae:
         sae_paths = [Path(p) for p in args.sae]
@@ -351,8 +327,8 @@ def cmd_analyze(args, sae_paths=None, dashboard: bool = False) -> list[Path]:
     from activations.corpus import describe, heldout_corpus
     from sae import load_sae
 
-    from .atlas import AtlasConfig, build_atlas, export_neuronpedia
-    from .labels import LabelConfig, label_features, save_labels
+    from .features.atlas import AtlasConfig, build_atlas, export_neuronpedia
+    from .features.labels import LabelConfig, label_features, save_labels
 
     paths = sae_paths or ([Path(p) for p in args.sae] if getattr(args, "sae", None) else _trained_saes(args))
     llm, insecure = None, bool(getattr(args, "allow_insecure_endpoint", False))
@@ -380,10 +356,10 @@ def cmd_analyze(args, sae_paths=None, dashboard: bool = False) -> list[Path]:
         started = time.perf_counter()
         labels = label_features(atlas, sae, model, LabelConfig(n_score_contexts=label_contexts, llm=llm, allow_insecure_endpoint=insecure))
         labels_path = save_labels(labels, atlas_dir / "labels.json")
-        ls = labels["summary"]
-        print(f"labels: {labels_path} (scored on {labels['scored_on']['n_contexts']} later contexts, {time.perf_counter() - started:.0f} s): "
-              f"{ls['share_of_live_with_f1_at_least_0.5']:.1%} of "
-              f"{ls['live_features']:,} live features have a label with held-out F1 >= 0.5 (median best F1 {ls['median_best_f1']:.2f})")
+        ls = labels.summary
+        print(f"labels: {labels_path} (scored on {labels.scored_on.n_contexts} later contexts, {time.perf_counter() - started:.0f} s): "
+              f"{ls.share_of_live_with_f1_at_least_half:.1%} of "
+              f"{ls.live_features:,} live features have a label with held-out F1 >= 0.5 (median best F1 {ls.median_best_f1:.2f})")
         if getattr(args, "neuronpedia", False):
             print(f"neuronpedia: {export_neuronpedia(atlas, atlas_dir / 'neuronpedia.json', labels)}")
         if dashboard:
@@ -425,8 +401,8 @@ def _ultralow_text(ultralow: dict | None) -> str:
 def cmd_monitor(args) -> None:
     from sae import load_sae
 
-    from .labels import load_labels
-    from .monitor import find_features, monitor, monitor_html, monitor_table
+    from .features.labels import load_labels
+    from .features.monitor import find_features, monitor, monitor_html, monitor_table
 
     sae_path = Path(args.sae) if args.sae else _trained_saes(args)[0]
     sae = load_sae(sae_path)
@@ -437,7 +413,7 @@ def cmd_monitor(args) -> None:
         raise SystemExit(str(error)) from None
     model = _model_of(args, sae)
     if args.find:
-        from .atlas import load_atlas
+        from .features.atlas import load_atlas
 
         atlas = load_atlas(atlas_dir)
         results = find_features(args.find, model, sae, atlas, labels, n=2 * args.top_k)
@@ -451,23 +427,23 @@ def cmd_monitor(args) -> None:
     rows = monitor(text, model, sae, labels, top_k=args.top_k)
     max_activation = None
     if (atlas_dir / "atlas.json").exists():
-        from .atlas import load_atlas
+        from .features.atlas import load_atlas
 
         max_activation = load_atlas(atlas_dir).max_activation
     print(monitor_table(rows, max_activation))
     if args.html:
-        from activations.store import atomic_write_bytes
+        from activations.io import atomic_write_bytes
 
         atomic_write_bytes(args.html, monitor_html(rows, f"{sae_path.name}: feature monitor", max_activation).encode())
         print(f"page: {args.html.resolve().as_uri()}")
 
 
 def cmd_dashboard(args) -> Path:
-    from .atlas import load_atlas
+    from .features.atlas import load_atlas
     from .dashboard import build_dashboard
 
     atlas = load_atlas(args.atlas or args.out / "atlas")
-    from .labels import load_labels
+    from .features.labels import load_labels
 
     try:
         labels = load_labels(args.labels, atlas.d_sae) if args.labels else None
@@ -500,15 +476,16 @@ def _label_predicates(labels_path: Path, features: list[int], tokenizer, d_sae: 
     text says what the label says", a concept score independent of the feature's activation."""
     if not labels_path.exists():
         return None
-    from .labels import label_predicate, load_labels
+    from .features.labels import label_predicate, load_labels
 
     try:
-        entries = [load_labels(labels_path, d_sae)["features"][f] for f in features]
+        labels = load_labels(labels_path, d_sae)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    predicates = [label_predicate(e, tokenizer) for e in entries if e is not None]
-    for f, e in zip(features, entries):
-        print(f"f{f} label: {e['label'] if e else '(dead feature)'}" + (f"  (held-out F1 {e['f1']:.2f})" if e else ""))
+    chosen = [labels.best(f) for f in features]
+    predicates = [label_predicate(label, tokenizer) for label in chosen if label is not None]
+    for f, label in zip(features, chosen):
+        print(f"f{f} label: {label.text if label else '(dead feature)'}" + (f"  (held-out F1 {label.scores.f1:.2f})" if label and label.scores else ""))
     if not predicates:
         return None
     return lambda tokens: functools.reduce(operator.or_, (p(tokens) for p in predicates))
@@ -540,7 +517,7 @@ def cmd_steer(args):
     atlas_dir = args.atlas or (Path(args.sae) / "atlas" if (Path(args.sae) / "atlas" / "atlas.json").exists() else None)
     max_activation, predicate = None, None
     if atlas_dir is not None:
-        from .atlas import load_atlas
+        from .features.atlas import load_atlas
 
         atlas = load_atlas(atlas_dir)
         if atlas.d_sae != sae.cfg.d_sae:

@@ -1,4 +1,4 @@
-"""Atlas throughput: `analysis.atlas.build_atlas` against its own floor, in one run.
+"""Atlas throughput: `analysis.features.atlas.build_atlas` against its own floor, in one run.
 
 The floor is the bare work every atlas must do: the model's forward pass to the SAE's hook
 and the SAE encoder, on the same held-out contexts, batch and precision. The ratio
@@ -45,7 +45,7 @@ def floor_seconds(sae_path: str, n_tokens: int, batch_contexts: int, autocast: s
 
 def atlas_child(sae_path: str, n_tokens: int, batch_contexts: int, autocast: str, out: str) -> None:
     from activations import load_model
-    from analysis.atlas import AtlasConfig, build_atlas
+    from analysis.features.atlas import AtlasConfig, build_atlas
     from sae import load_sae
 
     sae = load_sae(sae_path)

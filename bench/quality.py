@@ -2,7 +2,7 @@
 
 Every SAE is trained on the same activation store (the same shuffled batches, in the same
 order), with the same width, k, batch size and token count, then scored by the same
-`analysis.evaluate.evaluate` on the same held-out text. Prints a table and writes
+`analysis.evaluation.evaluate.evaluate` on the same held-out text. Prints a table and writes
 `<out>/quality.json`; each SAE folder also gets the usual `eval.json` + `report.html`.
 
 Run (from the repository root, after `saewb run` has written the default store):
@@ -83,7 +83,8 @@ from typing import Iterator
 
 import torch
 
-from activations.store import ActivationStore, atomic_write_json
+from activations.io import atomic_write_json
+from activations.store import ActivationStore
 from analysis.cli import PRESETS
 from sae import ARCHITECTURES, SAEConfig, load_sae
 from sae.trainer import INIT_SAMPLE_EPOCH, TrainConfig, Trainer, sae_name, train
@@ -323,7 +324,7 @@ def train_peers(args: argparse.Namespace, cfg: TrainConfig, store: ActivationSto
 # ---------------------------------------------------------------------------- evaluation + report
 def evaluate_all(trained: list[Trained], args: argparse.Namespace, store: ActivationStore) -> dict[str, dict]:
     from activations import CorpusConfig, load_model
-    from analysis.evaluate import EvalConfig, evaluate, write_results
+    from analysis.evaluation.evaluate import EvalConfig, evaluate, write_results
 
     model = load_model(store.model_name, args.device)
     eval_cfg = EvalConfig(

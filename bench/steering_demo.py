@@ -6,7 +6,7 @@ and at what fluency cost? Clamp vs add vs simply prompting for the concept.
 
 Features come from the SAE's feature atlas and labels (`saewb analyze`, in <sae>/atlas):
 
-* for each concept the concept search (`analysis.monitor.find_features`, the same ranking as
+* for each concept the concept search (`analysis.features.monitor.find_features`, the same ranking as
   `saewb monitor --find`) ranks features; the first of its top 10 whose best label scores
   held-out F1 >= --min-label-f1 and that fires on < --max-density of tokens is steered
   (or name them: --features 1599:music);
@@ -45,10 +45,10 @@ from pathlib import Path
 import torch
 
 from activations import CorpusConfig, load_contexts, load_model
-from activations.store import atomic_write_json
-from analysis.atlas import load_atlas
-from analysis.labels import label_predicate, load_labels
-from analysis.monitor import find_features
+from activations.io import atomic_write_json
+from analysis.features.atlas import load_atlas
+from analysis.features.labels import Labels, label_predicate, load_labels
+from analysis.features.monitor import find_features
 from analysis.steering import (
     NEUTRAL_PROMPTS, GenerationConfig, Intervention, Steering, SweepResult, causal_check, encode_prompts, generate_tokens,
     kl_on_text, score_condition, write_sweep,
@@ -63,7 +63,7 @@ def parse_feature(spec: str) -> tuple[int, str]:
     return int(feature), concept
 
 
-def pick_feature(concept: str, model, sae, atlas, labels: dict, min_f1: float, max_density: float) -> int:
+def pick_feature(concept: str, model, sae, atlas, labels: Labels, min_f1: float, max_density: float) -> int:
     """The concept search's best-ranked feature with a well-scored label and low density."""
     found = find_features(concept, model, sae, atlas, labels, n=10)
     print(f"\nconcept search {concept!r} ({found[0]['occurrences']} occurrences, {found[0]['corpus_occurrences']} in the atlas text):")
@@ -131,7 +131,8 @@ def main() -> None:
 
     summary = []
     for feature, concept in chosen:
-        label = labels["features"][feature]
+        label = labels.best(feature)
+        label_f1 = label.scores.f1 if label and label.scores else None
         predicate = label_predicate(label, tokenizer) if label else None
 
         def score(series, strength, prompt_ids, generated, kl):
@@ -151,7 +152,7 @@ def main() -> None:
         causal = causal_check(model, sae, feature, heldout[:args.causal_contexts])
 
         base = points[0]
-        print(f"\nfeature {feature} ({concept}): label {label['label'] if label else '-'} (held-out F1 {label['f1'] if label else 0:.2f}); "
+        print(f"\nfeature {feature} ({concept}): label {label.text if label else '-'} (held-out F1 {label_f1 or 0:.2f}); "
               f"max activation {float(atlas.max_activation[feature]):.3g}, density {float(atlas.density[feature]):.2e}  "
               f"[{time.perf_counter() - started:.0f} s]")
         print(f"{'condition':<10} {'strength':>8} {'concept freq':>12} {'x unsteered':>11} {'label freq':>10} {'mean act':>8} "
@@ -163,7 +164,7 @@ def main() -> None:
                   f"{pt.repetition:>10.3f} {'-' if pt.kl is None else f'{pt.kl:.3f}':>7}")
         print(f"causal check: ablating it where it fires ({causal.n_positions} positions) changes log P(promoted tokens) by "
               f"{causal.delta:+.3f} nats (random tokens {causal.control_delta:+.3f}); lowered at {causal.fraction_lowered:.0%} of them")
-        entry = {"feature": feature, "concept": concept, "label": label["label"] if label else None, "label_f1": label["f1"] if label else None,
+        entry = {"feature": feature, "concept": concept, "label": label.text if label else None, "label_f1": label_f1,
                  "density": float(atlas.density[feature]), "max_activation": float(atlas.max_activation[feature]),
                  "causal": causal._asdict(), "points": [vars(pt) | {"examples": pt.examples[:3]} for pt in points]}
         for series in ("prompt", *args.modes):

@@ -22,7 +22,7 @@ Parts (`--skip` any of them):
            TopK can pass this bound. Held-out FVU / L0 / dead fraction are measured on the
            store's last shard(s), which no run trains on, so "bf16 is faster at equal FVU"
            can be checked. A `topk plain` row repeats TopK fp32 with plain autograd and
-           default Adam (`sae.common.FAST_TRAINING = False`): the speed-up of the fast path.
+           default Adam (`TrainConfig.fast_kernels = False`): the speed-up of the fast path.
 ``lens``   SAE Lens TopK (`bench/quality.py`'s matched recipe) on the same store batches,
            width, k, batch, lr and token count; tokens/s of the whole training call for both
            (ours: the `topk fp32` run, init included), and held-out FVU, L0, dead fraction.
@@ -64,9 +64,9 @@ from memory import peak_rss_mb  # noqa: E402
 
 from activations import ActivationStore  # noqa: E402
 from activations.model import resolve_device  # noqa: E402
-from activations.store import atomic_write_json  # noqa: E402
-from analysis.metrics import ReconstructionStats  # noqa: E402
-from sae import ARCHITECTURES, SAEConfig, common, load_sae  # noqa: E402
+from activations.io import atomic_write_json  # noqa: E402
+from analysis.evaluation.metrics import ReconstructionStats  # noqa: E402
+from sae import ARCHITECTURES, SAEConfig, load_sae  # noqa: E402
 from sae.trainer import TrainConfig, Trainer, default_lr  # noqa: E402
 
 PARTS = ["peak", "arch", "lens", "e2e", "rss"]
@@ -153,12 +153,8 @@ def part_arch(args, train, heldout, peaks: dict) -> list[dict]:
     rows = []
     plans = [(arch, mode, True) for arch in args.archs for mode in ("none", "bf16")] + [("topk", "none", False)] * ("topk" in args.archs)
     for arch, mode, fast in plans:
-        common.FAST_TRAINING = fast
-        try:
-            run = run_trainer(f"{arch} {'bf16' if mode == 'bf16' else 'fp32'}{'' if fast else ' plain'}",
-                              train_config(args, train, args.out / "arch" / f"{arch}_{mode}_{fast}", arch, mode), train)
-        finally:
-            common.FAST_TRAINING = True
+        run = run_trainer(f"{arch} {'bf16' if mode == 'bf16' else 'fp32'}{'' if fast else ' plain'}",
+                          train_config(args, train, args.out / "arch" / f"{arch}_{mode}_{fast}", arch, mode, fast_kernels=fast), train)
         peak = peaks.get("bf16" if mode == "bf16" else "fp32")
         bound = peak / (2 * train.d_in * args.d_sae * 3) if peak else None
         rows.append(asdict(run) | {"bound_tokens_per_s": bound} | heldout_metrics(run.path, heldout, args.heldout_tokens, args.device))

@@ -1,15 +1,17 @@
 """The SAE base class, the architecture registry, and SAE Lens-format save/load.
 
-Every architecture shares the parameters and maths
-    pre   = (x - b_dec) @ W_enc + b_enc          [batch, d_sae]
-    f     = activation(pre)                      [batch, d_sae]
-    x_hat = f @ W_dec + b_dec                    [batch, d_in]
-and differs only in `activation` (inference) and `training_forward` (loss during training).
+Every architecture shares the parameters and maths (shapes as einops strings)
+    pre   = (x - b_dec) @ W_enc + b_enc          (batch d_sae)
+    f     = activation(pre)                      (batch d_sae)
+    x_hat = f @ W_dec + b_dec                    (batch d_in)
+and differs in `activation` (inference), `training_forward` (loss during training) and the
+hooks below (`aux_loss`, `max_active_latents`, SAE Lens export and import). An architecture is
+one file: a `SAEConfig` subclass with its fields, an `SAE` subclass, and `@register` above it.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -17,73 +19,133 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from . import common
-from .common import encoder_pre_acts, gather_pre_acts, normalize_decoder_rows, sparse_decode, tied_init
+from .common import encoder_pre_acts, normalize_decoder_rows, tied_init
 from .config import SAEConfig
 
-ARCHITECTURES: dict[str, type["SAE"]] = {}
+ARCHITECTURES: dict[str, type[SAE]] = {}
+"""Architecture name -> SAE class; the name is its config class's `architecture` default."""
+
+_DEFAULT_ARCHITECTURE: list[str] = []
+"""The architecture `make_config` builds when none is named (set once by `register(default=True)`)."""
 
 
-def register(name: str):
-    def wrap(cls):
+def register(cls: type[SAE] | None = None, *, default: bool = False):
+    """Class decorator: `@register` (or `@register(default=True)`) registers an SAE class under
+    its `config_class`'s architecture name, refusing a name or SAE Lens string already taken."""
+
+    def wrap(cls: type[SAE]) -> type[SAE]:
+        name = cls.config_class.__dataclass_fields__["architecture"].default
+        if not name or name in ARCHITECTURES:
+            raise ValueError(f"{cls.__name__}: its config_class {cls.config_class.__name__} must set its own architecture "
+                             f"default (got {name!r}; registered: {sorted(ARCHITECTURES)})")
+        for other in ARCHITECTURES.values():
+            taken = set(other.sae_lens_loads) & set(cls.sae_lens_loads)
+            if taken:
+                raise ValueError(f"{cls.__name__}: SAE Lens architecture(s) {sorted(taken)} already load as {other.architecture!r}")
         cls.architecture = name
         ARCHITECTURES[name] = cls
+        if default:
+            _DEFAULT_ARCHITECTURE[:] = [name]
         return cls
-    return wrap
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _fields_of_any_architecture() -> set[str]:
+    return {name for cls in ARCHITECTURES.values() for name in cls.config_class.field_names()}
+
+
+def make_config(architecture: str | None = None, **fields) -> SAEConfig:
+    """The config of `architecture` (None: the default one) from flat fields. Fields that only
+    other architectures have are ignored (a CLI sweep passes every flag to every architecture,
+    and cfg.json files from before the configs were split hold them all); a field that no
+    registered architecture has is a TypeError. `SAEConfig(**fields)` calls this."""
+    name = architecture if architecture is not None else _DEFAULT_ARCHITECTURE[0]
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; registered: {sorted(ARCHITECTURES)}")
+    config_class = ARCHITECTURES[name].config_class
+    own = config_class.field_names()
+    unknown = sorted(set(fields) - _fields_of_any_architecture())
+    if unknown:
+        raise TypeError(f"unknown key(s) {unknown}; the known keys are {own} (keys of other architectures' configs are ignored)")
+    return config_class(architecture=name, **{key: value for key, value in fields.items() if key in own})
 
 
 class TrainOutput(NamedTuple):
     loss: Tensor
-    """Total loss to backpropagate."""
+    """Total loss to backpropagate, () (without the auxiliary loss, see `SAE.aux_loss`)."""
     x_hat: Tensor
-    """Reconstruction [batch, d_in]."""
+    """Reconstruction (batch d_in)."""
     active: Tensor
-    """Bool [d_sae]: which latents fired anywhere in this batch (dead-latent tracking)."""
+    """Bool (d_sae): which latents fired anywhere in this batch (dead-latent tracking)."""
     l0: Tensor
-    """Mean active latents per token."""
+    """Mean active latents per token, ()."""
     mse: Tensor
-    """Mean over the batch of ||x - x_hat||^2."""
+    """Mean over the batch of ||x - x_hat||^2, ()."""
     sparsity: Tensor
-    """The architecture's sparsity penalty (already weighted), or 0."""
+    """The architecture's sparsity penalty (already weighted), or 0, ()."""
     pre: Tensor
-    """Pre-activations [batch, d_sae], reused by AuxK instead of a second encoder matmul."""
+    """Pre-activations (batch d_sae), reused by AuxK instead of a second encoder matmul."""
 
 
 class SAE(nn.Module):
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    """The architecture's config dataclass (each architecture file defines one)."""
     architecture: ClassVar[str] = ""
-    sae_lens_architecture: ClassVar[str] = ""  # the `architecture` string SAE Lens knows
+    """Registered name, set by `register` from `config_class`."""
+    sweep_fields: ClassVar[tuple[str, ...]] = ()
+    """Config fields a sweep over several values trains one SAE per value of (e.g. ("k",))."""
+    sae_lens_architecture: ClassVar[str] = ""
+    """The `architecture` string SAE Lens loads what `save` writes as."""
+    sae_lens_loads: ClassVar[tuple[str, ...]] = ()
+    """SAE Lens `architecture` strings of other tools' directories that `load_sae` loads as this class."""
+    sae_lens_pre_6_default: ClassVar[bool] = False
+    """Whether SAE Lens before 6.0 read a cfg.json without "architecture" as this class (named in load errors)."""
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__} "
+                            "(build it with sae.make_config)")
         self.cfg = cfg
         w_enc, w_dec = tied_init(cfg.d_in, cfg.d_sae, generator)
-        self.W_enc = nn.Parameter(w_enc)  # [d_in, d_sae]
+        self.W_enc = nn.Parameter(w_enc)  # (d_in d_sae)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.W_dec = nn.Parameter(w_dec)  # [d_sae, d_in]
+        self.W_dec = nn.Parameter(w_dec)  # (d_sae d_in)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.training_data: dict = {}
         """Where the training activations came from (set by the trainer, saved in cfg.json):
         "corpus" (a CorpusConfig dict), "model", "store" and "store_fingerprint". Later stages
         read their held-out text from the same corpus (`activations.corpus.heldout_corpus`)."""
 
+    @property
+    def max_active_latents(self) -> int:
+        """How many latents per token analysis keeps (the atlas's code buffer): the most that can
+        be active where the architecture bounds it, else the strongest 64, which only truncates
+        the weakest activations of very dense tokens."""
+        return min(self.cfg.d_sae, 64)
+
     # ---------------------------------------------------------------- inference
-    def pre_acts(self, x: Tensor) -> Tensor:
-        """[..., d_in] -> [..., d_sae]"""
-        return encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec)
+    def pre_acts(self, x: Tensor, fast: bool = False) -> Tensor:
+        """(... d_in) -> (... d_sae). `fast`: 2-D inputs with gradients on take the hand-written
+        backward of `sae.common.encoder_pre_acts` (training)."""
+        return encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec, fast)
 
     def activation(self, pre: Tensor) -> Tensor:
+        """Feature activations (... d_sae) from pre-activations (... d_sae)."""
         raise NotImplementedError
 
     def encode(self, x: Tensor) -> Tensor:
-        """Feature activations f [..., d_sae] of raw activations x [..., d_in]."""
+        """Feature activations f (... d_sae) of raw activations x (... d_in)."""
         self._check_input(x)
         return self.activation(self.pre_acts(x))
 
     def decode(self, f: Tensor) -> Tensor:
-        """[..., d_sae] -> [..., d_in]"""
+        """(... d_sae) -> (... d_in)"""
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction (... d_in) of x (... d_in)."""
         return self.decode(self.encode(x))
 
     def _check_input(self, x: Tensor) -> None:
@@ -91,37 +153,24 @@ class SAE(nn.Module):
             raise ValueError(f"SAE expects d_in={self.cfg.d_in} ({self.cfg.hook_name}), got activations of width {x.shape[-1]}")
 
     # ---------------------------------------------------------------- training
-    def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
-        """Loss on a batch x [batch, d_in] (normalised inputs). `sparsity_scale` in [0, 1]
-        warms the sparsity penalty up. AuxK is added by the trainer, which knows dead latents."""
-        pre = self.pre_acts(x)
+    def training_forward(self, x: Tensor, sparsity_scale: float = 1.0, fast: bool = False) -> TrainOutput:
+        """Loss on a batch x (batch d_in) (normalised inputs). `sparsity_scale` in [0, 1]
+        warms the sparsity penalty up. `fast`: the hand-written backward passes of
+        `sae.common` (same maths as plain autograd, less work; `TrainConfig.fast_kernels`)."""
+        pre = self.pre_acts(x, fast)
         f = self.activation(pre)
         x_hat = self.decode(f)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         zero = x.new_zeros(())
         return TrainOutput(mse, x_hat, (f > 0).any(0), (f > 0).float().sum(-1).mean(), mse, zero, pre)
 
-    def selective_pre_acts(self, x: Tensor) -> Tensor:
-        """Pre-activations [batch, d_sae] for SAEs whose gradient reaches only selected latents
-        (TopK, AuxK): no autograd graph with the fast backward on; take gradients through
-        `gather_pre_acts`."""
-        if common.FAST_TRAINING:
-            with torch.no_grad():
-                return self.pre_acts(x)
-        return self.pre_acts(x)
-
-    def gather_pre_acts(self, x: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
-        """pre.gather(1, indices) [batch, k] with the encoder's gradient at those latents only."""
-        return gather_pre_acts(pre, indices, x, self.W_enc, self.b_enc, self.b_dec)
-
-    def topk_training_forward(self, x: Tensor, pre: Tensor, values: Tensor, indices: Tensor) -> TrainOutput:
-        """Shared tail of TopK-style training: sparse decode from (values, indices) [batch, k]."""
-        x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
-        mse = (x - x_hat).pow(2).sum(-1).mean()
-        active = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-        active[indices[values > 0]] = True
-        l0 = (values > 0).float().sum(-1).mean()
-        return TrainOutput(mse, x_hat, active, l0, mse, x.new_zeros(()), pre)
+    def aux_loss(self, x: Tensor, out: TrainOutput, dead: Tensor, k_aux: int, fast: bool = False,
+                 mean_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The architecture's auxiliary loss () (unweighted: the trainer adds
+        `aux_coefficient` times it), 0 for architectures without one. x (batch d_in), `out` of
+        `training_forward` on x, dead bool (d_sae): latents that have not fired for a while.
+        `mean_over_ranks` (data-parallel): turns a sum over this rank's batch into the mean over ranks."""
+        return x.new_zeros(())
 
     @torch.no_grad()
     def post_step(self) -> None:
@@ -137,6 +186,15 @@ class SAE(nn.Module):
         self.W_dec /= scale
 
     # ---------------------------------------------------------------- SAE Lens format
+    def sae_lens_fields(self) -> dict:
+        """Architecture-specific top-level cfg.json fields SAE Lens reads (e.g. TopK's k)."""
+        return {}
+
+    @classmethod
+    def config_fields_from_sae_lens(cls, raw: dict) -> dict:
+        """Config fields of this architecture read from another tool's SAE Lens cfg.json `raw`."""
+        return {}
+
     def sae_lens_config(self) -> dict:
         cfg = self.cfg
         return {
@@ -158,17 +216,19 @@ class SAE(nn.Module):
                 **({"dataset_path": self.training_data["corpus"]["source"]} if "corpus" in self.training_data else {}),
                 **({"workbench_training_data": self.training_data} if self.training_data else {}),
             },
+            **self.sae_lens_fields(),
         }
 
     def extra_tensors(self) -> dict[str, Tensor]:
-        """Non-parameter tensors saved beside the weights (e.g. a JumpReLU threshold)."""
+        """Non-parameter tensors saved beside the weights (e.g. BatchTopK's threshold (d_sae))."""
         return {}
 
     def load_extra_tensors(self, state: dict[str, Tensor]) -> None:
-        pass
+        """Read what `extra_tensors` saved from `state` (name -> tensor)."""
 
     def load_tensors(self, state: dict[str, Tensor]) -> None:
-        """Copy weights from `state`, with clear errors for missing or mis-shaped tensors."""
+        """Copy weights from `state` (name -> tensor: W_enc (d_in d_sae), b_enc (d_sae), W_dec (d_sae d_in),
+        b_dec (d_in), ...), with clear errors for missing or mis-shaped tensors."""
         for name, p in self.named_parameters():
             if name not in state:
                 raise ValueError(f"SAE weights are missing {name!r}")
@@ -181,7 +241,7 @@ class SAE(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write `cfg.json` + `sae_weights.safetensors` (SAE Lens format), atomically."""
-        from activations.store import atomic_save_safetensors, atomic_write_json
+        from activations.io import atomic_save_safetensors, atomic_write_json
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -192,21 +252,19 @@ class SAE(nn.Module):
 
 
 def _workbench_config(ours, cfg_path: Path) -> SAEConfig:
-    """The SAEConfig saved in cfg.json's metadata.workbench_config, with errors that name the
-    file and what is allowed (unknown keys, no or an unregistered architecture, bad values)."""
+    """The architecture's config saved in cfg.json's metadata.workbench_config, with errors that
+    name the file and what is allowed (no or an unregistered architecture, unknown keys, bad
+    values). Files written before the configs were split hold every architecture's fields:
+    those of other architectures are ignored (`make_config`)."""
     where = f"{cfg_path} (metadata.workbench_config)"
     if not isinstance(ours, dict):
         raise ValueError(f"{where}: expected an object of SAEConfig fields, found {type(ours).__name__}")
-    known = [f.name for f in dataclasses.fields(SAEConfig)]
-    unknown = sorted(set(ours) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; the known keys are {known}")
     if "architecture" not in ours:
         raise ValueError(f"{where} has no \"architecture\"; registered architectures: {sorted(ARCHITECTURES)}")
     if ours["architecture"] not in ARCHITECTURES:
         raise ValueError(f"{where}: architecture {ours['architecture']!r} is not registered; registered: {sorted(ARCHITECTURES)}")
     try:
-        return SAEConfig(**ours)
+        return make_config(**ours)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
 
@@ -229,21 +287,23 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         cfg = _workbench_config(ours, cfg_path)
     else:
         if "architecture" not in raw:
-            # SAE Lens >= 6 always writes it; older SAE Lens assumed "standard" when it was missing
+            # SAE Lens >= 6 always writes it; older SAE Lens assumed one architecture when it was missing
+            old_default = [c.sae_lens_loads[0] for c in ARCHITECTURES.values() if c.sae_lens_pre_6_default]
             raise ValueError(
                 f"{cfg_path} has no \"architecture\" field, so it is unknown which SAE this is; registered architectures: "
-                f"{sorted(ARCHITECTURES)}. Add the right one to the file (a cfg.json from SAE Lens before 6.0 without it "
-                "meant \"architecture\": \"standard\")")
+                f"{sorted(ARCHITECTURES)}. Add the right one to the file"
+                + "".join(f" (a cfg.json from SAE Lens before 6.0 without it meant \"architecture\": \"{name}\")" for name in old_default))
         missing = [key for key in ("d_in", "d_sae") if key not in raw]
         if missing:
             raise ValueError(f"{cfg_path} lacks {missing}: an SAE Lens cfg.json needs d_in and d_sae")
-        arch = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(raw["architecture"])
-        if arch is None:
-            raise ValueError(f"{cfg_path}: architecture {raw.get('architecture')!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+        cls = next((c for c in ARCHITECTURES.values() if raw["architecture"] in c.sae_lens_loads), None)
+        if cls is None:
+            supported = sorted(name for c in ARCHITECTURES.values() for name in c.sae_lens_loads)
+            raise ValueError(f"{cfg_path}: architecture {raw.get('architecture')!r} is not supported; supported: {supported}")
         if raw.get("normalize_activations", "none") not in ("none", None):
             raise ValueError(f"{cfg_path}: normalize_activations={raw['normalize_activations']!r} is not supported (fold it into the weights)")
-        cfg = SAEConfig(
-            architecture=arch, d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), k=int(raw.get("k", 32)),
+        cfg = make_config(
+            cls.architecture, d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), **cls.config_fields_from_sae_lens(raw),
             hook_name=meta.get("hook_name") or raw.get("hook_name", ""), model_name=meta.get("model_name") or raw.get("model_name", ""),
             context_size=int(meta.get("context_size") or raw.get("context_size") or 128),
         )

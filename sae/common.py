@@ -1,6 +1,14 @@
-"""Maths shared by every architecture and the trainer, written once."""
+"""Maths shared by every architecture and the trainer, written once. Shapes are einops
+strings: x (batch d_in), pre-activations (batch d_sae), the k active latents of each row
+(batch k).
+
+The hand-written backward passes (`_PreActs`, `_GatherPreActs`, `_SparseDecode`) compute what
+plain autograd computes with less work; callers ask for them with `fast=True` (the trainer
+passes `TrainConfig.fast_kernels`) and get plain autograd otherwise, the reference that
+tests/test_fast_training.py compares against."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,14 +19,14 @@ if TYPE_CHECKING:
 
 
 def tied_init(d_in: int, d_sae: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """W_dec with unit-norm random rows [d_sae, d_in], and W_enc = W_dec.T [d_in, d_sae]."""
+    """(W_enc, W_dec): W_dec (d_sae d_in) with unit-norm random rows, and W_enc = W_dec.T (d_in d_sae)."""
     w_dec = torch.randn(d_sae, d_in, generator=generator)
     w_dec /= w_dec.norm(dim=1, keepdim=True)
     return w_dec.T.clone(), w_dec
 
 
 def geometric_median(points: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
-    """Weiszfeld's algorithm: the point minimising the summed distance to `points` [n, d]."""
+    """Weiszfeld's algorithm: the point (d) minimising the summed distance to `points` (n d)."""
     median = points.mean(0)
     for _ in range(iters):
         weights = 1.0 / (points - median).norm(dim=1).clamp_min(eps)
@@ -30,7 +38,7 @@ def geometric_median(points: Tensor, iters: int = 100, eps: float = 1e-6) -> Ten
 
 
 def check_init_sample(sample: Tensor, source=None) -> None:
-    """A ValueError if the initialisation sample [n, d_in] (input scale, b_dec) holds NaN/inf:
+    """A ValueError if the initialisation sample (n d_in) (input scale, b_dec) holds NaN/inf:
     the activations are broken, which training would otherwise report later as a diverging
     loss. Names the store and the shards holding non-finite rows when `source` is a store."""
     bad = ~torch.isfinite(sample).all(-1)
@@ -57,29 +65,24 @@ def check_init_sample(sample: Tensor, source=None) -> None:
 
 
 def input_scale(sample: Tensor) -> float:
-    """Scalar s such that mean ||s * x|| = sqrt(d_in) over `sample` [n, d_in]."""
+    """Scalar s such that mean ||s * x|| = sqrt(d_in) over `sample` (n d_in)."""
     return float(sample.shape[1] ** 0.5 / sample.norm(dim=1).mean())
 
 
 @torch.no_grad()
 def normalize_decoder_rows(w_dec: Tensor) -> None:
+    """Scale each row of W_dec (d_sae d_in) to unit norm, in place."""
     w_dec /= w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
 @torch.no_grad()
 def project_out_parallel_grad(w_dec: Tensor) -> None:
-    """Remove the gradient component along each (unit) decoder row, so Adam's step moves
-    rows tangentially and renormalisation afterwards changes little."""
+    """Remove the gradient component along each (unit) decoder row of W_dec (d_sae d_in), so
+    Adam's step moves rows tangentially and renormalisation afterwards changes little."""
     if w_dec.grad is None:
         return
     parallel = (w_dec.grad * w_dec).sum(dim=1, keepdim=True)
     w_dec.grad -= parallel * w_dec
-
-
-FAST_TRAINING = True
-"""Train through the hand-written backward passes below (same maths as plain autograd, less
-work) and fused Adam; False runs plain autograd and the default Adam, the reference that
-tests/test_fast_training.py compares loss curves against."""
 
 
 def _matmul_dtype(t: Tensor) -> torch.dtype:
@@ -89,8 +92,8 @@ def _matmul_dtype(t: Tensor) -> torch.dtype:
 
 
 def scatter_rows(indices: Tensor, values: Tensor, rows: Tensor, n: int) -> Tensor:
-    """out [n, d] with out[indices[b, s]] += values[b, s] * rows[b] for indices/values
-    [batch, k] and rows [batch, d]: the weight gradient of a product with k nonzeros per row,
+    """out (n d) with out[indices[b, s]] += values[b, s] * rows[b] for indices/values
+    (batch k) and rows (batch d): the weight gradient of a product with k nonzeros per row,
     as a sparse x dense matmul of O(batch * k * d) instead of a dense O(batch * n * d) one."""
     batch, k = indices.shape
     row_of = torch.arange(batch, device=indices.device)[:, None].expand(batch, k)
@@ -101,10 +104,10 @@ def scatter_rows(indices: Tensor, values: Tensor, rows: Tensor, n: int) -> Tenso
 
 
 class _PreActs(torch.autograd.Function):
-    """pre = (x - b_dec) @ W_enc + b_enc [batch, d_sae], computed as plain autograd computes it,
+    """pre = (x - b_dec) @ W_enc + b_enc (batch d_sae), computed as plain autograd computes it,
     with a leaner backward: no gradient for x (activations are data), and b_dec's gradient as
     -W_enc @ (sum over the batch of grad_pre), a vector-matrix product where autograd does a
-    second [batch, d_sae] x [d_sae, d_in] matmul. W_enc's gradient is the usual matmul, in the
+    second (batch d_sae) x (d_sae d_in) matmul. W_enc's gradient is the usual matmul, in the
     forward's autocast dtype."""
 
     @staticmethod
@@ -125,9 +128,9 @@ class _PreActs(torch.autograd.Function):
 
 
 class _GatherPreActs(torch.autograd.Function):
-    """values [batch, k] = pre[b, indices[b, s]], where pre = (x - b_dec) @ W_enc + b_enc was
+    """values (batch k) = pre[b, indices[b, s]], where pre = (x - b_dec) @ W_enc + b_enc was
     computed without autograd. The backward touches only the gathered latents: O(batch * k * d_in)
-    where autograd's would be two dense [batch, d_sae] x [d_sae, d_in] matmuls (TopK at the
+    where autograd's would be two dense (batch d_sae) x (d_sae d_in) matmuls (TopK at the
     default: k = 32 of 4,608 latents)."""
 
     @staticmethod
@@ -145,7 +148,7 @@ class _GatherPreActs(torch.autograd.Function):
 
 
 class _SparseDecode(torch.autograd.Function):
-    """sum_s values[b, s] * W_dec[indices[b, s]] [batch, d_in]: an embedding-bag gather forward;
+    """sum_s values[b, s] * W_dec[indices[b, s]] (batch d_in): an embedding-bag gather forward;
     backward W_dec's gradient by `scatter_rows` (embedding_bag's own backward sorts all
     batch * k indices and is several times slower on CPU) and the values' gradient by
     embedding_bag's per-sample-weight backward."""
@@ -168,53 +171,57 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, None, grad_w
 
 
-def _fast(*params: Tensor) -> bool:
-    return FAST_TRAINING and torch.is_grad_enabled() and any(p.requires_grad for p in params)
+def _needs_grad(*params: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in params)
 
 
-def encoder_pre_acts(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
-    """(x - b_dec) @ W_enc + b_enc: [..., d_in] -> [..., d_sae]."""
-    if x.dim() == 2 and _fast(w_enc, b_enc, b_dec):
+def encoder_pre_acts(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, fast: bool = False) -> Tensor:
+    """(x - b_dec) @ W_enc + b_enc: x (... d_in) -> (... d_sae), W_enc (d_in d_sae). `fast`:
+    2-D x with gradients on goes through `_PreActs`' leaner backward."""
+    if fast and x.dim() == 2 and _needs_grad(w_enc, b_enc, b_dec):
         return _PreActs.apply(x, w_enc, b_enc, b_dec)
     return (x - b_dec) @ w_enc + b_enc
 
 
 def gather_pre_acts(pre: Tensor, indices: Tensor, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
-    """pre.gather(1, indices) [batch, k] with the encoder's gradient at those latents only;
-    `pre` [batch, d_sae] must then come from `encoder_pre_acts` under no_grad. With
-    FAST_TRAINING off, `pre` carries the gradient and this is a plain gather."""
-    if _fast(w_enc, b_enc, b_dec) and not pre.requires_grad:
+    """pre.gather(1, indices) (batch k) of pre (batch d_sae), x (batch d_in). When `pre` was
+    computed without a graph (the fast path: `encoder_pre_acts` under no_grad) the encoder's
+    gradient reaches the gathered latents only, through `_GatherPreActs`; when `pre` carries
+    the gradient (plain autograd) this is a plain gather."""
+    if _needs_grad(w_enc, b_enc, b_dec) and not pre.requires_grad:
         return _GatherPreActs.apply(pre, indices, x, w_enc, b_enc, b_dec)
     return pre.gather(1, indices)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
-    """x_hat [batch, d_in] from the k active latents per row (values/indices [batch, k]):
-    an embedding-bag gather over decoder rows, never a dense [batch, d_sae] matmul."""
+def sparse_decode(values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor | None = None, fast: bool = False) -> Tensor:
+    """x_hat (batch d_in) from the k active latents per row (values, indices (batch k)),
+    W_dec (d_sae d_in), b_dec (d_in) or None: an embedding-bag gather over decoder rows, never
+    a dense (batch d_sae) matmul. `fast`: the backward of `_SparseDecode`."""
     values = values.to(w_dec.dtype)
-    if _fast(values, w_dec):
+    if fast and _needs_grad(values, w_dec):
         out = _SparseDecode.apply(values, indices, w_dec)
     else:
         out = torch.nn.functional.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
     return out if b_dec is None else out + b_dec
 
 
-def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int, sae: "SAE",
-              residual_norm: Tensor | None = None) -> Tensor:
-    """AuxK (Gao et al. 2024): reconstruct the residual e = x - x_hat [batch, d_in] with the
-    top `k_aux` pre-activations [batch, d_sae] of dead latents (bool [d_sae]); loss
-    ||e - e_hat||^2 / ||e||^2 (batch sums). `residual_norm` replaces the denominator: data-
-    parallel ranks pass the mean over ranks of ||e||^2, so the loss averaged over ranks
-    equals the single-process loss of the global batch."""
+def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int, sae: "SAE", fast: bool = False,
+              mean_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """AuxK (Gao et al. 2024), a scalar (): reconstruct the residual e = x - x_hat (batch d_in)
+    with the top `k_aux` pre-activations (batch d_sae) of dead latents (bool (d_sae)); loss
+    ||e - e_hat||^2 / ||e||^2 (batch sums), 0 when no latent is dead. `sae` gives the weights.
+    `mean_over_ranks` (data-parallel ranks) turns this rank's ||e||^2 into the mean over ranks,
+    so the loss averaged over ranks equals the single-process loss of the global batch."""
     n_dead = int(dead.sum())
     if n_dead == 0:
-        return pre.new_zeros(())
+        return x.new_zeros(())
     residual = (x - x_hat).detach()
+    residual_norm = residual.pow(2).sum()
+    if mean_over_ranks is not None:
+        residual_norm = mean_over_ranks(residual_norm)
     with torch.no_grad():
         dead_pre = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
         indices = dead_pre.topk(min(k_aux, n_dead), dim=1).indices
-    values = sae.gather_pre_acts(x, pre, indices).relu()
-    e_hat = sparse_decode(values, indices, sae.W_dec)
-    if residual_norm is None:
-        residual_norm = residual.pow(2).sum()
+    values = gather_pre_acts(pre, indices, x, sae.W_enc, sae.b_enc, sae.b_dec).relu()
+    e_hat = sparse_decode(values, indices, sae.W_dec, fast=fast)
     return (residual - e_hat).pow(2).sum() / residual_norm.clamp_min(1e-8)

@@ -6,10 +6,28 @@ theta is a plain parameter, not log(theta): under Adam a log parameterisation ba
 theta, which left L0 flat for a year in a peer library."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from .base import SAE, TrainOutput, register
+from .config import SAEConfig
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    architecture: str = "jumprelu"
+    l0_coefficient: float = 0.05
+    """Weight of the (straight-through) L0 penalty."""
+    jumprelu_init_threshold: float = 0.05
+    """Initial threshold theta (same for every latent)."""
+    jumprelu_bandwidth: float = 0.05
+    """Width of the rectangle kernel of the straight-through estimator."""
+
+    @property
+    def sparsity_tag(self) -> str:
+        return f"l0_{self.l0_coefficient:g}"
 
 
 def _rectangle(z: Tensor) -> Tensor:
@@ -47,19 +65,24 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(pre), grad_threshold.sum(0), None
 
 
-@register("jumprelu")
+@register
 class JumpReLUSAE(SAE):
+    config_class = JumpReLUConfig
+    cfg: JumpReLUConfig
     sae_lens_architecture = "jumprelu"
+    sae_lens_loads = ("jumprelu",)
 
-    def __init__(self, cfg, generator=None):
+    def __init__(self, cfg: JumpReLUConfig, generator: torch.Generator | None = None):
         super().__init__(cfg, generator)
-        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold))
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold))  # (d_sae)
 
     def activation(self, pre: Tensor) -> Tensor:
+        """(... d_sae) -> (... d_sae): pre * H(pre - theta), theta per latent."""
         return pre * (pre > self.threshold)
 
-    def training_forward(self, x: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
-        pre = self.pre_acts(x)
+    def training_forward(self, x: Tensor, sparsity_scale: float = 1.0, fast: bool = False) -> TrainOutput:
+        """x (batch d_in); loss = ||x - x_hat||^2 + sparsity_scale * l0_coefficient * L0 (straight-through)."""
+        pre = self.pre_acts(x, fast)
         f = _JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
         x_hat = self.decode(f)
         mse = (x - x_hat).pow(2).sum(-1).mean()

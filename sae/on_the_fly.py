@@ -31,11 +31,11 @@ class OnTheFlySource:
     @property
     def training_data(self) -> dict:
         """Provenance an SAE trained from this source records (`SAE.training_data`)."""
-        return {"corpus": dataclasses.asdict(self.corpus)}
+        return {"corpus": dataclasses.asdict(self.corpus), "exclude_bos": self.first_pos == 1}
 
     @property
     def tokens(self) -> np.ndarray:
-        """The corpus' packed contexts [n_contexts, context_len], tokenised once per source."""
+        """The corpus' packed contexts (n_contexts context_len), tokenised once per source."""
         if self._tokens is None:
             self._tokens = load_contexts(self.corpus, self.model.tokenizer)
         return self._tokens
@@ -46,7 +46,7 @@ class OnTheFlySource:
         return acts.flatten(0, 1).float().cpu()
 
     def init_sample(self, n_tokens: int, seed: int = 0) -> torch.Tensor:
-        """[n_tokens, d_in] from random contexts, for the trainer's input scale and b_dec: only
+        """(n_tokens d_in) from random contexts, for the trainer's input scale and b_dec: only
         the contexts it needs, not a full shuffle buffer."""
         order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(self.tokens))
         rows, taken = [], 0
@@ -58,6 +58,7 @@ class OnTheFlySource:
         return torch.cat(rows)[:n_tokens]
 
     def iter_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+        """Shuffled training batches (batch d_in), batch = batch_size; rank's share of the contexts."""
         rng = np.random.default_rng([seed, epoch])
         tokens = self.tokens
         order = rng.permutation(len(tokens))[rank::world_size]

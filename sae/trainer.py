@@ -38,23 +38,35 @@ from tqdm.auto import tqdm
 
 from activations import distributed
 from activations.model import MODEL_NAME_ATTR, resolve_device, same_model
-from activations.store import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, fsync_dir, pause_for_tests
+from activations.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, fsync_dir, pause_for_tests
 
-from . import common
-from .base import ARCHITECTURES, SAE, TrainOutput
-from .common import auxk_loss, check_init_sample, geometric_median, input_scale, project_out_parallel_grad
+from .base import ARCHITECTURES, SAE, TrainOutput, make_config
+from .common import check_init_sample, geometric_median, input_scale, project_out_parallel_grad
 from .config import SAEConfig
 
 
-RESUME_MAY_CHANGE = ("out_dir", "device", "logger", "checkpoint_every", "log_every", "max_steps")
+RESUME_MAY_CHANGE = ("out_dir", "device", "logger", "checkpoint_every", "log_every", "max_steps", "fast_kernels")
 """TrainConfig fields a resumed run may change; any other difference refuses the checkpoint."""
 
 INIT_SAMPLE_EPOCH = 10**6
 """The init sample (input scale, b_dec) is drawn as this 'epoch' so it never equals a training epoch's order."""
 
+LR_AT_2_14_LATENTS = 1.6e-3
+"""Default Adam lr of an SAE with 2^14 latents; `default_lr` scales it by 1 / sqrt(d_sae / 2^14).
+8x sparsify's 2e-4 / sqrt(d_sae / 2^14): runs of a few hundred steps gain from the larger step
+(lr sweep in docs/results.md)."""
+
+DEFAULT_LR_RULE = f"{LR_AT_2_14_LATENTS:g} / sqrt(d_sae / 2^14)"
+"""`default_lr` as text, for help messages."""
+
+
+def default_lr(d_sae: int) -> float:
+    """The default Adam lr for `d_sae` latents: DEFAULT_LR_RULE (3e-3 at 4,608 latents)."""
+    return LR_AT_2_14_LATENTS / math.sqrt(d_sae / 2**14)
+
 
 class BatchSource(Protocol):
-    """What the trainer reads. A source may also offer `init_sample(n_tokens, seed) -> [n, d_in]`
+    """What the trainer reads. A source may also offer `init_sample(n_tokens, seed) -> (n d_in)`
     for the input-scale / b_dec sample; otherwise the sample is the first batches of the
     INIT_SAMPLE_EPOCH order (cheap for a store, but a streaming source would fill its whole
     shuffle buffer for it, so `sae.on_the_fly.OnTheFlySource` offers one)."""
@@ -62,7 +74,9 @@ class BatchSource(Protocol):
     d_in: int
     hook_name: str
 
-    def iter_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]: ...
+    def iter_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+        """Batches (batch d_in), batch = batch_size, in an order fixed by (seed, epoch); rank's share of each."""
+        ...
 
 
 @dataclass
@@ -75,8 +89,7 @@ class TrainConfig:
     batch_size: int = 4096
     """Global batch: under torchrun each rank takes batch_size / world_size rows of it."""
     lr: float | None = None
-    """Adam learning rate; None: 1.6e-3 / sqrt(d_sae / 2^14) per SAE (3e-3 at 4,608 latents; lr sweep in the README).
-    4x sparsify's rule: runs of a few hundred steps gain from the larger step (README)."""
+    """Adam learning rate; None: `default_lr(d_sae)` per SAE (3e-3 at 4,608 latents; see LR_AT_2_14_LATENTS)."""
     warmup_steps: int = 50
     decay_fraction: float = 0.2
     """Linear decay to zero over this final fraction of steps."""
@@ -101,9 +114,13 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many steps (for tests and time-boxed runs); the schedule still
     assumes n_tokens, so a later run resumes seamlessly."""
+    fast_kernels: bool = True
+    """Train through the hand-written backward passes of `sae.common` (same maths as plain
+    autograd, less work) and fused Adam; False: plain autograd and the default Adam, the
+    reference tests/test_fast_training.py compares against."""
 
     def __post_init__(self):
-        self.saes = [SAEConfig(**s) if isinstance(s, dict) else s for s in self.saes]
+        self.saes = [make_config(**s) if isinstance(s, dict) else s for s in self.saes]
         if not self.saes:
             raise ValueError("TrainConfig.saes is empty")
         for s in self.saes:
@@ -115,13 +132,9 @@ class TrainConfig:
         return max(1, self.n_tokens // self.batch_size)
 
 
-def default_lr(d_sae: int) -> float:
-    return 1.6e-3 / math.sqrt(d_sae / 2**14)
-
-
 def sae_name(cfg: SAEConfig) -> str:
-    sparsity = {"topk": f"k{cfg.k}", "batchtopk": f"k{cfg.k}", "standard": f"l1_{cfg.l1_coefficient:g}", "jumprelu": f"l0_{cfg.l0_coefficient:g}"}
-    return f"{cfg.architecture}_{sparsity.get(cfg.architecture, '')}_{cfg.d_sae}"
+    """The run folder of an SAE, e.g. "topk_k32_4608" (`SAEConfig.run_name`)."""
+    return cfg.run_name
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -164,28 +177,29 @@ class StepOutput(NamedTuple):
     out: TrainOutput
     """The architecture's training forward."""
     aux: Tensor
-    """AuxK loss (unweighted), 0 when no latent is dead or the architecture has none."""
+    """The architecture's auxiliary loss () (`SAE.aux_loss`, e.g. AuxK; unweighted), 0 when it has none."""
     loss: Tensor
-    """out.loss + aux_coefficient * aux: what is backpropagated."""
+    """out.loss + aux_coefficient * aux, (): what is backpropagated."""
 
 
 class Objective(nn.Module):
     """One SAE's training loss as a module's forward, so DistributedDataParallel can wrap it
     (DDP averages the gradients of what its forward computed)."""
 
-    def __init__(self, sae: SAE, aux_k: int, aux_coefficient: float):
+    def __init__(self, sae: SAE, aux_k: int, aux_coefficient: float, fast: bool = False):
         super().__init__()
-        self.sae, self.aux_k, self.aux_coefficient = sae, aux_k, aux_coefficient
-        self.parallel = distributed.current().parallel
+        self.sae, self.aux_k, self.aux_coefficient, self.fast = sae, aux_k, aux_coefficient, fast
+        self.mean_over_ranks = _mean_over_ranks if distributed.current().parallel else None
 
     def forward(self, x: Tensor, sparsity_scale: float, dead: Tensor) -> StepOutput:
-        """x [batch, d_in] (normalised), dead bool [d_sae]."""
-        out = self.sae.training_forward(x, sparsity_scale)
-        aux = x.new_zeros(())
-        if self.sae.architecture in ("topk", "batchtopk") and dead.any():
-            norm = distributed.all_reduce_((x - out.x_hat).detach().pow(2).sum(), "mean") if self.parallel else None
-            aux = auxk_loss(x, out.x_hat, out.pre, dead, self.aux_k, self.sae, norm)
+        """x (batch d_in) (normalised), dead bool (d_sae)."""
+        out = self.sae.training_forward(x, sparsity_scale, self.fast)
+        aux = self.sae.aux_loss(x, out, dead, self.aux_k, self.fast, self.mean_over_ranks)
         return StepOutput(out, aux, out.loss + self.aux_coefficient * aux)
+
+
+def _mean_over_ranks(t: Tensor) -> Tensor:
+    return distributed.all_reduce_(t, "mean")
 
 
 class Trainer:
@@ -209,7 +223,7 @@ class Trainer:
         self.names = [sae_name(s) for s in cfg.saes]
         if len(set(self.names)) != len(self.names):
             self.names = [f"{n}_{i}" for i, n in enumerate(self.names)]
-        fused = common.FAST_TRAINING or None  # one kernel for all parameters: ~15x faster on CPU than the default
+        fused = cfg.fast_kernels or None  # one kernel for all parameters: ~15x faster on CPU than the default
         self.optimizers = [
             torch.optim.Adam(sae.parameters(), lr=cfg.lr or default_lr(sae.cfg.d_sae), betas=(0.9, 0.999), fused=fused)
             for sae in self.saes
@@ -223,7 +237,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def batches(self) -> Iterator[torch.Tensor]:
-        """Training batches from the current step on, over as many epochs as needed."""
+        """Training batches (batch d_in) from the current step on, over as many epochs as needed."""
         per_epoch = getattr(self.source, "n_tokens", None)
         steps_per_epoch = (per_epoch // self.cfg.batch_size) if per_epoch else None
         if steps_per_epoch == 0:
@@ -376,7 +390,7 @@ class Trainer:
         logger = _Logger(cfg, self.out) if rank.is_main else None
         # DDP broadcasts rank 0's weights here, after init/resume
         objectives = [
-            distributed.wrap_ddp(Objective(sae, cfg.aux_k or s.d_in // 2, cfg.aux_coefficient), self.device)
+            distributed.wrap_ddp(Objective(sae, cfg.aux_k or s.d_in // 2, cfg.aux_coefficient, cfg.fast_kernels), self.device)
             for sae, s in zip(self.saes, cfg.saes)
         ]
         end = cfg.total_steps if cfg.max_steps is None else min(cfg.total_steps, cfg.max_steps)
@@ -451,7 +465,7 @@ class Trainer:
         """Save every SAE in SAE Lens format with the input scale folded into the weights."""
         paths = []
         for name, sae in zip(self.names, self.saes):
-            final = ARCHITECTURES[sae.cfg.architecture](sae.cfg)
+            final = type(sae)(sae.cfg)
             final.load_state_dict(sae.state_dict())
             final = final.cpu()
             final.fold_input_scale(self.scale)

@@ -5,7 +5,7 @@ import torch
 
 from activations.corpus import CorpusConfig, load_contexts
 from activations.model import run_to_hooks
-from analysis.atlas import AtlasConfig, build_atlas, load_atlas
+from analysis.features.atlas import AtlasConfig, build_atlas, load_atlas
 from sae import ARCHITECTURES, SAEConfig
 
 HOOK = "blocks.0.hook_resid_post"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from activations.corpus import CorpusConfig
-from analysis.atlas import AtlasConfig, build_atlas
+from analysis.features.atlas import AtlasConfig, build_atlas
 from analysis.dashboard import build_dashboard
 from tests.test_atlas import tiny_sae
 

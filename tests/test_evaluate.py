@@ -1,4 +1,4 @@
-"""analysis.evaluate.evaluate() on the tiny model against a hand computation: the splice
+"""analysis.evaluation.evaluate.evaluate() on the tiny model against a hand computation: the splice
 written here with a TransformerLens hook (position 0 of every context left untouched, as in
 training), CE and KL in plain torch, and FVU / L0 / dead and dense fractions on the same
 tokens. The corpus is passed explicitly (the held-out split of the `text_corpus` file)."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from activations.corpus import CorpusConfig, load_contexts
-from analysis.evaluate import EvalConfig, evaluate
+from analysis.evaluation.evaluate import EvalConfig, evaluate
 from sae import ARCHITECTURES, SAEConfig
 
 HOOK = "blocks.0.hook_resid_post"

@@ -1,5 +1,5 @@
 """The optimised training paths against the plain ones they replace: the hand-written
-backward passes and fused Adam (`sae.common.FAST_TRAINING`) give the loss curve and weights
+backward passes and fused Adam (`TrainConfig.fast_kernels`) give the loss curve and weights
 of plain autograd, and the prefetching, pinned, rank-sliced store reader yields the batches
 of the plain synchronous reader."""
 import json
@@ -8,20 +8,19 @@ import pytest
 import torch
 
 from activations import CorpusConfig, HarvestConfig, harvest
-from sae import ARCHITECTURES, SAEConfig, common
+from sae import ARCHITECTURES, SAE, SAEConfig
 from sae.trainer import Objective, TrainConfig, Trainer
 from tests.test_sae import synthetic_batches
 
 
-def train_curve(tmp_path, arch: str, fast: bool, monkeypatch, autocast: str = "none"):
-    monkeypatch.setattr(common, "FAST_TRAINING", fast)
+def train_curve(tmp_path, arch: str, fast: bool, autocast: str = "none"):
     source, _ = synthetic_batches()
     extra = {"standard": dict(l1_coefficient=0.3), "jumprelu": dict(l0_coefficient=0.02)}.get(arch, {})
     out = tmp_path / f"{arch}_{fast}_{autocast}"
     cfg = TrainConfig(
         out_dir=str(out), saes=[SAEConfig(architecture=arch, d_in=24, d_sae=96, k=3, **extra)], n_tokens=256 * 40,
         batch_size=256, lr=3e-3, warmup_steps=5, dead_tokens=256 * 4, aux_k=12, checkpoint_every=10_000, log_every=1,
-        device="cpu", autocast=autocast,
+        device="cpu", autocast=autocast, fast_kernels=fast,
     )
     trainer = Trainer(cfg, source)
     trainer.train()
@@ -30,10 +29,10 @@ def train_curve(tmp_path, arch: str, fast: bool, monkeypatch, autocast: str = "n
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_fast_training_gives_the_plain_autograd_loss_curve(arch, tmp_path, monkeypatch):
-    fast, fast_weights = train_curve(tmp_path, arch, True, monkeypatch)
-    plain, plain_weights = train_curve(tmp_path, arch, False, monkeypatch)
-    if arch in ("topk", "batchtopk"):
+def test_fast_training_gives_the_plain_autograd_loss_curve(arch, tmp_path):
+    fast, fast_weights = train_curve(tmp_path, arch, True)
+    plain, plain_weights = train_curve(tmp_path, arch, False)
+    if ARCHITECTURES[arch].aux_loss is not SAE.aux_loss:  # the architecture has an auxiliary loss (AuxK)
         assert any(r["aux_loss"] > 0 for r in plain)  # AuxK's sparse backward is exercised too
     assert len(fast) == len(plain) == 40
     for a, b in zip(fast, plain):
@@ -43,22 +42,38 @@ def test_fast_training_gives_the_plain_autograd_loss_curve(arch, tmp_path, monke
         assert torch.allclose(fast_weights[name], p, rtol=1e-4, atol=1e-5), (name, (fast_weights[name] - p).abs().max())
 
 
-def test_fast_training_under_bf16_autocast_tracks_plain_autograd(tmp_path, monkeypatch):
+def test_fast_training_under_bf16_autocast_tracks_plain_autograd(tmp_path):
     """bf16: plain autograd runs the backward matmuls in bf16, the sparse backward in fp32,
     so the curves agree to bf16 precision rather than bit for bit."""
-    fast, _ = train_curve(tmp_path, "topk", True, monkeypatch, "bf16")
-    plain, _ = train_curve(tmp_path, "topk", False, monkeypatch, "bf16")
+    fast, _ = train_curve(tmp_path, "topk", True, "bf16")
+    plain, _ = train_curve(tmp_path, "topk", False, "bf16")
     for a, b in zip(fast, plain):
         assert a["mse"] == pytest.approx(b["mse"], rel=0.03), a["step"]
     assert fast[-1]["mse"] < 0.5 * fast[0]["mse"]
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_fast_kernels_setting_reaches_adam_and_the_backward_passes(fast, tmp_path, monkeypatch):
+    """Without this, the comparisons above would pass with the setting ignored."""
+    from sae import common
+
+    calls = {"gather": 0, "decode": 0}
+    for name, fn in (("gather", common._GatherPreActs), ("decode", common._SparseDecode)):
+        monkeypatch.setattr(fn, "apply", lambda *a, _fn=fn.apply, _name=name: calls.__setitem__(_name, calls[_name] + 1) or _fn(*a))
+    source, _ = synthetic_batches()
+    cfg = TrainConfig(out_dir=str(tmp_path), saes=[SAEConfig(architecture="topk", d_in=24, d_sae=96, k=3)], n_tokens=256 * 4,
+                      batch_size=256, checkpoint_every=10_000, device="cpu", fast_kernels=fast)
+    trainer = Trainer(cfg, source)
+    assert bool(trainer.optimizers[0].defaults["fused"]) == fast
+    trainer.train()
+    assert (calls["gather"] > 0 and calls["decode"] > 0) == fast and (calls["gather"] + calls["decode"] == 0) != fast
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_fast_gradients_equal_autograd_for_one_step(arch, monkeypatch):
+def test_fast_gradients_equal_autograd_for_one_step(arch):
     """Every parameter's gradient, with AuxK on, from both paths."""
     grads = {}
     for fast in (True, False):
-        monkeypatch.setattr(common, "FAST_TRAINING", fast)
         torch.manual_seed(0)
         sae = ARCHITECTURES[arch](SAEConfig(architecture=arch, d_in=48, d_sae=256, k=8, l1_coefficient=0.3))
         with torch.no_grad():
@@ -66,7 +81,7 @@ def test_fast_gradients_equal_autograd_for_one_step(arch, monkeypatch):
             sae.b_enc.normal_(std=0.1)
         dead = torch.zeros(256, dtype=torch.bool)
         dead[::3] = True
-        Objective(sae, 24, 1 / 32)(torch.randn(128, 48) * 2, 1.0, dead).loss.backward()
+        Objective(sae, 24, 1 / 32, fast)(torch.randn(128, 48) * 2, 1.0, dead).loss.backward()
         grads[fast] = {n: p.grad for n, p in sae.named_parameters()}
     for name, g in grads[False].items():
         # fp32 sums in another order: entries near zero by cancellation differ by ~1e-7 of the largest

@@ -1,8 +1,10 @@
-"""Labels: the vectorised scorer against brute-force predicates, the whole labelling job on
-a tiny model, the optional LLM explainer against a fake loopback server, and the monitor."""
+"""Labels: every kind's predicate (scored in batches and used alone) against a brute force
+written from the label's meaning, the whole labelling job on a tiny model, labels.json, the
+optional LLM explainer against a fake loopback server, and the monitor."""
 from __future__ import annotations
 
 import json
+import string
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -10,13 +12,14 @@ import pytest
 import torch
 
 from activations.corpus import CorpusConfig, load_contexts
-from activations.model import run_to_hooks
-from analysis.atlas import AtlasConfig, build_atlas
-from analysis.labels import (
-    Candidate, LabelConfig, _is_punctuation, _Scorer, class_candidates, label_features, label_predicate, llm_candidates, logit_candidates,
-    token_set_candidates,
+from activations.model import run_to_hooks, token_strings
+from analysis.features.atlas import AtlasConfig, build_atlas
+from analysis.features.labels import (
+    KINDS, Label, LabelConfig, LabelContext, Scorer, label_features, label_predicate, llm_candidates, load_labels, save_labels,
 )
-from analysis.monitor import find_features, monitor, monitor_html
+from analysis.features.labels.llm import LLMLabel
+from analysis.features.labels.pattern import PatternLabel
+from analysis.features.monitor import find_features, monitor, monitor_html
 
 from .test_atlas import HOOK, tiny_sae
 
@@ -29,67 +32,99 @@ def setup(tiny_model, text_corpus):
     return sae, build_atlas(sae, tiny_model, cfg), corpus
 
 
-def brute_force_predicate(c: Candidate, tokens: torch.Tensor, punctuation: torch.Tensor) -> torch.Tensor:
-    b, n = tokens.shape
-    out = torch.zeros(b, n, dtype=torch.bool)
-    for r in range(b):
-        for p in range(n):
-            if c.kind in ("token-set", "llm"):
-                out[r, p] = int(tokens[r, p]) in c.tokens
-            elif c.kind == "logit":
-                out[r, p] = p + 1 < n and int(tokens[r, p + 1]) in c.tokens
-            elif c.kind == "pattern":
-                out[r, p] = any(p + 1 >= len(pat) and tuple(tokens[r, p + 1 - len(pat):p + 1].tolist()) == pat for pat in c.patterns)
-            elif c.kind == "punctuation":
-                out[r, p] = bool(punctuation[tokens[r, p]])
-            elif c.kind == "position":
-                out[r, p] = p <= c.max_position
-            elif c.kind == "dense":
-                out[r, p] = True
-    return out
+def ends_with(seq: list[int], pattern: tuple[int, ...]) -> bool:
+    return len(seq) >= len(pattern) and all(seq[len(seq) - len(pattern) + k] == pattern[k] for k in range(len(pattern)))
 
 
-def test_scorer_matches_brute_force(setup, tiny_model):
+def punctuation_by_hand(text: str) -> bool:
+    """Punctuation, whitespace or the boundary token: nothing but punctuation once the
+    surrounding whitespace is stripped (nothing at all counts too), or <|endoftext|>."""
+    return text == "<|endoftext|>" or all(c in string.punctuation for c in text.strip())
+
+
+# What each kind's label means, as a plain loop: does `label` hold at position `p` of the
+# token ids `row` (a list)? `strings[t]` is token t's text. One line per registered kind.
+BRUTE_FORCE = {
+    "token-set": lambda label, row, p, strings: row[p] in label.tokens,
+    "logit": lambda label, row, p, strings: p + 1 < len(row) and row[p + 1] in label.tokens,
+    "punctuation": lambda label, row, p, strings: punctuation_by_hand(strings[row[p]]),
+    "position": lambda label, row, p, strings: p <= label.max_position,
+    "dense": lambda label, row, p, strings: True,
+    "pattern": lambda label, row, p, strings: any(ends_with(row[:p + 1], pattern) for pattern in label.patterns),
+    "llm": lambda label, row, p, strings: row[p] in label.tokens,
+}
+
+
+def hand_made(live: list[int], rows: list[list[int]]) -> list[Label]:
+    """Labels the candidate makers may not give on the tiny atlas: patterns of 1, 2 and 4
+    tokens that occur in the scoring text (plus one that cannot: longer than a context), and
+    an LLM token set (its candidates need an endpoint)."""
+    return [
+        PatternLabel(kind="pattern", feature=live[0], patterns=[tuple(rows[0][3:5]), tuple(rows[1][10:11])]),
+        PatternLabel(kind="pattern", feature=live[1], patterns=[tuple(rows[2][5:9]), tuple(range(40))]),
+        LLMLabel(kind="llm", feature=live[2], tokens=[ord("c"), ord(" ")], explanation="c words"),
+    ]
+
+
+def test_every_kind_matches_its_brute_force(setup, tiny_model):
     sae, atlas, corpus = setup
-    candidates = token_set_candidates(atlas, 12) + logit_candidates(atlas, 3) + class_candidates(atlas, 8)
-    live = torch.nonzero(atlas.tensors["fire_count"] > 0).flatten().tolist()
-    # patterns of several lengths, some of which occur in the scoring text
-    text_tokens = torch.from_numpy(load_contexts(corpus, tiny_model.tokenizer, max_contexts=40)[30:36]).long()
-    candidates += [Candidate(live[0], "pattern", "p", patterns=[tuple(text_tokens[0, 3:5].tolist()), tuple(text_tokens[1, 10:11].tolist())]),
-                   Candidate(live[1], "pattern", "q", patterns=[tuple(text_tokens[2, 5:9].tolist())])]
-    punctuation = torch.tensor([_is_punctuation(chr(i)) for i in range(257)])
-    scorer = _Scorer(candidates, atlas, 257, punctuation)
+    tokenizer = tiny_model.tokenizer
+    text_tokens = torch.from_numpy(load_contexts(corpus, tokenizer, max_contexts=40)[30:36]).long()
+    rows = text_tokens.tolist()
+    context = LabelContext(sae, tiny_model, LabelConfig(n_logit_tokens=3, autocast="none"))
+    labels = [label for kind in KINDS.values() for label in kind.candidates(atlas, context)] + hand_made(atlas.live_features, rows)
+    assert set(BRUTE_FORCE) == set(KINDS), "every registered label kind needs its line in BRUTE_FORCE"
+    assert {label.kind for label in labels} == set(KINDS)  # each kind is checked below
+    scorer = Scorer(labels, atlas, tokenizer)
     with torch.no_grad():
         f = sae.encode(run_to_hooks(tiny_model, text_tokens, [HOOK])[HOOK])
-    scorer.update(f, text_tokens)
-    results = scorer.results()
+    scorer.update(f[:4], text_tokens[:4])  # two batches: counts accumulate
+    scorer.update(f[4:], text_tokens[4:])
+    strings = token_strings(tokenizer, list(range(len(tokenizer))))
 
     fires = f[:, 1:] > 0
-    for c in candidates:
-        pred = brute_force_predicate(c, text_tokens, punctuation)[:, 1:]
-        tp = int((pred & fires[..., c.feature]).sum())
-        fp = int((pred & ~fires[..., c.feature]).sum())
-        fn = int((~pred & fires[..., c.feature]).sum())
-        scored = next(s for s in results[c.feature]["candidates"] if s["kind"] == c.kind)
-        assert scored["f1"] == pytest.approx(2 * tp / max(2 * tp + fp + fn, 1), abs=1e-4), c.kind
-        assert scored["precision"] == pytest.approx(tp / max(tp + fp, 1), abs=1e-4), c.kind
-        if c.kind != "punctuation":  # the saved label rebuilds the same predicate (steering scores text with it)
-            assert torch.equal(label_predicate(scored)(text_tokens)[:, 1:], pred), c.kind
-    assert results[live[0]]["held_out_fires"] == int(fires[..., live[0]].sum())
+    for label, scores in zip(labels, scorer.scores()):
+        expected = torch.tensor([[BRUTE_FORCE[label.kind](label, row, p, strings) for p in range(len(row))] for row in rows])
+        # the label alone (as steering uses it), and read back from its labels.json record, gives the same predicate
+        assert torch.equal(label_predicate(label, tokenizer)(text_tokens), expected), label.kind
+        assert torch.equal(label_predicate(json.loads(json.dumps(label.to_json())), tokenizer)(text_tokens), expected), label.kind
+        pred, fire = expected[:, 1:], fires[..., label.feature]  # position 0 (the sink) is not scored
+        tp, fp, fn = int((pred & fire).sum()), int((pred & ~fire).sum()), int((~pred & fire).sum())
+        assert scores.f1 == pytest.approx(2 * tp / max(2 * tp + fp + fn, 1), abs=1e-4), label.kind
+        assert scores.precision == pytest.approx(tp / max(tp + fp, 1), abs=1e-4), label.kind
+        assert scores.recall == pytest.approx(tp / max(tp + fn, 1), abs=1e-4), label.kind
+        assert scores.fpr_random == pytest.approx(fp / max(int((~fire).sum()), 1), abs=1e-6), label.kind
+    results = scorer.results()
+    live = atlas.live_features
+    assert results[live[0]].held_out_fires == int(fires[..., live[0]].sum())
     # the best label is the candidate with the highest held-out F1
     best = results[live[0]]
-    assert best["f1"] == max(s["f1"] for s in best["candidates"])
+    assert best.best.scores.f1 == max(c.scores.f1 for c in best.candidates)
 
 
-def test_label_features_end_to_end(setup, tiny_model):
+def test_label_features_end_to_end(setup, tiny_model, tmp_path):
     sae, atlas, _ = setup
     labels = label_features(atlas, sae, tiny_model, LabelConfig(n_score_contexts=20, autocast="none"))
-    live = int((atlas.tensors["fire_count"] > 0).sum())
-    assert len(labels["features"]) == atlas.d_sae and labels["summary"]["live_features"] == live
-    entry = next(e for e in labels["features"] if e is not None)
+    live = len(atlas.live_features)
+    assert len(labels) == atlas.d_sae and labels.summary.live_features == live
+    saved = labels.to_json()
+    entry = next(e for e in saved["features"] if e is not None)
     assert {"label", "kind", "f1", "precision", "recall", "recall_by_quartile", "fpr_random", "fpr_hard", "candidates"} <= set(entry)
     assert {c["kind"] for c in entry["candidates"]} >= {"token-set", "logit", "punctuation", "position", "dense"}
-    json.dumps(labels)  # serialisable as written
+    json.dumps(saved)  # serialisable as written
+    assert load_labels(save_labels(labels, tmp_path / "labels.json"), atlas.d_sae) == labels  # labels.json reads back the same
+
+
+def test_older_labels_files_still_read():
+    # a position label written before "max_position" was saved: its number is read from its text, once, when loading
+    old = Label.from_json({"kind": "position", "label": "position <= 3", "f1": 0.2, "recall_by_quantile": [0.1, None, None, 1.0]}, 7)
+    assert old.max_position == 3 and old.scores.recall_by_quartile == [0.1, None, None, 1.0]
+    assert label_predicate(old)(torch.zeros(2, 6, dtype=torch.long)).tolist() == [[True] * 4 + [False] * 2] * 2
+    # a kind this version does not know is read (and shown), but has no predicate
+    unknown = Label.from_json({"kind": "future-kind", "label": "something", "f1": 0.1}, 0)
+    assert unknown.text == "something" and unknown.to_json() == {"kind": "future-kind", "label": "something", "f1": 0.1}
+    with pytest.raises(ValueError, match="no predicate for a label of kind 'future-kind'"):
+        label_predicate(unknown)
 
 
 def test_labels_need_unseen_text(tiny_model, text_corpus):
@@ -138,8 +173,8 @@ def test_llm_explainer_against_a_fake_loopback_server(setup, tiny_model):
     assert "<<" in request["body"]["messages"][0]["content"]  # the top contexts, strongest token marked
     # "cat" and " cat" -> their first tokens ('c', ' '), scored like every other label
     assert candidates[0].kind == "llm" and candidates[0].tokens == sorted({ord("c"), ord("m"), ord(" ")})
-    scored = [c for c in labels["features"][live[0]]["candidates"] if c["kind"] == "llm"]
-    assert len(scored) == 1 and 0 <= scored[0]["f1"] <= 1 and scored[0]["label"] == "LLM: the word cat"
+    scored = [c for c in labels.candidates(live[0]) if c.kind == "llm"]
+    assert len(scored) == 1 and 0 <= scored[0].scores.f1 <= 1 and scored[0].text == "LLM: the word cat"
 
 
 # ----------------------------------------------------------------------------- explainer security
@@ -258,14 +293,14 @@ def test_llm_endpoint_must_be_https_or_loopback_unless_insecure_is_allowed(setup
         with pytest.raises(SystemExit, match="not a loopback address.*--allow-insecure-endpoint"):
             cli.cmd_analyze(cli.parse([command, "--sae", str(tmp_path), "--llm-base-url", insecure]), [tmp_path])
     args = cli.parse(["analyze", "--sae", str(tmp_path), "--llm-base-url", insecure, "--allow-insecure-endpoint"])
-    with pytest.raises(AssertionError, match="model was loaded"):  # accepted: it goes on to load the model
+    with pytest.raises(FileNotFoundError, match="is not an SAE directory"):  # accepted: it goes on to read the SAE
         cli.cmd_analyze(args, [tmp_path])
     config = tmp_path / "analyze.json"
     config.write_text(json.dumps({"llm_base_url": insecure, "allow_insecure_endpoint": True}))
     assert cli.parse(["analyze", "--config", str(config)]).allow_insecure_endpoint is True
 
     # which URLs pass
-    from analysis.labels import check_endpoint
+    from analysis.features.labels import check_endpoint
 
     for ok in ("https://api.example.com/v1", "http://127.0.0.1:8000/v1", "http://127.5.6.7/v1", "http://[::1]:8000/v1", "http://localhost/v1",
                "HTTP://LocalHost:1234/v1"):
@@ -333,8 +368,6 @@ def test_monitor_and_concept_search(setup, tiny_model):
 
 def test_labels_of_another_sae_are_refused_by_monitor_concept_search_and_the_cli(setup, tiny_model, tmp_path, monkeypatch):
     from analysis import cli
-    from analysis.labels import load_labels
-
     sae, atlas, _ = setup
     short = {"features": [{"feature": 0, "kind": "dense", "label": "dense", "f1": 0.1}] + [None] * 3}  # 4 entries, the SAE has 64
     with pytest.raises(ValueError, match="4 feature entries but the SAE has 64 features"):
@@ -345,7 +378,7 @@ def test_labels_of_another_sae_are_refused_by_monitor_concept_search_and_the_cli
     sae.save(tmp_path / "sae")
     path.parent.mkdir()
     path.write_text(json.dumps(short))
-    assert load_labels(path) == short  # without an SAE to check against, read as is
+    assert load_labels(path).to_json() == short  # without an SAE to check against, read as is
     with pytest.raises(ValueError, match=f"{path} has 4 feature entries but the SAE has 64"):
         load_labels(path, d_sae=64)
     path.write_text(json.dumps([1, 2]))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from analysis.metrics import cross_entropy
+from analysis.evaluation.metrics import cross_entropy
 from analysis.steering import (
     GenerationConfig, Intervention, Steering, SweepConfig, causal_check, compare, concept_scores, encode_prompts,
     format_side_by_side, generate_tokens, generation_nll, kl_on_text, steer, sweep, write_sweep,
@@ -354,7 +354,7 @@ def test_cli_steer_prints_side_by_side_and_writes_the_sweep(tiny_model, tmp_path
 def test_cli_steer_reads_the_saes_atlas_and_scores_with_its_label(tiny_model, text_corpus, tmp_path, monkeypatch, capsys):
     from activations import CorpusConfig
     from analysis import cli
-    from analysis.atlas import AtlasConfig, build_atlas
+    from analysis.features.atlas import AtlasConfig, build_atlas
 
     sae = constant_feature_sae(5, 3.0)
     sae.cfg.context_size = 32
@@ -400,7 +400,9 @@ def test_cli_steer_without_an_atlas_rejects_out_of_range_features_before_any_wor
 
 
 def test_feature_ids_are_checked_against_the_sae_before_any_work(tiny_model, monkeypatch):
-    from analysis import steering
+    import importlib
+
+    sweep_module = importlib.import_module("analysis.steering.sweep")  # the package re-exports a function of the same name
 
     sae = make_sae()
     with pytest.raises(ValueError, match="out of range"):
@@ -409,7 +411,7 @@ def test_feature_ids_are_checked_against_the_sae_before_any_work(tiny_model, mon
         Intervention(2.5, "ablate")
     assert Intervention(torch.tensor(3), "ablate").feature == 3
     generated = []
-    monkeypatch.setattr(steering, "generate_tokens", lambda *a, **k: generated.append(1) or [])
+    monkeypatch.setattr(sweep_module, "generate_tokens", lambda *a, **k: generated.append(1) or [])
     with pytest.raises(ValueError, match=r"feature\(s\) \[64\] out of range: this SAE has 64 features"):
         sweep(tiny_model, sae, ["abc"], torch.zeros(1, 4, dtype=torch.long), SweepConfig(features=[64], unit="absolute"))
     assert not generated  # refused before generating the unsteered baseline
@@ -418,13 +420,13 @@ def test_feature_ids_are_checked_against_the_sae_before_any_work(tiny_model, mon
 
 
 def test_causal_check_refuses_negative_and_out_of_range_feature_ids(tiny_model, monkeypatch):
-    from analysis import steering
+    from analysis import encoding
 
     sae = make_sae(hook="blocks.1.hook_resid_post")
     tokens = torch.stack(prompts(2, 12))
     reads = []
-    original = steering.run_to_hooks
-    monkeypatch.setattr(steering, "run_to_hooks", lambda *a, **k: reads.append(1) or original(*a, **k))
+    original = encoding.run_to_hooks
+    monkeypatch.setattr(encoding, "run_to_hooks", lambda *a, **k: reads.append(1) or original(*a, **k))
     for bad in (-1, -64, 64):  # -1 would read W_dec[-1], feature 63's direction
         with pytest.raises(ValueError, match=r"out of range: this SAE has 64 features \(ids 0..63\)") as error:
             causal_check(tiny_model, sae, bad, tokens)

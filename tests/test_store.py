@@ -38,7 +38,10 @@ def test_harvest_writes_sharded_store_with_tokens(tiny_model, text_corpus, tmp_p
 def test_killed_harvest_resumes_to_the_same_store(tiny_model, text_corpus, tmp_path, monkeypatch):
     reference = harvest(harvest_cfg(tmp_path / "ref", text_corpus), tiny_model)["blocks.1.hook_resid_post"]
     calls = {"n": 0}
-    original = store_module.atomic_save_safetensors
+    import importlib
+
+    harvest_module = importlib.import_module("activations.harvest")  # the package re-exports a function of the same name
+    original = harvest_module.atomic_save_safetensors
 
     def dying_save(*args, **kwargs):
         calls["n"] += 1
@@ -46,9 +49,6 @@ def test_killed_harvest_resumes_to_the_same_store(tiny_model, text_corpus, tmp_p
             raise KeyboardInterrupt  # killed in the middle of the harvest
         return original(*args, **kwargs)
 
-    import importlib
-
-    harvest_module = importlib.import_module("activations.harvest")  # the package re-exports a function of the same name
     monkeypatch.setattr(harvest_module, "atomic_save_safetensors", dying_save)
     with pytest.raises(KeyboardInterrupt):
         harvest(harvest_cfg(tmp_path / "run", text_corpus), tiny_model)
@@ -255,6 +255,8 @@ def test_atomic_writes_fsync_file_and_folder_and_remove_temp_files_on_failure(tm
     import os
     import stat
 
+    from activations import io as io_module
+
     synced = []
     real_fsync = os.fsync
 
@@ -263,10 +265,10 @@ def test_atomic_writes_fsync_file_and_folder_and_remove_temp_files_on_failure(tm
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    store_module.atomic_write_bytes(tmp_path / "a.bin", b"abc")
+    io_module.atomic_write_bytes(tmp_path / "a.bin", b"abc")
     assert synced == ["file", "dir"]
     synced.clear()
-    store_module.atomic_save_safetensors({"x": torch.zeros(3)}, tmp_path / "a.safetensors")
+    io_module.atomic_save_safetensors({"x": torch.zeros(3)}, tmp_path / "a.safetensors")
     assert synced == ["file", "dir"]
     monkeypatch.setattr(os, "fsync", real_fsync)
 
@@ -275,21 +277,21 @@ def test_atomic_writes_fsync_file_and_folder_and_remove_temp_files_on_failure(tm
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_module, "save_file", torn_save)
+    monkeypatch.setattr(io_module, "save_file", torn_save)
     with pytest.raises(OSError, match="disk full"):
-        store_module.atomic_save_safetensors({"x": torch.zeros(3)}, tmp_path / "b.safetensors")
+        io_module.atomic_save_safetensors({"x": torch.zeros(3)}, tmp_path / "b.safetensors")
 
     def failing_replace(self, target):
         raise OSError("rename failed")
 
     monkeypatch.setattr(type(tmp_path), "replace", failing_replace)
     with pytest.raises(OSError, match="rename failed"):
-        store_module.atomic_write_bytes(tmp_path / "c.bin", b"abc")
+        io_module.atomic_write_bytes(tmp_path / "c.bin", b"abc")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.safetensors"]
 
 
 def test_resume_truncates_metrics_to_the_checkpoint_and_readers_skip_a_torn_line(tiny_model, text_corpus, tmp_path, monkeypatch):
-    from analysis.evaluate import EvalResult, write_results
+    from analysis.evaluation.evaluate import EvalResult, write_results
     from sae.trainer import read_metrics
 
     store = harvest(harvest_cfg(tmp_path, text_corpus, hooks=[HOOK]), tiny_model)[HOOK]
@@ -310,7 +312,7 @@ def test_resume_truncates_metrics_to_the_checkpoint_and_readers_skip_a_torn_line
 
 def test_training_and_evaluation_refuse_another_models_activations(tiny_model, tiny_bridge, tiny_llama_dir, text_corpus, tmp_path):
     from activations.model import same_model
-    from analysis.evaluate import EvalConfig, evaluate
+    from analysis.evaluation.evaluate import EvalConfig, evaluate
     from sae import ARCHITECTURES
 
     store = harvest(harvest_cfg(tmp_path, text_corpus, model=tiny_llama_dir, hooks=[HOOK]), tiny_bridge)[HOOK]

@@ -44,11 +44,13 @@ def test_run_on_a_user_corpus_measures_on_its_heldout_split(tiny_llama_dir, tmp_
     assert atlas_cfg["corpus"]["source"] == str(corpus) and atlas_cfg["corpus"]["split"] == "heldout"
     labels = json.loads((sae_dir / "atlas" / "labels.json").read_text())
     assert labels["scored_on"]["corpus"]["source"] == str(corpus) and labels["scored_on"]["n_contexts"] >= 16
-    from analysis.atlas import load_atlas
+    from analysis.features.atlas import load_atlas
 
     atlas = load_atlas(sae_dir / "atlas")
     assert labels["scored_on"]["first_context"] == atlas.meta["n_contexts"]  # scored after the atlas's contexts
-    model = cli._model(cli.parse(["evaluate", "--model", tiny_llama_dir, "--device", "cpu"]))
+    from activations import load_model
+
+    model = load_model(tiny_llama_dir, device="cpu")
     seen = set(model.tokenizer.decode(atlas.tokens.flatten().tolist(), skip_special_tokens=True))
     assert seen <= set(ALPHABET), f"atlas read text outside the user's corpus: {sorted(seen - set(ALPHABET))}"
 
@@ -62,7 +64,7 @@ def test_run_on_a_user_corpus_measures_on_its_heldout_split(tiny_llama_dir, tmp_
     # without --model, a later stage loads the model the SAE names (not the embedded default)
     (sae_dir / "eval.json").unlink()
     cli.main(["evaluate", "--device", "cpu", "--sae", str(sae_dir), "--eval-tokens", "500", "--ce-contexts", "4"])
-    assert f"loaded {tiny_llama_dir}" in capsys.readouterr().out or (tiny_llama_dir, "cpu") in cli._LOADED_MODELS
+    assert f"loaded {tiny_llama_dir}" in capsys.readouterr().out
     assert json.loads((sae_dir / "eval.json").read_text())["corpus"]["source"] == str(corpus)
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -33,11 +34,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from activations.corpus import CorpusConfig, load_contexts
-from activations.model import resolve_device, run_to_hooks, token_strings, unembedding, validate_hook
-from activations.store import atomic_save_safetensors, atomic_write_json
+from activations.model import resolve_device, token_strings, unembedding, validate_hook
+from activations.io import atomic_save_safetensors, atomic_write_json
 from sae.base import SAE
 
-DENSE_THRESHOLD = 0.1  # same as analysis.metrics.dense_fraction
+from ..encoding import encode_contexts
+
+if TYPE_CHECKING:
+    from .labels import Labels
+
+DENSE_THRESHOLD = 0.1  # same as analysis.evaluation.metrics.dense_fraction
 
 
 @dataclass
@@ -79,6 +85,19 @@ class AtlasConfig:
     @property
     def window(self) -> int:
         return self.window_left + 1 + self.window_right
+
+
+class ExampleTable(NamedTuple):
+    """Example contexts of every feature (`Atlas.example_table`), strongest first per feature."""
+
+    values: Tensor
+    """[d_sae, n] the feature's maximum in the context (0: an empty slot)."""
+    context: Tensor
+    """[d_sae, n] row of the context in `Atlas.tokens` (-1: an empty slot)."""
+    position: Tensor
+    """[d_sae, n] position of that maximum in the context."""
+    window: Tensor
+    """[d_sae, n, window] activations around it (fp16)."""
 
 
 @dataclass
@@ -124,6 +143,73 @@ class Atlas:
     def mean_activation(self) -> Tensor:
         """[d_sae] mean activation when firing (0 for dead features)."""
         return self.tensors["sum_act"] / self.tensors["fire_count"].clamp_min(1)
+
+    # -------------------------------------------------------------- typed accessors (over `meta` and `tensors`)
+    @property
+    def hook_name(self) -> str:
+        """Hook point of the SAE the atlas describes."""
+        return str(self.meta["hook_name"])
+
+    @property
+    def model_name(self) -> str | None:
+        return self.meta.get("model_name")
+
+    @property
+    def sae_path(self) -> str | None:
+        """Folder of the SAE, when it was built from one."""
+        return self.meta.get("sae_path")
+
+    @property
+    def n_contexts(self) -> int:
+        """Contexts analysed (rows of `tokens`)."""
+        return int(self.meta["n_contexts"])
+
+    @property
+    def config(self) -> AtlasConfig:
+        """The config the atlas was built with (fields an older atlas lacks take their defaults)."""
+        known = {f.name for f in fields(AtlasConfig)}
+        return AtlasConfig(**{k: v for k, v in self.meta["config"].items() if k in known})
+
+    @property
+    def fire_count(self) -> Tensor:
+        """[d_sae] analysed tokens the feature fires on."""
+        return self.tensors["fire_count"]
+
+    @property
+    def live_features(self) -> list[int]:
+        """Ids of the features that fire at least once, ascending."""
+        return torch.nonzero(self.tensors["fire_count"] > 0).flatten().tolist()
+
+    @property
+    def position_count(self) -> Tensor:
+        """[d_sae, context_len] firings at each position of the context."""
+        return self.tensors["position_count"]
+
+    @property
+    def hist(self) -> Tensor:
+        """[d_sae, hist_bins] activation histogram on `hist_edges`."""
+        return self.tensors["hist"]
+
+    @property
+    def token_frequency(self) -> Tensor:
+        """[vocab] occurrences of each token id among the analysed positions."""
+        return self.token_counts["token_frequency"]
+
+    def logit_tokens(self, side: Literal["top", "bottom"] = "top") -> tuple[Tensor, Tensor]:
+        """(token ids, logit values), each [d_sae, n_logit_tokens]: the tokens the decoder
+        direction promotes most ("top") or suppresses most ("bottom"), strongest first."""
+        return self.tensors[f"logit_{side}_ids"], self.tensors[f"logit_{side}_values"]
+
+    def neighbours(self, kind: Literal["decoder", "coact"] = "decoder") -> tuple[Tensor, Tensor]:
+        """(feature ids, scores), each [d_sae, n_neighbours]: nearest features by decoder cosine
+        ("decoder") or by co-activation Jaccard ("coact"); id -1 where none was counted."""
+        if kind == "decoder":
+            return self.tensors["decoder_neighbours"], self.tensors["decoder_cosine"]
+        return self.tensors["coact_neighbours"], self.tensors["coact_jaccard"]
+
+    def example_table(self, kind: Literal["top", "sample"] = "top") -> ExampleTable:
+        """Every feature's example contexts at once (`examples` gives one feature's, readable)."""
+        return ExampleTable(*(self.tensors[f"{kind}_{name}"] for name in ExampleTable._fields))
 
     @property
     def hist_edges(self) -> Tensor:
@@ -343,20 +429,13 @@ def build_atlas(sae: SAE, model, cfg: AtlasConfig | None = None, sae_path: str |
     if len(tokens) == 0:
         raise ValueError(f"no contexts left in the {cfg.corpus.split} split after the first {cfg.first_context}")
     vocab_size = max(len(model.tokenizer), int(tokens.max()) + 1)
-    # codes kept per token: TopK has exactly k; other SAEs keep their strongest 2k (or 64),
-    # which only truncates the weakest activations of very dense tokens in example windows
-    max_active = sae.cfg.k if sae.architecture == "topk" else min(sae.cfg.d_sae, max(64, 2 * (sae.cfg.k or 32)))
+    max_active = sae.max_active_latents  # codes kept per token in the example buffer
     scratch_dir = Path(tempfile.mkdtemp(prefix="atlas_codes_", dir=scratch))
     try:
         acc = _Accumulator(sae.cfg.d_sae, cfg, vocab_size, len(tokens), ctx_len, max_active, scratch_dir)
         for start in tqdm(range(0, len(tokens), cfg.batch_contexts), desc="atlas", unit="batch"):
             batch = tokens[start:start + cfg.batch_contexts].to(device)
-            x = run_to_hooks(model, batch, [hook], autocast=cfg.autocast)[hook]
-            if x.shape[-1] != sae.cfg.d_in:
-                raise ValueError(f"SAE d_in={sae.cfg.d_in} but {hook} has width {x.shape[-1]}")
-            f = sae.encode(x)
-            f[:, 0] = 0  # the sink position is never analysed
-            acc.update(f, batch, start)
+            acc.update(encode_contexts(model, sae, batch, cfg.autocast).f, batch, start)
         acc._coalesce_tokens()
         acc.merge_candidates()
         return _finish(acc, sae, model, cfg, tokens, len(tokens) * (ctx_len - 1), sae_path)
@@ -517,14 +596,17 @@ def _mean_pairwise_cosine(rows: Tensor) -> float | None:
     return float((sims.sum() - n) / (n * (n - 1)))
 
 
-def export_neuronpedia(atlas: Atlas, path: str | Path, labels: dict | None = None, features: list[int] | None = None) -> Path:
+def export_neuronpedia(atlas: Atlas, path: str | Path, labels: Labels | dict | None = None, features: list[int] | None = None) -> Path:
     """Feature data in Neuronpedia's feature-dashboard JSON shape (one object per feature:
     activation examples as token strings + values, logit effects, density, histogram and
-    explanations), as one JSON file {"model", "layer", "features": [...]}."""
-    from activations.store import atomic_write_bytes
+    explanations), as one JSON file {"model", "layer", "features": [...]}. `labels`: the
+    SAE's `Labels` (or their labels.json object), for the explanations."""
+    from activations.io import atomic_write_bytes
+
+    from .labels import check_labels
 
     vocab = atlas.vocab
-    label_entries = (labels or {}).get("features") or [None] * atlas.d_sae
+    labels = None if labels is None else check_labels(labels, atlas.d_sae)
     edges = atlas.hist_edges
     out = []
     for i in (features if features is not None else range(atlas.d_sae)):
@@ -535,7 +617,7 @@ def export_neuronpedia(atlas: Atlas, path: str | Path, labels: dict | None = Non
             for e in atlas.examples(i, "top") + atlas.examples(i, "sample")
         ]
         hist = atlas.tensors["hist"][i]
-        entry = label_entries[i]
+        label = labels.best(i) if labels is not None else None
         out.append({
             "modelId": atlas.meta["model_name"], "layer": atlas.meta["hook_name"], "index": i,
             "maxActApprox": round(float(atlas.max_activation[i]), 4), "frac_nonzero": float(atlas.density[i]),
@@ -546,8 +628,8 @@ def export_neuronpedia(atlas: Atlas, path: str | Path, labels: dict | None = Non
             "freq_hist_data_bar_heights": hist.tolist(),
             "freq_hist_data_bar_values": [round(float((edges[b] * edges[b + 1]).sqrt()), 5) for b in range(len(hist))],
             "activations": examples,
-            "explanations": [] if entry is None else [{"description": entry["label"], "explanationModelName": f"saewb/{entry['kind']}",
-                                                      "scores": [{"method": "held-out F1", "value": entry["f1"]}]}],
+            "explanations": [] if label is None else [{"description": label.text, "explanationModelName": f"saewb/{label.kind}",
+                                                      "scores": [{"method": "held-out F1", "value": label.scores.f1 if label.scores else None}]}],
         })
     payload = {"model": atlas.meta["model_name"], "layer": atlas.meta["hook_name"], "features": out}
     path = Path(path)
@@ -555,4 +637,4 @@ def export_neuronpedia(atlas: Atlas, path: str | Path, labels: dict | None = Non
     return path
 
 
-__all__ = ["Atlas", "AtlasConfig", "build_atlas", "coactivation_neighbours", "decoder_neighbours", "export_neuronpedia", "load_atlas", "logit_effects"]
+__all__ = ["Atlas", "AtlasConfig", "ExampleTable", "build_atlas", "coactivation_neighbours", "decoder_neighbours", "export_neuronpedia", "load_atlas", "logit_effects"]

@@ -10,7 +10,7 @@ The bundle:
     features/<id>.html      one small stub page per feature: its data as JSON + the shared renderer
     assets/plotly.min.js    plotly, written once for the whole bundle (no CDN)
     assets/vocab.js         display strings of the token ids the pages refer to
-    assets/style.css, common.js, index.js, feature.js   (copied from analysis/dashboard_assets/)
+    assets/style.css, common.js, index.js, feature.js   (copied from analysis/dashboard/assets/)
 
 Pages are rendered in the browser from JSON, so a 4,608-feature bundle is tens of MB rather
 than one plotly figure per page. Model and corpus text only ever reaches the DOM through
@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from activations.store import atomic_write_bytes
+from activations.io import atomic_write_bytes
 
-from .atlas import Atlas
+from ..features.atlas import Atlas
+from ..features.labels import Labels, check_labels
 
-ASSETS = Path(__file__).with_name("dashboard_assets")
+ASSETS = Path(__file__).with_name("assets")
 ASSET_FILES = ("style.css", "common.js", "index.js", "feature.js")
 QUANTILE_GROUPS = 4
 """The uniform sample of activating contexts (strongest first) is split into this many activation quantiles."""
@@ -57,13 +58,13 @@ _ERROR_RECORDER = (
 )
 
 
-def build_dashboard(atlas: Atlas, out_dir: str | Path, labels: dict | None = None, features: list[int] | None = None) -> Path:
+def build_dashboard(atlas: Atlas, out_dir: str | Path, labels: Labels | dict | None = None, features: list[int] | None = None) -> Path:
     """Write the dashboard bundle of `features` (default: all) to `out_dir`; returns the path
-    of its index.html. `labels`: the dict of `analysis.labels` (`labels.json`): {"summary",
-    "features": [None (dead) or {"label", "kind", "f1", "precision", "recall", ...}, one per feature]}."""
+    of its index.html. `labels`: the SAE's `Labels` (`analysis.features.labels`), or the
+    labels.json object they are saved as; pages embed each feature's labels.json entry."""
     out = Path(out_dir)
     features = sorted({atlas.check_feature(i) for i in (range(atlas.d_sae) if features is None else features)})
-    label_records = _label_records(labels, atlas.d_sae)
+    labels = None if labels is None else check_labels(labels, atlas.d_sae)
     (out / "assets").mkdir(parents=True, exist_ok=True)
     (out / "index.html").unlink(missing_ok=True)  # rewritten last: marks a complete bundle
     _write_assets(out / "assets")
@@ -76,11 +77,12 @@ def build_dashboard(atlas: Atlas, out_dir: str | Path, labels: dict | None = Non
     used_tokens: set[int] = set()
     try:
         for position, i in enumerate(tqdm(features, desc="dashboard pages", unit="page")):
-            data = feature_data(atlas, i, label_records, in_bundle)
+            data = feature_data(atlas, i, labels, in_bundle)
             data["prev"] = features[position - 1] if position > 0 else None
             data["next"] = features[position + 1] if position + 1 < len(features) else None
             used_tokens |= _token_ids(data)
-            title = f"Feature {i}" + (f" · {data['label'].get('label')}" if data["label"] else "")
+            best = labels.best(i) if labels is not None else None
+            title = f"Feature {i}" + (f" · {best.text}" if best is not None else "")
             (staging / f"{i}.html").write_bytes(_page(title, data, "feature.js", root="../"))
         vocab = {str(t): atlas.vocab.get(t, f"<id {t}>") for t in sorted(used_tokens)}
         atomic_write_bytes(out / "assets" / "vocab.js", f"window.SAEWB_VOCAB={_safe_json(vocab)};\n".encode())
@@ -91,26 +93,27 @@ def build_dashboard(atlas: Atlas, out_dir: str | Path, labels: dict | None = Non
 
     index = index_data(atlas, features, labels)
     path = out / "index.html"
-    atomic_write_bytes(path, _page(f"Feature atlas · {atlas.meta.get('hook_name', '')}", index, "index.js", root=""))
+    atomic_write_bytes(path, _page(f"Feature atlas · {atlas.hook_name}", index, "index.js", root=""))
     return path
 
 
 # ---------------------------------------------------------------------------- page data
-def feature_data(atlas: Atlas, i: int, label_records: list[dict | None], in_bundle: set[int]) -> dict:
+def feature_data(atlas: Atlas, i: int, labels: Labels | None, in_bundle: set[int]) -> dict:
     """Everything the page of feature `i` shows, as plain JSON (token ids, not strings:
-    pages share assets/vocab.js)."""
-    fire_count = int(atlas.tensors["fire_count"][i])
+    pages share assets/vocab.js). Its label is the feature's labels.json entry (None: none)."""
+    entry = labels.entry(i) if labels is not None else None
+    fire_count = int(atlas.fire_count[i])
     data = {
         "id": i, "n_features": atlas.d_sae, "n_tokens": atlas.n_tokens, "fire_count": fire_count,
         "density": fire_count / atlas.n_tokens, "max": float(atlas.max_activation[i]), "mean": float(atlas.mean_activation[i]),
-        "label": label_records[i], "meta": _meta(atlas),
+        "label": entry.to_json() if entry is not None else None, "meta": _meta(atlas),
         "logits": {
-            side: [[int(t), round(float(v), 4)] for t, v in zip(atlas.tensors[f"logit_{side}_ids"][i], atlas.tensors[f"logit_{side}_values"][i])]
-            for side in ("top", "bottom")
+            side: [[int(t), round(float(v), 4)] for t, v in zip(ids[i], values[i])]
+            for side, (ids, values) in (("top", atlas.logit_tokens("top")), ("bottom", atlas.logit_tokens("bottom")))
         },
         "neighbours": {
-            kind: [_neighbour(int(j), float(s), label_records, in_bundle) for j, s in zip(atlas.tensors[ids][i], atlas.tensors[scores][i]) if j >= 0]
-            for kind, ids, scores in (("decoder", "decoder_neighbours", "decoder_cosine"), ("coact", "coact_neighbours", "coact_jaccard"))
+            kind: [_neighbour(int(j), float(s), labels, in_bundle) for j, s in zip(ids[i], scores[i]) if j >= 0]
+            for kind, (ids, scores) in (("decoder", atlas.neighbours("decoder")), ("coact", atlas.neighbours("coact")))
         },
     }
     if fire_count == 0:
@@ -122,8 +125,8 @@ def feature_data(atlas: Atlas, i: int, label_records: list[dict | None], in_bund
     rest = sorted(set(range(len(samples))) - {int(k) for g in shown for k in g})
     random = np.random.default_rng(i).choice(rest, size=min(N_RANDOM, len(rest)), replace=False) if rest else []
     ids, counts, act_sums = atlas.feature_tokens(i)
-    frequency = atlas.token_counts["token_frequency"]
-    edges, hist = atlas.hist_edges.tolist(), atlas.tensors["hist"][i].tolist()
+    frequency = atlas.token_frequency
+    edges, hist = atlas.hist_edges.tolist(), atlas.hist[i].tolist()
     nonzero = [b for b, c in enumerate(hist) if c]
     lo, hi = nonzero[0], nonzero[-1] + 1
     return data | {
@@ -142,23 +145,23 @@ def feature_data(atlas: Atlas, i: int, label_records: list[dict | None], in_bund
     }
 
 
-def index_data(atlas: Atlas, features: list[int], labels: dict | None = None) -> dict:
+def index_data(atlas: Atlas, features: list[int], labels: Labels | dict | None = None) -> dict:
     """The index table (one row per bundled feature) plus what the density histogram and
     summary need (over all features of the atlas, bundled or not)."""
-    label_records = _label_records(labels, atlas.d_sae)
+    labels = None if labels is None else check_labels(labels, atlas.d_sae)
     density = atlas.density.tolist()
     max_act, mean_act = atlas.max_activation.tolist(), atlas.mean_activation.tolist()
     rows = []
     for i in features:
-        record = label_records[i] or {}
+        label = labels.best(i) if labels is not None else None
         top_tokens = [atlas.vocab.get(t, f"<id {t}>") for t in atlas.feature_tokens(i)[0][:5].tolist()]
         rows.append([
             i, round(math.log10(density[i]), 3) if density[i] > 0 else None, round(max_act[i], 4), round(mean_act[i], 4),
-            record.get("label"), record.get("kind"), record.get("f1"), top_tokens,
+            *((label.text, label.kind, _f1(label)) if label else (None, None, None)), top_tokens,
         ])
     return {
         "meta": _meta(atlas), "summary": atlas.summary(), "labelled": labels is not None,
-        "label_summary": labels.get("summary") if labels else None,
+        "label_summary": labels.summary.to_json() if labels is not None and labels.summary is not None else None,
         "columns": ["id", "log10_density", "max", "mean", "label", "kind", "f1", "top_tokens"], "rows": rows,
         "log10_density": [round(math.log10(d), 4) for d in density if d > 0],
     }
@@ -172,24 +175,18 @@ def _example(example: dict) -> dict:
     }
 
 
-def _neighbour(j: int, score: float, label_records: list[dict | None], in_bundle: set[int]) -> dict:
-    record = label_records[j] or {}
-    return {"id": j, "score": round(score, 4), "label": record.get("label"), "f1": record.get("f1"), "page": j in in_bundle}
+def _neighbour(j: int, score: float, labels: Labels | None, in_bundle: set[int]) -> dict:
+    label = labels.best(j) if labels is not None else None
+    return {"id": j, "score": round(score, 4), "label": label.text if label else None, "f1": _f1(label) if label else None, "page": j in in_bundle}
 
 
 def _meta(atlas: Atlas) -> dict:
-    keys = ("model_name", "hook_name", "sae_path", "d_sae", "n_tokens", "n_contexts")
-    return {k: atlas.meta.get(k) for k in keys}
+    return {"model_name": atlas.model_name, "hook_name": atlas.hook_name, "sae_path": atlas.sae_path, "d_sae": atlas.d_sae,
+            "n_tokens": atlas.n_tokens, "n_contexts": atlas.n_contexts}
 
 
-def _label_records(labels: dict | None, d_sae: int) -> list[dict | None]:
-    if labels is None:
-        return [None] * d_sae
-    records = labels.get("features")
-    if not isinstance(records, list) or len(records) != d_sae:
-        n = len(records) if isinstance(records, list) else "no"
-        raise ValueError(f"labels have {n} feature entries but the atlas has {d_sae} features (labels of another SAE?)")
-    return records
+def _f1(label) -> float | None:
+    return label.scores.f1 if label.scores is not None else None
 
 
 def _token_ids(data: dict) -> set[int]:

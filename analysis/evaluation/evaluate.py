@@ -12,10 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from activations.corpus import CorpusConfig, describe, load_contexts
-from activations.model import logits_with_edit, model_mismatch, run_to_hooks, validate_hook
-from activations.store import atomic_write_bytes, atomic_write_json
+from activations.model import logits_with_edit, model_mismatch, validate_hook
+from activations.io import atomic_write_bytes, atomic_write_json
 from sae.base import SAE
 
+from ..encoding import encode_contexts, first_position
 from .metrics import ReconstructionStats, ce_loss_recovered, cross_entropy, dense_fraction, dead_fraction, kl_per_token
 
 
@@ -78,12 +79,10 @@ def evaluate(sae: SAE, model, cfg: EvalConfig | None = None) -> EvalResult:
 
     stats = ReconstructionStats(sae.cfg.d_sae)
     recon_contexts = -(-cfg.n_tokens // (ctx_len - 1))
+    first = first_position(sae)  # the sink position is never spliced nor measured
     for b in tqdm(range(0, recon_contexts, cfg.batch_contexts), desc="evaluate: reconstruction"):
         batch = tokens[b:min(b + cfg.batch_contexts, recon_contexts)].to(device)
-        x = run_to_hooks(model, batch, [hook])[hook][:, 1:].flatten(0, 1).float()
-        if x.shape[-1] != sae.cfg.d_in:
-            raise ValueError(f"SAE d_in={sae.cfg.d_in} but {hook} has width {x.shape[-1]}")
-        f = sae.encode(x)
+        x, f = (t[:, first:].flatten(0, 1) for t in encode_contexts(model, sae, batch))
         stats.update(x, sae.decode(f), f)
 
     ce = {"clean": [], "spliced": [], "zero": []}
@@ -91,22 +90,22 @@ def evaluate(sae: SAE, model, cfg: EvalConfig | None = None) -> EvalResult:
 
     def splice(act):
         out = act.clone()
-        out[:, 1:] = sae(act[:, 1:].float()).to(act.dtype)
+        out[:, first:] = sae(act[:, first:].float()).to(act.dtype)
         return out
 
     def zero(act):
         out = act.clone()
-        out[:, 1:] = 0
+        out[:, first:] = 0
         return out
 
     for b in tqdm(range(0, cfg.n_ce_contexts, cfg.batch_contexts), desc="evaluate: CE loss"):
         batch = tokens[b:min(b + cfg.batch_contexts, cfg.n_ce_contexts)].to(device)
         clean = logits_with_edit(model, batch)
         spliced = logits_with_edit(model, batch, hook, splice)
-        ce["clean"].append(cross_entropy(clean, batch)[:, 1:].flatten().cpu())
-        ce["spliced"].append(cross_entropy(spliced, batch)[:, 1:].flatten().cpu())
-        ce["zero"].append(cross_entropy(logits_with_edit(model, batch, hook, zero), batch)[:, 1:].flatten().cpu())
-        kl.append(kl_per_token(clean, spliced)[:, 1:-1].flatten().cpu())
+        ce["clean"].append(cross_entropy(clean, batch)[:, first:].flatten().cpu())  # predictions from spliced positions
+        ce["spliced"].append(cross_entropy(spliced, batch)[:, first:].flatten().cpu())
+        ce["zero"].append(cross_entropy(logits_with_edit(model, batch, hook, zero), batch)[:, first:].flatten().cpu())
+        kl.append(kl_per_token(clean, spliced)[:, first:-1].flatten().cpu())
     means = {k: float(torch.cat(v).mean()) for k, v in ce.items()}
     density = (stats.fire_counts.double() / stats.n).clamp_min(1e-10).log10()
     return EvalResult(

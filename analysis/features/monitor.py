@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 
 from activations.corpus import boundary_token_id
-from activations.model import run_to_hooks, token_strings
+from activations.model import token_strings
 from sae.base import SAE
 
+from ..encoding import encode_contexts
 from .atlas import Atlas
-from .labels import check_labels
+from .labels import Labels, check_labels
 
 
 @dataclass
@@ -27,11 +28,12 @@ class TokenFeatures:
     """Strongest features on this token, strongest first."""
     values: list[float]
     labels: list[str]
+    """Display text of each feature's best label ("" without one)."""
 
 
-def _label(labels: dict | None, feature: int) -> str:
-    entry = (labels or {}).get("features", [None] * (feature + 1))[feature] if labels else None
-    return entry["label"] if entry else ""
+def _label_text(labels: Labels | None, feature: int) -> str:
+    label = labels.best(feature) if labels is not None else None
+    return label.text if label is not None else ""
 
 
 @torch.no_grad()
@@ -53,25 +55,24 @@ def activations_of_ids(rows: list[list[int]], model, sae: SAE, autocast: str = "
     width = max(len(r) for r in rows)
     tokens = torch.tensor([r + [sink] * (width - len(r)) for r in rows])
     device = next(model.parameters()).device
-    x = run_to_hooks(model, tokens.to(device), [sae.cfg.hook_name], autocast=autocast)[sae.cfg.hook_name]
-    f = sae.to(device).encode(x).cpu()
-    f[:, 0] = 0
+    f = encode_contexts(model, sae.to(device), tokens.to(device), autocast).f.cpu()
     for n, r in enumerate(rows):
         f[n, len(r):] = 0
     return tokens, f
 
 
-def monitor(text: str, model, sae: SAE, labels: dict | None = None, top_k: int = 5) -> list[TokenFeatures]:
-    """For each token of `text`, its `top_k` strongest features with their labels."""
+def monitor(text: str, model, sae: SAE, labels: Labels | dict | None = None, top_k: int = 5) -> list[TokenFeatures]:
+    """For each token of `text`, its `top_k` strongest features with their labels (`labels`:
+    of this SAE, or its labels.json object)."""
     if labels is not None:
-        check_labels(labels, sae.cfg.d_sae)
+        labels = check_labels(labels, sae.cfg.d_sae)
     tokens, f = feature_activations(text, model, sae)
     values, ids = f[0, 1:].topk(min(top_k, f.shape[-1]), dim=-1)
     strings = token_strings(model.tokenizer, tokens[0, 1:].tolist())
     out = []
     for token, vals, feats in zip(strings, values.tolist(), ids.tolist()):
         live = [(v, i) for v, i in zip(vals, feats) if v > 0]
-        out.append(TokenFeatures(token, [i for _, i in live], [round(v, 3) for v, _ in live], [_label(labels, i) for _, i in live]))
+        out.append(TokenFeatures(token, [i for _, i in live], [round(v, 3) for v, _ in live], [_label_text(labels, i) for _, i in live]))
     return out
 
 
@@ -118,7 +119,7 @@ TEMPLATES = ("{q}", "The {q}.", "I thought about the {q} all day.", "She wrote a
 
 
 @torch.no_grad()
-def find_features(query: str, model, sae: SAE, atlas: Atlas, labels: dict | None = None, n: int = 10, max_occurrences: int = 64) -> list[dict]:
+def find_features(query: str, model, sae: SAE, atlas: Atlas, labels: Labels | dict | None = None, n: int = 10, max_occurrences: int = 64) -> list[dict]:
     """Features that fire most selectively on `query`.
 
     Occurrences: every place the query's tokens (with or without a leading space) appear in
@@ -132,7 +133,7 @@ def find_features(query: str, model, sae: SAE, atlas: Atlas, labels: dict | None
     if atlas.d_sae != sae.cfg.d_sae:
         raise ValueError(f"the atlas is of a {atlas.d_sae}-feature SAE, not this one ({sae.cfg.d_sae} features); rebuild it with `saewb analyze`")
     if labels is not None:
-        check_labels(labels, sae.cfg.d_sae)
+        labels = check_labels(labels, sae.cfg.d_sae)
     windows = []
     for variant in dict.fromkeys((" " + query.strip(), query.strip())):
         ids = torch.tensor(model.tokenizer(variant, add_special_tokens=False)["input_ids"])
@@ -168,12 +169,12 @@ def find_features(query: str, model, sae: SAE, atlas: Atlas, labels: dict | None
     order = torch.argsort(score * 1000 + mean_act / atlas.max_activation.clamp_min(1e-6), descending=True)[:n]
     out = []
     for i in order.tolist():
-        entry = (labels or {}).get("features", [None] * atlas.d_sae)[i] if labels else None
+        label = labels.best(i) if labels is not None else None
         out.append({
             "feature": i, "score": round(float(score[i]), 4), "fire_rate_on_query": round(float(rate[i]), 4),
             "density": float(atlas.density[i]), "mean_act_on_query": round(float(mean_act[i]), 4),
             "max_activation": round(float(atlas.max_activation[i]), 4),
-            "label": entry["label"] if entry else "", "label_f1": entry["f1"] if entry else None,
+            "label": label.text if label else "", "label_f1": label.scores.f1 if label and label.scores else None,
             "occurrences": len(occurrences), "corpus_occurrences": n_corpus,
         })
     return out

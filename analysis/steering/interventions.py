@@ -1,0 +1,246 @@
+"""Steering interventions: edit SAE features at the SAE's hook while the model runs.
+
+Interventions act at the SAE's hook (`sae.cfg.hook_name`) on activations x [batch, pos, d_in],
+with f = sae.encode(x) and W_dec[i] the decoder row of feature i:
+
+    clamp   f_i <- v     x' = decode(f') + (x - decode(f)) = x + (v - f_i) W_dec[i]
+    ablate  f_i <- 0     x' = x - f_i W_dec[i]
+    add                  x' = x + alpha W_dec[i]
+
+so the SAE's error term x - decode(f) always passes through: only the named features change,
+and clamping a feature to its own current value returns x exactly. Several interventions (on
+distinct features) apply together; their changes add up.
+
+Semantics, checked by tests/test_steering.py:
+
+* **Strengths** are in units of the feature's max observed activation (`unit="max"`, the
+  default: `v = strength * max_activation[i]`, likewise `alpha`) or absolute (`unit="absolute"`).
+  Max activations come from the feature atlas (`analysis.features.atlas.load_atlas(path).max_activation`)
+  or from `feature_stats` below.
+* **Every position** of every forward pass is edited, the generated tokens included, with or
+  without the KV cache (the two give the same tokens) — **except absolute position 0**, the
+  BOS / attention sink (`<|endoftext|>` before plain prompts, `<|im_start|>` opening the chat
+  template). Its norm is far above the rest, the SAE never saw it in training (the workbench
+  excludes it from the store, training and metrics), so its encoding means nothing and an edit
+  there mostly disturbs the sink every later token attends to. `analysis.evaluation.evaluate` leaves
+  position 0 untouched when splicing for the same reason. Positions are read from the model's
+  own inputs (position ids or the KV-cache length), so steps that feed one new token are steered.
+* **Hooks are scoped**: `steer(model, steering)` is a context manager; everything it attaches
+  is removed on exit, even when the block raises.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from activations.model import hf_hooks, hook_module, hook_width, kv_cache_of, validate_hook
+from sae.base import SAE
+
+
+
+
+Mode = Literal["clamp", "add", "ablate"]
+Unit = Literal["max", "absolute"]
+MODES: tuple[str, ...] = ("clamp", "add", "ablate")
+Predicate = Callable[[Tensor], Tensor]
+"""A label predicate: token ids [batch, seq] -> bool [batch, seq], true where the label says
+the feature should fire."""
+
+def _feature_id(feature) -> int:
+    if isinstance(feature, bool):
+        raise ValueError(f"feature id must be an integer, got {feature!r}")
+    try:
+        return operator.index(feature)
+    except TypeError:
+        raise ValueError(f"feature id must be an integer, got {feature!r}") from None
+
+
+def check_features(features: Sequence[int], d_sae: int) -> list[int]:
+    """`features` as ints if every one is a feature id of a `d_sae`-feature SAE (0..d_sae - 1,
+    no wrap-around for negative ids); else a ValueError naming the bad ids and the range."""
+    ids = [_feature_id(f) for f in features]
+    out_of_range = [i for i in ids if not 0 <= i < d_sae]
+    if out_of_range:
+        raise ValueError(f"feature(s) {out_of_range} out of range: this SAE has {d_sae} features (ids 0..{d_sae - 1})")
+    return ids
+
+
+@dataclass(frozen=True)
+class Intervention:
+    feature: int
+    """Feature (latent) id in the SAE."""
+    mode: Mode = "clamp"
+    """clamp: f_i <- v; add: x += alpha W_dec[i]; ablate: f_i <- 0 (strength ignored)."""
+    strength: float = 1.0
+    """v for clamp, alpha for add, in `unit`s."""
+    unit: Unit = "max"
+    """"max": multiples of the feature's max observed activation; "absolute": raw values."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "feature", _feature_id(self.feature))
+        if self.feature < 0:
+            raise ValueError(f"feature {self.feature} is out of range: feature ids are 0 or more (and below the SAE's d_sae)")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown steering mode {self.mode!r}: choose one of {MODES}")
+        if self.unit not in ("max", "absolute"):
+            raise ValueError(f"unknown strength unit {self.unit!r}: choose 'max' or 'absolute'")
+        if not math.isfinite(self.strength):
+            raise ValueError(f"steering strength must be finite, got {self.strength}")
+
+
+class Steering:
+    """Interventions on one SAE, resolved to absolute values; call it on activations at the
+    SAE's hook. Attach it to a model with `steer`, or pass it as the edit of
+    `activations.model.logits_with_edit` (a full forward pass from position 0)."""
+
+    def __init__(self, sae: SAE, interventions: Intervention | Sequence[Intervention], max_activation: Tensor | None = None):
+        interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        if not interventions:
+            raise ValueError("no interventions given")
+        d_sae = sae.cfg.d_sae
+        if not sae.cfg.hook_name:
+            raise ValueError("the SAE's config names no hook_name, so there is nowhere to steer")
+        seen: set[int] = set()
+        for iv in interventions:
+            if not 0 <= iv.feature < d_sae:
+                raise ValueError(f"feature {iv.feature} is out of range: this SAE has {d_sae} features (ids 0..{d_sae - 1})")
+            if iv.feature in seen:
+                raise ValueError(f"feature {iv.feature} appears in more than one intervention; give each feature once")
+            seen.add(iv.feature)
+        needs_max = [iv.feature for iv in interventions if iv.unit == "max" and iv.mode != "ablate"]
+        if needs_max:
+            if max_activation is None:
+                raise ValueError(
+                    f"unit='max' for feature(s) {needs_max} needs max_activation [d_sae] (the atlas' "
+                    "`load_atlas(path).max_activation`, or `feature_stats(sae, model, tokens).max_activation`); "
+                    "or give strengths with unit='absolute'"
+                )
+            if tuple(max_activation.shape) != (d_sae,):
+                raise ValueError(f"max_activation has shape {tuple(max_activation.shape)}, expected ({d_sae},) for this SAE")
+            never = [f for f in needs_max if not float(max_activation[f]) > 0]
+            if never:
+                raise ValueError(f"feature(s) {never} never fired where max_activation was measured; use unit='absolute'")
+
+        def value(iv: Intervention) -> float:
+            if iv.mode == "ablate":
+                return 0.0
+            return iv.strength * (float(max_activation[iv.feature]) if iv.unit == "max" else 1.0)
+
+        self.sae = sae
+        self.hook_name = sae.cfg.hook_name
+        self.interventions = tuple(interventions)
+        self.values = {iv.feature: value(iv) for iv in interventions}
+        """Absolute value per feature: the clamp target, the added alpha, or 0 for ablation."""
+        sets = [iv for iv in interventions if iv.mode != "add"]
+        adds = [iv for iv in interventions if iv.mode == "add"]
+        self._set_ids = torch.tensor([iv.feature for iv in sets], dtype=torch.long)
+        self._set_values = torch.tensor([self.values[iv.feature] for iv in sets])
+        self._add_ids = torch.tensor([iv.feature for iv in adds], dtype=torch.long)
+        self._add_values = torch.tensor([self.values[iv.feature] for iv in adds])
+        self.positions: Tensor | None = None
+        """Absolute positions [batch or 1, pos] of the current forward pass, set by `steer`;
+        None means the pass starts at position 0."""
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{iv.mode} {iv.feature}" + ("" if iv.mode == "ablate" else f" = {self.values[iv.feature]:.3g}") for iv in self.interventions)
+        return f"Steering({self.hook_name}: {parts})"
+
+    def attached(self, model) -> ContextManager["Steering"]:
+        """`steer(model, self)`: the edit applied to every forward pass inside the block."""
+        return steer(model, self)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Steered activations: x [batch, pos, d_in] (trailing dims are flattened) -> same shape and dtype."""
+        shape = x.shape
+        h = x.reshape(shape[0], shape[1], -1).float()
+        w_dec = self.sae.W_dec
+        delta = torch.zeros((), device=h.device)
+        if len(self._set_ids):
+            ids = self._set_ids.to(h.device)
+            current = self.sae.encode(h)[..., ids]  # [batch, pos, n_set]
+            delta = (self._set_values.to(h.device) - current) @ w_dec[ids].float()
+        if len(self._add_ids):
+            ids = self._add_ids.to(h.device)
+            delta = delta + self._add_values.to(h.device) @ w_dec[ids].float()
+        steered = self._steered_positions(shape[0], shape[1], h.device)  # [batch or 1, pos]
+        return torch.where(steered[..., None], h + delta, h).to(x.dtype).reshape(shape)
+
+    def _steered_positions(self, batch: int, n_pos: int, device) -> Tensor:
+        pos = self.positions
+        if pos is None or pos.shape[-1] != n_pos or pos.shape[0] not in (1, batch):
+            pos = torch.arange(n_pos, device=device)[None]
+        return pos.to(device) > 0
+
+
+def check_compatible(model, sae: SAE) -> None:
+    """Clear errors for a hook the model lacks, or an SAE whose d_in is not the hook's width."""
+    hook = sae.cfg.hook_name
+    validate_hook(model, hook)
+    width = hook_width(model, hook)
+    if width != sae.cfg.d_in:
+        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {hook}, which has width {width} on this model")
+
+
+def _position_reader(model):
+    """(module, reader): a top-level module whose every forward call we can see, and a
+    function of its (args, kwargs) giving the absolute positions [batch or 1, pos] of the call."""
+    if hasattr(model, "original_model"):
+        def hf_positions(args, kwargs):
+            if kwargs.get("position_ids") is not None:
+                return kwargs["position_ids"]
+            seq = kwargs.get("input_ids", args[0] if args else None)
+            seq = seq if seq is not None else kwargs.get("inputs_embeds")
+            if seq is None:
+                return None
+            past = kv_cache_of(kwargs)
+            offset = past.get_seq_length() if past is not None else 0
+            return torch.arange(seq.shape[1], device=seq.device)[None] + offset
+        return model.original_model.base_model, hf_positions
+
+    def tl_positions(args, kwargs):
+        seq = args[0] if args else kwargs.get("input", kwargs.get("tokens"))
+        if not isinstance(seq, Tensor) or seq.dim() < 2:
+            return None
+        past = kwargs.get("past_kv_cache")
+        offset = past[0].past_keys.shape[1] if past is not None else 0
+        return torch.arange(seq.shape[1], device=seq.device)[None] + offset
+    return model, tl_positions
+
+
+@contextmanager
+def steer(model, steering: Steering) -> Iterator[Steering]:
+    """Apply `steering` to every forward pass of `model` inside the block (any entry point:
+    `model(...)`, the HF model's `generate`, `generate_tokens`). Everything attached is
+    removed on exit, even when the block raises.
+
+    On a `TransformerBridge` the edit is a forward hook on the Hugging Face module behind the
+    TransformerLens hook name (`activations.model.hook_module`), so HF's fast forward pass and
+    KV cache work; other hooks and HookedTransformer models use TransformerLens' own hooks."""
+    check_compatible(model, steering.sae)
+    device = next(model.parameters()).device
+    steering.sae.to(device)
+    module, read = _position_reader(model)
+
+    def pre(_module, args, kwargs):
+        steering.positions = read(args, kwargs)
+
+    def post(_module, args, kwargs, output):
+        steering.positions = None
+
+    with ExitStack() as stack:
+        stack.callback(setattr, steering, "positions", None)
+        for handle in (module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post, with_kwargs=True)):
+            stack.callback(handle.remove)
+        if hook_module(model, steering.hook_name) is not None:
+            stack.enter_context(hf_hooks(model, {steering.hook_name: steering}))
+        else:
+            stack.enter_context(model.hooks(fwd_hooks=[(steering.hook_name, lambda act, hook: steering(act))]))
+        yield steering
+
+

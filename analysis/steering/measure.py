@@ -1,0 +1,171 @@
+"""Steering measurement, all under the *unsteered* model (no judge model):
+
+* concept score: the feature's own activation when the generated text (alone, after the BOS
+  token; not the prompt, so a prompt that names the concept does not count) is re-read, and
+  optionally a label predicate `predicate(tokens [batch, seq]) -> bool [batch, seq]`;
+* fluency: perplexity of each generation given its prompt, and its repetition rate;
+* side effects: KL(unsteered || steered) per token on neutral text;
+"""
+from __future__ import annotations
+
+import textwrap
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from activations.corpus import boundary_token_id
+from activations.model import logits_with_edit
+from sae.base import SAE
+
+from ..evaluation.metrics import cross_entropy, kl_per_token
+
+from ..encoding import encode_contexts, first_position
+from .interventions import Predicate, Steering, check_compatible, check_features
+from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens
+
+
+class SideBySide(NamedTuple):
+    prompt: str
+    unsteered: str
+    """The unsteered model's continuation."""
+    steered: str
+    """The continuation with the steering applied (same seed)."""
+
+
+def compare(model, prompts: Sequence[str], steering: Steering, cfg: GenerationConfig | None = None) -> list[SideBySide]:
+    """Unsteered and steered continuations of each prompt, with the same decoding settings."""
+    cfg = cfg or GenerationConfig()
+    tokens = encode_prompts(model.tokenizer, prompts, cfg.chat)
+    base = generate_tokens(model, tokens, cfg)
+    steered = generate_tokens(model, tokens, cfg, steering)
+    return [SideBySide(p, decode(model.tokenizer, b), decode(model.tokenizer, s)) for p, b, s in zip(prompts, base, steered)]
+
+
+def format_side_by_side(rows: Sequence[SideBySide], width: int = 100, labels: tuple[str, str] = ("unsteered", "steered")) -> str:
+    """Plain-text table: each prompt, then the two continuations in columns."""
+    col = (width - 3) // 2
+    lines = []
+    for row in rows:
+        lines += ["=" * width, textwrap.shorten("prompt: " + " ".join(row.prompt.split()), width), "-" * width,
+                  f"{labels[0]:<{col}} | {labels[1]}"]
+        left = textwrap.wrap(" ".join(row.unsteered.split()), col) or [""]
+        right = textwrap.wrap(" ".join(row.steered.split()), col) or [""]
+        for i in range(max(len(left), len(right))):
+            lines.append(f"{left[i] if i < len(left) else '':<{col}} | {right[i] if i < len(right) else ''}")
+    return "\n".join(lines)
+
+
+class FeatureStats(NamedTuple):
+    max_activation: Tensor
+    """[d_sae] largest activation of each feature on the tokens read."""
+    frequency: Tensor
+    """[d_sae] share of the tokens on which each feature fires."""
+    n_tokens: int
+    """Tokens read (position 0 of every context excluded)."""
+
+
+@torch.no_grad()
+def feature_stats(sae: SAE, model, tokens: Tensor, batch_size: int = 8) -> FeatureStats:
+    """Max activation and firing frequency of every feature over `tokens` [n_contexts, pos]
+    (position 0 excluded), one forward pass per batch that stops after the hooked layer.
+    A stand-in for the feature atlas' `max_activation` until one is built."""
+    check_compatible(model, sae)
+    device = next(model.parameters()).device
+    sae = sae.to(device)
+    top = torch.zeros(sae.cfg.d_sae, device=device)
+    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
+    n = 0
+    for b in tqdm(range(0, len(tokens), batch_size), desc="feature stats"):
+        f = encode_contexts(model, sae, tokens[b:b + batch_size].to(device)).f[:, first_position(sae):].flatten(0, 1)
+        top = torch.maximum(top, f.max(0).values)
+        fires += (f > 0).sum(0)
+        n += len(f)
+    return FeatureStats(top.cpu(), (fires.double() / max(n, 1)).float().cpu(), n)
+
+
+def _right_pad(seqs: Sequence[Tensor], pad: int) -> tuple[Tensor, Tensor]:
+    """[n, max_len] ids and a bool mask of real tokens."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = s
+        mask[r, :len(s)] = True
+    return ids, mask
+
+
+class ConceptScores(NamedTuple):
+    activation: Tensor
+    """[n] mean activation of the features over the generated tokens (relative to each
+    feature's max activation when one is given); NaN for an empty generation."""
+    present: Tensor
+    """[n] bool: some feature exceeds `threshold` on at least one generated token."""
+    predicate_rate: Tensor | None
+    """[n] share of generated tokens where the label predicate holds (None without one)."""
+
+
+@torch.no_grad()
+def concept_scores(model, sae: SAE, features: Sequence[int], generated: Sequence[Tensor], max_activation: Tensor | None = None,
+                   threshold: float = 0.0, predicate: Predicate | None = None, batch_size: int = 16) -> ConceptScores:
+    """How much each generation [n_new] expresses `features`: the text (after the BOS token,
+    without its prompt) is re-read by the unsteered model and encoded by the SAE. With
+    `max_activation`, activations and `threshold` are in units of each feature's max."""
+    features = check_features(features, sae.cfg.d_sae)
+    device = next(model.parameters()).device
+    sae = sae.to(device)
+    ids = torch.tensor(list(features), dtype=torch.long)
+    scale = max_activation[ids].clamp_min(1e-12) if max_activation is not None else torch.ones(len(ids))
+    bos = boundary_token_id(model.tokenizer)
+    act, present, pred = [], [], []
+    for b in range(0, len(generated), batch_size):
+        seqs = [torch.cat([torch.tensor([bos]), g.cpu()]) for g in generated[b:b + batch_size]]
+        tokens, mask = _right_pad(seqs, bos)
+        mask[:, 0] = False
+        f = (encode_contexts(model, sae, tokens.to(device)).f[..., ids.to(device)] / scale.to(device)).cpu()  # [b, pos, n_feat]
+        f = f.masked_fill(~mask[..., None], 0)
+        n_tok = mask.sum(1)
+        act.append(f.mean(-1).sum(1) / n_tok.clamp_min(1) + torch.where(n_tok > 0, 0.0, float("nan")))
+        present.append((f > threshold).any(-1).any(-1))
+        if predicate is not None:
+            hits = predicate(tokens.to(device)).cpu().bool() & mask
+            pred.append(hits.sum(1) / n_tok.clamp_min(1))
+    return ConceptScores(torch.cat(act), torch.cat(present), torch.cat(pred) if predicate is not None else None)
+
+
+@torch.no_grad()
+def generation_nll(model, prompts: Sequence[Tensor], generated: Sequence[Tensor], batch_size: int = 8) -> tuple[Tensor, Tensor]:
+    """Summed negative log-likelihood [n] of each generation given its prompt under the
+    unsteered model, and the number of generated tokens [n]."""
+    device = next(model.parameters()).device
+    pad = boundary_token_id(model.tokenizer)
+    nll, counts = [], []
+    for b in range(0, len(prompts), batch_size):
+        seqs = [torch.cat([p.cpu(), g.cpu()]) for p, g in zip(prompts[b:b + batch_size], generated[b:b + batch_size])]
+        tokens, mask = _right_pad(seqs, pad)
+        is_new = torch.zeros_like(mask)
+        for r, (p, g) in enumerate(zip(prompts[b:b + batch_size], generated[b:b + batch_size])):
+            is_new[r, len(p):len(p) + len(g)] = True
+        ce = cross_entropy(logits_with_edit(model, tokens.to(device)), tokens.to(device)).cpu()  # [b, pos-1] predicts tokens[:, 1:]
+        nll.append((ce * is_new[:, 1:]).sum(1))
+        counts.append(is_new.sum(1))
+    return torch.cat(nll), torch.cat(counts)
+
+
+@torch.no_grad()
+def kl_on_text(model, steering: Steering, tokens: Tensor, batch_size: int = 8) -> float:
+    """Side effects: mean KL(unsteered || steered) per predicted position on `tokens`
+    [n_contexts, pos] (neutral text), position 0 (never steered) excluded."""
+    check_compatible(model, steering.sae)
+    device = next(model.parameters()).device
+    steering.sae.to(device)
+    kl = []
+    for b in range(0, len(tokens), batch_size):
+        batch = tokens[b:b + batch_size].to(device)
+        clean = logits_with_edit(model, batch)
+        steered = logits_with_edit(model, batch, steering.hook_name, steering)
+        kl.append(kl_per_token(clean, steered)[:, 1:].flatten().cpu())
+    return float(torch.cat(kl).mean())
+
+

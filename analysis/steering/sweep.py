@@ -1,0 +1,218 @@
+"""Dose-response sweeps: generate at every strength, score concept, fluency and side
+effects (`analysis.steering.measure`), and write JSON + a standalone plotly figure."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from activations.io import atomic_write_bytes, atomic_write_json
+from sae.base import SAE
+
+from ..evaluation.metrics import repetition_rate
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+import html
+from .interventions import Intervention, Mode, Predicate, Steering, Unit, check_compatible, check_features, MODES
+from .measure import ConceptScores, concept_scores, generation_nll, kl_on_text
+from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens
+
+
+NEUTRAL_PROMPTS = [
+    # Everyday requests that name no particular topic, for measuring steering on "unrelated" prompts.
+    "Tell me about your weekend.", "What should I do this afternoon?", "Write a short story about a robot.",
+    "Give me three tips for staying healthy.", "Describe your ideal day.", "What is the capital of France?",
+    "Explain how a bicycle works.", "Write a poem about the morning.", "What makes a good friend?",
+    "How do I make a cup of tea?", "Tell me a fun fact.", "What is your favourite colour and why?",
+    "Describe a walk in the city.", "How can I learn a new language?", "Write a letter to a neighbour.",
+    "What do you think about rainy days?", "Summarise the plot of a famous novel.", "How do airplanes stay in the air?",
+    "Plan a birthday party for a child.", "Why do people keep diaries?", "Describe the room you are in.",
+    "What is the best way to start the morning?", "Give advice to a new student.", "Tell me about an interesting job.",
+]
+
+
+
+
+@dataclass
+class SweepConfig:
+    features: list[int]
+    """Features steered together at every strength."""
+    mode: Mode = "clamp"
+    strengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    unit: Unit = "max"
+    threshold: float = 0.25
+    """A generation shows the concept when a feature exceeds this (in `unit`s) on a generated token."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    n_examples: int = 3
+    """Generations kept as text per strength, for the report."""
+
+    def __post_init__(self):
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
+        if self.mode not in MODES:
+            raise ValueError(f"unknown steering mode {self.mode!r}: choose one of {MODES}")
+        if not self.features or not self.strengths:
+            raise ValueError("a sweep needs at least one feature and one strength")
+
+
+@dataclass
+class SweepPoint:
+    series: str
+    """"unsteered", a steering mode, or another condition (e.g. "prompt")."""
+    strength: float | None
+    """In the sweep's unit; None for conditions without a strength."""
+    concept_activation: float
+    """Mean feature activation on the re-read generations (relative to max activation when known)."""
+    concept_frequency: float
+    """Share of generations where a feature exceeds the threshold on some token."""
+    predicate_rate: float | None
+    """Mean share of generated tokens matching the label predicate (None without one)."""
+    predicate_frequency: float | None
+    """Share of generations with at least one token matching the label predicate (None without one)."""
+    perplexity: float
+    """exp(mean NLL per generated token) under the unsteered model, given the prompts."""
+    repetition: float
+    """Mean repeated-trigram rate of the generations."""
+    kl: float | None
+    """Mean KL(unsteered || steered) per token on neutral text (None where not defined)."""
+    n_generations: int
+    examples: list[str]
+
+
+def _nan_to_none(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def summarize(series: str, strength: float | None, tokenizer, generated: Sequence[Tensor], concept: ConceptScores,
+              nll: Tensor, n_tokens: Tensor, kl: float | None, n_examples: int = 3) -> SweepPoint:
+    """One point of a dose-response curve from per-generation scores."""
+    reps = torch.tensor([repetition_rate(g.tolist()) for g in generated])
+    total = int(n_tokens.sum())
+    return SweepPoint(
+        series=series, strength=strength,
+        concept_activation=_nan_to_none(float(concept.activation.nanmean())),
+        concept_frequency=float(concept.present.float().mean()),
+        predicate_rate=None if concept.predicate_rate is None else float(concept.predicate_rate.mean()),
+        predicate_frequency=None if concept.predicate_rate is None else float((concept.predicate_rate > 0).float().mean()),
+        perplexity=_nan_to_none(math.exp(float(nll.sum()) / total) if total else float("nan")),
+        repetition=_nan_to_none(float(reps.nanmean())), kl=_nan_to_none(kl), n_generations=len(generated),
+        examples=[decode(tokenizer, g) for g in generated[:n_examples]],
+    )
+
+
+def score_condition(model, sae: SAE, series: str, strength: float | None, prompts: Sequence[Tensor], generated: Sequence[Tensor],
+                    features: Sequence[int], max_activation: Tensor | None, threshold: float, kl: float | None,
+                    predicate: Predicate | None = None, n_examples: int = 3, batch_size: int = 8) -> SweepPoint:
+    """Concept, fluency and (given) side-effect scores of one set of generations."""
+    concept = concept_scores(model, sae, features, generated, max_activation, threshold, predicate, batch_size)
+    nll, n_tokens = generation_nll(model, prompts, generated, batch_size)
+    return summarize(series, strength, model.tokenizer, generated, concept, nll, n_tokens, kl, n_examples)
+
+
+@dataclass
+class SweepResult:
+    features: list[int]
+    mode: str
+    unit: str
+    prompts: list[str]
+    points: list[SweepPoint]
+    """The unsteered baseline first, then one point per strength (and any extra conditions)."""
+    neutral_text: str = ""
+    """What the KL side effect was measured on (e.g. a corpus and split)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sweep(model, sae: SAE, prompts: Sequence[str], neutral_tokens: Tensor, cfg: SweepConfig, max_activation: Tensor | None = None,
+          predicate: Predicate | None = None, neutral_text: str = "") -> SweepResult:
+    """Dose-response: generate from `prompts` unsteered and at every strength of `cfg`,
+    and score concept, fluency and side effects (KL on `neutral_tokens` [n, pos])."""
+    check_features(cfg.features, sae.cfg.d_sae)  # before any generation
+    check_compatible(model, sae)
+    concept_max = max_activation if cfg.unit == "max" else None
+    prompt_tokens = encode_prompts(model.tokenizer, prompts, cfg.generation.chat)
+    score = lambda series, strength, generated, kl: score_condition(  # noqa: E731
+        model, sae, series, strength, prompt_tokens, generated, cfg.features, concept_max, cfg.threshold, kl, predicate, cfg.n_examples)
+    points = [score("unsteered", None, generate_tokens(model, prompt_tokens, cfg.generation), 0.0)]
+    for strength in tqdm(cfg.strengths, desc=f"steering sweep ({cfg.mode})"):
+        steering = Steering(sae, [Intervention(f, cfg.mode, strength, cfg.unit) for f in cfg.features], max_activation)
+        generated = generate_tokens(model, prompt_tokens, cfg.generation, steering)
+        points.append(score(cfg.mode, strength, generated, kl_on_text(model, steering, neutral_tokens)))
+    return SweepResult(list(cfg.features), cfg.mode, cfg.unit, list(prompts), points, neutral_text)
+
+
+def write_sweep(result: SweepResult, out_dir: str | Path, title: str = "Steering dose-response") -> tuple[Path, Path]:
+    """Write `sweep.json` and the standalone `sweep.html` (three curves + example text)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out / "sweep.json", out / "sweep.html"
+    atomic_write_json(json_path, result.to_dict())
+    atomic_write_bytes(html_path, steering_report(result, title).encode())
+    return json_path, html_path
+
+
+
+
+def steering_sweep_figure(result) -> go.Figure:
+    """Dose-response curves of a `analysis.steering.SweepResult`: concept score, fluency
+    (perplexity, repetition) and side effects (KL on neutral text) against strength, one line
+    per series; conditions without a strength (the unsteered baseline, prompting) are
+    horizontal dashed lines."""
+    fig = make_subplots(rows=1, cols=3, specs=[[{}, {"secondary_y": True}, {}]],
+                        subplot_titles=("concept (re-read by the unsteered model)", "fluency cost", "side effects on neutral text"))
+    curves = [  # (column, field, label, secondary y)
+        (1, "concept_activation", "mean activation", False), (1, "concept_frequency", "concept frequency", False),
+        (1, "predicate_frequency", "label predicate frequency", False), (1, "predicate_rate", "label predicate rate", False),
+        (2, "perplexity", "perplexity", False),
+        (2, "repetition", "repetition rate", True), (3, "kl", "KL per token", False),
+    ]
+    series = list(dict.fromkeys(p.series for p in result.points))
+    colors = ["#444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    strengths = [p.strength for p in result.points if p.strength is not None]
+    lo, hi = (min(strengths), max(strengths)) if strengths else (0.0, 1.0)
+    for s_idx, name in enumerate(series):
+        points = sorted((p for p in result.points if p.series == name), key=lambda p: (p.strength is None, p.strength or 0))
+        color = colors[s_idx % len(colors)]
+        for col, key, label, secondary in curves:
+            values = [getattr(p, key) for p in points]
+            if all(v is None for v in values):
+                continue
+            dash = {"concept_frequency": "dot", "predicate_frequency": "dashdot", "predicate_rate": "longdash", "repetition": "dot"}.get(key)
+            if points[0].strength is None:  # a condition without strength: a level line
+                x, y, mode, dash = [lo, hi], [values[0]] * 2, "lines", "dash" if dash is None else "longdashdot"
+            else:
+                x, y, mode = [p.strength for p in points], values, "lines+markers"
+            fig.add_trace(go.Scatter(x=x, y=y, mode=mode, name=f"{name}: {label}", legendgroup=name,
+                                     line=dict(color=color, dash=dash)), row=1, col=col, secondary_y=secondary if col == 2 else None)
+    unit = "x max activation" if result.unit == "max" else "absolute"
+    fig.update_xaxes(title_text=f"strength ({unit})")
+    fig.update_yaxes(title_text="perplexity", type="log", row=1, col=2, secondary_y=False)
+    fig.update_yaxes(title_text="repetition rate", row=1, col=2, secondary_y=True)
+    fig.update_layout(height=450, title=f"Steering features {result.features} ({result.mode})")
+    return fig
+
+
+def steering_report(result, title: str) -> str:
+    """One standalone HTML page: the dose-response figure and example generations per
+    condition (model text HTML-escaped)."""
+    rows = "".join(
+        f"<tr><td>{html.escape(p.series)}</td><td>{'' if p.strength is None else f'{p.strength:g}'}</td>"
+        f"<td>{html.escape(' / '.join(' '.join(e.split()) for e in p.examples))}</td></tr>"
+        for p in result.points
+    )
+    prompts = "".join(f"<li>{html.escape(p)}</li>" for p in result.prompts)
+    figure = steering_sweep_figure(result).to_html(full_html=False, include_plotlyjs="inline")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td{border:1px solid #ccc;padding:3px 8px;vertical-align:top}</style>"
+        f"</head><body><h1>{html.escape(title)}</h1>{figure}<h2>Example generations</h2>"
+        f"<table><tr><th>condition</th><th>strength</th><th>first generations</th></tr>{rows}</table>"
+        f"<h2>Prompts</h2><ol>{prompts}</ol></body></html>"
+    )
