@@ -554,6 +554,10 @@ def cmd_steer(args):
     return result
 
 
+SHARDED = {"harvest": cmd_harvest, "train": cmd_train}
+MAIN_RANK_ONLY = {"evaluate": cmd_evaluate, "analyze": cmd_analyze, "monitor": cmd_monitor, "dashboard": cmd_dashboard, "steer": cmd_steer}
+
+
 def main(argv: list[str] | None = None) -> None:
     from activations import distributed
 
@@ -561,26 +565,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     rank = distributed.current()  # under torchrun: harvest is sharded, training is DDP (activations/distributed.py)
     with contextlib.nullcontext() if rank.is_main else contextlib.redirect_stdout(io.StringIO()):  # rank 0 prints
-        if args.command == "harvest":
-            cmd_harvest(args)
-        elif args.command == "train":
-            cmd_train(args)
-        elif args.command == "evaluate":
-            if rank.is_main:  # evaluation is not sharded
-                cmd_evaluate(args)
-        elif args.command == "analyze":
-            if rank.is_main:
-                cmd_analyze(args)
-        elif args.command == "monitor":
-            if rank.is_main:
-                cmd_monitor(args)
-        elif args.command == "dashboard":
-            if rank.is_main:
-                cmd_dashboard(args)
-        elif args.command == "steer":
-            if rank.is_main:
-                cmd_steer(args)
-        else:
+        if args.command == "run":
             cmd_harvest(args)
             paths = cmd_train(args)
             if rank.is_main:
@@ -588,6 +573,10 @@ def main(argv: list[str] | None = None) -> None:
                 if not args.skip_analysis:
                     cmd_analyze(args, paths, dashboard=True)
             print(f"outputs in {args.out.resolve()} (total {time.perf_counter() - started:.0f} s)")
+        elif args.command in SHARDED:  # every rank takes part (torchrun)
+            SHARDED[args.command](args)
+        elif rank.is_main:  # the analysis commands are not sharded: rank 0 alone
+            MAIN_RANK_ONLY[args.command](args)
     distributed.shutdown()
 
 
