@@ -23,9 +23,12 @@ import json
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "default_corpus.jsonl.xz"
 
@@ -119,9 +122,10 @@ def _read_file(path: Path, field: str) -> Iterator[str]:
         raise ValueError(f"unsupported corpus file type {path.suffix!r}: use .txt, .jsonl or .parquet")
 
 
-def pack_contexts(documents: Iterator[str], tokenizer, context_len: int = 128, max_contexts: int | None = None) -> np.ndarray:
+def pack_contexts(documents: Iterator[str], tokenizer: PreTrainedTokenizerBase, context_len: int = 128, max_contexts: int | None = None) -> np.ndarray:
     """Tokenise and pack documents into contexts: int32 [n_contexts, context_len].
-    Every context starts with BOS; documents are separated by EOS (see module docstring)."""
+    Every context starts with the boundary token, which also separates documents
+    (`boundary_token_id`: `<|endoftext|>` where the tokenizer has it, else BOS, else EOS)."""
     if context_len < 2:
         raise ValueError("context_len must be at least 2")
     bos = eos = boundary_token_id(tokenizer)
@@ -143,7 +147,7 @@ def pack_contexts(documents: Iterator[str], tokenizer, context_len: int = 128, m
     return np.stack(chunks)
 
 
-def boundary_token_id(tokenizer) -> int:
+def boundary_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token that starts every context and separates documents (see module docstring)."""
     vocab = tokenizer.get_vocab()
     if "<|endoftext|>" in vocab:
@@ -159,9 +163,9 @@ def fingerprint(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()[:16]
 
 
-def load_contexts(cfg: CorpusConfig, tokenizer, max_contexts: int | None = None, cache_dir: Path | None = None) -> np.ndarray:
-    """Packed contexts for `cfg`, cached as .npy in `cache_dir` when given (tokenising the
-    default corpus takes ~10 s)."""
+def load_contexts(cfg: CorpusConfig, tokenizer: PreTrainedTokenizerBase, max_contexts: int | None = None, cache_dir: Path | None = None) -> np.ndarray:
+    """Packed contexts for `cfg`, int32 [n_contexts, context_len], cached as .npy in `cache_dir`
+    when given (tokenising the default corpus takes ~10 s)."""
     cache = None
     if cache_dir is not None:
         key = hashlib.sha256(json.dumps([cfg.__dict__, tokenizer.name_or_path, len(tokenizer), max_contexts], sort_keys=True).encode()).hexdigest()[:12]

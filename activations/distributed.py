@@ -16,7 +16,7 @@ import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -83,7 +83,8 @@ def main_first() -> Iterator[None]:
 
 
 def all_reduce_(tensor: torch.Tensor, op: Literal["sum", "mean", "max"] = "sum") -> torch.Tensor:
-    """In-place reduction across ranks (identity for one process); returns `tensor`."""
+    """In-place reduction of `tensor`, any shape (e.g. fired latents [d_sae]), across ranks
+    (identity for one process); returns `tensor`."""
     rank = current()
     if rank.parallel:
         dist.all_reduce(tensor, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
@@ -92,7 +93,7 @@ def all_reduce_(tensor: torch.Tensor, op: Literal["sum", "mean", "max"] = "sum")
     return tensor
 
 
-def all_gather_object(obj) -> list:
+def all_gather_object(obj: Any) -> list:
     """[obj of rank 0, obj of rank 1, ...] (picklable objects; [obj] for one process)."""
     rank = current()
     if not rank.parallel:
@@ -102,7 +103,7 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def broadcast_object(obj):
+def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if not current().parallel:
         return obj

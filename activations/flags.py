@@ -57,9 +57,11 @@ def _flag_type(hint) -> dict[str, Any]:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str] = (), only: Iterable[str] | None = None,
-              rename: dict[str, str] | None = None, help_suffix: dict[str, str] | None = None) -> list[str]:
+              rename: dict[str, str] | None = None, help_suffix: dict[str, str] | None = None,
+              many: Iterable[str] = ()) -> list[str]:
     """Add one `--flag` per field of dataclass `cls` (help: the field's docstring and default).
-    Returns the destinations added (skips nested configs and flags the parser already has)."""
+    Fields in `many` take several values (a sweep over them). Returns the destinations added
+    (skips nested configs and flags the parser already has)."""
     hints = typing.get_type_hints(cls)
     docs, rename, help_suffix = field_docs(cls), rename or {}, help_suffix or {}
     wanted = None if only is None else set(only)
@@ -69,7 +71,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str] = 
         dest = rename.get(f.name, f.name)
         if f.name in set(skip) or (wanted is not None and f.name not in wanted) or dest in existing:
             continue
-        kwargs = _flag_type(hints[f.name])
+        kwargs = _flag_type(list[hints[f.name]] if f.name in set(many) else hints[f.name])
         if not kwargs:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (

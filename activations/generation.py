@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import ContextManager, Protocol, Sequence
+from typing import TYPE_CHECKING, ContextManager, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -14,7 +14,8 @@ from torch import Tensor
 from .corpus import boundary_token_id
 from .model import HookedModel, cache_kwarg, hook_module
 
-
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class Edit(Protocol):
@@ -52,7 +53,7 @@ class GenerationConfig:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = False) -> list[Tensor]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], chat: bool = False) -> list[Tensor]:
     """Token ids [len] per prompt. Plain prompts start with the corpus' context-start token
     (`<|endoftext|>` on SmolLM2, as every training context does); chat prompts are the user
     turn of the tokenizer's chat template with the assistant turn opened."""
@@ -71,11 +72,12 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = False) -> lis
     return out
 
 
-def decode(tokenizer, tokens: Tensor) -> str:
+def decode(tokenizer: PreTrainedTokenizerBase, tokens: Tensor) -> str:
+    """Text of the token ids tokens [n_new] (a generation), special tokens dropped."""
     return tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """End-of-text and end-of-turn tokens that end a generation."""
     vocab = tokenizer.get_vocab()
     ids = {tokenizer.eos_token_id} | {vocab.get(t) for t in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>")}
@@ -101,7 +103,7 @@ class _Decoder:
         self.cfg, self.generator, self.stop, self.pad = cfg, generator, stop, pad
 
     def run(self, prompts: list[Tensor]) -> list[Tensor]:
-        """New tokens per prompt (1-D each), cut before the first stop token."""
+        """New tokens [n_new] per prompt [len], cut before the first stop token."""
         cfg = self.cfg
         self.start(prompts)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.stop.device)
@@ -131,7 +133,8 @@ class _HFDecoder(_Decoder):
         super().__init__(*args)
         self.model = hf_model
 
-    def start(self, prompts):
+    def start(self, prompts: list[Tensor]) -> None:
+        """Left-pad prompts [len] into ids [batch, pos]; each row's positions count from its first real token."""
         device = self.stop.device
         n = max(len(p) for p in prompts)
         self.ids = torch.full((len(prompts), n), self.pad, dtype=torch.long, device=device)
@@ -149,11 +152,13 @@ class _HFDecoder(_Decoder):
             self.cache = None
 
     def step(self) -> Tensor:
+        """Next-token logits [batch, d_vocab]."""
         out = self.model(input_ids=self.feed_ids, attention_mask=self.mask, position_ids=self.feed_pos,
                          use_cache=self.cache is not None, logits_to_keep=1, **{cache_kwarg(self.model): self.cache})
         return out.logits[:, -1]
 
-    def append(self, token):
+    def append(self, token: Tensor) -> None:
+        """Extend every row by token [batch]."""
         next_pos = self.pos[:, -1:] + 1
         self.ids = torch.cat([self.ids, token[:, None]], 1)
         self.mask = torch.cat([self.mask, torch.ones_like(token[:, None])], 1)
@@ -165,11 +170,12 @@ class _TLDecoder(_Decoder):
     """TransformerLens model on prompts of equal length: HookedTransformer with its own KV
     cache, other models (a bridge steered at a hook without an HF fast path) by recomputing."""
 
-    def __init__(self, model, *args):
+    def __init__(self, model: HookedModel, *args):
         super().__init__(*args)
         self.model = model
 
-    def start(self, prompts):
+    def start(self, prompts: list[Tensor]) -> None:
+        """Stack prompts [len] (all of one length) into ids [batch, pos]."""
         from transformer_lens import HookedTransformer
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -181,11 +187,13 @@ class _TLDecoder(_Decoder):
         self.feed = self.ids
 
     def step(self) -> Tensor:
+        """Next-token logits [batch, d_vocab]."""
         if self.hooked:  # an explicit all-ones mask: the tokenizer's pad id may equal BOS
             return self.model(self.feed, attention_mask=torch.ones_like(self.feed), past_kv_cache=self.cache)[:, -1]
         return self.model(self.feed)[:, -1]
 
-    def append(self, token):
+    def append(self, token: Tensor) -> None:
+        """Extend every row by token [batch]."""
         self.ids = torch.cat([self.ids, token[:, None]], 1)
         self.feed = token[:, None] if self.cache is not None else self.ids
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .corpus import CorpusConfig, fingerprint, load_contexts
-from .model import DEFAULT_MODEL, load_model, model_mismatch, run_to_hooks, validate_hook
+from .model import DEFAULT_HOOK, DEFAULT_MODEL, HookedModel, load_model, model_mismatch, run_to_hooks, validate_hook
 from .io import atomic_save_safetensors, atomic_write_json, remove_stale_temp_files
 from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_dir, repair_command, sha256_file
 
@@ -39,7 +39,7 @@ class HarvestConfig:
     """Store root; each hook gets a sub-folder named after it."""
     model: str = DEFAULT_MODEL
     """"smollm2" (embedded default), a local HF directory, or a hub name."""
-    hooks: list[str] = field(default_factory=lambda: ["blocks.8.hook_resid_post"])
+    hooks: list[str] = field(default_factory=lambda: [DEFAULT_HOOK])
     """TransformerLens hook names, all harvested in one forward pass."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     n_tokens: int = 2_000_000
@@ -71,7 +71,7 @@ class HarvestConfig:
             self.corpus = CorpusConfig(**self.corpus)
 
 
-def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
+def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, ActivationStore]:
     """Run (or resume) the harvest; returns {hook_name: ActivationStore}."""
     model = model if model is not None else load_model(cfg.model, cfg.device)
     for hook in cfg.hooks:

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -68,11 +69,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _commit(tmp, path)
 
 
-def atomic_write_json(path: Path, obj) -> None:
+def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (name -> tensor of any shape, e.g. a shard's acts [n_rows, d_in]) to `path`, atomically."""
     path = Path(path)
     tmp = _temp_path(path)
     try:

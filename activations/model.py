@@ -21,10 +21,14 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class HookedModel(Protocol):
     """What the workbench needs of a model: TransformerLens' interface, as a `TransformerBridge`
@@ -32,21 +36,24 @@ class HookedModel(Protocol):
     Tensors: tokens [batch pos] -> logits [batch pos d_vocab]."""
 
     cfg: Any  # n_layers, d_model, d_vocab
-    tokenizer: Any  # a Hugging Face tokenizer
+    tokenizer: PreTrainedTokenizerBase
     hook_dict: dict[str, Any]  # TransformerLens hook name -> hook point
 
     def __call__(self, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
-    def run_with_cache(self, tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]: ...
+    def run_with_cache(self, tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """tokens [batch pos] -> (logits [batch pos d_vocab], cache: hook name -> activation)."""
 
-    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks: list = ..., **kwargs: Any) -> torch.Tensor: ...
+    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks: list = ..., **kwargs: Any) -> torch.Tensor:
+        """tokens [batch pos] -> logits [batch pos d_vocab], with `fwd_hooks` attached for this call only."""
 
     def hooks(self, fwd_hooks: list = ..., **kwargs: Any) -> ContextManager: ...
 
 
 DEFAULT_MODEL = "smollm2"
+DEFAULT_HOOK = "blocks.8.hook_resid_post"  # mid-depth of SmolLM2's 30 layers, where features are most abstract yet still local
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -142,7 +149,7 @@ def _bridge_cache_under_both_names(hf_model: nn.Module) -> None:
             module.register_forward_pre_hook(both_names, with_kwargs=True)
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype = torch.float32):
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype = torch.float32) -> HookedModel:
     """Load `name` as a TransformerLens model (a `TransformerBridge` for HF models).
 
     name: ``"smollm2"`` for the embedded default, a local HF model directory, or a hub name.
@@ -182,7 +189,7 @@ def same_model(a: str | None, b: str | None) -> bool:
     return da != db and Path(ca).name == Path(cb).name  # moved since it was recorded
 
 
-def model_mismatch(recorded: str | None, model) -> str | None:
+def model_mismatch(recorded: str | None, model: HookedModel) -> str | None:
     """Why `model` is not the model named `recorded` (an SAE's `model_name`), or None when
     they match or either name is unknown (a model not loaded by `load_model`)."""
     given = getattr(model, MODEL_NAME_ATTR, None)
@@ -224,11 +231,11 @@ def _load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dt
 HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out)$")
 
 
-def n_layers(model) -> int:
+def n_layers(model: HookedModel) -> int:
     return int(model.cfg.n_layers)
 
 
-def validate_hook(model, hook_name: str) -> int:
+def validate_hook(model: HookedModel, hook_name: str) -> int:
     """Check `hook_name` exists on `model`; return its layer index (used for stop_at_layer)."""
     if hook_name not in model.hook_dict:
         close = [h for h in model.hook_dict if h.split(".")[-1] == hook_name.split(".")[-1]][:3]
@@ -246,7 +253,7 @@ class ModuleHook:
     on_input: bool  # True: the hook is the module's input (resid_pre, resid_mid)
 
 
-def hook_module(model, hook_name: str) -> ModuleHook | None:
+def hook_module(model: HookedModel, hook_name: str) -> ModuleHook | None:
     """The HF module behind `hook_name` on a `TransformerBridge`, or None if unsupported
     (then callers fall back to the model's own hooks)."""
     match = HOOK_PATTERN.match(hook_name)
@@ -275,9 +282,10 @@ def _first(x):
 
 
 @contextmanager
-def hf_hooks(model, edits: dict[str, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
-    """Attach `edits` (hook name -> fn(activation) -> replacement or None) to the HF modules
-    behind the hooks of a `TransformerBridge`. Always removed on exit, even on error."""
+def hf_hooks(model: HookedModel, edits: dict[str, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+    """Attach `edits` (hook name -> fn(activation [batch, pos, d_model]) -> replacement of that
+    shape, or None to keep it) to the HF modules behind the hooks of a `TransformerBridge`.
+    Always removed on exit, even on error."""
     handles = []
     try:
         for name, fn in edits.items():
@@ -307,7 +315,7 @@ def hf_hooks(model, edits: dict[str, Callable[[torch.Tensor], torch.Tensor | Non
 
 
 @torch.no_grad()
-def run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str], autocast: str = "none") -> dict[str, torch.Tensor]:
+def run_to_hooks(model: HookedModel, tokens: torch.Tensor, hook_names: list[str], autocast: str = "none") -> dict[str, torch.Tensor]:
     """Activations at `hook_names` for `tokens` [batch, pos], stopping after the last
     layer needed. Returns {hook: [batch, pos, d]} (float32).
 
@@ -331,8 +339,10 @@ def _run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[st
         return {n: cache[n] for n in hook_names}
     captured: dict[str, torch.Tensor] = {}
 
-    def capture(name):
-        def fn(x):
+    def capture(name: str) -> Callable[[torch.Tensor], None]:
+        """The edit at hook `name`: it only keeps the activation [batch, pos, d_model]."""
+        def fn(x: torch.Tensor) -> None:
+            """Keep x [batch, pos, d_model]; the pass ends once every hook's is kept."""
             captured[name] = x.detach()
             if len(captured) == len(hook_names):
                 raise _StopForward
@@ -346,8 +356,8 @@ def _run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[st
     return captured
 
 
-def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W_U [d_model, vocab], final-norm scale [d_model] or None): what a residual direction
+def unembedding(model: HookedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W_U [d_model, d_vocab], final-norm scale [d_model] or None): what a residual direction
     goes through on its way to the logits, for logit effects. The norm's scale is applied
     by callers (its normalisation is per token and does not change directions)."""
     hf = getattr(model, "original_model", None)
@@ -359,16 +369,16 @@ def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return model.W_U.detach(), (None if scale is None else scale.detach())
 
 
-def token_strings(tokenizer, ids: list[int]) -> list[str]:
+def token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
     """How each token id reads on its own (byte-level BPE pieces decoded, e.g. ' the')."""
     if hasattr(tokenizer, "convert_ids_to_tokens") and hasattr(tokenizer, "convert_tokens_to_string"):
         return [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(ids)]
     return [tokenizer.decode([i]) for i in ids]
 
 
-def logits_with_edit(model, tokens: torch.Tensor, hook_name: str | None = None, edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Full forward pass logits [batch, pos, vocab], with `edit` (activation -> replacement)
-    applied at `hook_name` when given. Hooks are removed afterwards, even on error."""
+def logits_with_edit(model: HookedModel, tokens: torch.Tensor, hook_name: str | None = None, edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Full forward pass logits [batch, pos, d_vocab] of tokens [batch, pos], with `edit` (activation
+    -> replacement) applied at `hook_name` when given. Hooks are removed afterwards, even on error."""
     with torch.no_grad():
         if hook_name is None:
             edits = {}
@@ -381,7 +391,7 @@ def logits_with_edit(model, tokens: torch.Tensor, hook_name: str | None = None, 
         return model.run_with_hooks(tokens, fwd_hooks=[(n, lambda act, hook, fn=fn: fn(act)) for n, fn in edits.items()])
 
 
-def hook_width(model, hook_name: str) -> int:
+def hook_width(model: HookedModel, hook_name: str) -> int:
     """Width of the activation at `hook_name` (trailing dims after [batch, pos] flattened),
     read from a 2-token forward pass that stops after the hooked layer."""
     validate_hook(model, hook_name)

@@ -152,8 +152,8 @@ class ActivationStore:
             _VERIFIED.add(_verified_key(self.path / shard.file, shard.sha256))
 
     def load_shard(self, index: int) -> dict[str, torch.Tensor]:
-        """Shard `index`'s tensors; its sha256 is checked on the first read in this process
-        (see the module docstring)."""
+        """Shard `index`'s tensors: acts [n_rows, d_in], tokens [n_contexts, context_len] and
+        positions [n_rows]. Its sha256 is checked on the first read in this process (see the module docstring)."""
         shard = self.shards[index]
         path = self.path / shard.file
         try:
@@ -201,11 +201,13 @@ class ActivationStore:
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
 
         def shuffled_windows() -> Iterator[torch.Tensor]:
+            """Each window's acts [n_rows, d_in], rows shuffled."""
             for shard_ids in windows:
                 acts = torch.cat([self.load_shard(int(i))["acts"] for i in shard_ids])
                 yield acts[torch.from_numpy(rng.permutation(len(acts)))]
 
         def batches(window_iter: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+            """Windows [n_rows, d_in] -> this rank's batches [batch_size, d_in]; a window's leftover rows start the next."""
             carry = None
             for acts in window_iter:
                 if carry is not None:
@@ -234,7 +236,7 @@ def _prefetching(items: Iterator, depth: int = 1) -> Iterator:
     stop = threading.Event()
     done = object()
 
-    def put(item) -> bool:
+    def put(item: object) -> bool:
         # also give up once the main thread has finished, so the interpreter can exit (the
         # thread is not a daemon: exiting while it is inside a torch op would abort)
         while not stop.is_set() and threading.main_thread().is_alive():

@@ -31,6 +31,12 @@ PRESETS = {
 }
 
 
+# stage-config fields that are flags under another name (`--n-tokens` is the harvest's)
+EVAL_FLAGS = {"n_tokens": "eval_tokens", "n_ce_contexts": "ce_contexts"}
+ATLAS_FLAGS = {"n_tokens": "atlas_tokens"}
+LABEL_FLAGS = {"n_score_contexts": "label_contexts"}
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="JSON file of flag values (flags on the command line win)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="size preset (default: %(default)s)")
@@ -38,7 +44,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="'smollm2' (embedded, the default), a local HF folder, or a hub name "
                    "(train: default the store's model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--hook", default="blocks.8.hook_resid_post", help="TransformerLens hook name")
+    from activations.model import DEFAULT_HOOK
+
+    p.add_argument("--hook", default=DEFAULT_HOOK, help="TransformerLens hook name (default: %(default)s)")
 
 
 def _add_corpus(p: argparse.ArgumentParser) -> None:
@@ -60,36 +68,32 @@ def _add_repair_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from sae import ARCHITECTURES
-    from sae.trainer import DEFAULT_LR_RULE
+    from sae import cli as train_cli
 
-    p.add_argument("--store", default=None, help="activation store folder (default: <out>/activations/<hook>)")
-    p.add_argument("--architecture", nargs="+", default=None, choices=sorted(ARCHITECTURES),
-                   help="one or several, trained side by side (default: the registry's default, topk)")
-    p.add_argument("--d-sae", type=int, nargs="+", default=None, help="latent counts (several = a sweep)")
-    p.add_argument("--k", type=int, nargs="+", default=None, help="TopK/BatchTopK k values (several = a sweep)")
-    p.add_argument("--l1-coefficient", type=float, default=5.0)
-    p.add_argument("--l0-coefficient", type=float, default=0.05)
-    p.add_argument("--train-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help=f"default: {DEFAULT_LR_RULE}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--autocast", choices=["none", "bf16"], default="none")
-    p.add_argument("--logger", choices=["jsonl", "wandb", "tensorboard"], default="jsonl")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (a rerun resumes from the last)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
-    p.add_argument("--on-the-fly", action="store_true", help="train from the model directly, no store (see README)")
+    train_cli.add_arguments(p)
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
+    from activations.flags import add_flags
+
+    from .evaluation.evaluate import EvalConfig
+
     p.add_argument("--sae", nargs="+", default=None, help="SAE folder(s) (default: every SAE the train stage wrote)")
-    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens for reconstruction metrics")
-    p.add_argument("--ce-contexts", type=int, default=None, help="held-out contexts for CE metrics")
+    add_flags(p, EvalConfig, only=EVAL_FLAGS, rename=EVAL_FLAGS)
+
+
+def _add_analysis_sizes(p: argparse.ArgumentParser) -> None:
+    from activations.flags import add_flags
+
+    from .features.atlas import AtlasConfig
+    from .features.labels import LabelConfig
+
+    add_flags(p, AtlasConfig, only=ATLAS_FLAGS, rename=ATLAS_FLAGS)
+    add_flags(p, LabelConfig, only=LABEL_FLAGS, rename=LABEL_FLAGS)
 
 
 def _add_analyze_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--atlas-tokens", type=int, default=None, help="held-out tokens the atlas reads (default preset: 1M)")
-    p.add_argument("--label-contexts", type=int, default=None, help="held-out contexts after the atlas's on which labels are scored")
+    _add_analysis_sizes(p)
     p.add_argument("--skip-analysis", action="store_true", help="stop after evaluation (no atlas, labels or dashboard)")
     _add_llm(p)
 
@@ -105,8 +109,7 @@ def _add_llm(p: argparse.ArgumentParser) -> None:
 
 def _add_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", nargs="+", default=None, help="SAE folder(s) (default: every SAE the train stage wrote); results go to <sae>/atlas")
-    p.add_argument("--atlas-tokens", type=int, default=None, help="held-out tokens the atlas reads (default preset: 1M)")
-    p.add_argument("--label-contexts", type=int, default=None, help="held-out contexts after the atlas's on which labels are scored")
+    _add_analysis_sizes(p)
     p.add_argument("--neuronpedia", action="store_true", help="also export <sae>/atlas/neuronpedia.json")
     _add_llm(p)
 
@@ -129,21 +132,16 @@ def _add_dashboard(p: argparse.ArgumentParser) -> None:
 
 
 def _add_steer(p: argparse.ArgumentParser) -> None:
-    from .steering import MODES
+    from activations.flags import add_flags
+
+    from .steering import GenerationConfig, SweepConfig
 
     p.add_argument("--sae", default=None, help="SAE folder (SAE Lens format; required); it names the hook to steer")
     p.add_argument("--features", type=int, nargs="+", default=None, help="feature ids, steered together (required)")
-    p.add_argument("--mode", choices=MODES, default="clamp", help="clamp f_i = v | add alpha * W_dec[i] | ablate f_i = 0 (error term kept)")
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="v or alpha, one sweep point each (ignored by ablate)")
-    p.add_argument("--unit", choices=["max", "absolute"], default="max", help="strengths in multiples of the feature's max activation, or raw")
+    add_flags(p, SweepConfig, only=("mode", "strengths", "unit", "threshold"))
+    add_flags(p, GenerationConfig, only=("max_new_tokens", "temperature", "top_p", "seed", "chat"))
     p.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the first 6 of analysis.steering.NEUTRAL_PROMPTS)")
     p.add_argument("--prompts-file", type=Path, default=None, help="a .json list of prompts, or a text file with one prompt per line")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (seeded)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, default=0.25, help="concept present when a feature exceeds this (in --unit) on a generated token")
     p.add_argument("--atlas", type=Path, default=None, help="feature atlas folder for max activations and labels (default: <sae>/atlas "
                    "when it exists, else max activations are measured on --max-contexts held-out contexts)")
     p.add_argument("--max-contexts", type=int, default=64, help="held-out contexts for max activations when no --atlas is given")
@@ -172,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    from activations.model import DEFAULT_MODEL
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
@@ -186,7 +186,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.out = Path(args.out or f"runs/{args.preset}")
     args.model_given = args.model is not None  # train and --repair default to the store's model
-    args.model = args.model or "smollm2"
+    args.model = args.model or DEFAULT_MODEL
     return args
 
 
@@ -213,53 +213,10 @@ def cmd_harvest(args) -> dict:
     return harvest_cli.run(args, _model)
 
 
-def _sae_configs(args, d_in: int, context_len: int):
-    """One SAE config per architecture x d_sae x the values of the fields that architecture
-    sweeps (`sweep_fields`, e.g. k for TopK-style SAEs); other flags go to every config, and
-    each architecture's config keeps only its own fields."""
-    import itertools
+def cmd_train(args) -> list[Path]:
+    from sae import cli as train_cli
 
-    from sae import ARCHITECTURES, make_config
-
-    as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
-    shared = dict(d_in=d_in, hook_name=args.hook, model_name=args.model, context_size=context_len, k=as_list(args.k)[0],
-                  l1_coefficient=args.l1_coefficient, l0_coefficient=args.l0_coefficient)
-    configs = []
-    for arch in args.architecture or [make_config().architecture]:
-        swept = {name: as_list(getattr(args, name)) for name in ARCHITECTURES[arch].sweep_fields}
-        for d_sae in as_list(args.d_sae):
-            for values in itertools.product(*swept.values()):
-                configs.append(make_config(arch, **{**shared, "d_sae": d_sae, **dict(zip(swept, values))}))
-    return configs
-
-
-def cmd_train(args):
-    from activations import ActivationStore
-    from sae.trainer import TrainConfig, train
-
-    if args.on_the_fly:
-        from activations import CorpusConfig
-        from activations.flags import from_flags
-        from sae.on_the_fly import OnTheFlySource
-
-        corpus = from_flags(CorpusConfig, args, source=args.corpus or "default")
-        source = OnTheFlySource(_model(args), args.hook, corpus=corpus)
-        context_len = corpus.context_len
-    else:
-        source = ActivationStore(args.store or args.out / "activations" / args.hook)
-        args.hook = source.hook_name
-        context_len = int(source.manifest["context_len"])
-        if not args.model_given:  # the SAEs record the model the store was harvested from
-            args.model = source.model_name
-    cfg = TrainConfig(
-        out_dir=str(args.out / "sae"), saes=_sae_configs(args, source.d_in, context_len), n_tokens=args.train_tokens,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, autocast=args.autocast, logger=args.logger,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-    )
-    paths = train(cfg, source)
-    for p in paths:
-        print(f"SAE (SAE Lens format): {p}")
-    return paths
+    return train_cli.run(args, _model)
 
 
 def _heldout_contexts(corpus, tokenizer, wanted: int) -> int:
@@ -495,6 +452,7 @@ def cmd_steer(args):
     import torch
 
     from activations import load_contexts
+    from activations.flags import from_flags
     from activations.corpus import describe, heldout_corpus
     from sae import load_sae
 
@@ -508,8 +466,11 @@ def cmd_steer(args):
     except ValueError as error:
         raise SystemExit(f"--features: {error}") from None
     prompts = _steer_prompts(args)
+    cfg = from_flags(SweepConfig, args, features=args.features, n_examples=len(prompts), generation=from_flags(GenerationConfig, args))
+    if cfg.mode == "ablate":
+        cfg.strengths = [0.0]  # ablation has no strength
     model = _model_of(args, sae)
-    n_contexts = max(args.kl_contexts, args.max_contexts if args.unit == "max" and args.atlas is None else 0)
+    n_contexts = max(args.kl_contexts, args.max_contexts if cfg.unit == "max" and args.atlas is None else 0)
     corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
     heldout = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=n_contexts)).long()
     if len(heldout) < n_contexts:
@@ -527,29 +488,24 @@ def cmd_steer(args):
             atlas.check_feature(f)
         max_activation = atlas.max_activation
         predicate = _label_predicates(atlas_dir / "labels.json", args.features, model.tokenizer, sae.cfg.d_sae)
-    elif args.unit == "max" and args.mode != "ablate":
+    elif cfg.unit == "max" and cfg.mode != "ablate":
         max_activation = feature_stats(sae, model, heldout[:args.max_contexts]).max_activation
     if max_activation is not None:
         print("max activations: " + ", ".join(f"f{f} {float(max_activation[f]):.3g}" for f in args.features))
-    cfg = SweepConfig(
-        features=args.features, mode=args.mode, strengths=[0.0] if args.mode == "ablate" else args.strengths, unit=args.unit,
-        threshold=args.threshold, n_examples=len(prompts),
-        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat),
-    )
     result = sweep(model, sae, prompts, heldout[:args.kl_contexts], cfg, max_activation, predicate, neutral_text=describe(corpus))
     base = result.points[0]
     for point in result.points[1:]:
-        strength = "" if args.mode == "ablate" else f" = {point.strength:g}" + (" x max activation" if args.unit == "max" else "")
-        print(f"\n{args.mode} features {args.features}{strength}")
+        strength = "" if cfg.mode == "ablate" else f" = {point.strength:g}" + (" x max activation" if cfg.unit == "max" else "")
+        print(f"\n{cfg.mode} features {args.features}{strength}")
         print(format_side_by_side([SideBySide(p, b, s) for p, b, s in zip(prompts, base.examples, point.examples)]))
     print(f"\n{'condition':<16} {'concept act':>11} {'concept freq':>12} {'label freq':>10} {'perplexity':>10} {'repetition':>10} {'KL':>8}")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for p in result.points:
-        name = p.series if p.strength is None or args.mode == "ablate" else f"{p.series} {p.strength:g}"
+        name = p.series if p.strength is None or cfg.mode == "ablate" else f"{p.series} {p.strength:g}"
         print(f"{name:<16} {fmt(p.concept_activation, '11.3f')} {p.concept_frequency:>12.2f} {fmt(p.predicate_frequency, '10.2f')} "
               f"{fmt(p.perplexity, '10.2f')} {fmt(p.repetition, '10.3f')} {fmt(p.kl, '8.4f')}")
     print(f"  KL on {len(heldout[:args.kl_contexts])} contexts of {describe(corpus)}")
-    json_path, html_path = write_sweep(result, args.out / "steer", title=f"Steering {Path(args.sae).name} features {args.features} ({args.mode})")
+    json_path, html_path = write_sweep(result, args.out / "steer", title=f"Steering {Path(args.sae).name} features {args.features} ({cfg.mode})")
     print(f"  sweep:  {json_path}\n  figure: {html_path}")
     return result
 

@@ -20,56 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .common import encoder_pre_acts, normalize_decoder_rows, tied_init
-from .config import SAEConfig
-
-ARCHITECTURES: dict[str, type[SAE]] = {}
-"""Architecture name -> SAE class; the name is its config class's `architecture` default."""
-
-_DEFAULT_ARCHITECTURE: list[str] = []
-"""The architecture `make_config` builds when none is named (set once by `register(default=True)`)."""
-
-
-def register(cls: type[SAE] | None = None, *, default: bool = False):
-    """Class decorator: `@register` (or `@register(default=True)`) registers an SAE class under
-    its `config_class`'s architecture name, refusing a name or SAE Lens string already taken."""
-
-    def wrap(cls: type[SAE]) -> type[SAE]:
-        name = cls.config_class.__dataclass_fields__["architecture"].default
-        if not name or name in ARCHITECTURES:
-            raise ValueError(f"{cls.__name__}: its config_class {cls.config_class.__name__} must set its own architecture "
-                             f"default (got {name!r}; registered: {sorted(ARCHITECTURES)})")
-        for other in ARCHITECTURES.values():
-            taken = set(other.sae_lens_loads) & set(cls.sae_lens_loads)
-            if taken:
-                raise ValueError(f"{cls.__name__}: SAE Lens architecture(s) {sorted(taken)} already load as {other.architecture!r}")
-        cls.architecture = name
-        ARCHITECTURES[name] = cls
-        if default:
-            _DEFAULT_ARCHITECTURE[:] = [name]
-        return cls
-
-    return wrap if cls is None else wrap(cls)
-
-
-def _fields_of_any_architecture() -> set[str]:
-    return {name for cls in ARCHITECTURES.values() for name in cls.config_class.field_names()}
-
-
-def make_config(architecture: str | None = None, **fields) -> SAEConfig:
-    """The config of `architecture` (None: the default one) from flat fields. Fields that only
-    other architectures have are ignored (a CLI sweep passes every flag to every architecture,
-    and cfg.json files from before the configs were split hold them all); a field that no
-    registered architecture has is a TypeError. `SAEConfig(**fields)` calls this."""
-    name = architecture if architecture is not None else _DEFAULT_ARCHITECTURE[0]
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; registered: {sorted(ARCHITECTURES)}")
-    config_class = ARCHITECTURES[name].config_class
-    own = config_class.field_names()
-    unknown = sorted(set(fields) - _fields_of_any_architecture())
-    if unknown:
-        raise TypeError(f"unknown key(s) {unknown}; the known keys are {own} (keys of other architectures' configs are ignored)")
-    return config_class(architecture=name, **{key: value for key, value in fields.items() if key in own})
-
+from .config import ARCHITECTURES, SAEConfig, make_config, register  # noqa: F401  (the registry, re-exported)
 
 class TrainOutput(NamedTuple):
     loss: Tensor
@@ -127,25 +78,25 @@ class SAE(nn.Module):
 
     # ---------------------------------------------------------------- inference
     def pre_acts(self, x: Tensor, fast: bool = False) -> Tensor:
-        """(... d_in) -> (... d_sae). `fast`: 2-D inputs with gradients on take the hand-written
-        backward of `sae.common.encoder_pre_acts` (training)."""
+        """x (... d_in) -> (... d_sae), `...` any leading dims, e.g. (batch pos). `fast`: 2-D inputs
+        with gradients on take the hand-written backward of `sae.common.encoder_pre_acts` (training)."""
         return encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec, fast)
 
     def activation(self, pre: Tensor) -> Tensor:
-        """Feature activations (... d_sae) from pre-activations (... d_sae)."""
+        """Feature activations (... d_sae) from pre-activations (... d_sae), e.g. (batch pos d_sae)."""
         raise NotImplementedError
 
     def encode(self, x: Tensor) -> Tensor:
-        """Feature activations f (... d_sae) of raw activations x (... d_in)."""
+        """Feature activations f (... d_sae) of raw activations x (... d_in), e.g. (batch pos d_in)."""
         self._check_input(x)
         return self.activation(self.pre_acts(x))
 
     def decode(self, f: Tensor) -> Tensor:
-        """(... d_sae) -> (... d_in)"""
+        """f (... d_sae) -> (... d_in), e.g. (batch pos d_sae) -> (batch pos d_in)."""
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction (... d_in) of x (... d_in)."""
+        """Reconstruction (... d_in) of x (... d_in), e.g. (batch pos d_in)."""
         return self.decode(self.encode(x))
 
     def _check_input(self, x: Tensor) -> None:
@@ -220,11 +171,13 @@ class SAE(nn.Module):
         }
 
     def extra_tensors(self) -> dict[str, Tensor]:
-        """Non-parameter tensors saved beside the weights (e.g. BatchTopK's threshold (d_sae))."""
+        """Non-parameter tensors saved beside the weights (e.g. BatchTopK's threshold, its scalar () theta
+        repeated to (d_sae))."""
         return {}
 
     def load_extra_tensors(self, state: dict[str, Tensor]) -> None:
-        """Read what `extra_tensors` saved from `state` (name -> tensor)."""
+        """Read what `extra_tensors` saved from `state`, the whole name -> tensor dict that
+        `load_tensors` got (W_enc (d_in d_sae), ...)."""
 
     def load_tensors(self, state: dict[str, Tensor]) -> None:
         """Copy weights from `state` (name -> tensor: W_enc (d_in d_sae), b_enc (d_sae), W_dec (d_sae d_in),

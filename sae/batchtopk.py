@@ -37,7 +37,7 @@ class BatchTopKSAE(TopKSAE):
         return min(self.cfg.d_sae, max(64, 2 * self.cfg.k))  # k on average: keep the strongest 2k (or 64)
 
     def activation(self, pre: Tensor) -> Tensor:
-        """(... d_sae) -> (... d_sae): pre * H(pre - theta), one theta for every latent."""
+        """(... d_sae) -> (... d_sae), e.g. (batch pos d_sae): pre * H(pre - theta), one theta for every latent."""
         return pre * (pre > self.threshold)
 
     def training_forward(self, x: Tensor, sparsity_scale: float = 1.0, fast: bool = False) -> TrainOutput:
@@ -88,9 +88,10 @@ class BatchTopKSAE(TopKSAE):
         return {}  # SAE Lens reads it as a JumpReLU: no k
 
     def extra_tensors(self) -> dict[str, Tensor]:
-        """The threshold theta, repeated per latent (d_sae), as SAE Lens' JumpReLU reads it."""
+        """The threshold theta, a scalar () repeated per latent (d_sae), as SAE Lens' JumpReLU reads it."""
         return {"threshold": self.threshold.expand(self.cfg.d_sae).clone().float().cpu()}
 
     def load_extra_tensors(self, state: dict[str, Tensor]) -> None:
+        """theta () from the saved threshold (d_sae), whose entries are all equal (`extra_tensors`)."""
         if "threshold" in state:
             self.threshold.copy_(state["threshold"].flatten()[0])

@@ -16,6 +16,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from .base import SAE
+    from .trainer import BatchSource
 
 
 def tied_init(d_in: int, d_sae: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -37,7 +38,7 @@ def geometric_median(points: Tensor, iters: int = 100, eps: float = 1e-6) -> Ten
     return median
 
 
-def check_init_sample(sample: Tensor, source=None) -> None:
+def check_init_sample(sample: Tensor, source: BatchSource | None = None) -> None:
     """A ValueError if the initialisation sample (n d_in) (input scale, b_dec) holds NaN/inf:
     the activations are broken, which training would otherwise report later as a diverging
     loss. Names the store and the shards holding non-finite rows when `source` is a store."""
@@ -176,18 +177,18 @@ def _needs_grad(*params: Tensor) -> bool:
 
 
 def encoder_pre_acts(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, fast: bool = False) -> Tensor:
-    """(x - b_dec) @ W_enc + b_enc: x (... d_in) -> (... d_sae), W_enc (d_in d_sae). `fast`:
-    2-D x with gradients on goes through `_PreActs`' leaner backward."""
+    """(x - b_dec) @ W_enc + b_enc: x (... d_in) -> (... d_sae), W_enc (d_in d_sae), b_enc (d_sae),
+    b_dec (d_in). `fast`: 2-D x with gradients on goes through `_PreActs`' leaner backward."""
     if fast and x.dim() == 2 and _needs_grad(w_enc, b_enc, b_dec):
         return _PreActs.apply(x, w_enc, b_enc, b_dec)
     return (x - b_dec) @ w_enc + b_enc
 
 
 def gather_pre_acts(pre: Tensor, indices: Tensor, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
-    """pre.gather(1, indices) (batch k) of pre (batch d_sae), x (batch d_in). When `pre` was
-    computed without a graph (the fast path: `encoder_pre_acts` under no_grad) the encoder's
-    gradient reaches the gathered latents only, through `_GatherPreActs`; when `pre` carries
-    the gradient (plain autograd) this is a plain gather."""
+    """pre.gather(1, indices) (batch k) of pre (batch d_sae), x (batch d_in), W_enc (d_in d_sae),
+    b_enc (d_sae), b_dec (d_in). When `pre` was computed without a graph (the fast path:
+    `encoder_pre_acts` under no_grad) the encoder's gradient reaches the gathered latents only,
+    through `_GatherPreActs`; when `pre` carries the gradient (plain autograd) this is a plain gather."""
     if _needs_grad(w_enc, b_enc, b_dec) and not pre.requires_grad:
         return _GatherPreActs.apply(pre, indices, x, w_enc, b_enc, b_dec)
     return pre.gather(1, indices)

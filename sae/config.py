@@ -1,9 +1,15 @@
-"""The fields every SAE config shares. Each architecture file subclasses `SAEConfig` with
+"""The fields every SAE config shares, and the registry of architectures. Each architecture file subclasses `SAEConfig` with
 its own fields (e.g. `sae.topk.TopKConfig` adds `k`); `sae.make_config` builds the right
 subclass from an architecture name and flat fields."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+from activations.model import DEFAULT_HOOK, DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from .base import SAE
 
 
 class _BuiltByArchitecture(type):
@@ -15,8 +21,6 @@ class _BuiltByArchitecture(type):
         if cls is SAEConfig:
             if args:
                 raise TypeError("SAEConfig takes keyword arguments only (architecture=..., d_in=..., ...)")
-            from .base import make_config
-
             return make_config(**kwargs)
         return super().__call__(*args, **kwargs)
 
@@ -29,8 +33,8 @@ class SAEConfig(metaclass=_BuiltByArchitecture):
     """Width of the hooked activation."""
     d_sae: int = 4608
     """Number of latents (features)."""
-    hook_name: str = "blocks.8.hook_resid_post"
-    model_name: str = "smollm2"
+    hook_name: str = DEFAULT_HOOK
+    model_name: str = DEFAULT_MODEL
     context_size: int = 128
 
     def to_dict(self) -> dict:
@@ -57,3 +61,53 @@ class SAEConfig(metaclass=_BuiltByArchitecture):
                              "build configs by name with sae.make_config")
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError("d_in and d_sae must be positive")
+
+
+# ---------------------------------------------------------------------------- the registry
+ARCHITECTURES: dict[str, type[SAE]] = {}
+"""Architecture name -> SAE class; the name is its config class's `architecture` default."""
+
+_DEFAULT_ARCHITECTURE: list[str] = []
+"""The architecture `make_config` builds when none is named (set once by `register(default=True)`)."""
+
+
+def register(cls: type[SAE] | None = None, *, default: bool = False):
+    """Class decorator: `@register` (or `@register(default=True)`) registers an SAE class under
+    its `config_class`'s architecture name, refusing a name or SAE Lens string already taken."""
+
+    def wrap(cls: type[SAE]) -> type[SAE]:
+        name = cls.config_class.__dataclass_fields__["architecture"].default
+        if not name or name in ARCHITECTURES:
+            raise ValueError(f"{cls.__name__}: its config_class {cls.config_class.__name__} must set its own architecture "
+                             f"default (got {name!r}; registered: {sorted(ARCHITECTURES)})")
+        for other in ARCHITECTURES.values():
+            taken = set(other.sae_lens_loads) & set(cls.sae_lens_loads)
+            if taken:
+                raise ValueError(f"{cls.__name__}: SAE Lens architecture(s) {sorted(taken)} already load as {other.architecture!r}")
+        cls.architecture = name
+        ARCHITECTURES[name] = cls
+        if default:
+            _DEFAULT_ARCHITECTURE[:] = [name]
+        return cls
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _fields_of_any_architecture() -> set[str]:
+    return {name for cls in ARCHITECTURES.values() for name in cls.config_class.field_names()}
+
+
+def make_config(architecture: str | None = None, **fields) -> SAEConfig:
+    """The config of `architecture` (None: the default one) from flat fields. Fields that only
+    other architectures have are ignored (a CLI sweep passes every flag to every architecture,
+    and cfg.json files from before the configs were split hold them all); a field that no
+    registered architecture has is a TypeError. `SAEConfig(**fields)` calls this."""
+    name = architecture if architecture is not None else _DEFAULT_ARCHITECTURE[0]
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; registered: {sorted(ARCHITECTURES)}")
+    config_class = ARCHITECTURES[name].config_class
+    own = config_class.field_names()
+    unknown = sorted(set(fields) - _fields_of_any_architecture())
+    if unknown:
+        raise TypeError(f"unknown key(s) {unknown}; the known keys are {own} (keys of other architectures' configs are ignored)")
+    return config_class(architecture=name, **{key: value for key, value in fields.items() if key in own})

@@ -35,14 +35,17 @@ def _rectangle(z: Tensor) -> Tensor:
 
 
 class _JumpReLU(torch.autograd.Function):
+    """f = pre * H(pre - threshold): pre (batch d_sae), threshold (d_sae) -> (batch d_sae); the threshold's
+    gradient is straight-through, by a rectangle kernel of width `bandwidth`."""
+
     @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
         return pre * (pre > threshold)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_pre = grad * (pre > threshold)
@@ -51,14 +54,17 @@ class _JumpReLU(torch.autograd.Function):
 
 
 class _Step(torch.autograd.Function):
+    """H(pre - threshold) (batch d_sae), summed into the L0 penalty: a zero gradient for pre, a
+    straight-through one for threshold (d_sae) by the rectangle kernel."""
+
     @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
         return (pre > threshold).to(pre.dtype)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
@@ -77,7 +83,7 @@ class JumpReLUSAE(SAE):
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold))  # (d_sae)
 
     def activation(self, pre: Tensor) -> Tensor:
-        """(... d_sae) -> (... d_sae): pre * H(pre - theta), theta per latent."""
+        """(... d_sae) -> (... d_sae), e.g. (batch pos d_sae): pre * H(pre - theta), theta per latent."""
         return pre * (pre > self.threshold)
 
     def training_forward(self, x: Tensor, sparsity_scale: float = 1.0, fast: bool = False) -> TrainOutput:

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 
 from activations.corpus import CorpusConfig, load_contexts
-from activations.model import run_to_hooks, validate_hook
+from activations.model import HookedModel, run_to_hooks, validate_hook
 
 
 class OnTheFlySource:
     n_tokens = None  # streaming: no epochs to count
 
-    def __init__(self, model, hook_name: str, corpus: CorpusConfig | None = None, context_len: int = 128,
+    def __init__(self, model: HookedModel, hook_name: str, corpus: CorpusConfig | None = None, context_len: int = 128,
                  buffer_tokens: int = 131_072, batch_contexts: int = 16, exclude_bos: bool = True, autocast: str = "bf16"):
         validate_hook(model, hook_name)
         self.model, self.hook_name = model, hook_name

@@ -31,7 +31,7 @@ class StandardSAE(SAE):
     sae_lens_pre_6_default = True
 
     def activation(self, pre: Tensor) -> Tensor:
-        """(... d_sae) -> (... d_sae): relu(pre)."""
+        """(... d_sae) -> (... d_sae), e.g. (batch pos d_sae): relu(pre)."""
         return pre.relu()
 
     def training_forward(self, x: Tensor, sparsity_scale: float = 1.0, fast: bool = False) -> TrainOutput:

@@ -42,7 +42,7 @@ class TopKSAE(SAE):
         return self.cfg.k
 
     def activation(self, pre: Tensor) -> Tensor:
-        """(... d_sae) -> (... d_sae): topk(relu(pre), k)."""
+        """(... d_sae) -> (... d_sae), e.g. (batch pos d_sae): topk(relu(pre), k)."""
         values, indices = pre.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 

@@ -91,6 +91,7 @@ class TrainConfig:
     lr: float | None = None
     """Adam learning rate; None: `default_lr(d_sae)` per SAE (3e-3 at 4,608 latents; see LR_AT_2_14_LATENTS)."""
     warmup_steps: int = 50
+    """Linear learning-rate warm-up from 0 over this many first steps."""
     decay_fraction: float = 0.2
     """Linear decay to zero over this final fraction of steps."""
     sparsity_warmup_fraction: float = 0.05
@@ -101,13 +102,19 @@ class TrainConfig:
     aux_k: int | None = None
     """AuxK latents; None: d_in // 2."""
     aux_coefficient: float = 1 / 32
+    """Weight of the architecture's auxiliary loss (AuxK for TopK-style SAEs; Gao et al.)."""
     b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
+    """Initial decoder bias, from the init sample."""
     init_tokens: int = 16384
     """Sample used for the input scale and b_dec."""
     seed: int = 0
+    """Seed of the initialisation and of the batch order."""
     checkpoint_every: int = 100
+    """Steps between checkpoints (a rerun resumes from the last)."""
     log_every: int = 10
+    """Steps between metrics records (metrics.jsonl, and the logger's)."""
     logger: Literal["jsonl", "wandb", "tensorboard"] = "jsonl"
+    """Where metrics go besides metrics.jsonl."""
     device: str = "auto"
     autocast: Literal["none", "bf16"] = "none"
     """bf16 autocast of the encoder/decoder matmuls (weights and Adam stay fp32)."""

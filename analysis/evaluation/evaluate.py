@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from activations.corpus import CorpusConfig, describe, load_contexts
-from activations.model import logits_with_edit, model_mismatch, validate_hook
+from activations.model import HookedModel, logits_with_edit, model_mismatch, validate_hook
 from activations.io import atomic_write_bytes, atomic_write_json
 from sae.base import SAE
 
@@ -61,7 +61,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, model, cfg: EvalConfig | None = None) -> EvalResult:
+def evaluate(sae: SAE, model: HookedModel, cfg: EvalConfig | None = None) -> EvalResult:
     """Metrics of `sae` spliced into `model` at `sae.cfg.hook_name`, on held-out text."""
     cfg = cfg or EvalConfig()
     hook = sae.cfg.hook_name
@@ -88,12 +88,14 @@ def evaluate(sae: SAE, model, cfg: EvalConfig | None = None) -> EvalResult:
     ce = {"clean": [], "spliced": [], "zero": []}
     kl = []
 
-    def splice(act):
+    def splice(act: torch.Tensor) -> torch.Tensor:
+        """act [batch, pos, d_in] reconstructed by the SAE from position `first` on."""
         out = act.clone()
         out[:, first:] = sae(act[:, first:].float()).to(act.dtype)
         return out
 
-    def zero(act):
+    def zero(act: torch.Tensor) -> torch.Tensor:
+        """act [batch, pos, d_in] zeroed from position `first` on (the CE baseline)."""
         out = act.clone()
         out[:, first:] = 0
         return out

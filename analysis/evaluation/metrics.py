@@ -10,6 +10,8 @@ Definitions (REFERENCE.md):
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,7 @@ def fvu(x: Tensor, x_hat: Tensor) -> float:
 
 
 def explained_variance(x: Tensor, x_hat: Tensor) -> float:
+    """1 - FVU; x, x_hat: [n, d]."""
     return 1.0 - fvu(x, x_hat)
 
 
@@ -35,16 +38,17 @@ def dead_fraction(fire_counts: Tensor) -> float:
 
 
 def dense_fraction(fire_counts: Tensor, n_tokens: int, threshold: float = 0.1) -> float:
+    """Share of features whose fire_counts [d_sae] exceed `threshold` of `n_tokens`."""
     return float((fire_counts > threshold * n_tokens).double().mean())
 
 
 def cross_entropy(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Next-token CE per predicted position: logits [b, p, v], tokens [b, p] -> [b, p-1]."""
+    """Next-token CE per predicted position: logits [batch, pos, d_vocab], tokens [batch, pos] -> [batch, pos-1]."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(tokens.shape[0], -1)
 
 
 def kl_per_token(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """KL(p || q) per position: [b, p, v] x2 -> [b, p]."""
+    """KL(p || q) per position: logits_p, logits_q [batch, pos, d_vocab] -> [batch, pos]."""
     logp, logq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
@@ -53,7 +57,7 @@ def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> flo
     return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
 
 
-def repetition_rate(tokens, n: int = 3) -> float:
+def repetition_rate(tokens: Iterable[int], n: int = 3) -> float:
     """Share of the n-grams in `tokens` (a sequence of ids) that repeat an earlier n-gram of
     the same sequence: 0 for text without repeats, towards 1 for a loop. NaN when the
     sequence is shorter than n (no n-gram to judge)."""
@@ -76,6 +80,7 @@ class ReconstructionStats:
         self.fire_counts = torch.zeros(d_sae, dtype=torch.long)
 
     def update(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
+        """Add a batch: x, x_hat [n, d_in] and f [n, d_sae]."""
         x64 = x.double()
         self.sum_x = x64.sum(0) if self.sum_x is None else self.sum_x + x64.sum(0)
         self.sum_sq += float(x64.pow(2).sum())

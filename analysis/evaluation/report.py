@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import html
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from .evaluate import EvalResult
 
 
 def training_curves(records: list[dict]) -> go.Figure:
@@ -28,7 +32,7 @@ def density_histogram(log10_density: list[float]) -> go.Figure:
     return fig
 
 
-def evaluation_report(result, records: list[dict], title: str) -> str:
+def evaluation_report(result: EvalResult, records: list[dict], title: str) -> str:
     """One standalone HTML page: metrics table, training curves and density histogram."""
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float) else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"

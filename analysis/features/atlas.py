@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from activations.corpus import CorpusConfig, load_contexts
-from activations.model import resolve_device, token_strings, unembedding, validate_hook
+from activations.model import HookedModel, resolve_device, token_strings, unembedding, validate_hook
 from activations.io import atomic_save_safetensors, atomic_write_json
 from sae.base import SAE
 
@@ -213,6 +213,7 @@ class Atlas:
 
     @property
     def hist_edges(self) -> Tensor:
+        """The hist_bins + 1 log-spaced bin edges of `hist` [d_sae, hist_bins]."""
         lo, hi = self.meta["config"]["hist_range"]
         return torch.logspace(math.log10(lo), math.log10(hi), self.meta["config"]["hist_bins"] + 1)
 
@@ -222,7 +223,8 @@ class Atlas:
         return int(feature)
 
     def feature_tokens(self, feature: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(token ids, firing counts, activation sums) of the tokens `feature` fired on."""
+        """(token ids, firing counts, activation sums), each [n]: the n distinct tokens `feature` fired on,
+        most firings first."""
         ptr = self.tensors["token_count_ptr"]
         i = self.check_feature(feature)
         sl = slice(int(ptr[i]), int(ptr[i + 1]))
@@ -411,7 +413,7 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def build_atlas(sae: SAE, model, cfg: AtlasConfig | None = None, sae_path: str | None = None, scratch: str | Path | None = None) -> Atlas:
+def build_atlas(sae: SAE, model: HookedModel, cfg: AtlasConfig | None = None, sae_path: str | None = None, scratch: str | Path | None = None) -> Atlas:
     """Stream `cfg.n_tokens` held-out tokens through `model` and `sae` and summarise every
     feature. `scratch`: folder for the temporary code buffer (default: a temp dir)."""
     import shutil
@@ -486,9 +488,10 @@ def _jsonable(obj):
 
 # ---------------------------------------------------------------------------- static properties
 @torch.no_grad()
-def logit_effects(sae: SAE, model, n: int, chunk: int = 512) -> dict[str, Tensor]:
-    """Top/bottom tokens of W_dec[i] read through the final norm's scale and the unembedding."""
-    W_U, norm_scale = unembedding(model)  # [d_model, vocab], [d_model] or None
+def logit_effects(sae: SAE, model: HookedModel, n: int, chunk: int = 512) -> dict[str, Tensor]:
+    """Top/bottom tokens of W_dec[i] read through the final norm's scale and the unembedding:
+    logit_{top,bottom}_{ids,values}, each [d_sae, n]."""
+    W_U, norm_scale = unembedding(model)  # [d_model, d_vocab], [d_model] or None
     W_dec = sae.W_dec.detach().to(W_U.device, W_U.dtype)
     if norm_scale is not None:
         W_dec = W_dec * norm_scale
@@ -505,7 +508,7 @@ def logit_effects(sae: SAE, model, n: int, chunk: int = 512) -> dict[str, Tensor
 
 @torch.no_grad()
 def decoder_neighbours(W_dec: Tensor, n: int, chunk: int = 1024) -> dict[str, Tensor]:
-    """Nearest features by cosine of decoder rows. W_dec: [d_sae, d_in]."""
+    """Nearest features by cosine of decoder rows W_dec [d_sae, d_in]: ids and cosines, each [d_sae, n]."""
     unit = torch.nn.functional.normalize(W_dec.float(), dim=-1)
     n = min(n, len(unit) - 1)
     ids, cos = [], []
@@ -520,7 +523,8 @@ def decoder_neighbours(W_dec: Tensor, n: int, chunk: int = 1024) -> dict[str, Te
 
 @torch.no_grad()
 def coactivation_neighbours(coact: Tensor | None, fire_count: Tensor, n: int, chunk: int = 1024) -> dict[str, Tensor]:
-    """Features that fire on the same tokens, by Jaccard index count(i&j)/count(i|j)."""
+    """Features that fire on the same tokens, by Jaccard index count(i&j)/count(i|j): ids and scores,
+    each [d_sae, n], from the flat pair counts coact [d_sae * d_sae] (None: not counted) and fire_count [d_sae]."""
     d_sae = len(fire_count)
     n = min(n, d_sae - 1)
     if coact is None:  # too wide to count pairs: leave empty (-1)
@@ -539,7 +543,7 @@ def coactivation_neighbours(coact: Tensor | None, fire_count: Tensor, n: int, ch
 
 
 def density_clusters(atlas: Atlas, W_dec: Tensor | None = None) -> dict:
-    """Dead, dense and ultralow-density features.
+    """Dead, dense and ultralow-density features; W_dec [d_sae, d_in], when given, for the cluster's cosines.
 
     The ultralow-density cluster (Anthropic, "Towards Monosemanticity") shows up as a second
     mode of the log-density histogram, well below the main one, whose decoder rows point in

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from activations.corpus import boundary_token_id
-from activations.model import token_strings
+from activations.model import HookedModel, token_strings
 from sae.base import SAE
 
 from ..encoding import encode_contexts
@@ -37,7 +37,7 @@ def _label_text(labels: Labels | None, feature: int) -> str:
 
 
 @torch.no_grad()
-def feature_activations(text: str | list[str], model, sae: SAE, autocast: str = "none") -> tuple[Tensor, Tensor]:
+def feature_activations(text: str | list[str], model: HookedModel, sae: SAE, autocast: str = "none") -> tuple[Tensor, Tensor]:
     """(token ids [batch, pos], activations [batch, pos, d_sae]) of `text` read behind the sink;
     position 0 (the sink) has activations 0. Several texts are right-padded with the sink."""
     texts = [text] if isinstance(text, str) else list(text)
@@ -48,7 +48,7 @@ def feature_activations(text: str | list[str], model, sae: SAE, autocast: str = 
 
 
 @torch.no_grad()
-def activations_of_ids(rows: list[list[int]], model, sae: SAE, autocast: str = "none") -> tuple[Tensor, Tensor]:
+def activations_of_ids(rows: list[list[int]], model: HookedModel, sae: SAE, autocast: str = "none") -> tuple[Tensor, Tensor]:
     """Token id rows (each starting with the sink) -> (tokens [batch, pos], activations
     [batch, pos, d_sae]); rows are right-padded, which a causal model never looks at."""
     sink = boundary_token_id(model.tokenizer)
@@ -61,7 +61,7 @@ def activations_of_ids(rows: list[list[int]], model, sae: SAE, autocast: str = "
     return tokens, f
 
 
-def monitor(text: str, model, sae: SAE, labels: Labels | dict | None = None, top_k: int = 5) -> list[TokenFeatures]:
+def monitor(text: str, model: HookedModel, sae: SAE, labels: Labels | dict | None = None, top_k: int = 5) -> list[TokenFeatures]:
     """For each token of `text`, its `top_k` strongest features with their labels (`labels`:
     of this SAE, or its labels.json object)."""
     if labels is not None:
@@ -77,7 +77,7 @@ def monitor(text: str, model, sae: SAE, labels: Labels | dict | None = None, top
 
 
 def monitor_table(rows: list[TokenFeatures], max_activation: Tensor | None = None) -> str:
-    """Plain-text view: one line per token."""
+    """Plain-text view: one line per token; `max_activation` [d_sae] adds each value's share of its feature's max."""
     lines = []
     for row in rows:
         shown = ", ".join(
@@ -91,7 +91,7 @@ def monitor_table(rows: list[TokenFeatures], max_activation: Tensor | None = Non
 
 def monitor_html(rows: list[TokenFeatures], title: str = "Feature monitor", max_activation: Tensor | None = None) -> str:
     """Standalone page: the text with each token shaded by its strongest feature's activation
-    (relative to that feature's max when known), and the features listed on hover and below."""
+    (relative to that feature's `max_activation` [d_sae] when given), and the features listed on hover and below."""
     spans, table = [], []
     for n, row in enumerate(rows):
         strength = 0.0
@@ -119,7 +119,7 @@ TEMPLATES = ("{q}", "The {q}.", "I thought about the {q} all day.", "She wrote a
 
 
 @torch.no_grad()
-def find_features(query: str, model, sae: SAE, atlas: Atlas, labels: Labels | dict | None = None, n: int = 10, max_occurrences: int = 64) -> list[dict]:
+def find_features(query: str, model: HookedModel, sae: SAE, atlas: Atlas, labels: Labels | dict | None = None, n: int = 10, max_occurrences: int = 64) -> list[dict]:
     """Features that fire most selectively on `query`.
 
     Occurrences: every place the query's tokens (with or without a leading space) appear in

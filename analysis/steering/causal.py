@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.model import logits_with_edit, unembedding
+from activations.model import HookedModel, logits_with_edit, unembedding
 from sae.base import SAE
 
 
@@ -35,7 +35,7 @@ class CausalCheck(NamedTuple):
 
 
 @torch.no_grad()
-def causal_check(model, sae: SAE, feature: int, tokens: Tensor, top_k: int = 10, max_contexts: int = 32, batch_size: int = 8,
+def causal_check(model: HookedModel, sae: SAE, feature: int, tokens: Tensor, top_k: int = 10, max_contexts: int = 32, batch_size: int = 8,
                  seed: int = 0) -> CausalCheck:
     """Ablate `feature` and measure, at the positions where it fires, how the log-probability
     of the tokens its logit effects promote changes. `tokens` [n_contexts, pos] are first read

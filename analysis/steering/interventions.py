@@ -39,7 +39,7 @@ from typing import Callable, ContextManager, Iterator, Literal, Sequence
 import torch
 from torch import Tensor
 
-from activations.model import hf_hooks, hook_module, hook_width, kv_cache_of, validate_hook
+from activations.model import HookedModel, hf_hooks, hook_module, hook_width, kv_cache_of, validate_hook
 from sae.base import SAE
 
 
@@ -49,7 +49,7 @@ Mode = Literal["clamp", "add", "ablate"]
 Unit = Literal["max", "absolute"]
 MODES: tuple[str, ...] = ("clamp", "add", "ablate")
 Predicate = Callable[[Tensor], Tensor]
-"""A label predicate: token ids [batch, seq] -> bool [batch, seq], true where the label says
+"""A label predicate: token ids [batch, pos] -> bool [batch, pos], true where the label says
 the feature should fire."""
 
 def _feature_id(feature) -> int:
@@ -151,7 +151,7 @@ class Steering:
         parts = ", ".join(f"{iv.mode} {iv.feature}" + ("" if iv.mode == "ablate" else f" = {self.values[iv.feature]:.3g}") for iv in self.interventions)
         return f"Steering({self.hook_name}: {parts})"
 
-    def attached(self, model) -> ContextManager["Steering"]:
+    def attached(self, model: HookedModel) -> ContextManager["Steering"]:
         """`steer(model, self)`: the edit applied to every forward pass inside the block."""
         return steer(model, self)
 
@@ -178,7 +178,7 @@ class Steering:
         return pos.to(device) > 0
 
 
-def check_compatible(model, sae: SAE) -> None:
+def check_compatible(model: HookedModel, sae: SAE) -> None:
     """Clear errors for a hook the model lacks, or an SAE whose d_in is not the hook's width."""
     hook = sae.cfg.hook_name
     validate_hook(model, hook)
@@ -214,7 +214,7 @@ def _position_reader(model):
 
 
 @contextmanager
-def steer(model, steering: Steering) -> Iterator[Steering]:
+def steer(model: HookedModel, steering: Steering) -> Iterator[Steering]:
     """Apply `steering` to every forward pass of `model` inside the block (any entry point:
     `model(...)`, the HF model's `generate`, `generate_tokens`). Everything attached is
     removed on exit, even when the block raises.

@@ -2,7 +2,7 @@
 
 * concept score: the feature's own activation when the generated text (alone, after the BOS
   token; not the prompt, so a prompt that names the concept does not count) is re-read, and
-  optionally a label predicate `predicate(tokens [batch, seq]) -> bool [batch, seq]`;
+  optionally a label predicate `predicate(tokens [batch, pos]) -> bool [batch, pos]`;
 * fluency: perplexity of each generation given its prompt, and its repetition rate;
 * side effects: KL(unsteered || steered) per token on neutral text;
 """
@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from activations.corpus import boundary_token_id
-from activations.model import logits_with_edit
+from activations.model import HookedModel, logits_with_edit
 from sae.base import SAE
 
 from ..evaluation.metrics import cross_entropy, kl_per_token
@@ -34,7 +34,7 @@ class SideBySide(NamedTuple):
     """The continuation with the steering applied (same seed)."""
 
 
-def compare(model, prompts: Sequence[str], steering: Steering, cfg: GenerationConfig | None = None) -> list[SideBySide]:
+def compare(model: HookedModel, prompts: Sequence[str], steering: Steering, cfg: GenerationConfig | None = None) -> list[SideBySide]:
     """Unsteered and steered continuations of each prompt, with the same decoding settings."""
     cfg = cfg or GenerationConfig()
     tokens = encode_prompts(model.tokenizer, prompts, cfg.chat)
@@ -67,7 +67,7 @@ class FeatureStats(NamedTuple):
 
 
 @torch.no_grad()
-def feature_stats(sae: SAE, model, tokens: Tensor, batch_size: int = 8) -> FeatureStats:
+def feature_stats(sae: SAE, model: HookedModel, tokens: Tensor, batch_size: int = 8) -> FeatureStats:
     """Max activation and firing frequency of every feature over `tokens` [n_contexts, pos]
     (position 0 excluded), one forward pass per batch that stops after the hooked layer.
     A stand-in for the feature atlas' `max_activation` until one is built."""
@@ -107,11 +107,11 @@ class ConceptScores(NamedTuple):
 
 
 @torch.no_grad()
-def concept_scores(model, sae: SAE, features: Sequence[int], generated: Sequence[Tensor], max_activation: Tensor | None = None,
+def concept_scores(model: HookedModel, sae: SAE, features: Sequence[int], generated: Sequence[Tensor], max_activation: Tensor | None = None,
                    threshold: float = 0.0, predicate: Predicate | None = None, batch_size: int = 16) -> ConceptScores:
     """How much each generation [n_new] expresses `features`: the text (after the BOS token,
     without its prompt) is re-read by the unsteered model and encoded by the SAE. With
-    `max_activation`, activations and `threshold` are in units of each feature's max."""
+    `max_activation` [d_sae], activations and `threshold` are in units of each feature's max."""
     features = check_features(features, sae.cfg.d_sae)
     device = next(model.parameters()).device
     sae = sae.to(device)
@@ -135,9 +135,9 @@ def concept_scores(model, sae: SAE, features: Sequence[int], generated: Sequence
 
 
 @torch.no_grad()
-def generation_nll(model, prompts: Sequence[Tensor], generated: Sequence[Tensor], batch_size: int = 8) -> tuple[Tensor, Tensor]:
-    """Summed negative log-likelihood [n] of each generation given its prompt under the
-    unsteered model, and the number of generated tokens [n]."""
+def generation_nll(model: HookedModel, prompts: Sequence[Tensor], generated: Sequence[Tensor], batch_size: int = 8) -> tuple[Tensor, Tensor]:
+    """Summed negative log-likelihood [n] of each generation [n_new] given its prompt [len] under
+    the unsteered model, and the number of generated tokens [n]."""
     device = next(model.parameters()).device
     pad = boundary_token_id(model.tokenizer)
     nll, counts = [], []
@@ -154,7 +154,7 @@ def generation_nll(model, prompts: Sequence[Tensor], generated: Sequence[Tensor]
 
 
 @torch.no_grad()
-def kl_on_text(model, steering: Steering, tokens: Tensor, batch_size: int = 8) -> float:
+def kl_on_text(model: HookedModel, steering: Steering, tokens: Tensor, batch_size: int = 8) -> float:
     """Side effects: mean KL(unsteered || steered) per predicted position on `tokens`
     [n_contexts, pos] (neutral text), position 0 (never steered) excluded."""
     check_compatible(model, steering.sae)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from activations.io import atomic_write_bytes, atomic_write_json
+from activations.model import HookedModel
 from sae.base import SAE
 
 from ..evaluation.metrics import repetition_rate
@@ -22,6 +23,9 @@ import html
 from .interventions import Intervention, Mode, Predicate, Steering, Unit, check_compatible, check_features, MODES
 from .measure import ConceptScores, concept_scores, generation_nll, kl_on_text
 from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 NEUTRAL_PROMPTS = [
@@ -44,8 +48,11 @@ class SweepConfig:
     features: list[int]
     """Features steered together at every strength."""
     mode: Mode = "clamp"
-    strengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    """clamp: f_i = v | add: alpha * W_dec[i] added | ablate: f_i = 0 (the SAE's error term kept in every mode)."""
+    strengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    """v or alpha, one sweep point each (ablate has none)."""
     unit: Unit = "max"
+    """Strengths in multiples of each feature's max activation ("max"), or raw ("absolute")."""
     threshold: float = 0.25
     """A generation shows the concept when a feature exceeds this (in `unit`s) on a generated token."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -89,9 +96,10 @@ def _nan_to_none(v: float | None) -> float | None:
     return None if v is None or math.isnan(v) else float(v)
 
 
-def summarize(series: str, strength: float | None, tokenizer, generated: Sequence[Tensor], concept: ConceptScores,
+def summarize(series: str, strength: float | None, tokenizer: PreTrainedTokenizerBase, generated: Sequence[Tensor], concept: ConceptScores,
               nll: Tensor, n_tokens: Tensor, kl: float | None, n_examples: int = 3) -> SweepPoint:
-    """One point of a dose-response curve from per-generation scores."""
+    """One point of a dose-response curve from per-generation scores: generated [n_new] each, nll and
+    n_tokens [n] (`generation_nll`)."""
     reps = torch.tensor([repetition_rate(g.tolist()) for g in generated])
     total = int(n_tokens.sum())
     return SweepPoint(
@@ -106,10 +114,11 @@ def summarize(series: str, strength: float | None, tokenizer, generated: Sequenc
     )
 
 
-def score_condition(model, sae: SAE, series: str, strength: float | None, prompts: Sequence[Tensor], generated: Sequence[Tensor],
+def score_condition(model: HookedModel, sae: SAE, series: str, strength: float | None, prompts: Sequence[Tensor], generated: Sequence[Tensor],
                     features: Sequence[int], max_activation: Tensor | None, threshold: float, kl: float | None,
                     predicate: Predicate | None = None, n_examples: int = 3, batch_size: int = 8) -> SweepPoint:
-    """Concept, fluency and (given) side-effect scores of one set of generations."""
+    """Concept, fluency and (given) side-effect scores of one set of generations [n_new] of prompts
+    [len]; `max_activation` [d_sae] as in `concept_scores`."""
     concept = concept_scores(model, sae, features, generated, max_activation, threshold, predicate, batch_size)
     nll, n_tokens = generation_nll(model, prompts, generated, batch_size)
     return summarize(series, strength, model.tokenizer, generated, concept, nll, n_tokens, kl, n_examples)
@@ -130,10 +139,11 @@ class SweepResult:
         return asdict(self)
 
 
-def sweep(model, sae: SAE, prompts: Sequence[str], neutral_tokens: Tensor, cfg: SweepConfig, max_activation: Tensor | None = None,
+def sweep(model: HookedModel, sae: SAE, prompts: Sequence[str], neutral_tokens: Tensor, cfg: SweepConfig, max_activation: Tensor | None = None,
           predicate: Predicate | None = None, neutral_text: str = "") -> SweepResult:
     """Dose-response: generate from `prompts` unsteered and at every strength of `cfg`,
-    and score concept, fluency and side effects (KL on `neutral_tokens` [n, pos])."""
+    and score concept, fluency and side effects (KL on `neutral_tokens` [n, pos]); `max_activation`
+    [d_sae]: the unit of `unit="max"` strengths."""
     check_features(cfg.features, sae.cfg.d_sae)  # before any generation
     check_compatible(model, sae)
     concept_max = max_activation if cfg.unit == "max" else None
@@ -160,7 +170,7 @@ def write_sweep(result: SweepResult, out_dir: str | Path, title: str = "Steering
 
 
 
-def steering_sweep_figure(result) -> go.Figure:
+def steering_sweep_figure(result: SweepResult) -> go.Figure:
     """Dose-response curves of a `analysis.steering.SweepResult`: concept score, fluency
     (perplexity, repetition) and side effects (KL on neutral text) against strength, one line
     per series; conditions without a strength (the unsteered baseline, prompting) are
@@ -199,7 +209,7 @@ def steering_sweep_figure(result) -> go.Figure:
     return fig
 
 
-def steering_report(result, title: str) -> str:
+def steering_report(result: SweepResult, title: str) -> str:
     """One standalone HTML page: the dose-response figure and example generations per
     condition (model text HTML-escaped)."""
     rows = "".join(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from activations.model import HookedModel
     from sae.base import SAE
 
     from ..atlas import Atlas
@@ -124,8 +127,8 @@ class LabelContext(NamedTuple):
 
     sae: SAE
     """The SAE the atlas describes."""
-    model: Any
-    """Its model (a TransformerLens-like model with `.tokenizer`), for kinds that re-run text."""
+    model: HookedModel
+    """Its model, for kinds that re-run text."""
     cfg: LabelConfig
     """The labelling config (each kind reads its own fields)."""
 
@@ -148,7 +151,7 @@ class LabelKind(ABC):
         (they are scored on other text)."""
 
     @abstractmethod
-    def compile(self, labels: Sequence[Label], tokenizer=None) -> Predicate:
+    def compile(self, labels: Sequence[Label], tokenizer: PreTrainedTokenizerBase | None = None) -> Predicate:
         """The predicates of `labels` (all of this kind) at once, as a function token ids
         [batch pos] -> bool [batch pos label]: where each label says its feature fires.
         `tokenizer`: for kinds whose rule reads token strings."""
@@ -157,7 +160,7 @@ class LabelKind(ABC):
     def render(self, label: Label, atlas: Atlas) -> str:
         """The display text of `label` (token strings from `atlas.vocab`)."""
 
-    def predicate(self, label: Label, tokens: Tensor, tokenizer=None) -> Tensor:
+    def predicate(self, label: Label, tokens: Tensor, tokenizer: PreTrainedTokenizerBase | None = None) -> Tensor:
         """Where `label` holds on token ids `tokens` [batch pos]: bool [batch pos]."""
         return self.compile([label], tokenizer)(tokens)[..., 0]
 
@@ -194,7 +197,7 @@ def register(cls: type[LabelKind]) -> type[LabelKind]:
     return cls
 
 
-def label_predicate(label: Label | Mapping, tokenizer=None) -> Callable[[Tensor], Tensor]:
+def label_predicate(label: Label | Mapping, tokenizer: PreTrainedTokenizerBase | None = None) -> Callable[[Tensor], Tensor]:
     """The predicate of one label (a `Label`, or its labels.json record) as a function token
     ids [batch pos] -> bool [batch pos]: where the label says its feature fires. The same
     rule its kind scored it with (`LabelKind.compile`); used to score steered text
@@ -209,7 +212,7 @@ def label_predicate(label: Label | Mapping, tokenizer=None) -> Callable[[Tensor]
 
 
 # ---------------------------------------------------------------------------- shared helpers
-def quote(vocab: Mapping[int, str], ids) -> str:
+def quote(vocab: Mapping[int, str], ids: Iterable[int]) -> str:
     """Token strings of `ids`, JSON-quoted and space-separated (for display texts)."""
     return " ".join(json.dumps(vocab.get(int(t), f"<{int(t)}>"), ensure_ascii=False) for t in ids)
 
@@ -225,6 +228,7 @@ def token_membership(sets: Sequence[Sequence[int]]) -> Predicate:
     table[torch.searchsorted(used, members), owner] = True
 
     def predicate(tokens: Tensor) -> Tensor:
+        """tokens [batch pos] -> bool [batch pos set]."""
         if len(used) == 0:
             return torch.zeros(*tokens.shape, len(sets), dtype=torch.bool, device=tokens.device)
         u, tokens = used.to(tokens.device), tokens.long().contiguous()

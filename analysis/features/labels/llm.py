@@ -16,10 +16,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..atlas import Atlas
 from .base import Label, LabelContext, register
 from .token_set import TokenLabel, TokenSetKind
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 API_KEY_ENV = "OPENAI_API_KEY"
 """Where the optional LLM explainer's API key is read from, at call time (never saved)."""
@@ -134,7 +138,7 @@ class LLMKind(TokenSetKind):
         return f"LLM: {label.explanation}"
 
 
-def llm_candidates(atlas: Atlas, tokenizer, features: list[int], base_url: str, model: str, api_key: str | None = None, timeout: float = 60,
+def llm_candidates(atlas: Atlas, tokenizer: PreTrainedTokenizerBase, features: list[int], base_url: str, model: str, api_key: str | None = None, timeout: float = 60,
                    allow_insecure: bool = False, api_key_env: str = API_KEY_ENV) -> list[LLMLabel]:
     """Ask an OpenAI-compatible chat endpoint to explain each feature from its top contexts.
     It must answer JSON {"explanation": str, "words": [str, ...]}; the words (with and

@@ -3,6 +3,7 @@ through the final norm's scale and the unembedding; its top `LabelConfig.n_logit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -10,6 +11,9 @@ from torch import Tensor
 from ..atlas import Atlas
 from .base import Label, LabelContext, LabelKind, Predicate, quote, register, token_membership
 from .token_set import TokenLabel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @register
@@ -22,10 +26,11 @@ class LogitKind(LabelKind):
         top = atlas.logit_tokens("top")[0][:, :context.cfg.n_logit_tokens]
         return [self.make(atlas, i, tokens=top[i].tolist()) for i in atlas.live_features]
 
-    def compile(self, labels: Sequence[TokenLabel], tokenizer=None) -> Predicate:
+    def compile(self, labels: Sequence[TokenLabel], tokenizer: PreTrainedTokenizerBase | None = None) -> Predicate:
         following = token_membership([label.tokens for label in labels])
 
         def predicate(tokens: Tensor) -> Tensor:
+            """tokens [batch pos] -> bool [batch pos label]: the next token is in the label's set."""
             b, n = tokens.shape  # the last position has no next token: False there
             return torch.cat([following(tokens[:, 1:]), torch.zeros(b, min(n, 1), len(labels), dtype=torch.bool, device=tokens.device)], dim=1)
         return predicate

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -21,6 +22,9 @@ from activations.model import run_to_hooks
 
 from ..atlas import Atlas
 from .base import Label, LabelContext, LabelKind, Predicate, register
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PATTERN_LENGTHS = (1, 2, 4, 8)
 
@@ -71,7 +75,7 @@ class PatternKind(LabelKind):
                 patterns[f].append(pattern)
         return [self.make(atlas, f, patterns=p) for f, p in patterns.items()]
 
-    def compile(self, labels: Sequence[PatternLabel], tokenizer=None) -> Predicate:
+    def compile(self, labels: Sequence[PatternLabel], tokenizer: PreTrainedTokenizerBase | None = None) -> Predicate:
         # Exact n-gram lookup, one trie level per token: the prefix of length k + 1 is known when
         # (id of its first k tokens, its last token) is a key of level k (sorted, searched).
         rows: dict[tuple[int, ...], int] = {}
@@ -98,6 +102,7 @@ class PatternKind(LabelKind):
             tries[length] = (levels, pattern_row)
 
         def predicate(tokens: Tensor) -> Tensor:
+            """tokens [batch pos] -> bool [batch pos label]: one of the label's n-grams ends here."""
             b, n = tokens.shape
             device = tokens.device
             tokens = tokens.long().clamp(0, base - 1)  # tokens no pattern names all read as base - 1, which none has

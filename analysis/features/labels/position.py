@@ -5,12 +5,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..atlas import Atlas
 from .base import Label, LabelContext, LabelKind, Predicate, register
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(kw_only=True)
@@ -35,13 +39,14 @@ class PositionKind(LabelKind):
         best = (f1.argmax(1) + 1).tolist()
         return [self.make(atlas, i, max_position=best[i]) for i in atlas.live_features]
 
-    def compile(self, labels: Sequence[PositionLabel], tokenizer=None) -> Predicate:
+    def compile(self, labels: Sequence[PositionLabel], tokenizer: PreTrainedTokenizerBase | None = None) -> Predicate:
         missing = [label.feature for label in labels if label.max_position is None]
         if missing:
             raise ValueError(f"position label(s) of feature(s) {missing[:10]} have no max_position; rebuild them with `saewb analyze`")
         limit = torch.tensor([int(label.max_position) for label in labels], dtype=torch.long)
 
         def predicate(tokens: Tensor) -> Tensor:
+            """tokens [batch pos] -> bool [batch pos label]: position <= the label's max_position."""
             b, n = tokens.shape
             return (torch.arange(n, device=tokens.device)[None, :, None] <= limit.to(tokens.device)).expand(b, n, len(labels))
         return predicate

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from activations.corpus import load_contexts
+from activations.model import HookedModel
 from sae.base import SAE
 
 from ...encoding import encode_contexts
@@ -25,6 +27,9 @@ from ..atlas import Atlas
 from .base import KINDS, Label, LabelContext, Scores, token_membership
 from .config import LabelConfig, saved_config
 from .store import FeatureLabels, Labels, LabelSummary, ScoredOn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 QUARTILE_EDGES = (0.25, 0.5, 0.75)
 N_HARD_TOKENS = 20
@@ -36,7 +41,7 @@ class Scorer:
     positives on hard negatives, over batches of scoring text. Each kind compiles its labels'
     predicates once (`LabelKind.compile`), so a batch costs a few gathers per kind."""
 
-    def __init__(self, labels: Sequence[Label], atlas: Atlas, tokenizer=None):
+    def __init__(self, labels: Sequence[Label], atlas: Atlas, tokenizer: PreTrainedTokenizerBase | None = None):
         self.labels, self.atlas, self.d_sae = list(labels), atlas, atlas.d_sae
         by_kind: dict[str, list[int]] = {}
         for n, label in enumerate(self.labels):
@@ -116,7 +121,7 @@ class Scorer:
 
 # ---------------------------------------------------------------------------- the whole job
 @torch.no_grad()
-def label_features(atlas: Atlas, sae: SAE, model, cfg: LabelConfig | None = None) -> Labels:
+def label_features(atlas: Atlas, sae: SAE, model: HookedModel, cfg: LabelConfig | None = None) -> Labels:
     """Make every registered kind of label for every live feature from `atlas`, score them on
     held-out contexts that follow the atlas's, and return the `Labels` (save them with
     `save_labels`)."""

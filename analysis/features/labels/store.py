@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from activations.corpus import CorpusConfig
 from activations.io import atomic_write_json
@@ -159,7 +160,7 @@ class Labels:
         return out
 
     @classmethod
-    def from_json(cls, data, source: str | Path = "labels") -> Labels:
+    def from_json(cls, data: Any, source: str | Path = "labels") -> Labels:
         """`Labels` of a labels.json object; a ValueError naming `source` if it is not one."""
         features = data.get("features") if isinstance(data, Mapping) else None
         if not isinstance(features, list):

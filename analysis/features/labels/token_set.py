@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..atlas import Atlas
 from .base import Label, LabelContext, LabelKind, Predicate, quote, register, token_membership
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(kw_only=True)
@@ -46,7 +50,7 @@ class TokenSetKind(LabelKind):
             out.append(self.make(atlas, i, tokens=ids[order[:best]].tolist()))
         return out
 
-    def compile(self, labels: Sequence[TokenLabel], tokenizer=None) -> Predicate:
+    def compile(self, labels: Sequence[TokenLabel], tokenizer: PreTrainedTokenizerBase | None = None) -> Predicate:
         return token_membership([label.tokens for label in labels])
 
     def render(self, label: TokenLabel, atlas: Atlas) -> str:
