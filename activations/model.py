@@ -369,6 +369,16 @@ def unembedding(model: HookedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     return model.W_U.detach(), (None if scale is None else scale.detach())
 
 
+def embedding(model: HookedModel) -> torch.Tensor:
+    """W_E [d_vocab, d_model]: the input embedding, row t the vector token t enters the
+    residual stream as (before any positional embedding). The weight itself, detached: with
+    tied embeddings (SmolLM2) it is the same storage as `unembedding(model)[0].T`."""
+    hf = getattr(model, "original_model", None)
+    if hf is not None:  # TransformerBridge over a HF causal LM
+        return hf.get_input_embeddings().weight.detach()
+    return model.W_E.detach()
+
+
 def token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
     """How each token id reads on its own (byte-level BPE pieces decoded, e.g. ' the')."""
     if hasattr(tokenizer, "convert_ids_to_tokens") and hasattr(tokenizer, "convert_tokens_to_string"):

@@ -90,6 +90,7 @@ def _add_analysis_sizes(p: argparse.ArgumentParser) -> None:
 
     add_flags(p, AtlasConfig, only=ATLAS_FLAGS, rename=ATLAS_FLAGS)
     add_flags(p, LabelConfig, only=LABEL_FLAGS, rename=LABEL_FLAGS)
+    add_flags(p, LabelConfig, only=("namer",))
 
 
 def _add_analyze_run(p: argparse.ArgumentParser) -> None:
@@ -285,7 +286,7 @@ def cmd_analyze(args, sae_paths=None, dashboard: bool = False) -> list[Path]:
     from sae import load_sae
 
     from .features.atlas import AtlasConfig, build_atlas, export_neuronpedia
-    from .features.labels import LabelConfig, label_features, save_labels
+    from .features.labels import LabelConfig, label_features, save_labels, write_coverage_report
 
     paths = sae_paths or ([Path(p) for p in args.sae] if getattr(args, "sae", None) else _trained_saes(args))
     llm, insecure = None, bool(getattr(args, "allow_insecure_endpoint", False))
@@ -311,12 +312,21 @@ def cmd_analyze(args, sae_paths=None, dashboard: bool = False) -> list[Path]:
               f"{s['dead']} dead, {s['dense']} dense, "
               f"ultralow-density mode: {_ultralow_text(s['ultralow'])}")
         started = time.perf_counter()
-        labels = label_features(atlas, sae, model, LabelConfig(n_score_contexts=label_contexts, llm=llm, allow_insecure_endpoint=insecure))
+        label_cfg = LabelConfig(n_score_contexts=label_contexts, llm=llm, allow_insecure_endpoint=insecure,
+                                **({"namer": args.namer} if getattr(args, "namer", None) else {}))
+        labels = label_features(atlas, sae, model, label_cfg)
         labels_path = save_labels(labels, atlas_dir / "labels.json")
         ls = labels.summary
-        print(f"labels: {labels_path} (scored on {labels.scored_on.n_contexts} later contexts, {time.perf_counter() - started:.0f} s): "
-              f"{ls.share_of_live_with_f1_at_least_half:.1%} of "
-              f"{ls.live_features:,} live features have a label with held-out F1 >= 0.5 (median best F1 {ls.median_best_f1:.2f})")
+        coverage_path = write_coverage_report(labels, atlas_dir / "labels_coverage.html")
+        print(f"labels: {labels_path} (chosen on {labels.scored_on.n_contexts // 2} later contexts, reported on the other "
+              f"{labels.scored_on.n_contexts - labels.scored_on.n_contexts // 2}, {time.perf_counter() - started:.0f} s), "
+              f"of {ls.live_features:,} live features:\n"
+              f"  {ls.share_strong_f1_at_least_half:.1%} have a compact label with strong-firing F1 >= 0.5 "
+              f"({ls.selection_share_strong:.1%} on the part it was chosen on; median {ls.median_best_strong_f1:.2f})\n"
+              f"  {ls.share_of_live_with_f1_at_least_half:.1%} with all-firing F1 >= 0.5 "
+              f"({ls.selection_share_all:.1%} on the selection part; median {ls.median_best_f1:.2f})\n"
+              f"  apart, not counted: {ls.lookup_share_strong:.1%} have a lookup table (> 16 tokens) with strong F1 >= 0.5; "
+              f"{ls.unexplained:,} features unexplained\n  coverage: {coverage_path}")
         if getattr(args, "neuronpedia", False):
             print(f"neuronpedia: {export_neuronpedia(atlas, atlas_dir / 'neuronpedia.json', labels)}")
         if dashboard:

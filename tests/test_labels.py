@@ -17,11 +17,15 @@ from analysis.features.atlas import AtlasConfig, build_atlas
 from analysis.features.labels import (
     KINDS, Label, LabelConfig, LabelContext, Scorer, label_features, label_predicate, llm_candidates, load_labels, save_labels,
 )
+from analysis.features.labels.genre import GenreLabel
 from analysis.features.labels.llm import LLMLabel
 from analysis.features.labels.pattern import PatternLabel
+from analysis.features.labels.structure import RULES as STRUCTURE_RULES, StructureLabel
+from analysis.features.labels.word_piece import WordPieceLabel
 from analysis.features.monitor import find_features, monitor, monitor_html
 
 from .test_atlas import HOOK, tiny_sae
+from .test_label_structure import genre_by_hand, structure_by_hand
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,13 @@ BRUTE_FORCE = {
     "dense": lambda label, row, p, strings: True,
     "pattern": lambda label, row, p, strings: any(ends_with(row[:p + 1], pattern) for pattern in label.patterns),
     "llm": lambda label, row, p, strings: row[p] in label.tokens,
+    "structure": lambda label, row, p, strings: structure_by_hand(label.rule, row, p, strings),  # a plain loop per rule
+    "genre": lambda label, row, p, strings: genre_by_hand(label, row, p),  # >= min_hits of row[:p + 1] in label.tokens
+    "semantic": lambda label, row, p, strings: row[p] in label.tokens,  # the ball itself is checked in test_label_semantic.py
+    "context": lambda label, row, p, strings: p >= 1 and row[p - 1] in label.previous and (not label.current or row[p] in label.current),
+    "word-piece": lambda label, row, p, strings: (not label.previous or (p >= 1 and row[p - 1] in label.previous)) and (
+        p >= 1 and strings[row[p]][:1].isalnum() and strings[row[p - 1]][-1:].isalnum() if label.which == "continuation"
+        else strings[row[p]][:1] == " " and strings[row[p]][1:2].isalpha()),
 }
 
 
@@ -63,6 +74,12 @@ def hand_made(live: list[int], rows: list[list[int]]) -> list[Label]:
         PatternLabel(kind="pattern", feature=live[0], patterns=[tuple(rows[0][3:5]), tuple(rows[1][10:11])]),
         PatternLabel(kind="pattern", feature=live[1], patterns=[tuple(rows[2][5:9]), tuple(range(40))]),
         LLMLabel(kind="llm", feature=live[2], tokens=[ord("c"), ord(" ")], explanation="c words"),
+        # every structure rule, and a genre label (the tiny text has no structure and one genre: no candidates)
+        *(StructureLabel(kind="structure", feature=live[n % len(live)], rule=rule) for n, rule in enumerate(STRUCTURE_RULES)),
+        GenreLabel(kind="genre", feature=live[5], tokens=[ord("q"), ord("b"), ord("g")], min_hits=2),
+        # word-piece rules without candidates here (the byte-level tokenizer has no " word" token: starts never hold)
+        WordPieceLabel(kind="word-piece", feature=live[3], which="continuation"),
+        WordPieceLabel(kind="word-piece", feature=live[4], which="start", previous=[ord(" "), ord("a")]),
     ]
 
 

@@ -106,7 +106,7 @@ def feature_data(atlas: Atlas, i: int, labels: Labels | None, in_bundle: set[int
     data = {
         "id": i, "n_features": atlas.d_sae, "n_tokens": atlas.n_tokens, "fire_count": fire_count,
         "density": fire_count / atlas.n_tokens, "max": float(atlas.max_activation[i]), "mean": float(atlas.mean_activation[i]),
-        "label": entry.to_json() if entry is not None else None, "meta": _meta(atlas),
+        "label": _label_entry(entry), "meta": _meta(atlas),
         "logits": {
             side: [[int(t), round(float(v), 4)] for t, v in zip(ids[i], values[i])]
             for side, (ids, values) in (("top", atlas.logit_tokens("top")), ("bottom", atlas.logit_tokens("bottom")))
@@ -157,14 +157,25 @@ def index_data(atlas: Atlas, features: list[int], labels: Labels | dict | None =
         top_tokens = [atlas.vocab.get(t, f"<id {t}>") for t in atlas.feature_tokens(i)[0][:5].tolist()]
         rows.append([
             i, round(math.log10(density[i]), 3) if density[i] > 0 else None, round(max_act[i], 4), round(mean_act[i], 4),
-            *((label.text, label.kind, _f1(label)) if label else (None, None, None)), top_tokens,
+            *((label.text, label.name or None, label.kind, _f1(label), _f1(label, "strong_f1")) if label else (None,) * 5), top_tokens,
         ])
     return {
         "meta": _meta(atlas), "summary": atlas.summary(), "labelled": labels is not None,
         "label_summary": labels.summary.to_json() if labels is not None and labels.summary is not None else None,
-        "columns": ["id", "log10_density", "max", "mean", "label", "kind", "f1", "top_tokens"], "rows": rows,
+        "columns": ["id", "log10_density", "max", "mean", "label", "name", "kind", "f1", "strong_f1", "top_tokens"], "rows": rows,
         "log10_density": [round(math.log10(d), 4) for d in density if d > 0],
     }
+
+
+def _label_entry(entry) -> dict | None:
+    """The feature's labels.json entry, each label marked compact or not (lookup tables are shown apart)."""
+    if entry is None:
+        return None
+    out = entry.to_json()
+    out["compact"] = entry.best.compact
+    for record, label in zip(out.get("candidates", []), entry.candidates):
+        record["compact"] = label.compact
+    return out
 
 
 def _example(example: dict) -> dict:
@@ -177,7 +188,8 @@ def _example(example: dict) -> dict:
 
 def _neighbour(j: int, score: float, labels: Labels | None, in_bundle: set[int]) -> dict:
     label = labels.best(j) if labels is not None else None
-    return {"id": j, "score": round(score, 4), "label": label.text if label else None, "f1": _f1(label) if label else None, "page": j in in_bundle}
+    return {"id": j, "score": round(score, 4), "label": label.text if label else None, "f1": _f1(label, "strong_f1") if label else None,
+            "page": j in in_bundle}
 
 
 def _meta(atlas: Atlas) -> dict:
@@ -185,8 +197,9 @@ def _meta(atlas: Atlas) -> dict:
             "n_tokens": atlas.n_tokens, "n_contexts": atlas.n_contexts}
 
 
-def _f1(label) -> float | None:
-    return label.scores.f1 if label.scores is not None else None
+def _f1(label, metric: str = "f1") -> float | None:
+    """The label's report-part score (`metric`: "f1" on all firings, "strong_f1")."""
+    return getattr(label.scores, metric) if label.scores is not None else None
 
 
 def _token_ids(data: dict) -> set[int]:

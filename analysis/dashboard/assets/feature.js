@@ -19,7 +19,7 @@
 
   const L = D.label;
   app.append(el("header", {},
-    el("h1", {}, `Feature ${D.id}`, L ? el("span", { class: "headline-label" }, L.label) : ""),
+    el("h1", {}, `Feature ${D.id}`, L ? el("span", { class: "headline-label" }, L.name ? `${L.name}: ${L.label}` : L.label) : ""),
     el("p", { class: "muted" }, [D.meta.model_name, D.meta.hook_name].filter(Boolean).join(" · "))));
 
   if (D.dead) {
@@ -108,18 +108,26 @@
     const score = (name, value, digits) => el("div", { class: "score" }, el("div", { class: "card-title" }, name), el("div", { class: "stat-value" }, value === null || value === undefined ? "–" : fmt(value, digits || 3)));
     const quartiles = L.recall_by_quartile || L.recall_by_quantile || [];
     const names = ["< ¼ max", "¼–½", "½–¾", "≥ ¾ max"];
+    const S = L.selection || {};
     const card = el("div", { class: "label-card" },
-      el("div", { class: "label-text" }, L.label, el("span", { class: "kind" }, L.kind)),
+      L.name ? el("div", { class: "name" }, L.name) : "",
+      el("div", { class: "label-text" }, L.label, el("span", { class: "kind" }, L.kind), L.compact === false ? el("span", { class: "kind" }, "lookup table") : ""),
+      el("div", { class: "card-title" }, "strong firings (activation > ¼ max; weaker firings left out)"),
+      el("div", { class: "scores" }, score("F1", L.strong_f1), score("precision", L.strong_precision), score("recall", L.strong_recall)),
+      el("div", { class: "card-title" }, "all firings (activation > 0)"),
       el("div", { class: "scores" }, score("F1", L.f1), score("precision", L.precision), score("recall", L.recall),
         score("FPR random", L.fpr_random), score("FPR hard", L.fpr_hard)),
       quartiles.length ? el("div", { class: "quartiles" }, el("div", { class: "card-title" }, "recall by activation (share of max)"),
         ...quartiles.map((r, k) => el("div", { class: "bar-row" }, el("span", { class: "bar-name" }, names[k] || `q${k + 1}`),
           el("span", { class: "bar" }, el("span", { class: "bar-fill", style: { width: `${r === null ? 0 : 100 * r}%` } })),
           el("span", { class: "bar-value" }, r === null ? "no fires" : fmt(r))))) : "",
-      L.held_out_fires !== undefined ? note(`Scored on held-out text the label was not made from (${int(L.held_out_fires)} firing positions).`) : "");
-    const candidates = (L.candidates || []).map((c) => [el("span", { class: "kind" }, c.kind), el("span", { class: "cand" }, c.label), fmt(c.f1), fmt(c.precision), fmt(c.recall)]);
+      L.selection ? note(`Chosen on the selection part of the held-out text (strong F1 ${fmt(S.strong_f1)}, F1 ${fmt(S.f1)}); ` +
+        `the scores above are from the report part, which the choice never saw${L.held_out_fires !== undefined ? ` (${int(L.held_out_fires)} firing positions)` : ""}.`)
+        : L.held_out_fires !== undefined ? note(`Scored on held-out text the label was not made from (${int(L.held_out_fires)} firing positions).`) : "");
+    const candidates = (L.candidates || []).map((c) => [el("span", { class: "kind" }, c.kind), el("span", { class: "cand" }, c.label),
+      c.compact === false ? "table" : "", fmt(c.strong_f1), fmt(c.f1), fmt(c.precision), fmt(c.recall), fmt((c.selection || {}).strong_f1)]);
     return section("Label", card, candidates.length > 1 ? el("details", {}, el("summary", {}, `all ${candidates.length} candidate labels`),
-      table(["kind", "label", "F1", "P", "R"], candidates)) : "");
+      table(["kind", "label", "", "strong F1", "F1", "P", "R", "strong F1 (selection)"], candidates)) : "");
   }
 
   function logitEffects() {

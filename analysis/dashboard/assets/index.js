@@ -12,7 +12,7 @@
   const at = Object.fromEntries(D.columns.map((name, i) => [name, i]));
   const rows = D.rows.map((r) => {
     const row = Object.fromEntries(D.columns.map((name) => [name, r[at[name]]]));
-    row.text = [row.label || "", row.kind || "", ...row.top_tokens].join("\n").toLowerCase();
+    row.text = [row.label || "", row.name || "", row.kind || "", ...row.top_tokens].join("\n").toLowerCase();
     return row;
   });
   const COLUMNS = [
@@ -21,7 +21,8 @@
     { key: "max", title: "max act", num: true },
     { key: "mean", title: "mean act", num: true },
     { key: "label", title: "label", labels: true },
-    { key: "f1", title: "label F1", labels: true, num: true },
+    { key: "strong_f1", title: "strong F1", labels: true, num: true },
+    { key: "f1", title: "F1 (all)", labels: true, num: true },
     { key: "top_tokens", title: "top tokens", sortable: false },
   ].filter((c) => D.labelled || !c.labels); // no empty label columns in a bundle built without labels
 
@@ -62,10 +63,10 @@
     : card("ultralow-density cluster", "none", "no second mode a decade below the main one"));
   if (D.label_summary) {
     const L = D.label_summary;
-    const share = L["share_of_live_with_f1_at_least_0.5"];
-    const details = Object.entries(L).filter(([k]) => k !== "share_of_live_with_f1_at_least_0.5")
+    const share = L["share_of_live_with_strong_f1_at_least_0.5"];
+    const details = Object.entries(L).filter(([k]) => k !== "share_of_live_with_strong_f1_at_least_0.5")
       .map(([k, v]) => el("div", {}, `${k.replaceAll("_", " ")}: ${typeof v === "object" && v !== null ? Object.entries(v).map(([a, b]) => `${a} ${b}`).join(", ") : typeof v === "number" ? fmt(v, 4) : v}`));
-    cards.push(card("labels with held-out F1 ≥ 0.5", share === undefined ? "–" : `${fmt(100 * share)}%`, ...details));
+    cards.push(card("compact labels with strong-firing F1 ≥ 0.5 (report part)", share === undefined ? "–" : `${fmt(100 * share)}%`, ...details));
   }
   app.append(el("section", { class: "cards" }, ...cards));
 
@@ -114,6 +115,10 @@
     const order = typeof x === "string" ? x.localeCompare(y) : x - y;
     return state.desc ? -order : order;
   }
+  function f1Cell(v) {
+    if (v === null || v === undefined) return el("td", { class: "num" }, "");
+    return el("td", { class: "num" }, el("span", { class: "f1", style: { background: `rgba(39, 174, 96, ${(0.1 + 0.6 * v).toFixed(2)})` } }, v.toFixed(2)));
+  }
   function renderRow(r) {
     const missing = (x) => x === null || x === undefined;
     const cells = {
@@ -121,8 +126,10 @@
       log10_density: el("td", { class: "num" }, missing(r.log10_density) ? "dead" : r.log10_density.toFixed(2)),
       max: el("td", { class: "num" }, fmt(r.max)),
       mean: el("td", { class: "num" }, fmt(r.mean)),
-      label: el("td", { class: "label" }, missing(r.label) ? el("span", { class: "muted" }, "–") : r.label, r.kind ? el("span", { class: "kind" }, r.kind) : ""),
-      f1: el("td", { class: "num" }, missing(r.f1) ? "" : el("span", { class: "f1", style: { background: `rgba(39, 174, 96, ${(0.1 + 0.6 * r.f1).toFixed(2)})` } }, r.f1.toFixed(2))),
+      label: el("td", { class: "label" }, missing(r.name) ? "" : el("div", { class: "name" }, r.name),
+        missing(r.label) ? el("span", { class: "muted" }, "–") : r.label, r.kind ? el("span", { class: "kind" }, r.kind) : ""),
+      strong_f1: f1Cell(r.strong_f1),
+      f1: f1Cell(r.f1),
       top_tokens: el("td", { class: "tokens" }, ...r.top_tokens.map((t) => chip(t))),
     };
     return el("tr", { dataset: { feature: r.id }, class: missing(r.log10_density) ? "dead" : "" }, ...COLUMNS.map((c) => cells[c.key]));

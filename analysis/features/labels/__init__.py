@@ -13,7 +13,13 @@ per kind (each a `LabelKind` registered by name; `KINDS` lists them in rank orde
 
 Shared modules: `base.py` (`Label`, `Scores`, `LabelKind`, the registry, `label_predicate`),
 `config.py` (`LabelConfig`), `score.py` (the scorer and `label_features`), `store.py`
-(`Labels` and labels.json).
+(`Labels` and labels.json), `coverage.py` (the coverage report page).
+
+Scoring is honest: candidates are made from the atlas's text; the held-out text after it is
+dealt out in alternating batches to a *selection* part, on which each feature's label is
+chosen, and a *report* part, on which it is reported. F1 is measured on all firings and on
+strong firings (activation > max / 4; weaker firings left out). Only compact labels (at most
+16 listed tokens per clause, at most two clauses, or a short rule) count in the summary.
 
     labels = label_features(atlas, sae, model, LabelConfig(n_score_contexts=2048))
     save_labels(labels, "runs/default/atlas/labels.json")
@@ -34,12 +40,13 @@ from .config import LabelConfig, saved_config
 from .llm import API_KEY_ENV, check_endpoint, llm_candidates
 from .score import Scorer, label_features
 from .store import FeatureLabels, Labels, LabelSummary, ScoredOn, check_labels, load_labels, save_labels
+from .coverage import coverage_report, write_coverage_report
 
-_SHARED_MODULES = {"base", "config", "score", "store"}
+_SHARED_MODULES = {"base", "config", "coverage", "names", "score", "store"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SHARED_MODULES:
         importlib.import_module(f"{__name__}.{_module.name}")  # registers its kind
 
 __all__ = ["API_KEY_ENV", "KINDS", "FeatureLabels", "Label", "LabelConfig", "LabelContext", "LabelKind", "LabelSummary", "Labels",
            "ScoredOn", "Scorer", "Scores", "check_endpoint", "check_labels", "label_features", "label_predicate", "llm_candidates",
-           "load_labels", "register", "save_labels", "saved_config"]
+           "load_labels", "register", "save_labels", "saved_config", "coverage_report", "write_coverage_report"]

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from ..atlas import Atlas
     from .config import LabelConfig
 
+MAX_LISTED_TOKENS = 16
+"""Most tokens a compact label lists in one clause."""
+STRONG_SHARE = 0.25
+"""Strong firings: activation above this share of the feature's max activation."""
+
 Predicate = Callable[[Tensor], Tensor]
 """Compiled predicates of several labels: token ids [batch pos] -> bool [batch pos label]."""
 
@@ -35,8 +40,11 @@ Predicate = Callable[[Tensor], Tensor]
 # ---------------------------------------------------------------------------- labels
 @dataclass(kw_only=True)
 class Scores:
-    """How well a label predicts its feature on held-out text (the scoring text comes after
-    the atlas's). Labels read from a hand-written labels.json may carry only some fields."""
+    """How well a label predicts its feature on one part of the held-out text (the scoring
+    text comes after the atlas's). Two ways: *all firings* (activation > 0 is a positive) and
+    *strong firings* (activation > 1/4 of the feature's max is a positive, weaker firings
+    are left out of the score, non-firing positions are negatives). Labels read from a
+    hand-written labels.json may carry only some fields."""
 
     f1: float
     """Harmonic mean of precision and recall over all firings (position 0 excluded)."""
@@ -44,6 +52,12 @@ class Scores:
     """P(fires | predicate)."""
     recall: float | None = None
     """P(predicate | fires)."""
+    strong_f1: float | None = None
+    """F1 on strong firings (weak firings neither positives nor negatives)."""
+    strong_precision: float | None = None
+    """P(fires strongly | predicate, not firing weakly)."""
+    strong_recall: float | None = None
+    """P(predicate | fires strongly)."""
     recall_by_quartile: list[float | None] | None = None
     """Recall among firings with activation / max activation in [0, .25), [.25, .5), [.5, .75),
     [.75, 1]; None for a quartile without firings."""
@@ -55,7 +69,7 @@ class Scores:
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"f1": self.f1}
-        for name in ("precision", "recall", "recall_by_quartile", "fpr_random"):
+        for name in ("precision", "recall", "strong_f1", "strong_precision", "strong_recall", "recall_by_quartile", "fpr_random"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.fpr_random is not None:  # null fpr_hard means "no hard negatives", so it is written
@@ -67,7 +81,8 @@ class Scores:
         if record.get("f1") is None:
             return None
         quartiles = record.get("recall_by_quartile", record.get("recall_by_quantile"))  # older files: recall_by_quantile
-        return cls(f1=record["f1"], precision=record.get("precision"), recall=record.get("recall"), recall_by_quartile=quartiles,
+        return cls(f1=record["f1"], precision=record.get("precision"), recall=record.get("recall"), strong_f1=record.get("strong_f1"),
+                   strong_precision=record.get("strong_precision"), strong_recall=record.get("strong_recall"), recall_by_quartile=quartiles,
                    fpr_random=record.get("fpr_random"), fpr_hard=record.get("fpr_hard"))
 
 
@@ -84,7 +99,18 @@ class Label:
     text: str = ""
     """Display text (`LabelKind.render`), saved as "label"."""
     scores: Scores | None = None
-    """Held-out scores; None until scored."""
+    """Scores on the report part of the held-out text; None until scored."""
+    selection: Scores | None = None
+    """Scores on the selection part, on which each feature's label was chosen (so
+    `scores` is not inflated by the choice); None until scored."""
+    name: str = ""
+    """A readable name beside the rule (e.g. "deity words"); shown, never scored."""
+
+    @property
+    def compact(self) -> bool:
+        """Whether its kind counts it as readable at a glance (`LabelKind.is_compact`)."""
+        kind = KINDS.get(self.kind)
+        return kind is not None and kind.is_compact(self)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -94,7 +120,10 @@ class Label:
     def to_json(self) -> dict:
         """Its labels.json record: kind, label (the text), the scores, then the parameters
         (empty ones left out). The feature is the record's place in the file, not a field."""
-        out = {"kind": self.kind, "label": self.text, **(self.scores.to_json() if self.scores else {})}
+        out = {"kind": self.kind, "label": self.text, **({"name": self.name} if self.name else {}),
+               **(self.scores.to_json() if self.scores else {})}
+        if self.selection is not None:
+            out["selection"] = self.selection.to_json()
         for name, value in self.params.items():
             if value is not None and value != [] and value != "":
                 out[name] = _jsonable(value)
@@ -108,7 +137,8 @@ class Label:
             raise ValueError(f"not a label record (no \"kind\"): {str(record)[:120]}")
         kind = KINDS.get(record["kind"])
         if kind is None:
-            return Label(kind=record["kind"], feature=feature, text=str(record.get("label", "")), scores=Scores.from_json(record))
+            return Label(kind=record["kind"], feature=feature, text=str(record.get("label", "")), scores=Scores.from_json(record),
+                         selection=Scores.from_json(record.get("selection") or {}), name=str(record.get("name", "")))
         return kind.from_json(record, feature)
 
 
@@ -160,6 +190,13 @@ class LabelKind(ABC):
     def render(self, label: Label, atlas: Atlas) -> str:
         """The display text of `label` (token strings from `atlas.vocab`)."""
 
+    def is_compact(self, label: Label) -> bool:
+        """Whether a person can read `label` at a glance: at most `MAX_LISTED_TOKENS` listed
+        tokens per clause and at most two clauses (AND / OR / AFTER), or a rule with a short
+        rendering. Only compact labels count in the summary; others are stored, shown and
+        reported apart."""
+        return True
+
     def predicate(self, label: Label, tokens: Tensor, tokenizer: PreTrainedTokenizerBase | None = None) -> Tensor:
         """Where `label` holds on token ids `tokens` [batch pos]: bool [batch pos]."""
         return self.compile([label], tokenizer)(tokens)[..., 0]
@@ -176,7 +213,8 @@ class LabelKind(ABC):
         names = {f.name for f in fields(self.label_class)} - _BASE_FIELDS
         params = {name: record[name] for name in names if name in record}
         return self.label_class(kind=self.name, feature=int(feature), text=str(record.get("label", "")),
-                                scores=Scores.from_json(record), **params)
+                                scores=Scores.from_json(record), selection=Scores.from_json(record.get("selection") or {}),
+                                name=str(record.get("name", "")), **params)
 
 
 KINDS: dict[str, LabelKind] = {}
@@ -238,4 +276,4 @@ def token_membership(sets: Sequence[Sequence[int]]) -> Predicate:
     return predicate
 
 
-__all__ = ["KINDS", "Label", "LabelContext", "LabelKind", "Predicate", "Scores", "label_predicate", "quote", "register", "token_membership"]
+__all__ = ["KINDS", "MAX_LISTED_TOKENS", "STRONG_SHARE", "Label", "LabelContext", "LabelKind", "Predicate", "Scores", "label_predicate", "quote", "register", "token_membership"]

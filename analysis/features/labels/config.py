@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .llm import API_KEY_ENV, LLM_KEYS, SECRET_KEYS, _shown_url, check_endpoint
 
@@ -10,8 +11,8 @@ from .llm import API_KEY_ENV, LLM_KEYS, SECRET_KEYS, _shown_url, check_endpoint
 class LabelConfig:
     n_score_contexts: int = 2048
     """Held-out contexts (after the atlas's) on which every label is scored."""
-    max_tokens: int = 12
-    """Largest token set of a token-set label."""
+    max_tokens: int = 16
+    """Largest token set of a compact token-set label (`base.MAX_LISTED_TOKENS`)."""
     pattern_contexts: int = 3
     """Top contexts per feature from which N2G-style patterns are cut."""
     keep_fraction: float = 0.5
@@ -22,6 +23,9 @@ class LabelConfig:
     """Largest p tried for the "position <= p" class."""
     batch_contexts: int = 16
     """Scoring contexts per batch."""
+    namer: Literal["rules", "model"] = "rules"
+    """Readable names beside the rules: from the rule and logit effects ("rules"), or the model
+    under study asked few-shot what the label's words have in common ("model"; a minute or two more)."""
     autocast: str = "bf16"
     """Model matmul precision for pattern re-runs and scoring (the SAE always runs in fp32)."""
     llm: dict | None = field(default=None)

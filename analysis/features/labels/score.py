@@ -22,27 +22,75 @@ from activations.corpus import load_contexts
 from activations.model import HookedModel
 from sae.base import SAE
 
-from ...encoding import encode_contexts
+from ...encoding import encode_contexts, first_position
 from ..atlas import Atlas
-from .base import KINDS, Label, LabelContext, Scores, token_membership
+from .base import KINDS, STRONG_SHARE, Label, LabelContext, Scores, token_membership
 from .config import LabelConfig, saved_config
+from .names import name_features
 from .store import FeatureLabels, Labels, LabelSummary, ScoredOn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-QUARTILE_EDGES = (0.25, 0.5, 0.75)
+QUARTILE_EDGES = (STRONG_SHARE, 0.5, 0.75)  # quartiles 1-3 are the strong firings
 N_HARD_TOKENS = 20
 """Hard negatives: positions whose token is one of the feature's this-many most frequent in the atlas."""
 
 
-class Scorer:
-    """Counts, for every label at once, TP/FP/FN, recall per activation quartile and false
-    positives on hard negatives, over batches of scoring text. Each kind compiles its labels'
-    predicates once (`LabelKind.compile`), so a batch costs a few gathers per kind."""
+PARTS = ("selection", "report")
+"""The scoring text is dealt out in alternating batches to two parts: each feature's label is
+chosen on the first and reported on the second, so the reported score is not inflated by
+the choice among candidates."""
 
-    def __init__(self, labels: Sequence[Label], atlas: Atlas, tokenizer: PreTrainedTokenizerBase | None = None):
-        self.labels, self.atlas, self.d_sae = list(labels), atlas, atlas.d_sae
+
+class _Counts:
+    """TP / FP / FN per label, true positives and firings per activation quartile, and false
+    positives on hard negatives, over the batches of one part of the scoring text."""
+
+    def __init__(self, n_labels: int, d_sae: int):
+        self.tp, self.fp, self.fn, self.fp_hard = (torch.zeros(n_labels, dtype=torch.int64) for _ in range(4))
+        self.tp_quartile = torch.zeros(4, n_labels, dtype=torch.int64)
+        self.fires_quartile = torch.zeros(4, d_sae, dtype=torch.int64)
+        self.fires, self.negatives, self.hard_negatives = (torch.zeros(d_sae, dtype=torch.int64) for _ in range(3))
+        self.n_positions = 0
+
+    def scores(self, features: Tensor) -> list[Scores]:
+        """The scores of labels whose features are `features` [label]."""
+        tp, fp, fn = self.tp.double(), self.fp.double(), self.fn.double()
+        precision = (tp / (tp + fp).clamp_min(1)).tolist()
+        recall = (tp / (tp + fn).clamp_min(1)).tolist()
+        f1 = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()
+        # strong firings: quartiles 1-3 (activation > max / 4) are the positives; quartile-0
+        # firings are left out, so the false positives are the predictions on non-firing positions
+        strong_tp = self.tp_quartile[1:].sum(0).double()
+        strong_fn = self.fires_quartile[1:, features].sum(0).double() - strong_tp
+        strong_precision = (strong_tp / (strong_tp + fp).clamp_min(1)).tolist()
+        strong_recall = (strong_tp / (strong_tp + strong_fn).clamp_min(1)).tolist()
+        strong_f1 = (2 * strong_tp / (2 * strong_tp + fp + strong_fn).clamp_min(1)).tolist()
+        quartile_fires = self.fires_quartile[:, features]
+        recall_q = (self.tp_quartile.double() / quartile_fires.double().clamp_min(1)).T.tolist()
+        has_quartile = (quartile_fires > 0).T.tolist()
+        fpr_random = (fp / self.negatives[features].double().clamp_min(1)).tolist()
+        hard_negatives = self.hard_negatives[features]
+        fpr_hard = (self.fp_hard.double() / hard_negatives.double().clamp_min(1)).tolist()
+        has_hard = (hard_negatives > 0).tolist()
+        return [
+            Scores(f1=round(f1[n], 4), precision=round(precision[n], 4), recall=round(recall[n], 4),
+                   strong_f1=round(strong_f1[n], 4), strong_precision=round(strong_precision[n], 4), strong_recall=round(strong_recall[n], 4),
+                   recall_by_quartile=[round(v, 4) if ok else None for v, ok in zip(recall_q[n], has_quartile[n])],
+                   fpr_random=round(fpr_random[n], 6), fpr_hard=round(fpr_hard[n], 4) if has_hard[n] else None)
+            for n in range(len(features))
+        ]
+
+
+class Scorer:
+    """Counts, for every label at once and for each part of the scoring text (`PARTS`),
+    TP/FP/FN, recall per activation quartile and false positives on hard negatives. Each kind
+    compiles its labels' predicates once (`LabelKind.compile`), so a batch costs a few gathers
+    per kind. Positions before `first` (the sink, `analysis.encoding.first_position`) are not scored."""
+
+    def __init__(self, labels: Sequence[Label], atlas: Atlas, tokenizer: PreTrainedTokenizerBase | None = None, first: int = 1):
+        self.labels, self.atlas, self.d_sae, self.first = list(labels), atlas, atlas.d_sae, first
         by_kind: dict[str, list[int]] = {}
         for n, label in enumerate(self.labels):
             by_kind.setdefault(label.kind, []).append(n)
@@ -53,70 +101,63 @@ class Scorer:
             predicate = KINDS[name].compile([self.labels[n] for n in index], tokenizer)
             self.groups.append((predicate, torch.tensor(index), torch.tensor([self.labels[n].feature for n in index])))
         self.hard = token_membership([atlas.feature_tokens(i)[0][:N_HARD_TOKENS].tolist() for i in range(self.d_sae)])
-        n = len(self.labels)
-        self.tp, self.fp, self.fn, self.fp_hard = (torch.zeros(n, dtype=torch.int64) for _ in range(4))
-        self.tp_quartile = torch.zeros(4, n, dtype=torch.int64)
-        self.fires_quartile = torch.zeros(4, self.d_sae, dtype=torch.int64)
-        self.fires, self.negatives, self.hard_negatives = (torch.zeros(self.d_sae, dtype=torch.int64) for _ in range(3))
-        self.n_positions = 0
+        self.features = torch.tensor([label.feature for label in self.labels], dtype=torch.long)
+        self.parts = [_Counts(len(self.labels), self.d_sae) for _ in PARTS]
 
-    def update(self, f: Tensor, tokens: Tensor) -> None:
-        """Count one batch: activations `f` [batch pos d_sae] of token ids `tokens` [batch pos].
-        Position 0 (the sink) is not scored."""
-        fires = f[:, 1:] > 0
-        quartile = torch.bucketize(f[:, 1:] / self.atlas.max_activation.clamp_min(1e-8), torch.tensor(QUARTILE_EDGES))
+    @property
+    def n_positions(self) -> int:
+        return sum(part.n_positions for part in self.parts)
+
+    def update(self, f: Tensor, tokens: Tensor, part: int = 1) -> None:
+        """Count one batch into part `part` (0: selection, 1: report): activations `f`
+        [batch pos d_sae] of token ids `tokens` [batch pos]."""
+        counts, first = self.parts[part], self.first
+        fires = f[:, first:] > 0
+        quartile = torch.bucketize(f[:, first:] / self.atlas.max_activation.clamp_min(1e-8), torch.tensor(QUARTILE_EDGES))
         code = torch.where(fires, quartile, 4).to(torch.int8)  # activation quartile of each firing; 4: not firing
-        hard = self.hard(tokens[:, 1:]) & ~fires
+        hard = self.hard(tokens[:, first:]) & ~fires
         n_fires = fires.sum((0, 1))
-        self.n_positions += fires.shape[0] * fires.shape[1]
-        self.fires += n_fires
-        self.negatives += (~fires).sum((0, 1))
-        self.hard_negatives += hard.sum((0, 1))
+        counts.n_positions += fires.shape[0] * fires.shape[1]
+        counts.fires += n_fires
+        counts.negatives += (~fires).sum((0, 1))
+        counts.hard_negatives += hard.sum((0, 1))
         for q in range(4):
-            self.fires_quartile[q] += (code == q).sum((0, 1))
+            counts.fires_quartile[q] += (code == q).sum((0, 1))
         for predicate, index, features in self.groups:
-            pred = predicate(tokens)[:, 1:]  # [batch pos-1 label]
+            pred = predicate(tokens)[:, first:]  # [batch pos-first label]
             code_k = code[..., features]
             tp_quartile = torch.stack([(pred & (code_k == q)).sum((0, 1)) for q in range(4)])
             tp = tp_quartile.sum(0)  # every firing is in one quartile
-            self.tp_quartile[:, index] += tp_quartile
-            self.tp[index] += tp
-            self.fp[index] += pred.sum((0, 1)) - tp
-            self.fn[index] += n_fires[features] - tp
-            self.fp_hard[index] += (pred & hard[..., features]).sum((0, 1))
+            counts.tp_quartile[:, index] += tp_quartile
+            counts.tp[index] += tp
+            counts.fp[index] += pred.sum((0, 1)) - tp
+            counts.fn[index] += n_fires[features] - tp
+            counts.fp_hard[index] += (pred & hard[..., features]).sum((0, 1))
 
-    def scores(self) -> list[Scores]:
-        """The scores of each label, in the order the labels were given."""
-        features = torch.tensor([label.feature for label in self.labels], dtype=torch.long)
-        tp, fp, fn = self.tp.double(), self.fp.double(), self.fn.double()
-        precision = (tp / (tp + fp).clamp_min(1)).tolist()
-        recall = (tp / (tp + fn).clamp_min(1)).tolist()
-        f1 = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()
-        quartile_fires = self.fires_quartile[:, features]
-        recall_q = (self.tp_quartile.double() / quartile_fires.double().clamp_min(1)).T.tolist()
-        has_quartile = (quartile_fires > 0).T.tolist()
-        fpr_random = (fp / self.negatives[features].double().clamp_min(1)).tolist()
-        hard_negatives = self.hard_negatives[features]
-        fpr_hard = (self.fp_hard.double() / hard_negatives.double().clamp_min(1)).tolist()
-        has_hard = (hard_negatives > 0).tolist()
-        return [
-            Scores(f1=round(f1[n], 4), precision=round(precision[n], 4), recall=round(recall[n], 4),
-                   recall_by_quartile=[round(v, 4) if ok else None for v, ok in zip(recall_q[n], has_quartile[n])],
-                   fpr_random=round(fpr_random[n], 6), fpr_hard=round(fpr_hard[n], 4) if has_hard[n] else None)
-            for n in range(len(self.labels))
-        ]
+    def scores(self, part: int = 1) -> list[Scores]:
+        """The scores of each label on part `part`, in the order the labels were given."""
+        return self.parts[part].scores(self.features)
 
     def results(self) -> list[FeatureLabels | None]:
-        """Per feature: its scored candidates, best held-out F1 first (None: no candidate)."""
+        """Per feature: its candidates with report-part `scores` and selection-part `selection`;
+        the best is the compact candidate of highest selection strong-firing F1 (`best_all`: of
+        highest all-firing F1), so the reported numbers are not the ones the choice was made on.
+        None: no candidate."""
         per_feature: list[list[Label]] = [[] for _ in range(self.d_sae)]
-        for label, scores in zip(self.labels, self.scores()):
-            per_feature[label.feature].append(replace(label, scores=scores))
-        fires = self.fires.tolist()
-        out: list[FeatureLabels | None] = []
-        for i, scored in enumerate(per_feature):
-            scored.sort(key=lambda label: -label.scores.f1)  # stable: equals keep their kinds' rank order
-            out.append(FeatureLabels(scored[0], scored, fires[i]) if scored else None)
-        return out
+        for label, report, selection in zip(self.labels, self.scores(1), self.scores(0)):
+            per_feature[label.feature].append(replace(label, scores=report, selection=selection))
+        fires = self.parts[1].fires.tolist()
+        return [choose(scored, fires[i]) if scored else None for i, scored in enumerate(per_feature)]
+
+
+def choose(candidates: list[Label], held_out_fires: int | None = None) -> FeatureLabels:
+    """A feature's labels from its scored candidates: best first by selection-part strong F1
+    (compact ones before the rest; equals keep their kinds' rank order)."""
+    def key(metric: str):
+        return lambda label: (not label.compact, -(getattr(label.selection or label.scores, metric) or 0.0))
+    ordered = sorted(candidates, key=key("strong_f1"))
+    best_all = min(candidates, key=key("f1"))
+    return FeatureLabels(ordered[0], ordered, held_out_fires, best_all=best_all)
 
 
 # ---------------------------------------------------------------------------- the whole job
@@ -140,28 +181,52 @@ def label_features(atlas: Atlas, sae: SAE, model: HookedModel, cfg: LabelConfig 
 
     context = LabelContext(sae, model, cfg)
     candidates = [label for kind in KINDS.values() for label in kind.candidates(atlas, context)]
-    scorer = Scorer(candidates, atlas, model.tokenizer)
-    for start in tqdm(range(0, len(tokens), cfg.batch_contexts), desc="labels: scoring", unit="batch"):
+    scorer = Scorer(candidates, atlas, model.tokenizer, first=first_position(sae))
+    for n, start in enumerate(tqdm(range(0, len(tokens), cfg.batch_contexts), desc="labels: scoring", unit="batch")):
         batch = tokens[start:start + cfg.batch_contexts]
-        scorer.update(encode_contexts(model, sae, batch.to(device), cfg.autocast).f.cpu(), batch)
+        scorer.update(encode_contexts(model, sae, batch.to(device), cfg.autocast).f.cpu(), batch, part=n % len(PARTS))
     features = scorer.results()
+    name_features(features, atlas, model, cfg.namer)
     return Labels(features, summarize(features, scorer.n_positions, atlas), saved_config(cfg), ScoredOn(corpus, first, len(tokens)))
 
 
 def summarize(features: list[FeatureLabels | None], n_positions: int, atlas: Atlas) -> LabelSummary:
+    """Coverage of the labels, measured on the report part (`LabelSummary`)."""
     live = [f for f in features if f is not None]
-    scored = [f for f in live if f.held_out_fires > 0]
-    by_kind: dict[str, int] = {}
-    for f in scored:
-        if f.best.scores.f1 >= 0.5:
-            by_kind[f.best.kind] = by_kind.get(f.best.kind, 0) + 1
-    good = sum(f.best.scores.f1 >= 0.5 for f in live)
+    scored = [f for f in live if f.held_out_fires]
+    n_live = max(len(live), 1)
+
+    def at_least_half(label: Label | None, metric: str, part: str = "scores") -> bool:
+        scores = None if label is None else getattr(label, part)
+        return scores is not None and (getattr(scores, metric) or 0.0) >= 0.5
+
+    def kind_counts(pick, metric: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for f in scored:
+            if at_least_half(pick(f), metric):
+                counts[pick(f).kind] = counts.get(pick(f).kind, 0) + 1
+        return counts
+
+    def lookup(f: FeatureLabels) -> Label | None:
+        return next((c for c in f.candidates if not c.compact), None)
+
+    strong_ok = [at_least_half(f.best, "strong_f1") and f.best.compact for f in live]
+    all_ok = [at_least_half(f.best_all_firings, "f1") and f.best_all_firings.compact for f in live]
+    unexplained = [f.feature for f, ok in zip(live, strong_ok) if not ok]
+    median = lambda values: round(float(np.median(values)), 4) if values else 0.0  # noqa: E731
     return LabelSummary(
-        held_out_positions=n_positions, live_features=len(live), scored_features=len(scored), best_f1_at_least_half=good,
-        share_of_live_with_f1_at_least_half=round(good / max(len(live), 1), 4),
-        median_best_f1=round(float(np.median([f.best.scores.f1 for f in live])) if live else 0.0, 4),
-        best_kind_counts=by_kind, atlas_tokens=atlas.n_tokens,
+        held_out_positions=n_positions, live_features=len(live), scored_features=len(scored), best_f1_at_least_half=sum(all_ok),
+        share_of_live_with_f1_at_least_half=round(sum(all_ok) / n_live, 4),
+        median_best_f1=median([f.best_all_firings.scores.f1 for f in live]),
+        best_kind_counts=kind_counts(lambda f: f.best_all_firings, "f1"), atlas_tokens=atlas.n_tokens,
+        share_strong_f1_at_least_half=round(sum(strong_ok) / n_live, 4),
+        median_best_strong_f1=median([f.best.scores.strong_f1 or 0.0 for f in live]),
+        strong_kind_counts=kind_counts(lambda f: f.best, "strong_f1"),
+        selection_share_strong=round(sum(at_least_half(f.best, "strong_f1", "selection") for f in live) / n_live, 4),
+        selection_share_all=round(sum(at_least_half(f.best_all_firings, "f1", "selection") for f in live) / n_live, 4),
+        lookup_share_strong=round(sum(at_least_half(lookup(f), "strong_f1") for f in live) / n_live, 4),
+        unexplained=len(unexplained), unexplained_examples=unexplained[:: max(1, len(unexplained) // 12)][:12],
     )
 
 
-__all__ = ["QUARTILE_EDGES", "Scorer", "label_features", "summarize"]
+__all__ = ["PARTS", "QUARTILE_EDGES", "Scorer", "choose", "label_features", "summarize"]

@@ -29,11 +29,18 @@ class FeatureLabels:
     """The labels of one feature."""
 
     best: Label
-    """The candidate with the best held-out F1 (the first listed of equals)."""
+    """The compact candidate with the best strong-firing F1 on the selection part (the first
+    listed of equals); its `scores` are those of the report part."""
     candidates: list[Label] = field(default_factory=list)
     """Every scored candidate, best first (empty if the file kept none)."""
     held_out_fires: int | None = None
-    """Positions of the scoring text the feature fired on."""
+    """Positions of the report part the feature fired on."""
+    best_all: Label | None = None
+    """The compact candidate with the best all-firing F1 on the selection part (None: `best`)."""
+
+    @property
+    def best_all_firings(self) -> Label:
+        return self.best_all or self.best
 
     @property
     def feature(self) -> int:
@@ -45,6 +52,8 @@ class FeatureLabels:
             out["held_out_fires"] = self.held_out_fires
         if self.candidates:
             out["candidates"] = [c.to_json() for c in self.candidates]
+            if self.best_all is not None and self.best_all in self.candidates:
+                out["best_all_firings"] = self.candidates.index(self.best_all)  # index into "candidates"
         return out
 
     @classmethod
@@ -53,7 +62,10 @@ class FeatureLabels:
         if not isinstance(candidates, list):
             raise ValueError("\"candidates\" is not a list")
         fires = record.get("held_out_fires")
-        return cls(Label.from_json(record, feature), [Label.from_json(c, feature) for c in candidates], None if fires is None else int(fires))
+        read = [Label.from_json(c, feature) for c in candidates]
+        index = record.get("best_all_firings")
+        best_all = read[index] if isinstance(index, int) and 0 <= index < len(read) else None
+        return cls(Label.from_json(record, feature), read, None if fires is None else int(fires), best_all)
 
 
 @dataclass
@@ -68,13 +80,32 @@ class LabelSummary:
     scored_features: int | None = None
     """Live features that fired on the scoring text."""
     best_f1_at_least_half: int | None = field(default=None, metadata={"json": "best_f1_at_least_0.5"})
-    """Live features whose best label has held-out F1 >= 0.5."""
+    """Live features whose compact label chosen by all-firing F1 has report-part F1 >= 0.5."""
     share_of_live_with_f1_at_least_half: float | None = field(default=None, metadata={"json": "share_of_live_with_f1_at_least_0.5"})
     """That count over `live_features`."""
     median_best_f1: float | None = None
-    """Median over live features of the best label's held-out F1."""
+    """Median over live features of that label's report-part all-firing F1."""
     best_kind_counts: dict[str, int] | None = field(default=None, metadata={"json": "best_kind_counts_at_f1_0.5"})
-    """Kind of the best label, counted over scored features with F1 >= 0.5."""
+    """Kind of that label, counted over scored features with F1 >= 0.5."""
+    share_strong_f1_at_least_half: float | None = field(default=None, metadata={"json": "share_of_live_with_strong_f1_at_least_0.5"})
+    """Share of live features whose best compact label (chosen on the selection part by
+    strong-firing F1) has report-part strong-firing F1 >= 0.5: the headline figure."""
+    median_best_strong_f1: float | None = None
+    """Median over live features of that label's report-part strong-firing F1."""
+    strong_kind_counts: dict[str, int] | None = field(default=None, metadata={"json": "strong_kind_counts_at_f1_0.5"})
+    """Kind of the best label, counted over features with report strong F1 >= 0.5."""
+    selection_share_strong: float | None = None
+    """The headline share measured on the selection part the labels were chosen on: its excess
+    over the report part's is the selection gain."""
+    selection_share_all: float | None = None
+    """The same for the all-firing share."""
+    lookup_share_strong: float | None = None
+    """Reported apart, never counted: the share whose best non-compact candidate (a large
+    lookup table) reaches report strong F1 >= 0.5."""
+    unexplained: int | None = None
+    """Live features with no compact label of report strong F1 >= 0.5."""
+    unexplained_examples: list[int] | None = None
+    """Some of them (feature ids), for a look in the dashboard."""
     atlas_tokens: int | None = None
     """Tokens of the atlas the labels were made from."""
     other: dict = field(default_factory=dict)

@@ -1,0 +1,252 @@
+"""semantic: the current token lies near the feature's tokens in the model's own token space,
+e.g. `tokens near "God" "Lord" "Father" (embedding cos >= 0.42; 37 tokens)`.
+
+The rule: a token holds when its vector, a row of the input embedding W_E ("embedding") or a
+column of the unembedding W_U ("unembedding"), has cosine >= `radius` with a prototype
+direction, the weighted mean of the unit vectors of a few `prototype_tokens`. Unlike a
+token set it reaches tokens the atlas never saw. The set of tokens within the radius is
+worked out once over the whole vocabulary when the label is made and stored with it
+(`tokens`), so the predicate is a plain token lookup that needs no model.
+
+How candidates are found, per space and for all live features at once (chunks of features):
+  * prototype: the feature's tokens in the atlas weighted by activation sum x precision
+    (= mean activation over the token's occurrences x its firings: tokens it fires on
+    strongly, often and reliably), the top `MAX_LISTED_TOKENS` of them (those weighing at
+    least `PROTOTYPE_SHARE` of the heaviest);
+  * cosine of every vocabulary vector with every prototype (one matmul per chunk), and the
+    nearest `MAX_SET_TOKENS` tokens of each (a larger ball is not a neighbourhood);
+  * the radius with the best F1 on the atlas's exact counts: a token t inside adds
+    TP = the feature's firings on t and FP = occurrences of t - TP, FN = firings - TP. So
+    only tokens the atlas saw move the F1; the cut goes midway between the last seen token
+    kept and the next seen one, and every unseen token between them is in the set;
+  * a candidate is kept where it earns its scoring time: its atlas F1 beats the token-set
+    label's estimate by `BEAT_MARGIN`, or it reaches unseen tokens while losing at most
+    `UNSEEN_SLACK` (held-out text may hold those tokens). One candidate per space at most;
+    with tied embeddings (W_U = W_E.T) the unembedding space is skipped as the same one.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from activations.model import HookedModel, embedding, unembedding
+
+from ..atlas import Atlas
+from .base import MAX_LISTED_TOKENS, Label, LabelContext, LabelKind, Predicate, quote, register, token_membership
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Space = Literal["embedding", "unembedding"]
+SPACES: tuple[Space, ...] = ("embedding", "unembedding")
+
+
+@dataclass(kw_only=True)
+class SemanticLabel(Label):
+    """A label whose predicate is a cosine ball around a prototype in a token space."""
+
+    space: str = "embedding"
+    """Which token vectors: "embedding" (rows of W_E) or "unembedding" (columns of W_U)."""
+    prototype_tokens: list[int] = field(default_factory=list)
+    """Token ids (at most `MAX_LISTED_TOKENS`, heaviest first) whose weighted mean unit vector is the prototype."""
+    radius: float = 1.0
+    """Cosine threshold: the label holds on tokens whose vector has cosine >= radius with the prototype."""
+    tokens: list[int] = field(default_factory=list)
+    """Every vocabulary id within the radius, nearest first: worked out once when the label is made."""
+
+    def __post_init__(self):
+        self.prototype_tokens = [int(t) for t in self.prototype_tokens]
+        self.tokens = [int(t) for t in self.tokens]
+        self.radius = float(self.radius)
+
+
+class Neighbourhood(NamedTuple):
+    """The best cosine ball of one feature in one space (`neighbourhoods`)."""
+
+    feature: int
+    prototype_tokens: list[int]
+    """Heaviest first."""
+    radius: float
+    tokens: list[int]
+    """Every vocabulary id with cosine >= radius, nearest first."""
+    f1: float
+    """On the atlas's exact counts."""
+    n_unseen: int
+    """Tokens of the set that never occur in the atlas text."""
+
+
+def token_vectors(model: HookedModel, space: Space) -> Tensor:
+    """The token vectors of `space`, one row per token id: [d_vocab, d_model]."""
+    if space == "embedding":
+        return embedding(model)
+    if space == "unembedding":
+        return unembedding(model)[0].T  # columns of W_U [d_model, d_vocab]
+    raise ValueError(f"unknown token space {space!r}: choose one of {SPACES}")
+
+
+@torch.no_grad()
+def neighbourhoods(atlas: Atlas, vectors: Tensor, features: Sequence[int], max_set: int, chunk: int = 256,
+                   max_prototype: int = MAX_LISTED_TOKENS, prototype_share: float = 0.0) -> list[Neighbourhood | None]:
+    """The best cosine ball of each of `features` (live, ascending) around its prototype among
+    token `vectors` [d_vocab, d_model], by F1 on the atlas's counts, with at most `max_set`
+    tokens; None for a feature without one. Runs on the device of `vectors`, `chunk`
+    features at a time (a [chunk, d_vocab] cosine matrix bounds the memory)."""
+    device = vectors.device
+    features = [int(f) for f in features]
+    if any(b <= a for a, b in pairwise(features)):
+        raise ValueError("features must be ascending and distinct")
+    frequency = atlas.token_frequency
+    n_vocab = min(len(vectors), len(frequency))  # padded rows of W (past the tokenizer) never occur
+    unit = torch.nn.functional.normalize(vectors[:n_vocab].float(), dim=-1)  # [vocab, d_model]
+    freq = frequency[:n_vocab].to(device, torch.float64)
+    ptr, fire_count = atlas.tensors["token_count_ptr"], atlas.fire_count
+    k = min(max_set + 1, n_vocab)  # one past the largest set: the floor no radius may go below
+    dense = torch.zeros(min(chunk, len(features)), n_vocab, device=device)  # per chunk: its (feature, token) values; zeroed after each use
+    out: list[Neighbourhood | None] = []
+    for start in range(0, len(features), chunk):
+        fs = torch.tensor(features[start:start + chunk], dtype=torch.long)
+        c = len(fs)
+        # the (feature, token) counts of the chunk: one contiguous CSR slice (dead features between are empty)
+        lo, hi = int(ptr[fs[0]]), int(ptr[fs[-1] + 1])
+        owner = torch.repeat_interleave(torch.arange(c), ptr[fs + 1] - ptr[fs]).to(device)
+        ids = atlas.token_counts["ids"][lo:hi].to(device, torch.long)
+        counts = atlas.token_counts["counts"][lo:hi].to(device, torch.float32)  # integers: exact in fp32 below 2^24
+        acts = atlas.token_counts["act_sums"][lo:hi].to(device, torch.float32)
+        if hi > lo and int(ids.max()) >= n_vocab:  # tokens past the rows of `vectors` have no place in this space
+            inside = ids < n_vocab
+            owner, ids, counts, acts = owner[inside], ids[inside], counts[inside], acts[inside]
+        table = dense[:c]
+
+        # prototype: the top tokens by activation sum x precision, heaviest first (a top-k over a
+        # dense [c, vocab] table costs less than sorting the chunk's entries by feature and weight)
+        table[owner, ids] = acts * counts / freq[ids].float().clamp_min(1)
+        weight, top = table.topk(min(max_prototype, n_vocab), dim=1)  # [c, m]
+        keep = (weight > 0) & (weight >= prototype_share * weight[:, :1])  # a prefix of each row: weights descend
+        proto = ((weight * keep)[:, :, None] * unit[top]).sum(1)  # [c, d_model]
+        n_proto = keep.sum(1)
+        has_proto = n_proto > 0
+        proto = torch.nn.functional.normalize(proto, dim=-1)
+        top, n_proto = top.cpu(), n_proto.tolist()
+
+        # cosine of every vocabulary vector with each prototype, the nearest k of each
+        cos, near = (proto @ unit.T).topk(k, dim=1)  # [c, k], nearest first
+        table[owner, ids] = counts  # every entry the weights took: no stale weight stays
+        hits = table.gather(1, near).double()  # the feature's firings on each of the nearest tokens
+        table[owner, ids] = 0
+        tp = hits.cumsum(1)
+        occurrences = freq[near]
+        fires = fire_count[fs].to(device, torch.float64)[:, None]
+        f1 = 2 * tp / (occurrences.cumsum(1) + fires)  # 2TP / (2TP + FP + FN), with TP + FP = occurrences
+        # cosine of the next seen token after each position (floored by the (k)th token, or -1
+        # when the whole vocabulary fits): a radius between the two keeps exactly this prefix of seen tokens
+        seen = occurrences > 0
+        below = torch.where(seen, cos, float("-inf"))
+        if k == max_set + 1:
+            below[:, -1] = cos[:, -1]  # never inside: the set would be too large
+        below = torch.cat([below, torch.full((c, 1), -1.0, device=device)], dim=1)
+        next_seen = below.flip(1).cummax(1).values.flip(1)[:, 1:]  # [c, k]
+        # a cut can only be best right after a token the feature fires on, strictly above the next seen one
+        cut = (hits > 0) & (cos > next_seen) & has_proto[:, None]
+        if k == max_set + 1:
+            cut[:, -1] = False
+        best = torch.where(cut, f1, -1.0).argmax(1)
+        rows = torch.arange(c, device=device)
+        ok = cut[rows, best]
+        upper, lower = cos[rows, best], next_seen[rows, best]
+        radius = (upper + lower) / 2
+        radius = torch.where(radius > lower, radius, upper)  # float32 midpoint of neighbours may round onto the lower one
+        size = (cos >= radius[:, None]).sum(1)
+        unseen = ((cos >= radius[:, None]) & ~seen).sum(1)
+        best_f1 = f1[rows, best]
+        near, ok, radius, size, unseen, best_f1 = (t.cpu() for t in (near, ok, radius, size, unseen, best_f1))
+        for r in range(c):
+            if not ok[r]:
+                out.append(None)
+                continue
+            out.append(Neighbourhood(int(fs[r]), top[r, :n_proto[r]].tolist(), float(radius[r]), near[r, :int(size[r])].tolist(),
+                                     float(best_f1[r]), int(unseen[r])))
+    return out
+
+
+def token_set_f1(atlas: Atlas, features: Sequence[int], max_tokens: int) -> np.ndarray:
+    """[len(features)] atlas F1 of each feature's token-set label: the same greedy choice as
+    `token_set.py` (tokens by P(fire | token), the best prefix of at most `max_tokens`)."""
+    frequency, fire_count = atlas.token_frequency.numpy(), atlas.fire_count.numpy()
+    out = np.zeros(len(features))
+    for n, i in enumerate(features):
+        ids, counts, _ = atlas.feature_tokens(i)
+        ids, counts = ids.numpy(), counts.numpy().astype(np.float64)
+        if len(ids) == 0:
+            continue
+        precision = counts / np.maximum(frequency[ids], 1)
+        order = np.lexsort((-counts, -precision))[:max_tokens]
+        tp, fp = np.cumsum(counts[order]), np.cumsum(frequency[ids[order]] - counts[order])
+        out[n] = float(np.max(2 * tp / (2 * tp + fp + (fire_count[i] - tp))))
+    return out
+
+
+@register
+class SemanticKind(LabelKind):
+    name = "semantic"
+    rank = 12
+    label_class = SemanticLabel
+
+    MAX_SET_TOKENS: ClassVar[int] = 2000
+    """Largest set tried: past it a ball is a region of the vocabulary, not a neighbourhood."""
+    MAX_SET_SHARE: ClassVar[float] = 0.1
+    """... nor past this share of the vocabulary (binds for small vocabularies only)."""
+    MIN_SET_TOKENS: ClassVar[int] = 2
+    """A one-token ball is a token-set label."""
+    PROTOTYPE_SHARE: ClassVar[float] = 0.05
+    """Prototype tokens weigh at least this share of the heaviest one (stragglers only blur it and lengthen the text)."""
+    BEAT_MARGIN: ClassVar[float] = 0.02
+    """Kept when its atlas F1 beats the token-set label's by this much ..."""
+    UNSEEN_SLACK: ClassVar[float] = 0.05
+    """... or when it reaches unseen tokens and loses at most this much to it: the atlas cannot show their gain,
+    and the token set's atlas F1 is the more optimistic one (it picks each token on the atlas, the ball only a radius)."""
+    CHUNK_FEATURES: ClassVar[int] = 256
+    """Features per cosine matmul: a [chunk, d_vocab] matrix (256 x 49,152 fp32 is 50 MB)."""
+
+    def candidates(self, atlas: Atlas, context: LabelContext) -> list[Label]:
+        live = atlas.live_features
+        if not live:
+            return []
+        baseline = token_set_f1(atlas, live, context.cfg.max_tokens)
+        out: list[Label] = []
+        spaces: dict[str, Tensor] = {}
+        for space in SPACES:
+            vectors = spaces[space] = token_vectors(context.model, space)
+            if space == "unembedding" and _same(vectors, spaces["embedding"]):
+                continue  # tied embeddings (SmolLM2): the unembedding space is the embedding space
+            max_set = min(self.MAX_SET_TOKENS, max(self.MIN_SET_TOKENS, int(self.MAX_SET_SHARE * min(len(vectors), len(atlas.token_frequency)))))
+            found = neighbourhoods(atlas, vectors, live, max_set, self.CHUNK_FEATURES, MAX_LISTED_TOKENS, self.PROTOTYPE_SHARE)
+            for nb, token_set in zip(found, baseline):
+                if nb is None or len(nb.tokens) < self.MIN_SET_TOKENS:
+                    continue
+                if nb.f1 >= token_set + self.BEAT_MARGIN or (nb.n_unseen > 0 and nb.f1 >= token_set - self.UNSEEN_SLACK):
+                    out.append(self.make(atlas, nb.feature, space=space, prototype_tokens=nb.prototype_tokens, radius=nb.radius,
+                                         tokens=nb.tokens))
+        return out
+
+    def compile(self, labels: Sequence[SemanticLabel], tokenizer: PreTrainedTokenizerBase | None = None) -> Predicate:
+        return token_membership([label.tokens for label in labels])
+
+    def render(self, label: SemanticLabel, atlas: Atlas) -> str:
+        return f"tokens near {quote(atlas.vocab, label.prototype_tokens)} ({label.space} cos >= {label.radius:.2f}; {len(label.tokens)} tokens)"
+
+    def is_compact(self, label: SemanticLabel) -> bool:
+        return len(label.prototype_tokens) <= MAX_LISTED_TOKENS  # a short rendering however many tokens it covers
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether two token-vector matrices are the same (tied weights: shared storage, or equal)."""
+    return a.shape == b.shape and (a.data_ptr() == b.data_ptr() and a.stride() == b.stride() or torch.equal(a, b))
+
+
+__all__ = ["SPACES", "Neighbourhood", "SemanticKind", "SemanticLabel", "neighbourhoods", "token_set_f1", "token_vectors"]

@@ -1,0 +1,79 @@
+"""Label scoring: strong-firing F1 against a brute force, the split between the part a label is
+chosen on and the part it is reported on, and compact labels before lookup tables."""
+import pytest
+import torch
+
+from analysis.features.labels import Scorer
+from analysis.features.labels.base import MAX_LISTED_TOKENS, STRONG_SHARE
+from analysis.features.labels.score import summarize
+from analysis.features.labels.token_set import TokenLabel
+
+from .test_labels import setup  # noqa: F401  (the tiny atlas fixture)
+
+
+def synthetic(atlas, n=6, pos=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 40, (n, pos), generator=g)
+    f = torch.rand(n, pos, atlas.d_sae, generator=g) * atlas.max_activation * 1.2
+    f[torch.rand(n, pos, atlas.d_sae, generator=g) < 0.6] = 0  # sparse
+    return f, tokens
+
+
+def token_label(feature, tokens):
+    return TokenLabel(kind="token-set", feature=feature, tokens=tokens)
+
+
+def test_strong_and_all_firing_scores_match_a_brute_force(setup):  # noqa: F811
+    _, atlas, _ = setup
+    f, tokens = synthetic(atlas)
+    labels = [token_label(i, list(range(i % 7, 40, 3))) for i in atlas.live_features[:8]]
+    scorer = Scorer(labels, atlas)
+    scorer.update(f[:3], tokens[:3])
+    scorer.update(f[3:], tokens[3:])
+    for label, scores in zip(labels, scorer.scores()):
+        a, t = f[:, 1:, label.feature], tokens[:, 1:]
+        pred = torch.isin(t, torch.tensor(label.tokens))
+        fires, strong = a > 0, a > STRONG_SHARE * atlas.max_activation[label.feature]
+        tp, fp, fn = int((pred & fires).sum()), int((pred & ~fires).sum()), int((~pred & fires).sum())
+        s_tp, s_fn = int((pred & strong).sum()), int((~pred & strong).sum())  # weak firings: in neither count
+        assert scores.f1 == pytest.approx(2 * tp / max(2 * tp + fp + fn, 1), abs=1e-4)
+        assert scores.strong_f1 == pytest.approx(2 * s_tp / max(2 * s_tp + fp + s_fn, 1), abs=1e-4)
+        assert scores.strong_precision == pytest.approx(s_tp / max(s_tp + fp, 1), abs=1e-4)
+        assert scores.strong_recall == pytest.approx(s_tp / max(s_tp + s_fn, 1), abs=1e-4)
+        assert scores.strong_f1 != scores.f1  # the two ways differ on this text
+
+
+def test_the_label_is_chosen_on_one_part_and_reported_on_the_other(setup):  # noqa: F811
+    _, atlas, _ = setup
+    feature = atlas.live_features[0]
+    f, tokens = synthetic(atlas, n=8)
+    f[..., feature] = 0
+    f[:4, :, feature] = torch.where(tokens[:4] < 5, atlas.max_activation[feature], 0.0)  # selection part: tokens 0-4
+    f[4:, :, feature] = torch.where(tokens[4:] >= 35, atlas.max_activation[feature], 0.0)  # report part: tokens 35-39
+    fits_selection, fits_report = token_label(feature, [0, 1, 2, 3, 4]), token_label(feature, [35, 36, 37, 38, 39])
+    scorer = Scorer([fits_report, fits_selection], atlas)
+    scorer.update(f[:4], tokens[:4], part=0)
+    scorer.update(f[4:], tokens[4:], part=1)
+    entry = scorer.results()[feature]
+    assert entry.best.tokens == fits_selection.tokens  # chosen where it fits ...
+    assert entry.best.selection.strong_f1 == 1.0 and entry.best.scores.strong_f1 == 0.0  # ... and reported where it does not
+    summary = summarize(scorer.results(), scorer.n_positions, atlas)
+    assert summary.selection_share_strong > summary.share_strong_f1_at_least_half  # the selection gain shows
+
+
+def test_lookup_tables_are_kept_but_never_chosen_or_counted(setup):  # noqa: F811
+    _, atlas, _ = setup
+    feature = atlas.live_features[0]
+    f, tokens = synthetic(atlas)
+    f[..., feature] = torch.where(tokens < 30, atlas.max_activation[feature], 0.0)
+    table = token_label(feature, list(range(30)))  # perfect, but 30 listed tokens
+    compact = token_label(feature, list(range(4)))  # compact, but explains 4 of the 30 tokens
+    assert not table.compact and compact.compact and token_label(feature, list(range(MAX_LISTED_TOKENS))).compact
+    scorer = Scorer([table, compact], atlas)
+    scorer.update(f[:3], tokens[:3], part=0)
+    scorer.update(f[3:], tokens[3:], part=1)
+    entry = scorer.results()[feature]
+    assert entry.best.tokens == compact.tokens and entry.candidates[-1].tokens == table.tokens
+    assert table.scores is None and entry.candidates[-1].scores.strong_f1 == 1.0
+    summary = summarize(scorer.results(), scorer.n_positions, atlas)
+    assert summary.lookup_share_strong > 0 and summary.unexplained >= 1  # counted apart, the feature is still unexplained
