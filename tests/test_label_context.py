@@ -12,6 +12,8 @@ from analysis.features.labels.base import MAX_LISTED_TOKENS
 from analysis.features.labels.context import ContextLabel, example_firings
 from analysis.features.labels.word_piece import WordPieceLabel, piece_table
 
+from .planted import atlas_from_activations
+
 PIECES = ["<|endoftext|>", " the", " United", " States", " Is", " cat", " dog", " run", " big", " red",
           "s", "ing", "ed", "ly", "er", ",", ".", " (", ")", "2", "7", " 3", "\n", " -"]
 PIECES += [f" w{k}" for k in range(20)] + [f"x{k}" for k in range(10)]  # fillers: more words and word pieces
@@ -47,55 +49,19 @@ PLANTED = {
 }
 
 
-def planted_atlas(n_contexts: int = 300, ctx_len: int = 32, top_n: int = 20, n_samples: int = 40, left: int = 24, right: int = 8) -> Atlas:
-    """An atlas of the `PLANTED` features on uniformly random text, with every statistic the
-    label kinds read computed exactly as `build_atlas` defines it (position 0, the sink, skipped)."""
+def planted_atlas(n_contexts: int = 300, ctx_len: int = 32) -> Atlas:
+    """An atlas of the `PLANTED` features on uniformly random text (position 0, the sink, skipped)."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, len(PIECES), (n_contexts, ctx_len), generator=g)
     tokens[:, 0] = SINK
-    d_sae = len(PLANTED)
-    acts = torch.zeros(n_contexts, ctx_len, d_sae)
+    acts = torch.zeros(n_contexts, ctx_len, len(PLANTED))
     for c in range(n_contexts):
         for p in range(1, ctx_len):
             for i, rule in PLANTED.items():
                 if rule(int(tokens[c, p - 1]), int(tokens[c, p])):
                     acts[c, p, i] = 1 + torch.rand(1, generator=g).item()  # distinct maxima
-    fires = acts > 0
-
-    tensors = {"fire_count": fires.sum((0, 1))}
-    ids, counts, ptr = [], [], [0]
-    for i in range(d_sae):
-        t, n = tokens[fires[..., i]].unique(return_counts=True)
-        order = n.argsort(descending=True, stable=True)
-        ids.append(t[order])
-        counts.append(n[order])
-        ptr.append(ptr[-1] + len(t))
-    tensors["token_count_ptr"] = torch.tensor(ptr)
-    ctx_max, ctx_arg = acts.max(1)  # [contexts, d_sae]
-    offsets = torch.arange(-left, right + 1)
-    for kind, n in (("top", top_n), ("sample", n_samples)):
-        values, context = torch.zeros(d_sae, n), torch.full((d_sae, n), -1, dtype=torch.long)
-        position, window = torch.zeros(d_sae, n, dtype=torch.long), torch.zeros(d_sae, n, left + 1 + right, dtype=torch.float16)
-        for i in range(d_sae):
-            active = torch.nonzero(ctx_max[:, i] > 0).flatten()
-            if kind == "top":
-                chosen = active[ctx_max[active, i].argsort(descending=True)][:n]
-            else:
-                chosen = active[torch.randperm(len(active), generator=g)][:n]
-                chosen = chosen[ctx_max[chosen, i].argsort(descending=True)]
-            for slot, c in enumerate(chosen.tolist()):
-                pos = int(ctx_arg[c, i])
-                values[i, slot], context[i, slot], position[i, slot] = ctx_max[c, i], c, pos
-                where = pos + offsets
-                inside = (where >= 1) & (where < ctx_len)
-                window[i, slot, inside] = acts[c, where[inside], i].half()
-        tensors |= {f"{kind}_values": values, f"{kind}_context": context, f"{kind}_position": position, f"{kind}_window": window}
-    token_counts = {"ids": torch.cat(ids), "counts": torch.cat(counts), "act_sums": torch.cat(counts).float(),
-                    "token_frequency": torch.bincount(tokens[:, 1:].flatten(), minlength=len(PIECES))}
-    meta = {"d_sae": d_sae, "n_tokens": n_contexts * (ctx_len - 1), "n_contexts": n_contexts,
-            "config": {"window_left": left, "window_right": right}}
-    atlas = Atlas(meta, tensors, tokens.to(torch.int32), token_counts, dict(enumerate(PIECES)))
-    atlas.planted_fires = fires  # [contexts, pos, d_sae], for the tests
+    atlas = atlas_from_activations(tokens, acts, dict(enumerate(PIECES)))
+    atlas.planted_fires = acts > 0  # [contexts, pos, d_sae], for the tests
     return atlas
 
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from activations.model import token_strings
-from analysis.features.atlas import Atlas
 from analysis.features.labels import KINDS, LabelConfig, LabelContext, label_predicate
 from analysis.features.labels.genre import GenreLabel
 from analysis.features.labels.structure import RULES, StructureLabel
 
 from .conftest import CharTokenizer
+from .planted import atlas_from_activations
 
 
 # ----------------------------------------------------------------------------- the definitions, as plain loops
@@ -165,51 +165,6 @@ def test_structure_needs_a_tokenizer_and_a_known_rule():
 
 
 # ----------------------------------------------------------------------------- planted atlases
-def planted_atlas(tokens: torch.Tensor, acts: torch.Tensor, vocab: dict[int, str], top_n: int = 5, n_samples: int = 8,
-                  left: int = 4, right: int = 2) -> Atlas:
-    """An atlas of token ids `tokens` [contexts pos] where the features fire as `acts`
-    [contexts pos d_sae] says (position 0 never), built the way the streaming pass stores it."""
-    acts = acts.clone()
-    acts[:, 0] = 0
-    n_contexts, ctx_len, d_sae = acts.shape
-    fires = acts > 0
-    gen = torch.Generator().manual_seed(0)
-    context_max, context_argmax = acts.max(1)  # [contexts d_sae]
-    offsets = torch.arange(-left, right + 1)
-    tensors = {"fire_count": fires.sum((0, 1)), "sum_act": acts.sum((0, 1)), "max_act": acts.amax((0, 1)),
-               "position_count": fires.sum(0).T.contiguous()}
-    for kind, n in (("top", top_n), ("sample", n_samples)):
-        values, contexts, positions = torch.zeros(d_sae, n), torch.full((d_sae, n), -1), torch.zeros(d_sae, n, dtype=torch.long)
-        window = torch.zeros(d_sae, n, len(offsets), dtype=torch.float16)
-        for i in range(d_sae):
-            active = torch.nonzero(context_max[:, i] > 0).flatten()
-            if kind == "sample":
-                active = active[torch.randperm(len(active), generator=gen)[:n]]
-            chosen = active[context_max[active, i].argsort(descending=True)][:n]
-            for s, c in enumerate(chosen.tolist()):
-                pos = int(context_argmax[c, i])
-                values[i, s], contexts[i, s], positions[i, s] = context_max[c, i], c, pos
-                where = pos + offsets
-                inside = (where >= 1) & (where < ctx_len)
-                window[i, s, inside] = acts[c, where[inside], i].half()
-        tensors |= {f"{kind}_values": values, f"{kind}_context": contexts, f"{kind}_position": positions, f"{kind}_window": window}
-    ids, counts, sums, ptr = [], [], [], [0]
-    for i in range(d_sae):
-        fired = tokens[fires[..., i]]
-        unique, count = fired.unique(return_counts=True)
-        order = count.argsort(descending=True, stable=True)
-        ids.append(unique[order])
-        counts.append(count[order])
-        sums.append(torch.stack([acts[..., i][fires[..., i] & (tokens == t)].sum() for t in unique[order]]) if len(unique) else torch.zeros(0))
-        ptr.append(ptr[-1] + len(unique))
-    tensors["token_count_ptr"] = torch.tensor(ptr)
-    token_counts = {"ids": torch.cat(ids), "counts": torch.cat(counts), "act_sums": torch.cat(sums).float(),
-                    "token_frequency": torch.bincount(tokens[:, 1:].flatten(), minlength=len(vocab))}
-    meta = {"d_sae": d_sae, "n_tokens": n_contexts * (ctx_len - 1), "n_contexts": n_contexts,
-            "config": {"window_left": left, "window_right": right, "top_n": top_n, "n_samples": n_samples}}
-    return Atlas(meta, tensors, tokens.to(torch.int32), token_counts, vocab)
-
-
 def char_contexts(texts: list[str], tokenizer) -> torch.Tensor:
     """Contexts of one character per token behind the boundary token (id 256), all as long as the longest."""
     n = max(len(t) for t in texts)
@@ -230,7 +185,7 @@ def test_structure_candidates_on_a_planted_atlas():
     acts[..., 1] = truth["number"] * (1 + torch.rand(tokens.shape, generator=gen))  # on digits
     acts[..., 2] = (tokens == ord("o")).float()  # on one letter: no structural rule
     acts[..., 3] = truth["capitalised"] & (tokens != ord("B"))  # capitals but "B"
-    atlas = planted_atlas(tokens, acts, {i: s for i, s in enumerate(strings)})
+    atlas = atlas_from_activations(tokens, acts, {i: s for i, s in enumerate(strings)}, top_n=5, n_samples=8, left=4, right=2)
     context = LabelContext(None, types.SimpleNamespace(tokenizer=tokenizer), LabelConfig())
     got = {}
     for label in KINDS["structure"].candidates(atlas, context):
@@ -258,7 +213,7 @@ def test_genre_candidates_on_a_planted_atlas():
     acts[..., 0] = is_bible[:, None] * (0.5 + torch.rand(n_contexts, ctx_len, generator=gen))
     acts[..., 1] = (tokens == 3).float()
     acts[..., 2] = (tokens == 40).float() * (torch.arange(n_contexts) % 7 == 1)[:, None]
-    atlas = planted_atlas(tokens, acts, {i: f"w{i}" for i in range(vocab_size)}, top_n=6, n_samples=10)
+    atlas = atlas_from_activations(tokens, acts, {i: f"w{i}" for i in range(vocab_size)}, top_n=6, n_samples=10, left=4, right=2)
     context = LabelContext(None, types.SimpleNamespace(tokenizer=None), LabelConfig())
     labels = KINDS["genre"].candidates(atlas, context)
     assert [label.feature for label in labels] == [0]
