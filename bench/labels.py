@@ -5,6 +5,7 @@ kind, and the time labelling takes.
     python bench/labels.py --sae runs/default/sae/topk_k32_4608                         # its atlas, its corpus
     python bench/labels.py --sae runs/default/sae/topk_k32_4608 --corpus novel.txt --out runs/labels_novel
         # another kind of text: a fresh atlas (--atlas-tokens) and labels on that corpus's held-out split
+        # (--split train for a corpus the SAE never saw, when its held-out 5% is too small)
 
 Prints a table and writes <out>/labels_bench.json (with --corpus, also the atlas and labels.json there).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from activations.corpus import describe, heldout_corpus
@@ -28,6 +29,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sae", type=Path, required=True, help="SAE folder")
     p.add_argument("--corpus", default=None, help="score on this corpus instead (builds an atlas of it in --out)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: <sae>/atlas)")
+    p.add_argument("--split", choices=["heldout", "train"], default="heldout",
+                   help="split of --corpus to read: 'train' is fine for text the SAE was never trained on (default: %(default)s)")
     p.add_argument("--atlas-tokens", type=int, default=1_000_000, help="atlas size with --corpus (default: %(default)s)")
     p.add_argument("--label-contexts", type=int, default=LabelConfig.n_score_contexts, help="default: %(default)s")
     p.add_argument("--namer", choices=["rules", "model"], default="rules")
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or args.sae / "atlas"
     timings = {}
     if args.corpus:
-        corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
+        corpus = replace(heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size), split=args.split)
         atlas_tokens, label_contexts = cli._split_heldout(corpus, model.tokenizer, args.atlas_tokens, args.label_contexts)
         started = time.perf_counter()
         atlas = build_atlas(sae, model, AtlasConfig(n_tokens=atlas_tokens, corpus=corpus, device=args.device), sae_path=str(args.sae))

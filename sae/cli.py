@@ -46,7 +46,7 @@ def sae_configs(args: argparse.Namespace, d_in: int, context_len: int) -> list[S
     as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731  (a preset gives one value)
     configs = []
     for arch in args.architecture or [make_config().architecture]:
-        sweeps = {"d_sae", *ARCHITECTURES[arch].sweep_fields}
+        sweeps = ("d_sae", *ARCHITECTURES[arch].sweep_fields)  # ordered: run names come out in a fixed order
         scalar = {name: (value[0] if name in many and isinstance(value, list) else value) for name, value in given.items()
                   if name not in sweeps}
         swept = {name: as_list(given[name]) for name in sweeps if name in given}

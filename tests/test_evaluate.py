@@ -144,3 +144,4 @@ def test_evaluate_reconstruction_metrics_match_a_hand_computation(setup):
     assert result.dense_fraction == pytest.approx(float((fires > 0.1 * n).double().mean()), abs=1e-12)
     expected_density = [math.log10(max(int(c) / n, 1e-10)) for c in fires]
     assert result.log10_feature_density == pytest.approx(expected_density, abs=1e-4)
+    assert result.metrics["ultralow_fraction"] == pytest.approx(float(((fires > 0) & (fires < n / 1e5)).double().mean()), abs=1e-12)

@@ -77,3 +77,20 @@ def test_lookup_tables_are_kept_but_never_chosen_or_counted(setup):  # noqa: F81
     assert table.scores is None and entry.candidates[-1].scores.strong_f1 == 1.0
     summary = summarize(scorer.results(), scorer.n_positions, atlas)
     assert summary.lookup_share_strong > 0 and summary.unexplained >= 1  # counted apart, the feature is still unexplained
+
+
+def test_labelling_names_every_labelled_feature_and_writes_the_coverage_page(setup, tiny_model, tmp_path):  # noqa: F811
+    from analysis.features.labels import LabelConfig, label_features, write_coverage_report
+
+    sae, atlas, _ = setup
+    labels = label_features(atlas, sae, tiny_model, LabelConfig(n_score_contexts=20, autocast="none"))
+    live = [e for e in labels.features if e is not None]
+    assert live and all(e.best.name and e.best_all_firings.name for e in live)
+    assert all(e.best.compact and e.best.selection is not None and e.best.scores is not None for e in live)
+    s = labels.summary
+    assert s.unexplained == sum(not (e.best.scores.strong_f1 >= 0.5) for e in live)
+    live[0].best.text = "<script>alert(1)</script>"  # model text reaches the page escaped
+    s.unexplained_examples = [live[0].feature]
+    page = write_coverage_report(labels, tmp_path / "coverage.html").read_text()
+    assert "plotly" in page and "Unexplained features" in page
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)" in page

@@ -49,3 +49,12 @@ def test_repetition_rate_by_hand():
     assert math.isclose(repetition_rate([1, 2, 3, 1, 2, 3]), 0.25)
     assert math.isclose(repetition_rate([7] * 6, n=2), 0.8)  # 5 bigrams, 1 unique
     assert math.isnan(repetition_rate([1, 2]))
+
+
+def test_registered_held_out_metrics_reach_the_eval_result():
+    from analysis.evaluation.metrics import HELD_OUT_METRICS, ReconstructionStats, ultralow_fraction
+
+    stats = ReconstructionStats(4)
+    stats.n, stats.fire_counts = 1_000_000, torch.tensor([0, 5, 50, 500_000])  # dead, ultralow, rare, dense
+    assert ultralow_fraction(stats) == 1 / 4  # by hand: one of four features fires on 5 of 1M tokens (< 10 per 1M)
+    assert HELD_OUT_METRICS["ultralow_fraction"] is ultralow_fraction

@@ -302,7 +302,7 @@ def test_resume_truncates_metrics_to_the_checkpoint_and_readers_skip_a_torn_line
     with metrics.open("a") as f:
         f.write('{"sae": "topk_k4_64", "step": 7, "lo')  # killed in the middle of a record
     assert [r["step"] for r in read_metrics(metrics)] == list(range(7))  # the reader skips the torn last line
-    fields = {name: 0.0 for name in EvalResult.__dataclass_fields__} | {"n_tokens": 1, "n_ce_tokens": 1, "log10_feature_density": [0.0]}
+    fields = {name: 0.0 for name in EvalResult.__dataclass_fields__} | {"n_tokens": 1, "n_ce_tokens": 1, "log10_feature_density": [0.0], "corpus": {}, "metrics": {}}
     write_results(EvalResult(**fields), tmp_path / "eval", metrics)  # the report reads it too
     monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
     Trainer(resume_setup(tmp_path, store), store).train()

@@ -17,7 +17,7 @@ from activations.io import atomic_write_bytes, atomic_write_json
 from sae.base import SAE
 
 from ..encoding import encode_contexts, first_position
-from .metrics import ReconstructionStats, ce_loss_recovered, cross_entropy, dense_fraction, dead_fraction, kl_per_token
+from .metrics import HELD_OUT_METRICS, ReconstructionStats, ce_loss_recovered, cross_entropy, dense_fraction, dead_fraction, kl_per_token
 
 
 @dataclass
@@ -58,6 +58,8 @@ class EvalResult:
     """log10 firing frequency per feature (-inf for dead ones is stored as -10)."""
     corpus: dict = field(default_factory=dict)
     """The text measured on: the CorpusConfig (source, split, context length)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Every registered `metrics.HELD_OUT_METRICS` of the held-out statistics, by name."""
 
 
 @torch.no_grad()
@@ -118,6 +120,7 @@ def evaluate(sae: SAE, model: HookedModel, cfg: EvalConfig | None = None) -> Eva
         ce_loss_recovered=ce_loss_recovered(means["clean"], means["spliced"], means["zero"]),
         delta_ce=means["spliced"] - means["clean"], kl_per_token=float(torch.cat(kl).mean()),
         log10_feature_density=[round(float(v), 4) for v in density], corpus=asdict(cfg.corpus),
+        metrics={name: fn(stats) for name, fn in HELD_OUT_METRICS.items()},
     )
 
 

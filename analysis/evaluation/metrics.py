@@ -10,7 +10,7 @@ Definitions (REFERENCE.md):
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -102,3 +102,22 @@ class ReconstructionStats:
     @property
     def l0(self) -> float:
         return self.sum_l0 / self.n
+
+
+HELD_OUT_METRICS: dict[str, Callable[[ReconstructionStats], float]] = {}
+"""Metrics of the streamed held-out statistics that `evaluate` adds to `EvalResult.metrics`
+(and so to eval.json and the report) by name; `@held_out_metric` registers one."""
+
+
+def held_out_metric(fn: Callable[[ReconstructionStats], float]) -> Callable[[ReconstructionStats], float]:
+    """Register `fn(stats) -> float` under its name (`HELD_OUT_METRICS`)."""
+    HELD_OUT_METRICS[fn.__name__] = fn
+    return fn
+
+
+@held_out_metric
+def ultralow_fraction(stats: ReconstructionStats) -> float:
+    """Share of live features firing on fewer than 1 in 100,000 held-out tokens (at least once)."""
+    live = stats.fire_counts > 0
+    return float((live & (stats.fire_counts < stats.n / 1e5)).double().mean())
+

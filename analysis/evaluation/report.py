@@ -34,9 +34,10 @@ def density_histogram(log10_density: list[float]) -> go.Figure:
 
 def evaluation_report(result: EvalResult, records: list[dict], title: str) -> str:
     """One standalone HTML page: metrics table, training curves and density histogram."""
+    shown = {k: v for k, v in vars(result).items() if k not in ("log10_feature_density", "metrics")} | result.metrics
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float) else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
-        for k, v in vars(result).items() if k != "log10_feature_density"
+        for k, v in shown.items()
     )
     figures = [density_histogram(result.log10_feature_density)]
     if records:
