@@ -40,6 +40,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ce-contexts", type=int, default=default["ce_contexts"], help="default: %(default)s")
     p.add_argument("--absorption-contexts", type=int, default=512, help="held-out contexts after the evaluation's (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--reuse", action="store_true", help="score the SAEs an earlier run wrote to <out>/sae instead of training")
     return p.parse_args(argv)
 
 
@@ -48,9 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     store = ActivationStore(args.store)
     common = ["--out", str(args.out), "--device", args.device]
     started = time.perf_counter()
-    paths = cli.cmd_train(cli.parse(["train", *common, "--store", str(args.store), "--architecture", *args.archs,
-                                     "--d-sae", str(args.d_sae), "--k", str(args.k), "--train-tokens", str(args.train_tokens)]))
-    train_s = time.perf_counter() - started
+    summary = args.out / "sae" / "train_summary.json"
+    if args.reuse and summary.exists():  # SAEs trained by an earlier run of this script
+        paths, train_s = [Path(p) for p in json.loads(summary.read_text())["saes"].values()], None
+    else:
+        paths = cli.cmd_train(cli.parse(["train", *common, "--store", str(args.store), "--architecture", *args.archs,
+                                         "--d-sae", str(args.d_sae), "--k", str(args.k), "--train-tokens", str(args.train_tokens)]))
+        train_s = time.perf_counter() - started
     paths += list(args.also)
     eval_args = cli.parse(["evaluate", *common, "--eval-tokens", str(args.eval_tokens), "--ce-contexts", str(args.ce_contexts)])
     evals = cli.cmd_evaluate(eval_args, [Path(p) for p in paths])
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{a['mean_absorption_rate']:>10.3f} {a['mean_miss_rate']:>6.3f} {a['mean_main_f1']:>7.3f} {a['probe_accuracy']:>9.3f}")
     n_letters = len(next(iter(rows.values()))["absorption"]["letters"])
     print(f"(absorption: mean over {n_letters} letters, {len(tokens)} held-out contexts after the evaluation's; lower is better)")
-    print(f"results: {args.out / 'architectures.json'}  ({json.dumps({'train_s': round(train_s)})})")
+    print(f"results: {args.out / 'architectures.json'}" + (f" (training {train_s:.0f} s)" if train_s else ""))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@
     const L = D.label_summary;
     const share = L["share_of_live_with_strong_f1_at_least_0.5"];
     const details = Object.entries(L).filter(([k]) => k !== "share_of_live_with_strong_f1_at_least_0.5")
-      .map(([k, v]) => el("div", {}, `${k.replaceAll("_", " ")}: ${typeof v === "object" && v !== null ? Object.entries(v).map(([a, b]) => `${a} ${b}`).join(", ") : typeof v === "number" ? fmt(v, 4) : v}`));
+      .map(([k, v]) => el("div", {}, `${k.replaceAll("_", " ")}: ${Array.isArray(v) ? v.join(", ") : typeof v === "object" && v !== null ? Object.entries(v).map(([a, b]) => `${a} ${b}`).join(", ") : typeof v === "number" ? fmt(v, 4) : v}`));
     cards.push(card("compact labels with strong-firing F1 ≥ 0.5 (report part)", share === undefined ? "–" : `${fmt(100 * share)}%`, ...details));
   }
   app.append(el("section", { class: "cards" }, ...cards));
