@@ -39,6 +39,7 @@ from activations.model import HookedModel, embedding, unembedding
 
 from ..atlas import Atlas
 from .base import MAX_LISTED_TOKENS, Label, LabelContext, LabelKind, Predicate, quote, register, token_membership
+from .token_set import ranked_prefixes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -175,19 +176,11 @@ def neighbourhoods(atlas: Atlas, vectors: Tensor, features: Sequence[int], max_s
 
 
 def token_set_f1(atlas: Atlas, features: Sequence[int], max_tokens: int) -> np.ndarray:
-    """[len(features)] atlas F1 of each feature's token-set label: the same greedy choice as
-    `token_set.py` (tokens by P(fire | token), the best prefix of at most `max_tokens`)."""
-    frequency, fire_count = atlas.token_frequency.numpy(), atlas.fire_count.numpy()
+    """[len(features)] atlas F1 of each feature's compact token-set label (`token_set.ranked_prefixes`)."""
     out = np.zeros(len(features))
     for n, i in enumerate(features):
-        ids, counts, _ = atlas.feature_tokens(i)
-        ids, counts = ids.numpy(), counts.numpy().astype(np.float64)
-        if len(ids) == 0:
-            continue
-        precision = counts / np.maximum(frequency[ids], 1)
-        order = np.lexsort((-counts, -precision))[:max_tokens]
-        tp, fp = np.cumsum(counts[order]), np.cumsum(frequency[ids[order]] - counts[order])
-        out[n] = float(np.max(2 * tp / (2 * tp + fp + (fire_count[i] - tp))))
+        f1 = ranked_prefixes(atlas, i, max_tokens)[-1]
+        out[n] = float(f1.max()) if len(f1) else 0.0
     return out
 
 

@@ -35,6 +35,18 @@ class TokenLabel(Label):
         self.tokens = [int(t) for t in self.tokens]
 
 
+def ranked_prefixes(atlas: Atlas, feature: int, limit: int) -> tuple[np.ndarray, ...]:
+    """The feature's firing tokens ranked by P(fire | token) on the atlas text (ties: more
+    firings first), cut at `limit`: (ids [n], counts [n], activation sums [n], order [m] into
+    them, cumulative false positives [m] and F1 [m] of each prefix of the ranking)."""
+    frequency, fire_count = atlas.token_frequency.numpy(), atlas.fire_count.numpy()
+    ids, counts, act_sums = (t.numpy() for t in atlas.feature_tokens(feature))
+    counts = counts.astype(np.float64)
+    order = np.lexsort((-counts, -counts / np.maximum(frequency[ids], 1)))[:limit]
+    tp, fp = np.cumsum(counts[order]), np.cumsum(frequency[ids[order]] - counts[order])
+    return ids, counts, act_sums, order, fp, 2 * tp / np.maximum(2 * tp + fp + (fire_count[feature] - tp), 1)
+
+
 @register
 class TokenSetKind(LabelKind):
     name = "token-set"
@@ -46,17 +58,10 @@ class TokenSetKind(LabelKind):
         of that ranking with the best F1 there: on all firings and on the (estimated) strong
         ones, each at most `max_tokens` long, plus a longer lookup table (not compact)."""
         max_tokens = context.cfg.max_tokens
-        frequency, fire_count = atlas.token_frequency.numpy(), atlas.fire_count.numpy()
         max_activation = atlas.max_activation.numpy()
         out = []
         for i in atlas.live_features:
-            ids, counts, act_sums = (t.numpy() for t in atlas.feature_tokens(i))
-            counts = counts.astype(np.float64)
-            precision = counts / np.maximum(frequency[ids], 1)
-            order = np.lexsort((-counts, -precision))[:LOOKUP_TOKENS * 4]
-            fp = np.cumsum(frequency[ids[order]] - counts[order])
-            tp = np.cumsum(counts[order])
-            f1 = 2 * tp / (2 * tp + fp + (fire_count[i] - tp))
+            ids, counts, act_sums, order, fp, f1 = ranked_prefixes(atlas, i, LOOKUP_TOKENS * 4)
             # strong firings (activation > max / 4), estimated per token from its mean activation
             strong = np.where(act_sums[order] / np.maximum(counts[order], 1) > STRONG_SHARE * max_activation[i], counts[order], 0.0)
             strong_tp = np.cumsum(strong)
