@@ -4,8 +4,10 @@
     saewb harvest / train / evaluate       one stage each
     saewb analyze [--sae DIR]              feature atlas + scored labels (+ Neuronpedia JSON)
     saewb dashboard --atlas DIR            static HTML feature browser (opens offline)
-    saewb monitor --sae DIR "some text"    which features fire on which tokens; --find CONCEPT
+    saewb monitor --sae DIR "some text"    which features fire on which tokens; --find CONCEPT;
+                                           --concepts A B --file texts.txt: a concept heatmap
     saewb steer --sae DIR --features I ..  steered vs unsteered text + dose-response sweep figure
+    saewb steer --sae DIR --concept WORD   concept steering: features, automatic dose, against prompting
 Every flag can also come from a JSON config file (`--config run.json`, keys = flag names
 with underscores); flags given on the command line win.
 """
@@ -120,8 +122,12 @@ def _add_monitor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", default=None, help="SAE folder (default: the first SAE the train stage wrote)")
     p.add_argument("--file", type=Path, default=None, help="read the text from this file")
     p.add_argument("--find", default=None, help="a concept (word or phrase): rank the features that fire most selectively on it")
+    p.add_argument("--concepts", nargs="+", default=None, help="concepts (words) to watch: for each text, how strongly each concept's "
+                   "features fire (table, <out>/monitor/concepts.json and a heatmap page); --file then holds one text per line "
+                   "(.txt), a JSON list, or .jsonl with a 'text' field")
+    p.add_argument("--concept-features", type=int, default=5, help="features per concept (the concept search's most selective)")
     p.add_argument("--top-k", type=int, default=5, help="features shown per token / concept results x2")
-    p.add_argument("--html", type=Path, default=None, help="also write the token view as a standalone HTML page")
+    p.add_argument("--html", type=Path, default=None, help="also write the token view (or the concept heatmap) as a standalone HTML page")
 
 
 def _add_dashboard(p: argparse.ArgumentParser) -> None:
@@ -136,9 +142,15 @@ def _add_steer(p: argparse.ArgumentParser) -> None:
     from activations.flags import add_flags
 
     from .steering import GenerationConfig, SweepConfig
+    from .steering.concept import ConceptConfig
 
     p.add_argument("--sae", default=None, help="SAE folder (SAE Lens format; required); it names the hook to steer")
-    p.add_argument("--features", type=int, nargs="+", default=None, help="feature ids, steered together (required)")
+    p.add_argument("--features", type=int, nargs="+", default=None, help="feature ids, steered together (this or --concept)")
+    p.add_argument("--concept", default=None, help="a concept (word) to steer toward: its features are found by what they read and "
+                   "what they write, steered together at an automatically chosen dose, and compared with prompting")
+    p.add_argument("--lexicon", nargs="+", default=None, help="--concept: words that show the concept in an answer (default: derived "
+                   "from the features' labels and logit effects, and printed)")
+    add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "doses", "budget"))
     add_flags(p, SweepConfig, only=("mode", "strengths", "unit", "threshold"))
     add_flags(p, GenerationConfig, only=("max_new_tokens", "temperature", "top_p", "seed", "chat"))
     p.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the first 6 of analysis.steering.NEUTRAL_PROMPTS)")
@@ -379,6 +391,8 @@ def cmd_monitor(args) -> None:
     except ValueError as error:
         raise SystemExit(str(error)) from None
     model = _model_of(args, sae)
+    if args.concepts:
+        return _monitor_concepts(args, model, sae, sae_path, labels)
     if args.find:
         from .features.atlas import load_atlas
 
@@ -403,6 +417,54 @@ def cmd_monitor(args) -> None:
 
         atomic_write_bytes(args.html, monitor_html(rows, f"{sae_path.name}: feature monitor", max_activation).encode())
         print(f"page: {args.html.resolve().as_uri()}")
+
+
+def _monitor_texts(args) -> list[str]:
+    """Texts to monitor: the positional text, or --file with one text per line / a JSON list / .jsonl records."""
+    if args.file is None:
+        return [" ".join(args.text)] if args.text else []
+    raw = args.file.read_text(encoding="utf-8")
+    if args.file.suffix == ".json":
+        texts = json.loads(raw)
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise SystemExit(f"{args.file}: expected a JSON list of strings")
+        return texts
+    if args.file.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+    return [line.strip() for line in raw.splitlines() if line.strip()]
+
+
+def _monitor_concepts(args, model, sae, sae_path: Path, labels) -> None:
+    from activations.io import atomic_write_bytes, atomic_write_json
+
+    from .features.atlas import load_atlas
+    from .features.monitor import concept_features, concept_monitor_html, monitor_concepts
+
+    texts = _monitor_texts(args)
+    if not texts:
+        raise SystemExit("saewb monitor --concepts needs texts: give one as arguments, or --file with one text per line")
+    atlas = load_atlas(sae_path / "atlas")
+    concepts = {}
+    for concept in args.concepts:
+        try:
+            concepts[concept] = concept_features(concept, model, sae, atlas, n=args.concept_features)
+        except ValueError as error:
+            raise SystemExit(f"--concepts {concept!r}: {error}") from None
+        if not concepts[concept]:
+            raise SystemExit(f"--concepts {concept!r}: no live feature fires on it; try another word")
+        shown = "; ".join(f"f{f} {labels.best(f).text[:50] if labels is not None and labels.best(f) else ''}" for f in concepts[concept])
+        print(f"{concept}: {shown}")
+    try:
+        readings = monitor_concepts(texts, model, sae, atlas, concepts)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    print(readings.table())
+    out = Path(args.out) / "monitor"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "concepts.json", readings.to_dict())
+    page = args.html or out / "concepts.html"
+    atomic_write_bytes(page, concept_monitor_html(readings, f"{sae_path.name}: concept monitor").encode())
+    print(f"  scores: {out / 'concepts.json'}\n  heatmap: {Path(page).resolve().as_uri()}")
 
 
 def cmd_dashboard(args) -> Path:
@@ -468,8 +530,12 @@ def cmd_steer(args):
 
     from .steering import GenerationConfig, SideBySide, SweepConfig, check_features, feature_stats, format_side_by_side, sweep, write_sweep
 
-    if not args.sae or not args.features:
-        raise SystemExit("saewb steer needs --sae and --features (as flags or in --config)")
+    if not args.sae or not (args.features or args.concept):
+        raise SystemExit("saewb steer needs --sae and --features or --concept (as flags or in --config)")
+    if args.features and args.concept:
+        raise SystemExit("saewb steer takes --features or --concept, not both")
+    if args.concept:
+        return _steer_concept(args)
     sae = load_sae(args.sae)
     try:
         args.features = check_features(args.features, sae.cfg.d_sae)  # before loading the model or any text
@@ -518,6 +584,61 @@ def cmd_steer(args):
     json_path, html_path = write_sweep(result, args.out / "steer", title=f"Steering {Path(args.sae).name} features {args.features} ({cfg.mode})")
     print(f"  sweep:  {json_path}\n  figure: {html_path}")
     return result
+
+
+def _steer_concept(args):
+    from dataclasses import asdict
+
+    from activations.flags import from_flags
+    from activations.io import atomic_write_json
+    from sae import load_sae
+
+    from .features.atlas import load_atlas
+    from .features.labels import load_labels
+    from .steering import GenerationConfig, SideBySide, format_side_by_side
+    from .steering.concept import ConceptConfig, Lexicon, choose_dose, compare_concept, search_concept
+
+    sae = load_sae(args.sae)
+    atlas_dir = args.atlas or Path(args.sae) / "atlas"
+    if not (Path(atlas_dir) / "atlas.json").exists():
+        raise SystemExit(f"--concept needs the SAE's feature atlas ({atlas_dir}); build it with `saewb analyze --sae {args.sae}`")
+    atlas = load_atlas(atlas_dir)
+    if atlas.d_sae != sae.cfg.d_sae:
+        raise SystemExit(f"{atlas_dir} is the atlas of a {atlas.d_sae}-feature SAE, not of {args.sae} ({sae.cfg.d_sae} features)")
+    try:
+        labels = load_labels(Path(atlas_dir) / "labels.json", sae.cfg.d_sae) if (Path(atlas_dir) / "labels.json").exists() else None
+        lexicon = Lexicon(args.concept, tuple(args.lexicon)) if args.lexicon else None
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    generation = from_flags(GenerationConfig, args, chat=True if args.chat is None else args.chat)
+    cfg = from_flags(ConceptConfig, args, generation=generation)
+    model = _model_of(args, sae)
+    try:
+        search = search_concept(args.concept, model, sae, atlas, labels, lexicon, cfg=cfg)
+    except ValueError as error:
+        raise SystemExit(f"--concept {args.concept!r}: {error}") from None
+    print(f"lexicon ({search.lexicon.source}): {', '.join(search.lexicon.words)}")
+    print(f"{'feature':>8} {'input':>6} {'contrast':>8} {'gain':>6} {'output':>7} {'weight':>6}  label")
+    for c in search.ranked[:10]:
+        print(f"{c.feature:>8} {c.input_score:>6.2f} {c.contrast:>8.3f} {c.concept_gain:>+6.2f} {c.output_score:>+7.4f} {c.weight:>6.2f}  {c.label[:60]}")
+    if not search.steered:
+        raise SystemExit(f"no feature raises the lexicon's tokens for {args.concept!r}; try other --lexicon words")
+    dose = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg)
+    print("dose search: " + ", ".join(f"{p.dose:.2g}{'' if p.within_budget else ' (over)'}" for p in dose.points) + f" -> {dose.dose}")
+    prompts = _steer_prompts(args)
+    points = compare_concept(model, sae, search, prompts, atlas.max_activation, dose.dose, cfg)
+    rows = {p.condition: p for p in points}
+    if "steering" in rows:
+        print(format_side_by_side([SideBySide(q, b, s) for q, b, s in zip(prompts, rows["unsteered"].texts, rows["steering"].texts)]))
+    print(f"\n{'condition':<22} {'lexicon freq':>12} {'x':>5} {'feature freq':>12} {'perplexity':>10} {'repetition':>10}  within {cfg.budget:g}x")
+    for p in points:
+        print(f"{p.condition:<22} {p.lexicon_frequency:>12.2f} {p.ratio:>5.1f} {p.feature_frequency:>12.2f} {p.perplexity:>10.2f} "
+              f"{p.repetition:>10.3f}  {'yes' if p.within_budget else 'no'}")
+    out = args.out / "steer" / f"concept_{''.join(ch if ch.isalnum() else '_' for ch in args.concept)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, {"search": search.to_dict(), "dose": dose.dose, "points": [asdict(p) for p in points]})
+    print(f"  {out}")
+    return points
 
 
 SHARDED = {"harvest": cmd_harvest, "train": cmd_train}

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from activations.corpus import boundary_token_id
 from activations.model import HookedModel, token_strings
@@ -118,22 +120,31 @@ def monitor_html(rows: list[TokenFeatures], title: str = "Feature monitor", max_
 TEMPLATES = ("{q}", "The {q}.", "I thought about the {q} all day.", "She wrote a long letter about {q}.", "What do you know about {q}?")
 
 
+class InputSelectivity(NamedTuple):
+    score: Tensor
+    """[d_sae] r * log2(r / density): high when a feature fires on the concept reliably and rarely elsewhere."""
+    fire_rate: Tensor
+    """[d_sae] r, the share of the concept's occurrences a feature fires on."""
+    mean_activation: Tensor
+    """[d_sae] mean activation over the occurrences."""
+    n_occurrences: int
+    n_corpus: int
+    """Occurrences found in the atlas's held-out text (the rest are template sentences)."""
+
+
 @torch.no_grad()
-def find_features(query: str, model: HookedModel, sae: SAE, atlas: Atlas, labels: Labels | dict | None = None, n: int = 10, max_occurrences: int = 64) -> list[dict]:
-    """Features that fire most selectively on `query`.
+def input_selectivity(query: str, model: HookedModel, sae: SAE, atlas: Atlas, max_occurrences: int = 64) -> InputSelectivity:
+    """How selectively every feature fires on `query` (the input side of a concept).
 
     Occurrences: every place the query's tokens (with or without a leading space) appear in
     the atlas's held-out contexts, up to `max_occurrences`, plus a few template sentences
     (so rare concepts still have evidence). At each occurrence the feature's activation is
     its maximum over the query's tokens. Score = r * log2(r / density), with r the share of
-    occurrences it fires on and density its firing rate on all atlas tokens: high when a
-    feature fires on the concept reliably and rarely elsewhere."""
+    occurrences it fires on and density its firing rate on all atlas tokens."""
     if not query.strip():
         raise ValueError("empty concept query")
     if atlas.d_sae != sae.cfg.d_sae:
         raise ValueError(f"the atlas is of a {atlas.d_sae}-feature SAE, not this one ({sae.cfg.d_sae} features); rebuild it with `saewb analyze`")
-    if labels is not None:
-        labels = check_labels(labels, sae.cfg.d_sae)
     windows = []
     for variant in dict.fromkeys((" " + query.strip(), query.strip())):
         ids = torch.tensor(model.tokenizer(variant, add_special_tokens=False)["input_ids"])
@@ -165,8 +176,19 @@ def find_features(query: str, model: HookedModel, sae: SAE, atlas: Atlas, labels
     density = atlas.density.clamp_min(1.0 / atlas.n_tokens)
     score = rate * torch.log2(rate.clamp_min(1e-12) / density)
     score = torch.where(rate > 0, score, torch.zeros_like(score))
-    mean_act = acts.mean(0)
-    order = torch.argsort(score * 1000 + mean_act / atlas.max_activation.clamp_min(1e-6), descending=True)[:n]
+    return InputSelectivity(score.float(), rate.float(), acts.mean(0), len(occurrences), n_corpus)
+
+
+@torch.no_grad()
+def find_features(query: str, model: HookedModel, sae: SAE, atlas: Atlas, labels: Labels | dict | None = None, n: int = 10, max_occurrences: int = 64) -> list[dict]:
+    """The `n` features that fire most selectively on `query` (`input_selectivity`), with
+    their labels: what a feature *reads*. For steering, what it *writes* matters too:
+    `analysis.steering.concept.search_concept` adds the output side."""
+    if labels is not None:
+        labels = check_labels(labels, sae.cfg.d_sae)
+    sel = input_selectivity(query, model, sae, atlas, max_occurrences)
+    score, rate, mean_act = sel.score, sel.fire_rate, sel.mean_activation
+    order = torch.argsort(score.double() * 1000 + mean_act / atlas.max_activation.clamp_min(1e-6), descending=True)[:n]
     out = []
     for i in order.tolist():
         label = labels.best(i) if labels is not None else None
@@ -175,9 +197,131 @@ def find_features(query: str, model: HookedModel, sae: SAE, atlas: Atlas, labels
             "density": float(atlas.density[i]), "mean_act_on_query": round(float(mean_act[i]), 4),
             "max_activation": round(float(atlas.max_activation[i]), 4),
             "label": label.text if label else "", "label_f1": label.scores.f1 if label and label.scores else None,
-            "occurrences": len(occurrences), "corpus_occurrences": n_corpus,
+            "occurrences": sel.n_occurrences, "corpus_occurrences": sel.n_corpus,
         })
     return out
 
 
-__all__ = ["TokenFeatures", "activations_of_ids", "feature_activations", "find_features", "monitor", "monitor_html", "monitor_table"]
+# ---------------------------------------------------------------------------- concept monitoring
+@dataclass
+class ConceptReadings:
+    """How strongly each concept's features fire on each text."""
+
+    texts: list[str]
+    concepts: list[str]
+    features: dict[str, list[int]]
+    """Each concept's features (the input side of the concept search: what fires on the concept)."""
+    score: Tensor
+    """[n_texts, n_concepts] max over the text's tokens and the concept's features of activation / max activation."""
+    per_feature: dict[str, Tensor]
+    """concept -> [n_texts, n_features] max activation / max activation of each of its features."""
+    top_token: list[list[str]]
+    """[n_texts][n_concepts] the token where the concept's score peaks ("" where nothing fires)."""
+
+    def table(self, width: int = 60) -> str:
+        """Plain text: one row per text, one column per concept, then the mean and the share of texts where it fires."""
+        head = f"{'text':<{width}} " + " ".join(f"{c[:12]:>12}" for c in self.concepts)
+        rows = [head]
+        for n, text in enumerate(self.texts):
+            short = " ".join(text.split())
+            short = short if len(short) <= width else short[:width - 1] + "…"
+            rows.append(f"{short:<{width}} " + " ".join(f"{float(v):>12.2f}" for v in self.score[n]))
+        rows.append(f"{'mean':<{width}} " + " ".join(f"{float(v):>12.2f}" for v in self.score.mean(0)))
+        rows.append(f"{'share of texts where it fires':<{width}} " + " ".join(f"{float(v):>12.0%}" for v in (self.score > 0).float().mean(0)))
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        return {"concepts": self.concepts, "features": self.features, "texts": self.texts, "score": self.score.tolist(),
+                "per_feature": {c: v.tolist() for c, v in self.per_feature.items()}, "top_token": self.top_token}
+
+
+def concept_features(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, n: int = 5, max_density: float = 0.02) -> list[int]:
+    """The `n` features that fire most selectively on `concept` (`input_selectivity`), dead and
+    dense features left out: for monitoring, what a feature *reads* is what counts."""
+    sel = input_selectivity(concept, model, sae, atlas)
+    usable = (atlas.max_activation > 0) & (atlas.density <= max_density) & (sel.fire_rate > 0)
+    score = torch.where(usable, sel.score, torch.full_like(sel.score, -float("inf")))
+    chosen = score.topk(n).indices
+    return [int(f) for f in chosen if usable[f]]
+
+
+@torch.no_grad()
+def monitor_concepts(texts: list[str], model: HookedModel, sae: SAE, atlas: Atlas, concepts: dict[str, list[int]], batch_size: int = 8,
+                     max_tokens: int | None = None) -> ConceptReadings:
+    """Read every text (behind the sink; at most `max_tokens` tokens, default the SAE's context
+    length) and report each concept's strongest firing, in units of its features' max activation."""
+    if not texts or not all(t.strip() for t in texts):
+        raise ValueError("empty text: nothing to monitor")
+    if not concepts or not all(concepts.values()):
+        raise ValueError("each concept needs at least one feature")
+    names = list(concepts)
+    ids = torch.tensor([f for c in names for f in concepts[c]])
+    scale = atlas.max_activation[ids].clamp_min(1e-12)
+    limit = (max_tokens or sae.cfg.context_size or 128) - 1
+    sink = boundary_token_id(model.tokenizer)
+    rows = [[sink] + model.tokenizer(t, add_special_tokens=False)["input_ids"][:limit] for t in texts]
+    best_values, best_pos, token_rows = [], [], []
+    for b in tqdm(range(0, len(rows), batch_size), desc="monitor", disable=len(rows) <= batch_size):
+        tokens, f = activations_of_ids(rows[b:b + batch_size], model, sae)
+        rel = f[..., ids] / scale  # [batch, pos, n_ids]
+        values, pos = rel.max(1)
+        best_values.append(values)
+        best_pos.append(pos)
+        token_rows += tokens.tolist()
+    values, pos = torch.cat(best_values), torch.cat(best_pos)  # [n_texts, n_ids]
+    per_feature, score, top_token, start = {}, [], [[] for _ in texts], 0
+    for c in names:
+        k = len(concepts[c])
+        v, p = values[:, start:start + k], pos[:, start:start + k]
+        per_feature[c] = v
+        best, which = v.max(1)
+        score.append(best)
+        for n in range(len(texts)):
+            top_token[n].append(token_strings(model.tokenizer, [token_rows[n][int(p[n, which[n]])]])[0] if best[n] > 0 else "")
+        start += k
+    return ConceptReadings(list(texts), names, {c: list(concepts[c]) for c in names}, torch.stack(score, 1), per_feature, top_token)
+
+
+def concept_heatmap(readings: ConceptReadings, title: str = "Concept monitor"):
+    """Plotly heatmap: texts down, concepts across, colour = the concept's strongest firing
+    (x its features' max activation); hover shows the text and the token where it peaks."""
+    import plotly.graph_objects as go
+
+    short = [(" ".join(t.split())[:60] + ("…" if len(" ".join(t.split())) > 60 else "")) for t in readings.texts]
+    hover = [[f"{html.escape(short[n])}<br>{html.escape(c)}: {float(readings.score[n, j]):.2f} on {html.escape(repr(readings.top_token[n][j]))}"
+              for j, c in enumerate(readings.concepts)] for n in range(len(readings.texts))]
+    fig = go.Figure(go.Heatmap(z=readings.score.numpy(), x=readings.concepts, y=[f"{n + 1}. {html.escape(s)}" for n, s in enumerate(short)],
+                               text=hover, hoverinfo="text", colorscale="Oranges", zmin=0, colorbar={"title": "x max act."}))
+    fig.update_layout(title=title, height=max(300, 24 * len(short) + 150), yaxis={"autorange": "reversed"})
+    return fig
+
+
+def concept_monitor_html(readings: ConceptReadings, title: str = "Concept monitor") -> str:
+    """Standalone page: the heatmap, and a table of every text with its scores (model text escaped)."""
+    figure = concept_heatmap(readings, title).to_html(full_html=False, include_plotlyjs="inline")
+    feats = "".join(f"<li>{html.escape(c)}: features {', '.join(map(str, fs))}</li>" for c, fs in readings.features.items())
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in readings.concepts)
+    body = "".join(
+        f"<tr><td>{n + 1}</td><td>{html.escape(t)}</td>" + "".join(
+            f"<td>{float(readings.score[n, j]):.2f}<br><small>{html.escape(repr(readings.top_token[n][j])) if readings.top_token[n][j] else ''}</small></td>"
+            for j in range(len(readings.concepts))) + "</tr>"
+        for n, t in enumerate(readings.texts))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}small{color:#666}</style>"
+            f"</head><body><h1>{html.escape(title)}</h1><ul>{feats}</ul>{figure}<table><tr><th>#</th><th>text</th>{head}</tr>{body}</table></body></html>")
+
+
+def auroc(scores: Tensor, positive: Tensor) -> float:
+    """Area under the ROC curve of `scores` [n] for the bool labels `positive` [n] (ties count
+    half): the chance a random positive text scores above a random negative one."""
+    positive = positive.bool()
+    pos, neg = scores[positive].double(), scores[~positive].double()
+    if not len(pos) or not len(neg):
+        raise ValueError("AUROC needs both positive and negative texts")
+    greater = (pos[:, None] > neg[None]).double().sum()
+    ties = (pos[:, None] == neg[None]).double().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+
+__all__ = ["ConceptReadings", "InputSelectivity", "TokenFeatures", "auroc", "concept_features", "concept_heatmap", "concept_monitor_html", "monitor_concepts", "activations_of_ids", "feature_activations", "find_features", "input_selectivity", "monitor", "monitor_html", "monitor_table"]

@@ -1,0 +1,164 @@
+"""Concept steering against prompting, judged by a lexicon the steered features do not define.
+
+    python bench/concept_steering.py --sae runs/default/sae/topk_k32_4608 --out runs/bench_concepts
+
+The concepts and their lexicons (`CONCEPTS` below) were fixed before any measurement. For
+each concept (`analysis.steering.concept`):
+
+1. `search_concept` ranks features by input selectivity and output score (one amplified
+   forward pass each) and picks the top few that raise the lexicon's tokens, weighted;
+2. `choose_dose` finds the largest dose whose answers to the 12 tuning prompts
+   (`TUNING_PROMPTS`) keep perplexity and repetition within 2x the unsteered answers';
+3. the 24 report prompts (`NEUTRAL_PROMPTS`, chat template, greedy, 40 new tokens) are
+   answered unsteered, prompted ("... (In your answer, talk about <concept>.)"), steered at that
+   dose, prompted and steered, and steered with the search's top *input* feature alone at its
+   own chosen dose (what choosing by activations alone gives).
+
+Scores, all under the unsteered model: lexicon frequency (share of answers with a lexicon
+word; the concept score), the steered features' own re-read frequency (one exceeds 0.25x its
+max on some token), perplexity of the answer given its prompt, repeated-trigram rate. A point
+counts only if perplexity and repetition are both <= 2x the unsteered answers'. Ratios count a
+zero unsteered frequency as one answer in 24 (a lower bound). Writes <out>/summary.json and
+<out>/concept_steering.html (every answer, HTML-escaped).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from activations import load_model
+from activations.io import atomic_write_bytes, atomic_write_json
+from analysis.features.atlas import load_atlas
+from analysis.features.labels import load_labels
+from analysis.steering import NEUTRAL_PROMPTS
+from analysis.steering.concept import (
+    ConceptConfig, Lexicon, choose_dose, compare_concept, search_concept,
+)
+from sae import load_sae
+
+CONCEPTS = {  # fixed in advance: the concept word (searched) and the words that show it in an answer
+    "love": "love lover beloved romance romantic affection passion adore darling sweetheart kiss",
+    "marriage": "marriage marry wedding wed bride groom husband wife spouse engagement engaged matrimony vow",
+    "music": "music musical musician song sing singer melody tune piano guitar violin instrument concert rhythm harmony band orchestra choir",
+    "food": "food eat meal dinner lunch breakfast cook recipe bread meat fruit vegetable delicious taste dish kitchen soup cake",
+    "sea": "sea ocean wave beach shore sail sailor ship boat tide coast marine island harbor harbour seaside voyage",
+    "Python": "python code coding programming programmer function variable script module syntax compiler interpreter debug",
+}
+
+
+def ratio(value: float, base: float, n: int) -> float:
+    return value / max(base, 1 / n)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sae", required=True, help="SAE folder with its atlas and labels (saewb analyze)")
+    p.add_argument("--concepts", nargs="+", default=list(CONCEPTS), help=f"a subset of {list(CONCEPTS)}")
+    p.add_argument("--n-features", type=int, default=ConceptConfig.n_features, help="features steered together")
+    p.add_argument("--budget", type=float, default=ConceptConfig.budget, help="fluency budget (x unsteered)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=24)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_concepts"))
+    args = p.parse_args()
+    unknown = [c for c in args.concepts if c not in CONCEPTS]
+    if unknown:
+        raise SystemExit(f"unknown concept(s) {unknown}: choose from {list(CONCEPTS)}")
+
+    started = time.perf_counter()
+    model = load_model(args.model, args.device)
+    sae = load_sae(args.sae)
+    atlas_dir = Path(args.sae) / "atlas"
+    atlas, labels = load_atlas(atlas_dir), load_labels(atlas_dir / "labels.json")
+    cfg = ConceptConfig(n_features=args.n_features, budget=args.budget)
+    cfg.generation.max_new_tokens, cfg.generation.batch_size = args.max_new_tokens, args.batch_size
+    prompts = list(NEUTRAL_PROMPTS)
+    n = len(prompts)
+    print(f"model and atlas: {time.perf_counter() - started:.0f} s")
+
+    summary, pages = [], []
+    for concept in args.concepts:
+        t0 = time.perf_counter()
+        lexicon = Lexicon(concept, tuple(CONCEPTS[concept].split()))
+        search = search_concept(concept, model, sae, atlas, labels, lexicon, cfg=cfg)
+        steered = search.steered
+        top_input = search.top_input
+        print(f"\n=== {concept}: {len(search.ranked)} candidates; steered "
+              + ", ".join(f"f{c.feature} (w {c.weight:.2f}, gain {c.concept_gain:+.2f}, input {c.input_score:.1f}, contrast {c.contrast:.3f})"
+                          for c in steered)
+              + f"; top input feature f{top_input.feature} (gain {top_input.concept_gain:+.2f})")
+        for c in steered:
+            print(f"    f{c.feature}: {c.label[:90]}")
+        dose = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg)
+        alone = [replace(top_input, weight=1.0)]
+        dose_input = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg, features=alone)
+        for name, d in (("concept", dose), ("top input", dose_input)):
+            print(f"  dose search ({name}): base ppl {d.base.perplexity:.2f} rep {d.base.repetition:.3f}; "
+                  + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f})"
+                              for pt in d.points) + f" -> {d.dose}")
+        extra = {"top input feature": (alone, dose_input.dose)} if dose_input.dose is not None else {}
+        points = compare_concept(model, sae, search, prompts, atlas.max_activation, dose.dose, cfg, extra)
+        rows = {pt.condition: asdict(pt) for pt in points}
+        print(f"  {'condition':<22} {'dose':>5} {'lexicon freq':>12} {'x unsteered':>11} {'feature freq':>12} {'perplexity':>10} {'x':>5} "
+              f"{'repetition':>10} {'x':>5}  counts  {'ppl | asked':>11}")
+        b = rows["unsteered"]
+        for name, r in rows.items():
+            print(f"  {name:<22} {'' if r['dose'] is None else format(r['dose'], '.2g'):>5} {r['lexicon_frequency']:>12.2f} {r['ratio']:>11.1f} "
+                  f"{r['feature_frequency']:>12.2f} {r['perplexity']:>10.2f} {r['perplexity'] / b['perplexity']:>5.2f} {r['repetition']:>10.3f} "
+                  f"{r['repetition'] / max(b['repetition'], 1e-9):>5.2f}  {'yes' if r['within_budget'] else 'no ':<6}  "
+                  f"{r['perplexity_given_concept_prompt']:>11.2f}")
+        for name in ("steering", "prompting + steering"):
+            if name in rows:
+                for q, t in list(zip(prompts, rows[name]["texts"]))[:3]:
+                    print(f"    [{name}] {q} -> {' '.join(t.split())[:150]}")
+        met = "steering" in rows and rows["steering"]["within_budget"] and rows["steering"]["ratio"] >= 5
+        print(f"  {concept}: steering {'reaches' if met else 'does not reach'} 5x within budget  [{time.perf_counter() - t0:.0f} s]")
+        summary.append({"concept": concept, "search": search.to_dict(), "dose_search": {"concept": _dose_dict(dose), "top_input": _dose_dict(dose_input)},
+                        "conditions": rows, "meets_5x": met})
+        pages.append(_section(concept, lexicon, search, rows, prompts))
+
+    print(f"\nsummary ({n} report prompts; lexicon frequency, its ratio to unsteered, and whether the point is within the 2x fluency budget)")
+    names = ["prompting", "steering", "prompting + steering", "top input feature"]
+    print(f"{'concept':<10} {'unsteered':>9} " + " ".join(f"{s:>24}" for s in names))
+    for e in summary:
+        cells = []
+        for s in names:
+            r = e["conditions"].get(s)
+            cells.append("-" if r is None else f"{r['lexicon_frequency']:.2f} ({r['ratio']:.1f}x){'' if r['within_budget'] else ' over'}")
+        print(f"{e['concept']:<10} {e['conditions']['unsteered']['lexicon_frequency']:>9.2f} " + " ".join(f"{c:>24}" for c in cells))
+    print(f"concepts reaching >= 5x within budget by steering: {[e['concept'] for e in summary if e['meets_5x']] or 'none'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "summary.json", {"args": {k: str(v) for k, v in vars(args).items()}, "concepts": summary})
+    atomic_write_bytes(args.out / "concept_steering.html", _page(pages).encode())
+    print(f"{args.out / 'summary.json'}\n{args.out / 'concept_steering.html'}\ntotal {time.perf_counter() - started:.0f} s")
+
+
+def _dose_dict(d) -> dict:
+    return {"dose": d.dose, "base": d.base._asdict(), "points": [{"dose": p.dose, **p.fluency._asdict(), "within_budget": p.within_budget} for p in d.points]}
+
+
+def _section(concept, lexicon, search, rows, prompts) -> str:
+    feats = "".join(f"<li>f{c.feature} (weight {c.weight:.2f}): {html.escape(c.label)}</li>" for c in search.steered)
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in rows)
+    stats = "".join(f"<td>lexicon {r['lexicon_frequency']:.2f} ({r['ratio']:.1f}x), ppl {r['perplexity']:.2f}, rep {r['repetition']:.3f}</td>" for r in rows.values())
+    body = "".join("<tr><td>" + html.escape(q) + "</td>" + "".join(f"<td>{html.escape(r['texts'][i])}</td>" for r in rows.values()) + "</tr>"
+                   for i, q in enumerate(prompts))
+    return (f"<h2>{html.escape(concept)}</h2><p>lexicon: {html.escape(', '.join(lexicon.words))}</p><ul>{feats}</ul>"
+            f"<table><tr><th>prompt</th>{head}</tr><tr><td></td>{stats}</tr>{body}</table>")
+
+
+def _page(sections) -> str:
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>Concept steering</title><style>body{font-family:sans-serif;margin:2em}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}</style></head>"
+            f"<body><h1>Concept steering against prompting</h1>{''.join(sections)}</body></html>")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,181 @@
+"""Concept steering (analysis.steering.concept): the lexicon score against a brute force, the
+automatic dose search on known cost curves, matched control tokens, and the output score and
+logit-lens side on the tiny model, where a feature written to push one token must win."""
+import math
+import re
+
+import pytest
+import torch
+
+from activations import CorpusConfig
+from analysis.features.atlas import AtlasConfig, build_atlas
+from analysis.steering.concept import (
+    ConceptConfig, ConceptFeature, Fluency, Lexicon, choose_dose, concept_steering, lexicon_logit_z, lexicon_scores, matched_controls,
+    output_scores, search_concept, search_dose, within_budget,
+)
+
+from .test_steering import make_sae
+
+LAST = "blocks.1.hook_resid_post"  # only the final norm and W_U follow: the direct effect decides
+
+
+# ---------------------------------------------------------------------------- lexicon
+def brute_force_hits(text: str, words: list[str]) -> int:
+    """Count words of `text` equal to a lexicon word plus one of a few listed endings."""
+    endings = ["", "s", "es", "ed", "d", "ing", "er", "ers", "ly"]
+    count = 0
+    for w in re.findall(r"[A-Za-z][A-Za-z']*", text):
+        w = w.lower().strip("'")
+        if any(w == word + e or (word.endswith("e") and w == word[:-1] + e) for word in words for e in endings):
+            count += 1
+    return count
+
+
+def test_lexicon_matches_whole_words_and_inflections():
+    lex = Lexicon("love", ("Love", "ship", "sea"))
+    assert lex.words == ("love", "ship", "sea")  # lower-cased, order kept
+    text = "She LOVED the ships; loving lovers sailed the seas. Clover, seashell, lovage and hardship do not count."
+    assert lex.matches(text) == ["love", "ship", "love", "love", "sea"]
+    texts = [text, "", "no concept words here", "love love LOVE", "a ship's log"]
+    scores = lexicon_scores(texts, lex)
+    for t, present, rate in zip(texts, scores.present.tolist(), scores.rate.tolist()):
+        hits = brute_force_hits(t, list(lex.words))
+        n_words = len(re.findall(r"[A-Za-z][A-Za-z']*", t))
+        assert present == (hits > 0)
+        assert rate == pytest.approx(hits / n_words if n_words else 0.0)
+
+
+def test_lexicon_refuses_empty_and_multi_word_entries():
+    with pytest.raises(ValueError, match="has no words"):
+        Lexicon("x", ("", "  "))
+    with pytest.raises(ValueError, match="single words"):
+        Lexicon("x", ("ice cream",))
+
+
+def test_lexicon_token_ids_are_first_pieces_of_each_spelling(tiny_model):
+    ids = Lexicon("c", ("cat",)).token_ids(tiny_model.tokenizer)
+    assert ids == sorted({ord(" "), ord("c"), ord("C")})  # " cat", " Cat", "cat", "Cat" on the byte tokenizer
+
+
+# ---------------------------------------------------------------------------- dose search
+BASE = Fluency(perplexity=2.0, repetition=0.05)
+
+
+def curve(threshold: float, calls: list[float]):
+    """Perplexity rising with the dose: within the 2x budget exactly up to `threshold`."""
+    def measure(dose: float) -> Fluency:
+        calls.append(dose)
+        return Fluency(BASE.perplexity * (1 + dose / threshold), BASE.repetition)
+    return measure
+
+
+@pytest.mark.parametrize("threshold", [0.7, 1.0, 2.5, 5.9, 100.0])
+def test_dose_search_finds_the_largest_dose_within_budget(threshold):
+    doses = [0.5, 1.0, 2.0, 4.0, 8.0]
+    calls = []
+    result = search_dose(curve(threshold, calls), BASE, doses, budget=2.0, refine=3)
+    assert result.dose is not None and result.dose <= threshold + 1e-9
+    # it passes every ladder dose at or below the threshold, and bisection only gets closer
+    assert result.dose >= max(d for d in doses if d <= threshold)
+    if threshold < max(doses):
+        first_fail = min(d for d in doses if d > threshold)
+        assert first_fail in calls and all(d <= first_fail for d in calls), "doses above the first failure were tried"
+        assert len(calls) == doses.index(first_fail) + 1 + 3
+        assert result.dose > max(d for d in doses if d <= threshold) or threshold == max(d for d in doses if d <= threshold)
+    else:
+        assert calls == doses and result.dose == 8.0
+    assert [p.dose for p in result.points] == calls
+    assert all(p.within_budget == (p.dose <= threshold + 1e-9) for p in result.points)
+
+
+def test_dose_search_when_even_the_smallest_dose_is_too_much():
+    calls = []
+    result = search_dose(curve(0.1, calls), BASE, [0.5, 1.0], budget=2.0, refine=2)
+    assert calls[0] == 0.5 and 1.0 not in calls  # stops at the first failure, then bisects below it
+    assert result.dose is None or result.dose <= 0.1
+
+
+def test_repetition_counts_in_the_budget_from_a_floor():
+    assert within_budget(Fluency(3.9, 0.09), BASE, 2.0)
+    assert not within_budget(Fluency(4.1, 0.0), BASE, 2.0)  # perplexity over
+    assert not within_budget(Fluency(2.0, 0.11), BASE, 2.0)  # repetition over
+    no_repeats = Fluency(2.0, 0.0)
+    assert not within_budget(Fluency(2.0, 0.01), no_repeats, 2.0)
+    assert within_budget(Fluency(2.0, 0.01), no_repeats, 2.0, repetition_floor=0.02)
+
+
+def test_concept_config_checks_its_ladder():
+    with pytest.raises(ValueError, match="rising"):
+        ConceptConfig(doses=[2.0, 1.0])
+    with pytest.raises(ValueError, match="ratio above 1"):
+        ConceptConfig(budget=1.0)
+
+
+# ---------------------------------------------------------------------------- output side
+def test_matched_controls_start_as_likely_and_avoid_the_lexicon():
+    logprobs = torch.linspace(0, -10, 50)[torch.randperm(50, generator=torch.Generator().manual_seed(0))]
+    lexicon = torch.tensor([3, 7, 11])
+    controls = matched_controls(logprobs, lexicon)
+    assert len(controls) == 3 and not set(controls.tolist()) & set(lexicon.tolist()) and len(set(controls.tolist())) == 3
+    order = logprobs.argsort(descending=True).tolist()
+    for lex, ctl in zip(sorted(lexicon.tolist(), key=order.index), controls.tolist()):
+        assert order.index(ctl) > order.index(lex)  # just below it
+        assert order.index(ctl) - order.index(lex) <= 3
+
+
+def pushing_sae(tiny_model, token: int, feature: int = 7):
+    """An SAE at the last layer whose `feature` writes along token `token`'s unembedding (minus the mean)."""
+    sae = make_sae(hook=LAST)
+    direction = tiny_model.W_U[:, token] - tiny_model.W_U.mean(1)
+    scale = tiny_model.ln_final.w
+    with torch.no_grad():
+        sae.W_dec[feature] = direction / scale / (direction / scale).norm()
+    return sae
+
+
+def test_output_score_and_logit_lens_find_the_feature_that_pushes_the_concept(tiny_model):
+    token, feature = ord("q"), 7
+    sae = pushing_sae(tiny_model, token, feature)
+    z = lexicon_logit_z(sae, tiny_model, [token])
+    assert int(z.argmax()) == feature
+    prompts = [torch.tensor([256] + list(b"the cat sat")), torch.tensor([256] + list(b"on a mat"))]
+    max_activation = torch.full((64,), 20.0)
+    out = output_scores(tiny_model, sae, [feature, 3, 11], prompts, max_activation, [token], amplify=1.0, top_k=5)
+    assert out.concept_gain[0] > 1.0 and out.concept_gain[0] > out.concept_gain[1:].max() + 1.0
+    assert out.output_score[0] > 0  # its own logit-lens tokens (q first) gain probability
+    # the gain is measured against control tokens: no edit at all gains nothing
+    unamplified = output_scores(tiny_model, sae, [feature], prompts, max_activation, [token], amplify=0.0)
+    assert abs(float(unamplified.concept_gain[0])) < 0.5
+
+
+def test_search_concept_ranks_the_pushing_feature_and_steers_it(tiny_model, text_corpus):
+    token, feature = ord("q"), 7
+    sae = pushing_sae(tiny_model, token, feature)
+    with torch.no_grad():  # it fires everywhere (so it is live), reading nothing in particular
+        sae.W_enc[:, feature] = 0
+        sae.b_enc[feature] = 50.0
+    atlas = build_atlas(sae, tiny_model, AtlasConfig(corpus=CorpusConfig(source=str(text_corpus), context_len=32), n_tokens=31 * 30,
+                                                     batch_contexts=8, autocast="none", device="cpu"))
+    cfg = ConceptConfig(n_features=20, n_candidates=4, amplify=4.0, max_density=1.0, doses=[0.5, 1.0, 2.0], refine=1,
+                        generation={"max_new_tokens": 6, "stop_at_eos": False})
+    search = search_concept("cat", tiny_model, sae, atlas, lexicon=Lexicon("q", ("q",)), prompts=["the cat", "a mat"], cfg=cfg)
+    by_id = {c.feature: c for c in search.ranked}
+    assert by_id[feature].concept_gain == max(c.concept_gain for c in search.ranked)  # found by the logit lens, best by output
+    assert by_id[feature].weight == 1.0
+    steered = search.steered
+    assert 1 <= len(steered) <= 20 and max(c.weight for c in steered) == 1.0
+    assert all(c.concept_gain > 0 for c in steered)
+    assert [c.combined for c in search.ranked] == sorted((c.combined for c in search.ranked), reverse=True)
+    steering = concept_steering(sae, steered, 2.0, atlas.max_activation)
+    for c in steered:
+        assert steering.values[c.feature] == pytest.approx(2.0 * c.weight * float(atlas.max_activation[c.feature]))
+    result = choose_dose(tiny_model, sae, search, atlas.max_activation, prompts=["the cat", "a mat"], cfg=cfg)
+    assert result.points and (result.dose is None or result.dose in [p.dose for p in result.points if p.within_budget])
+    assert all(math.isfinite(p.fluency.perplexity) for p in result.points)
+
+
+def test_concept_steering_needs_a_feature():
+    with pytest.raises(ValueError, match="no feature to steer"):
+        concept_steering(make_sae(), [], 1.0, torch.ones(64))
+    f = ConceptFeature(3, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, weight=0.5)
+    assert concept_steering(make_sae(), [f], 2.0, torch.full((64,), 4.0)).values == {3: pytest.approx(4.0)}
