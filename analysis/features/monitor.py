@@ -33,7 +33,8 @@ class TokenFeatures:
     """Display text of each feature's best label ("" without one)."""
 
 
-def _label_text(labels: Labels | None, feature: int) -> str:
+def label_text(labels: Labels | None, feature: int) -> str:
+    """The display text of the feature's best label, "" without one."""
     label = labels.best(feature) if labels is not None else None
     return label.text if label is not None else ""
 
@@ -74,7 +75,7 @@ def monitor(text: str, model: HookedModel, sae: SAE, labels: Labels | dict | Non
     out = []
     for token, vals, feats in zip(strings, values.tolist(), ids.tolist()):
         live = [(v, i) for v, i in zip(vals, feats) if v > 0]
-        out.append(TokenFeatures(token, [i for _, i in live], [round(v, 3) for v, _ in live], [_label_text(labels, i) for _, i in live]))
+        out.append(TokenFeatures(token, [i for _, i in live], [round(v, 3) for v, _ in live], [label_text(labels, i) for _, i in live]))
     return out
 
 

@@ -46,7 +46,7 @@ from sae.base import SAE
 
 from ..evaluation.metrics import repetition_rate
 from .interventions import Intervention, Steering, check_compatible, check_features
-from .measure import generation_nll
+from .measure import generation_nll, right_pad
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -192,15 +192,6 @@ def matched_controls(logprobs: Tensor, token_ids: Tensor) -> Tensor:
     return torch.tensor(controls, dtype=torch.long)
 
 
-def _right_pad(prompts: Sequence[Tensor], pad: int) -> tuple[Tensor, Tensor]:
-    """tokens [n, max_len] right-padded (a causal model never reads the padding) and each row's last index [n]."""
-    width = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), width), pad, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        tokens[r, :len(p)] = p
-    return tokens, torch.tensor([len(p) - 1 for p in prompts])
-
-
 def logit_lens(sae: SAE, model: HookedModel, features: Sequence[int] | None = None) -> Tensor:
     """Logit effects [n, d_vocab] of decoder rows (all when `features` is None) through the final norm's scale."""
     W_U, scale = unembedding(model)
@@ -233,7 +224,8 @@ def output_scores(model: HookedModel, sae: SAE, features: Sequence[int], prompts
     check_compatible(model, sae)
     device = next(model.parameters()).device
     sae = sae.to(device)
-    tokens, last = _right_pad(prompts, boundary_token_id(model.tokenizer))
+    tokens, real = right_pad(prompts, boundary_token_id(model.tokenizer))  # a causal model never reads the right padding
+    last = real.sum(1) - 1
     tokens, rows = tokens.to(device), torch.arange(len(prompts))
 
     def next_logprobs(edit: Steering | None) -> Tensor:  # [n_prompts, d_vocab]
@@ -369,7 +361,7 @@ def search_concept(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, lab
     """Rank features for steering toward `concept` by what they read and what they write.
     Without a `lexicon`, one is derived from the input side's best features and shown in the
     result. `prompts` (default `TUNING_PROMPTS`) are read for the output scores."""
-    from ..features.monitor import input_selectivity
+    from ..features.monitor import input_selectivity, label_text
 
     cfg = cfg or ConceptConfig()
     sel = input_selectivity(concept, model, sae, atlas)
@@ -389,7 +381,7 @@ def search_concept(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, lab
     combined = sum(part.clamp_min(0) / part.clamp_min(0).max().clamp_min(1e-12) for part in parts) / len(parts)
     ranked = [
         ConceptFeature(f, float(sel.score[f]), float(sel.fire_rate[f]), float(contrast[f]), float(z[f]), float(out.output_score[n]),
-                       float(out.concept_gain[n]), float(combined[n]), label=_label_text(labels, f), density=float(atlas.density[f]))
+                       float(out.concept_gain[n]), float(combined[n]), label=label_text(labels, f), density=float(atlas.density[f]))
         for n, f in enumerate(candidates)
     ]
     ranked.sort(key=lambda c: -c.combined)
@@ -398,11 +390,6 @@ def search_concept(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, lab
     for c in chosen:
         c.weight = c.concept_gain / top
     return ConceptSearch(concept, lexicon, ranked)
-
-
-def _label_text(labels: Labels | None, feature: int) -> str:
-    label = labels.best(feature) if labels is not None else None
-    return label.text if label is not None else ""
 
 
 def concept_steering(sae: SAE, features: Sequence[ConceptFeature], dose: float, max_activation: Tensor) -> Steering:

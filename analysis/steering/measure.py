@@ -85,7 +85,7 @@ def feature_stats(sae: SAE, model: HookedModel, tokens: Tensor, batch_size: int 
     return FeatureStats(top.cpu(), (fires.double() / max(n, 1)).float().cpu(), n)
 
 
-def _right_pad(seqs: Sequence[Tensor], pad: int) -> tuple[Tensor, Tensor]:
+def right_pad(seqs: Sequence[Tensor], pad: int) -> tuple[Tensor, Tensor]:
     """[n, max_len] ids and a bool mask of real tokens."""
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad, dtype=torch.long)
@@ -121,7 +121,7 @@ def concept_scores(model: HookedModel, sae: SAE, features: Sequence[int], genera
     act, present, pred = [], [], []
     for b in range(0, len(generated), batch_size):
         seqs = [torch.cat([torch.tensor([bos]), g.cpu()]) for g in generated[b:b + batch_size]]
-        tokens, mask = _right_pad(seqs, bos)
+        tokens, mask = right_pad(seqs, bos)
         mask[:, 0] = False
         f = (encode_contexts(model, sae, tokens.to(device)).f[..., ids.to(device)] / scale.to(device)).cpu()  # [b, pos, n_feat]
         f = f.masked_fill(~mask[..., None], 0)
@@ -143,7 +143,7 @@ def generation_nll(model: HookedModel, prompts: Sequence[Tensor], generated: Seq
     nll, counts = [], []
     for b in range(0, len(prompts), batch_size):
         seqs = [torch.cat([p.cpu(), g.cpu()]) for p, g in zip(prompts[b:b + batch_size], generated[b:b + batch_size])]
-        tokens, mask = _right_pad(seqs, pad)
+        tokens, mask = right_pad(seqs, pad)
         is_new = torch.zeros_like(mask)
         for r, (p, g) in enumerate(zip(prompts[b:b + batch_size], generated[b:b + batch_size])):
             is_new[r, len(p):len(p) + len(g)] = True
