@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from activations.corpus import CorpusConfig
-from activations.io import atomic_write_bytes, atomic_write_json
+from activations.io import atomic_write_bytes
 
 from .base import Label
 
