@@ -150,6 +150,8 @@ def _add_steer(p: argparse.ArgumentParser) -> None:
                    "what they write, steered together at an automatically chosen dose, and compared with prompting")
     p.add_argument("--lexicon", nargs="+", default=None, help="--concept: words that show the concept in an answer (default: derived "
                    "from the features' labels and logit effects, and printed)")
+    p.add_argument("--tuning-prompts", nargs="+", default=None, help="--concept: held-out prompts the features and the dose are chosen on "
+                   "(default: analysis.steering.concept.TUNING_PROMPTS, none of them a report prompt)")
     add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "doses", "budget"))
     add_flags(p, SweepConfig, only=("mode", "strengths", "unit", "threshold"))
     add_flags(p, GenerationConfig, only=("max_new_tokens", "temperature", "top_p", "seed", "chat"))
@@ -614,7 +616,7 @@ def _steer_concept(args):
     cfg = from_flags(ConceptConfig, args, generation=generation)
     model = _model_of(args, sae)
     try:
-        search = search_concept(args.concept, model, sae, atlas, labels, lexicon, cfg=cfg)
+        search = search_concept(args.concept, model, sae, atlas, labels, lexicon, prompts=args.tuning_prompts, cfg=cfg)
     except ValueError as error:
         raise SystemExit(f"--concept {args.concept!r}: {error}") from None
     print(f"lexicon ({search.lexicon.source}): {', '.join(search.lexicon.words)}")
@@ -623,7 +625,7 @@ def _steer_concept(args):
         print(f"{c.feature:>8} {c.input_score:>6.2f} {c.contrast:>8.3f} {c.concept_gain:>+6.2f} {c.output_score:>+7.4f} {c.weight:>6.2f}  {c.label[:60]}")
     if not search.steered:
         raise SystemExit(f"no feature raises the lexicon's tokens for {args.concept!r}; try other --lexicon words")
-    dose = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg)
+    dose = choose_dose(model, sae, search, atlas.max_activation, prompts=args.tuning_prompts, cfg=cfg)
     print("dose search: " + ", ".join(f"{p.dose:.2g}{'' if p.within_budget else ' (over)'}" for p in dose.points) + f" -> {dose.dose}")
     prompts = _steer_prompts(args)
     points = compare_concept(model, sae, search, prompts, atlas.max_activation, dose.dose, cfg)

@@ -1,6 +1,7 @@
 """Concept steering (analysis.steering.concept): the lexicon score against a brute force, the
 automatic dose search on known cost curves, matched control tokens, and the output score and
 logit-lens side on the tiny model, where a feature written to push one token must win."""
+import json
 import math
 import re
 
@@ -179,3 +180,28 @@ def test_concept_steering_needs_a_feature():
         concept_steering(make_sae(), [], 1.0, torch.ones(64))
     f = ConceptFeature(3, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, weight=0.5)
     assert concept_steering(make_sae(), [f], 2.0, torch.full((64,), 4.0)).values == {3: pytest.approx(4.0)}
+
+
+def test_cli_steer_concept_prints_the_table_and_saves_it(tiny_model, text_corpus, tmp_path, monkeypatch, capsys):
+    from analysis import cli
+
+    sae = pushing_sae(tiny_model, ord("q"))
+    sae.cfg.context_size = 32
+    atlas = build_atlas(sae, tiny_model, AtlasConfig(corpus=CorpusConfig(source=str(text_corpus), context_len=32), n_tokens=31 * 30,
+                                                     batch_contexts=8, autocast="none", device="cpu"))
+    sae.save(tmp_path / "sae")
+    atlas.save(tmp_path / "sae" / "atlas")
+    monkeypatch.setattr(cli, "_model_of", lambda args, sae: tiny_model)
+    argv = ["steer", "--sae", str(tmp_path / "sae"), "--concept", "cat", "--lexicon", "q", "--n-candidates", "4", "--doses", "0.5", "1",
+            "--max-new-tokens", "4", "--no-chat", "--prompts", "the cat", "a <b>mat</b>",
+            "--tuning-prompts", "a dog", "the sun", "--out", str(tmp_path / "out")]
+    cli.main(argv)
+    printed = capsys.readouterr().out
+    assert "lexicon (given): q" in printed and "dose search:" in printed and "prompting" in printed
+    saved = json.loads((tmp_path / "out" / "steer" / "concept_cat.json").read_text())
+    assert [p["condition"] for p in saved["points"]][:2] == ["unsteered", "prompting"]
+    assert saved["search"]["lexicon"]["words"] == ["q"]
+    with pytest.raises(SystemExit, match="not both"):
+        cli.main(argv + ["--features", "3"])
+    with pytest.raises(SystemExit, match="single words"):
+        cli.main(["steer", "--sae", str(tmp_path / "sae"), "--concept", "cat", "--lexicon", "ice cream", "--out", str(tmp_path / "out")])
