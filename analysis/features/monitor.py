@@ -293,7 +293,7 @@ def concept_heatmap(readings: ConceptReadings, title: str = "Concept monitor"):
               for j, c in enumerate(readings.concepts)] for n in range(len(readings.texts))]
     fig = go.Figure(go.Heatmap(z=readings.score.numpy(), x=readings.concepts, y=[f"{n + 1}. {html.escape(s)}" for n, s in enumerate(short)],
                                text=hover, hoverinfo="text", colorscale="Oranges", zmin=0, colorbar={"title": "x max act."}))
-    fig.update_layout(title=title, height=max(300, 24 * len(short) + 150), yaxis={"autorange": "reversed"})
+    fig.update_layout(title=title, height=max(300, 24 * len(short) + 150), yaxis={"autorange": "reversed"}, xaxis={"side": "top"})
     return fig
 
 
