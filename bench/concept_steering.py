@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--concepts", nargs="+", default=list(CONCEPTS), help=f"a subset of {list(CONCEPTS)}")
     p.add_argument("--n-features", type=int, default=ConceptConfig.n_features, help="features steered together")
     p.add_argument("--budget", type=float, default=ConceptConfig.budget, help="fluency budget (x unsteered)")
+    p.add_argument("--margin", type=float, default=ConceptConfig.margin, help="the dose search holds tuning answers to budget x margin")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--model", default="smollm2")
@@ -76,7 +77,7 @@ def main() -> None:
     sae = load_sae(args.sae)
     atlas_dir = Path(args.sae) / "atlas"
     atlas, labels = load_atlas(atlas_dir), load_labels(atlas_dir / "labels.json")
-    cfg = ConceptConfig(n_features=args.n_features, budget=args.budget)
+    cfg = ConceptConfig(n_features=args.n_features, budget=args.budget, margin=args.margin)
     cfg.generation.max_new_tokens, cfg.generation.batch_size = args.max_new_tokens, args.batch_size
     prompts = list(NEUTRAL_PROMPTS)
     n = len(prompts)

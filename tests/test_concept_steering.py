@@ -4,6 +4,7 @@ logit-lens side on the tiny model, where a feature written to push one token mus
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -110,6 +111,8 @@ def test_concept_config_checks_its_ladder():
         ConceptConfig(doses=[2.0, 1.0])
     with pytest.raises(ValueError, match="ratio above 1"):
         ConceptConfig(budget=1.0)
+    with pytest.raises(ValueError, match="margin"):
+        ConceptConfig(budget=2.0, margin=0.4)
 
 
 # ---------------------------------------------------------------------------- output side
@@ -172,6 +175,9 @@ def test_search_concept_ranks_the_pushing_feature_and_steers_it(tiny_model, text
         assert steering.values[c.feature] == pytest.approx(2.0 * c.weight * float(atlas.max_activation[c.feature]))
     result = choose_dose(tiny_model, sae, search, atlas.max_activation, prompts=["the cat", "a mat"], cfg=cfg)
     assert result.points and (result.dose is None or result.dose in [p.dose for p in result.points if p.within_budget])
+    assert result.budget == cfg.budget
+    tight = choose_dose(tiny_model, sae, search, atlas.max_activation, prompts=["the cat", "a mat"], cfg=replace(cfg, margin=0.75))
+    assert tight.budget == pytest.approx(1.5)  # the search holds the tuning answers to budget x margin
     assert all(math.isfinite(p.fluency.perplexity) for p in result.points)
 
 

@@ -271,6 +271,9 @@ class ConceptConfig:
     """Bisection steps between the last dose that passed and the first that failed."""
     budget: float = 2.0
     """Fluency budget: perplexity and repetition at most this many times the unsteered answers'."""
+    margin: float = 1.0
+    """The dose search holds the tuning answers to budget x margin: below 1 leaves room for the
+    report prompts, where a dose chosen at the edge of the budget often lands over it."""
     repetition_floor: float = 0.02
     """The unsteered repetition counted in the budget is at least this (so 0 repetition on a
     few short answers does not make every repeat a failure)."""
@@ -285,6 +288,8 @@ class ConceptConfig:
             raise ValueError(f"doses must be positive and rising, got {self.doses}")
         if self.budget <= 1:
             raise ValueError(f"the fluency budget is a ratio above 1, got {self.budget}")
+        if not 0 < self.margin <= 1 or self.budget * self.margin <= 1:
+            raise ValueError(f"margin must be in (0, 1] and leave budget x margin above 1, got {self.margin}")
 
 
 @dataclass
@@ -489,7 +494,7 @@ def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activat
         return result
 
     try:
-        return search_dose(measure, base, cfg.doses, cfg.budget, cfg.refine, cfg.repetition_floor)
+        return search_dose(measure, base, cfg.doses, cfg.budget * cfg.margin, cfg.refine, cfg.repetition_floor)
     finally:
         bar.close()
 
