@@ -98,7 +98,7 @@ def main() -> None:
             print(f"    f{c.feature}: {c.label[:90]}")
         dose = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg)
         alone = [replace(top_input, weight=1.0)]
-        dose_input = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg, features=alone)
+        dose_input = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg, features=alone, base=dose.base)
         for name, d in (("concept", dose), ("top input", dose_input)):
             print(f"  dose search ({name}): base ppl {d.base.perplexity:.2f} rep {d.base.repetition:.3f}; "
                   + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f})"

@@ -178,6 +178,8 @@ def test_search_concept_ranks_the_pushing_feature_and_steers_it(tiny_model, text
     assert result.budget == cfg.budget
     tight = choose_dose(tiny_model, sae, search, atlas.max_activation, prompts=["the cat", "a mat"], cfg=replace(cfg, margin=0.75))
     assert tight.budget == pytest.approx(1.5)  # the search holds the tuning answers to budget x margin
+    again = choose_dose(tiny_model, sae, search, atlas.max_activation, prompts=["the cat", "a mat"], cfg=cfg, base=result.base)
+    assert again.base == result.base and [p.dose for p in again.points] == [p.dose for p in result.points]
     assert all(math.isfinite(p.fluency.perplexity) for p in result.points)
 
 

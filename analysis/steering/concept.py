@@ -477,12 +477,13 @@ def fluency(model: HookedModel, prompts: Sequence[Tensor], generated: Sequence[T
 
 
 def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activation: Tensor, prompts: Sequence[str] | None = None,
-                cfg: ConceptConfig | None = None, features: Sequence[ConceptFeature] | None = None) -> DoseSearch:
-    """`search_dose` for the search's steered features (or `features`) on held-out tuning prompts (default `TUNING_PROMPTS`)."""
+                cfg: ConceptConfig | None = None, features: Sequence[ConceptFeature] | None = None, base: Fluency | None = None) -> DoseSearch:
+    """`search_dose` for the search's steered features (or `features`) on held-out tuning prompts (default `TUNING_PROMPTS`).
+    `base`: the unsteered answers' fluency on those prompts, when an earlier search measured it (`DoseSearch.base`)."""
     cfg = cfg or ConceptConfig()
     features = list(features if features is not None else search.steered)
     tokens = encode_prompts(model.tokenizer, list(prompts or TUNING_PROMPTS), cfg.generation.chat)
-    base = fluency(model, tokens, generate_tokens(model, tokens, cfg.generation))
+    base = base or fluency(model, tokens, generate_tokens(model, tokens, cfg.generation))
 
     bar = tqdm(total=len(cfg.doses) + cfg.refine, desc="dose search", leave=False)
 
