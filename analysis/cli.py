@@ -30,6 +30,11 @@ PRESETS = {
     # ~2 min: checks the whole pipeline, numbers are not meaningful
     "smoke": dict(n_tokens=40_000, train_tokens=40_000, d_sae=1152, k=32, batch_size=1024, eval_tokens=8_192, ce_contexts=16,
                   atlas_tokens=16_384, label_contexts=64),
+    # ~45 min: a stack of SAEs for inference chains (`saewb trace`), one per hook, all harvested in one
+    # pass. Every third layer's residual stream from 2 to 29: 3 blocks between neighbours, the default
+    # layer 8 among them, and the last SAE on the final residual, so the target reads it directly.
+    "chain": dict(hooks=[f"blocks.{layer}.hook_resid_post" for layer in range(2, 30, 3)], n_tokens=500_000, train_tokens=500_000,
+                  d_sae=2304, k=32, batch_size=4096, eval_tokens=32_768, ce_contexts=32, atlas_tokens=65_536, label_contexts=256),
 }
 
 
@@ -229,9 +234,21 @@ def cmd_harvest(args) -> dict:
 
 
 def cmd_train(args) -> list[Path]:
+    """Train on the store of --hook; after a harvest of several hooks (`run --hooks A B`, the
+    chain preset), one SAE per hook, each into <out>/sae/<hook>/, listed in <out>/sae/stack.json."""
     from sae import cli as train_cli
 
-    return train_cli.run(args, _model)
+    hooks = getattr(args, "hooks", None) or [args.hook]
+    if len(hooks) == 1 or getattr(args, "store", None):
+        return train_cli.run(args, _model)
+    from .circuits.stack import write_stack_manifest
+
+    paths = []
+    for hook in hooks:
+        print(f"--- training on {hook}")
+        paths += train_cli.run(argparse.Namespace(**{**vars(args), "hook": hook}), _model, out_dir=args.out / "sae" / hook)
+    print(f"SAE stack: {write_stack_manifest(args.out / 'sae', paths)}")
+    return paths
 
 
 def _heldout_contexts(corpus, tokenizer, wanted: int) -> int:
@@ -260,10 +277,7 @@ def cmd_evaluate(args, sae_paths=None):
     if sae_paths is None and args.sae:
         sae_paths = [Path(p) for p in args.sae]
     if sae_paths is None:
-        summary = args.out / "sae" / "train_summary.json"
-        if not summary.exists():
-            raise SystemExit(f"no --sae given and no {summary}; train first or pass --sae")
-        sae_paths = [Path(p) for p in json.loads(summary.read_text())["saes"].values()]
+        sae_paths = _trained_saes(args)
     results = {}
     for path in sae_paths:
         sae = load_sae(path)
@@ -284,11 +298,19 @@ def cmd_evaluate(args, sae_paths=None):
         print(f"{path.name}: {summary_line(result)}")
         print(f"  metrics: {json_path}\n  report:  {html_path}")
         results[str(path)] = result
+    if len(sae_paths) > 1 and (args.out / "sae" / "stack.json").exists() and \
+            {str(p) for p in sae_paths} <= set(json.loads((args.out / "sae" / "stack.json").read_text())["saes"].values()):
+        from .circuits.stack import format_stack_table, stack_rows, write_stack_report
+
+        print(format_stack_table(stack_rows(args.out / "sae")))
+        print(f"  stack report: {write_stack_report(args.out / 'sae')[1]}")
     return results
 
 
 def _trained_saes(args) -> list[Path]:
     summary = args.out / "sae" / "train_summary.json"
+    if (args.out / "sae" / "stack.json").exists():
+        summary = args.out / "sae" / "stack.json"
     if not summary.exists():
         raise SystemExit(f"no --sae given and no {summary}; train first or pass --sae")
     return [Path(p) for p in json.loads(summary.read_text())["saes"].values()]

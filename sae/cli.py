@@ -56,8 +56,9 @@ def sae_configs(args: argparse.Namespace, d_in: int, context_len: int) -> list[S
     return configs
 
 
-def run(args: argparse.Namespace, model_of: Callable[[argparse.Namespace], object]) -> list[Path]:
-    """Train per `args` (from a store, or --on-the-fly from `model_of(args)`); the SAE folders."""
+def run(args: argparse.Namespace, model_of: Callable[[argparse.Namespace], object], out_dir: Path | None = None) -> list[Path]:
+    """Train per `args` (from a store, or --on-the-fly from `model_of(args)`) into `out_dir`
+    (default <out>/sae); the SAE folders."""
     from activations import ActivationStore, CorpusConfig
 
     if args.on_the_fly:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace, model_of: Callable[[argparse.Namespace], objec
         context_len = int(source.manifest["context_len"])
         if not args.model_given:  # the SAEs record the model the store was harvested from
             args.model = source.model_name
-    cfg = from_flags(TrainConfig, args, rename=RENAMED, out_dir=str(args.out / "sae"),
+    cfg = from_flags(TrainConfig, args, rename=RENAMED, out_dir=str(out_dir or args.out / "sae"),
                      saes=sae_configs(args, source.d_in, context_len), device=args.device)
     paths = train(cfg, source)
     for p in paths:
