@@ -8,6 +8,8 @@
                                            --concepts A B --file texts.txt: a concept heatmap
     saewb steer --sae DIR --features I ..  steered vs unsteered text + dose-response sweep figure
     saewb steer --sae DIR --concept WORD   concept steering: features, automatic dose, against prompting
+    saewb trace --sae STACK --prompt P --target T   a feature graph of a prompt through a stack of SAEs
+    saewb match --sae A B                  which features of two SAEs are the same (widths, seeds, layers)
 Every flag can also come from a JSON config file (`--config run.json`, keys = flag names
 with underscores); flags given on the command line win.
 """
@@ -168,6 +170,31 @@ def _add_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-contexts", type=int, default=8, help="held-out contexts of neutral text for the KL side-effect measure")
 
 
+def _add_trace(p: argparse.ArgumentParser) -> None:
+    from activations.flags import add_flags
+
+    from .circuits.graph import GraphConfig
+
+    p.add_argument("--sae", nargs="+", default=None, help="the SAE stack: a folder with stack.json (`saewb run --preset chain` writes "
+                   "<out>/sae/stack.json) or SAE folders in layer order (default: <out>/sae)")
+    p.add_argument("--prompt", required=True, help="the prompt (BOS is prepended)")
+    p.add_argument("--target", default=None, help="the target token, e.g. ' Paris' (one token; mind the leading space); "
+                   "the graph explains its logit less the mean logit")
+    p.add_argument("--contrast", default=None, help="with --target: explain the logit difference target - contrast")
+    p.add_argument("--target-feature", default=None, metavar="HOOK:ID", help="explain a feature of a later SAE of the stack instead, "
+                   "e.g. blocks.20.hook_resid_post:1234")
+    p.add_argument("--position", type=int, default=-1, help="position of the target (default: the last token)")
+    p.add_argument("--name", default=None, help="file name of the outputs (default: from the prompt)")
+    add_flags(p, GraphConfig, skip={"batch_rows", "budgets"})
+
+
+def _add_match(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", nargs="+", required=True, help="two SAE folders (same hook: widths or seeds), or one stack folder "
+                   "(neighbouring layers)")
+    p.add_argument("--threshold", type=float, default=0.7, help="decoder cosine at or above which two features count as the same")
+    p.add_argument("--coact-tokens", type=int, default=16_384, help="held-out tokens for co-activation (layers of a stack)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saewb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dashboard": ("static HTML bundle of a feature atlas, written to <out>/dashboard", [_add_dashboard]),
         "monitor": ("features firing on each token of a text, or the features of a concept (--find)", [_add_monitor]),
         "steer": ("steer generation with SAE features: side-by-side text and a dose-response figure in <out>/steer", [_add_corpus, _add_steer]),
+        "trace": ("a feature graph of a prompt through a stack of SAEs: JSON, Neuronpedia JSON and an offline HTML view", [_add_trace]),
+        "match": ("match the features of two SAEs (widths, seeds) or of neighbouring layers of a stack", [_add_corpus, _add_match]),
     }
     for name, (help_text, adders) in specs.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -665,8 +694,82 @@ def _steer_concept(args):
     return points
 
 
+def _stack_source(args) -> tuple[list | Path, Path]:
+    """(what `load_stack` reads, the folder traces and means go in) from --sae (default <out>/sae)."""
+    sources = [Path(p) for p in (args.sae or [args.out / "sae"])]
+    if len(sources) == 1 and sources[0].is_dir() and not (sources[0] / "cfg.json").exists():
+        return sources[0], sources[0]
+    return sources, Path(args.out)
+
+
+def cmd_trace(args):
+    import re
+
+    from activations.flags import from_flags
+
+    from .circuits.export import feature_cards, write_graph
+    from .circuits.graph import GraphConfig, feature_target, logit_target, stack_means, trace
+    from .circuits.stack import load_stack
+
+    source, folder = _stack_source(args)
+    try:
+        stack = load_stack(source)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--sae: {error}") from None
+    if stack.model_name and not args.model_given:
+        args.model = stack.model_name
+    model = _model(args)
+    cfg = from_flags(GraphConfig, args)
+    try:
+        stack.check_model(model)
+        if args.target_feature:
+            hook, _, feature = args.target_feature.rpartition(":")
+            target = feature_target(stack, hook, int(feature), args.position)
+        elif args.target:
+            target = logit_target(model.tokenizer, args.target, args.contrast, position=args.position)
+        else:
+            raise ValueError("name what to explain: --target TOKEN (optionally --contrast TOKEN) or --target-feature HOOK:ID")
+        means = stack_means(model, stack.to(next(model.parameters()).device), n_tokens=cfg.mean_tokens, cache=folder / "means.safetensors")
+        graph = trace(model, stack, args.prompt, target, cfg, means=means)
+    except ValueError as error:
+        raise SystemExit(f"trace: {error}") from None
+    cards = feature_cards(graph)
+    name = args.name or (re.sub(r"[^A-Za-z0-9]+", "_", args.prompt).strip("_")[:48] or "graph")
+    paths = write_graph(graph, folder / "traces" / name, model_name=stack.model_name, cards=cards)
+    print(graph.summary())
+    print("faithfulness at smaller budgets: " + ", ".join(f"{graph.metric['nodes_top'][k]} nodes {graph.metric['faithfulness_' + k]:.1%}"
+                                                        for k in graph.metric["nodes_top"]))
+    print("strongest chain:\n  " + graph.chain_text())
+    for path in paths:
+        print(f"  {path}")
+    return graph
+
+
+def cmd_match(args):
+    from sae import load_sae
+
+    from .circuits.matching import layer_matches, live_features, match_saes
+    from .circuits.stack import load_stack
+
+    if len(args.sae) == 2:  # two SAEs: same hook (widths, seeds) or any two
+        a, b = (load_sae(p) for p in args.sae)
+        result = match_saes(a, b, args.threshold, live_features(args.sae[0]), live_features(args.sae[1]))
+        print(f"{args.sae[0]} vs {args.sae[1]}:\n  {result.summary()}")
+        return result
+    try:
+        stack = load_stack(args.sae[0])
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--sae: {error}") from None
+    if not args.model_given and stack.model_name:
+        args.model = stack.model_name
+    result = layer_matches(_model(args), stack, threshold=args.threshold, n_tokens=args.coact_tokens, corpus=args.corpus)
+    print(result.table())
+    return result
+
+
 SHARDED = {"harvest": cmd_harvest, "train": cmd_train}
-MAIN_RANK_ONLY = {"evaluate": cmd_evaluate, "analyze": cmd_analyze, "monitor": cmd_monitor, "dashboard": cmd_dashboard, "steer": cmd_steer}
+MAIN_RANK_ONLY = {"evaluate": cmd_evaluate, "analyze": cmd_analyze, "monitor": cmd_monitor, "dashboard": cmd_dashboard, "steer": cmd_steer,
+                   "trace": cmd_trace, "match": cmd_match}
 
 
 def main(argv: list[str] | None = None) -> None:

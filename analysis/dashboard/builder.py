@@ -85,7 +85,7 @@ def build_dashboard(atlas: Atlas, out_dir: str | Path, labels: Labels | dict | N
             title = f"Feature {i}" + (f" · {best.text}" if best is not None else "")
             (staging / f"{i}.html").write_bytes(_page(title, data, "feature.js", root="../"))
         vocab = {str(t): atlas.vocab.get(t, f"<id {t}>") for t in sorted(used_tokens)}
-        atomic_write_bytes(out / "assets" / "vocab.js", f"window.SAEWB_VOCAB={_safe_json(vocab)};\n".encode())
+        atomic_write_bytes(out / "assets" / "vocab.js", f"window.SAEWB_VOCAB={safe_json(vocab)};\n".encode())
         staging.chmod(0o755)
         _replace_dir(staging, out / "features")
     finally:
@@ -212,7 +212,7 @@ def _token_ids(data: dict) -> set[int]:
 
 
 # ---------------------------------------------------------------------------- writing
-def _safe_json(obj) -> str:
+def safe_json(obj) -> str:
     """JSON that can sit inside <script> (and a .js file): no `<`, `>`, `&` or JS line separators."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
@@ -227,7 +227,7 @@ def _page(title: str, data: dict, renderer: str, root: str) -> bytes:
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">{_ERROR_RECORDER}'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
         f'<link rel="stylesheet" href="{root}assets/style.css"></head><body><main id="app"></main>'
-        f'<script id="saewb-data" type="application/json">{_safe_json(data)}</script>'
+        f'<script id="saewb-data" type="application/json">{safe_json(data)}</script>'
         f'<script src="{root}assets/plotly.min.js"></script>{vocab}'
         f'<script src="{root}assets/common.js"></script><script src="{root}assets/{renderer}"></script></body></html>\n'
     ).encode()

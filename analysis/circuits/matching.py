@@ -1,0 +1,194 @@
+"""Which features are "the same": across two SAEs of one hook (widths, seeds), and from one
+layer of a stack to the next.
+
+- `match_saes(a, b)`: each live feature of `a` against its nearest decoder direction in `b`
+  (cosine). The share at or above the threshold, and the share that are mutual nearest
+  neighbours, are the reported numbers.
+- `layer_matches(model, stack)`: for neighbouring hooks i -> i+1 of a stack, decoder cosine
+  (the residual stream's basis drifts slowly, so a direction that persists keeps its cosine) and
+  co-activation (Pearson correlation of the two features' activations over the same held-out
+  tokens). A feature *persists* when it and its partner are mutual nearest neighbours at or above
+  the threshold; it *splits* when two or more features of the next layer take it as their nearest
+  (at or above the threshold), two or more *merge* into one, and a feature *appears* when nothing
+  in the layer before comes that close. Persisting links are followed into chains across layers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from activations.corpus import heldout_corpus, load_contexts
+from activations.model import HookedModel
+from sae import SAE
+
+from ..encoding import first_position
+from .runner import ResidualRunner
+from .stack import SAEStack, decoder_directions
+
+
+def live_features(sae_dir: str | Path) -> Tensor | None:
+    """[d_sae] bool: features that fired on held-out text, from the SAE's eval.json (None without one)."""
+    path = Path(sae_dir) / "eval.json"
+    if not path.exists():
+        return None
+    density = json.loads(path.read_text()).get("log10_feature_density")
+    return None if density is None else torch.tensor(density) > -10
+
+
+def nearest(a: Tensor, b: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    """For unit rows a [n d] and b [m d]: (best cosine [n], index in b [n])."""
+    values, indices = [], []
+    for s in range(0, len(a), chunk):
+        v, i = (a[s:s + chunk] @ b.T).max(dim=1)
+        values.append(v)
+        indices.append(i)
+    return torch.cat(values), torch.cat(indices)
+
+
+@dataclass
+class PairMatch:
+    threshold: float
+    n_live_a: int
+    n_live_b: int
+    share_matched: float
+    """Of a's live features: nearest decoder cosine in b at or above the threshold."""
+    share_mutual: float
+    """Of a's live features: mutual nearest neighbours at or above the threshold."""
+    share_matched_b: float
+    """Of b's live features: nearest in a at or above the threshold."""
+    median_cosine: float
+    best_cosine: Tensor = field(repr=False)
+    best_index: Tensor = field(repr=False)
+
+    def summary(self) -> str:
+        return (f"{self.share_matched:.1%} of {self.n_live_a} live features have a partner with decoder cosine >= {self.threshold} "
+                f"({self.share_mutual:.1%} mutual nearest neighbours; {self.share_matched_b:.1%} the other way, of {self.n_live_b}); "
+                f"median best cosine {self.median_cosine:.3f}")
+
+
+def match_saes(a: SAE, b: SAE, threshold: float = 0.7, live_a: Tensor | None = None, live_b: Tensor | None = None) -> PairMatch:
+    """Match the live features of `a` to those of `b` by decoder cosine."""
+    if a.cfg.d_in != b.cfg.d_in:
+        raise ValueError(f"the SAEs read different widths (d_in {a.cfg.d_in} and {b.cfg.d_in}): nothing to match")
+    live_a = torch.ones(a.cfg.d_sae, dtype=torch.bool) if live_a is None else live_a.bool()
+    live_b = torch.ones(b.cfg.d_sae, dtype=torch.bool) if live_b is None else live_b.bool()
+    da, db = decoder_directions(a)[live_a], decoder_directions(b)[live_b]
+    best_ab, index_ab = nearest(da, db)
+    best_ba, index_ba = nearest(db, da)
+    mutual = (index_ba[index_ab] == torch.arange(len(da))) & (best_ab >= threshold)
+    return PairMatch(threshold, len(da), len(db), float((best_ab >= threshold).float().mean()), float(mutual.float().mean()),
+                     float((best_ba >= threshold).float().mean()), float(best_ab.median()), best_ab,
+                     live_b.nonzero().squeeze(1)[index_ab])
+
+
+@dataclass
+class LayerMatches:
+    hooks: list[str]
+    threshold: float
+    rows: list[dict]
+    """Per neighbouring pair: live counts, persist / split / merge / appear / vanish, median cosines and co-activations."""
+    chains: list[list[tuple[int, int]]]
+    """Persisting chains, longest first: [(stack index, feature), ...]."""
+    n_tokens: int
+
+    def table(self, labels: dict | None = None, n_chains: int = 8) -> str:
+        lines = [f"features across layers (decoder cosine >= {self.threshold}; co-activation on {self.n_tokens:,} held-out tokens)",
+                 "| from -> to | live | persist | split | merge | appear | vanish | median cos | median coact | persisting with coact >= 0.5 |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r['from'].split('.hook')[0]} -> {r['to'].split('.hook')[0]} | {r['live_from']} -> {r['live_to']} | "
+                         f"{r['persist']} | {r['split']} | {r['merge']} | {r['appear']} | {r['vanish']} | {r['median_cosine']:.3f} | "
+                         f"{r['median_coact']:.3f} | {r['persist_coactive']:.1%} |")
+        for chain in self.chains[:n_chains]:
+            lines.append("chain: " + " -> ".join(f"{self.hooks[i].split('.hook')[0]}#{f}" + (f" {labels[(i, f)]!r}" if labels and (i, f) in labels else "")
+                                                  for i, f in chain))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"hooks": self.hooks, "threshold": self.threshold, "rows": self.rows, "chains": self.chains, "n_tokens": self.n_tokens}
+
+
+@torch.no_grad()
+def coactivation(model: HookedModel, stack: SAEStack, corpus=None, n_tokens: int = 16_384,
+                 batch_contexts: int = 8) -> tuple[list[Tensor], list[Tensor], int]:
+    """Pearson correlation [d_i d_{i+1}] of every feature pair of neighbouring hooks over the same
+    held-out tokens (one pass), each hook's firing counts [d_sae], and the number of tokens."""
+    runner = ResidualRunner(model)
+    device = next(model.parameters()).device
+    corpus = corpus or heldout_corpus(stack.saes[0].training_data, None, stack.saes[0].cfg.context_size)
+    first = first_position(stack.saes[0])
+    tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=-(-n_tokens // (corpus.context_len - first)))).long()
+    n_hooks = len(stack)
+    s = [torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for sae in stack.saes]
+    ss = [torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for sae in stack.saes]
+    fired = [torch.zeros(sae.cfg.d_sae, dtype=torch.long) for sae in stack.saes]
+    cross = [torch.zeros(stack.saes[i].cfg.d_sae, stack.saes[i + 1].cfg.d_sae, dtype=torch.float64) for i in range(n_hooks - 1)]
+    count = 0
+    for b in tqdm(range(0, len(tokens), batch_contexts), desc="co-activation"):
+        resid, start, acts = runner.embed(tokens[b:b + batch_contexts].to(device)), 0, []
+        for sae, layer in zip(stack.saes, stack.layers):
+            resid = runner.blocks(resid, start, layer)
+            start = layer
+            acts.append(sae.encode(resid[:, first:].float()).flatten(0, 1).double().cpu())
+        for i, f in enumerate(acts):
+            s[i] += f.sum(0)
+            ss[i] += (f * f).sum(0)
+            fired[i] += (f > 0).sum(0)
+            if i + 1 < n_hooks:
+                cross[i] += f.T @ acts[i + 1]
+        count += len(acts[0])
+    corr = []
+    for i in range(n_hooks - 1):
+        mean_a, mean_b = s[i] / count, s[i + 1] / count
+        std_a = (ss[i] / count - mean_a ** 2).clamp_min(1e-12).sqrt()
+        std_b = (ss[i + 1] / count - mean_b ** 2).clamp_min(1e-12).sqrt()
+        corr.append(((cross[i] / count - mean_a[:, None] * mean_b[None]) / (std_a[:, None] * std_b[None])).float())
+    return corr, fired, count
+
+
+def layer_matches(model: HookedModel, stack: SAEStack, threshold: float = 0.7, n_tokens: int = 16_384, corpus: str | None = None) -> LayerMatches:
+    """Features of each hook of `stack` against the next hook's (see the module docstring)."""
+    stack.check_model(model)
+    if len(stack) < 2:
+        raise ValueError("matching across layers needs a stack of at least two SAEs")
+    stack.to(next(model.parameters()).device)
+    corpus_cfg = heldout_corpus(stack.saes[0].training_data, corpus, stack.saes[0].cfg.context_size) if corpus else None
+    corr, fired, count = coactivation(model, stack, corpus_cfg, n_tokens)
+    dirs = [decoder_directions(s).cpu() for s in stack.saes]
+    rows, links = [], []
+    for i in range(len(stack) - 1):
+        live_a, live_b = (fired[i] > 0).nonzero().squeeze(1), (fired[i + 1] > 0).nonzero().squeeze(1)
+        cos = dirs[i][live_a] @ dirs[i + 1][live_b].T  # [live_a live_b]
+        fwd_v, fwd_i = cos.max(1)
+        back_v, back_i = cos.max(0)
+        mutual = (back_i[fwd_i] == torch.arange(len(live_a))) & (fwd_v >= threshold)
+        close_back = back_v >= threshold  # next-layer features with a close feature before
+        takers = torch.bincount(back_i[close_back], minlength=len(live_a))  # next-layer features taking each a as nearest
+        givers = torch.bincount(fwd_i[fwd_v >= threshold], minlength=len(live_b))
+        pair_corr = corr[i][live_a[mutual.nonzero().squeeze(1)], live_b[fwd_i[mutual]]]
+        best_corr = corr[i][live_a][:, live_b].max(1).values
+        rows.append({"from": stack.hooks[i], "to": stack.hooks[i + 1], "live_from": len(live_a), "live_to": len(live_b),
+                     "persist": int(mutual.sum()), "split": int((takers >= 2).sum()), "merge": int((givers >= 2).sum()),
+                     "appear": int((~close_back).sum()), "vanish": int((fwd_v < threshold).sum()),
+                     "median_cosine": float(fwd_v.median()), "median_coact": float(best_corr.median()),
+                     "persist_coactive": float((pair_corr >= 0.5).float().mean()) if len(pair_corr) else 0.0})
+        links.append({int(live_a[k]): int(live_b[fwd_i[k]]) for k in mutual.nonzero().squeeze(1).tolist()})
+    chains, seen = [], set()
+    for i in range(len(links)):
+        for start in links[i]:
+            if (i, start) in seen:
+                continue
+            chain, layer, feature = [(i, start)], i, start
+            while layer < len(links) and feature in links[layer]:
+                feature = links[layer][feature]
+                layer += 1
+                chain.append((layer, feature))
+                seen.add((layer, feature))
+            chains.append(chain)
+    chains.sort(key=lambda c: -len(c))
+    return LayerMatches(stack.hooks, threshold, rows, chains, count)
