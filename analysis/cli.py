@@ -301,13 +301,14 @@ def cmd_evaluate(args, sae_paths=None):
     from activations.corpus import describe, heldout_corpus
     from sae import load_sae
 
-    from .evaluation.evaluate import EvalConfig, evaluate, summary_line, write_results
+    from .evaluation.evaluate import EvalConfig, evaluate_many, summary_line, write_results
 
     if sae_paths is None and args.sae:
         sae_paths = [Path(p) for p in args.sae]
     if sae_paths is None:
         sae_paths = _trained_saes(args)
-    results = {}
+    # SAEs of one model measured on the same text share their passes (a stack, a sweep)
+    groups: dict[tuple, list] = {}
     for path in sae_paths:
         sae = load_sae(path)
         model = _model_of(args, sae)
@@ -321,12 +322,16 @@ def cmd_evaluate(args, sae_paths=None):
             n_tokens, n_ce = min(n_tokens, have * (corpus.context_len - 1)), min(n_ce, have)
             print(f"{describe(corpus)} has only {have} contexts: evaluating on {n_tokens:,} tokens and {n_ce} CE contexts")
         cfg = EvalConfig(corpus=corpus, n_tokens=n_tokens, n_ce_contexts=n_ce)
-        result = evaluate(sae, model, cfg)
-        json_path, html_path = write_results(result, path, path.parent / "metrics.jsonl",
-                                             title=f"{path.name} @ {sae.cfg.hook_name}, measured on {describe(corpus)}")
-        print(f"{path.name}: {summary_line(result)}")
-        print(f"  metrics: {json_path}\n  report:  {html_path}")
-        results[str(path)] = result
+        groups.setdefault((id(model), describe(corpus), n_tokens, n_ce), []).append((path, sae, model, cfg))
+    results = {}
+    for members in groups.values():
+        _, _, model, cfg = members[0]
+        for (path, sae, _, _), result in zip(members, evaluate_many([m[1] for m in members], model, cfg)):
+            json_path, html_path = write_results(result, path, path.parent / "metrics.jsonl",
+                                                 title=f"{path.name} @ {sae.cfg.hook_name}, measured on {describe(cfg.corpus)}")
+            print(f"{path.name}: {summary_line(result)}")
+            print(f"  metrics: {json_path}\n  report:  {html_path}")
+            results[str(path)] = result
     if len(sae_paths) > 1 and (args.out / "sae" / "stack.json").exists() and \
             {str(p) for p in sae_paths} <= set(json.loads((args.out / "sae" / "stack.json").read_text())["saes"].values()):
         from .circuits.stack import format_stack_table, stack_rows, write_stack_report

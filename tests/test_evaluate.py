@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from activations.corpus import CorpusConfig, load_contexts
-from analysis.evaluation.evaluate import EvalConfig, evaluate
+from analysis.evaluation.evaluate import EvalConfig, evaluate, evaluate_many
 from sae import ARCHITECTURES, SAEConfig
 
 HOOK = "blocks.0.hook_resid_post"
@@ -145,3 +145,21 @@ def test_evaluate_reconstruction_metrics_match_a_hand_computation(setup):
     expected_density = [math.log10(max(int(c) / n, 1e-10)) for c in fires]
     assert result.log10_feature_density == pytest.approx(expected_density, abs=1e-4)
     assert result.metrics["ultralow_fraction"] == pytest.approx(float(((fires > 0) & (fires < n / 1e5)).double().mean()), abs=1e-12)
+
+
+def test_evaluate_many_gives_each_sae_what_evaluate_gives_it_alone(setup, text_corpus):
+    """A stack shares its passes (one run to the deepest hook, one clean CE); the numbers of each
+    SAE must not change: here an SAE at the other hook of the tiny model beside the first one."""
+    model, sae, _, alone = setup
+    other = pca_topk_sae(model, text_corpus, k=2)
+    cfg = EvalConfig(corpus=CorpusConfig(**alone.corpus), n_tokens=N_RECON * (CTX - 1), n_ce_contexts=N_CE, batch_contexts=5)
+    with torch.no_grad():
+        other.cfg.hook_name = "blocks.1.hook_resid_post"
+        other.W_dec.mul_(-1)  # a different SAE: the same directions, read with the other sign
+        other.W_enc.mul_(-1)
+    other_alone = evaluate(other, model, cfg)
+    together = evaluate_many([sae, other], model, cfg)
+    for expected, got in ((alone, together[0]), (other_alone, together[1])):
+        for name in ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_per_token", "n_ce_tokens"):
+            assert getattr(got, name) == pytest.approx(getattr(expected, name), abs=1e-6), name
+    assert together[0].fvu != pytest.approx(together[1].fvu, abs=1e-3)  # two different SAEs, two different results

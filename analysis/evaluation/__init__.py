@@ -1,7 +1,7 @@
 """Evaluation: pure metric functions (`metrics.py`), the held-out evaluation of an SAE
 spliced into its model (`evaluate.py`), and the standalone plotly report (`report.py`)."""
-from .evaluate import EvalConfig, EvalResult, evaluate, summary_line, write_results
+from .evaluate import EvalConfig, EvalResult, evaluate, evaluate_many, summary_line, write_results
 from .metrics import ce_loss_recovered, dead_fraction, dense_fraction, explained_variance, fvu, kl_per_token, l0
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "summary_line", "write_results",
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "evaluate_many", "summary_line", "write_results",
            "ce_loss_recovered", "dead_fraction", "dense_fraction", "explained_variance", "fvu", "kl_per_token", "l0"]

@@ -12,11 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from activations.corpus import CorpusConfig, describe, load_contexts
-from activations.model import HookedModel, logits_with_edit, model_mismatch, validate_hook
+from activations.model import HookedModel, logits_with_edit, model_mismatch, run_to_hooks, validate_hook
 from activations.io import atomic_write_bytes, atomic_write_json
 from sae.base import SAE
 
-from ..encoding import encode_contexts, first_position
+from ..encoding import first_position
 from .metrics import HELD_OUT_METRICS, ReconstructionStats, ce_loss_recovered, cross_entropy, dense_fraction, dead_fraction, kl_per_token
 
 
@@ -62,16 +62,27 @@ class EvalResult:
     """Every registered `metrics.HELD_OUT_METRICS` of the held-out statistics, by name."""
 
 
-@torch.no_grad()
 def evaluate(sae: SAE, model: HookedModel, cfg: EvalConfig | None = None) -> EvalResult:
     """Metrics of `sae` spliced into `model` at `sae.cfg.hook_name`, on held-out text."""
+    return evaluate_many([sae], model, cfg)[0]
+
+
+@torch.no_grad()
+def evaluate_many(saes: list[SAE], model: HookedModel, cfg: EvalConfig | None = None) -> list[EvalResult]:
+    """`evaluate` for several SAEs of one model on the same held-out text, sharing the work:
+    one forward pass to the deepest hook gives every SAE its reconstruction inputs, and the
+    clean CE is computed once. Only the spliced and zero-ablated passes are per SAE."""
     cfg = cfg or EvalConfig()
-    hook = sae.cfg.hook_name
-    validate_hook(model, hook)
-    if (mismatch := model_mismatch(sae.cfg.model_name, model)) is not None:
-        raise ValueError(f"this SAE was trained on activations of another model: {mismatch}; evaluate it with --model {sae.cfg.model_name}")
+    if not saes:
+        return []
+    for sae in saes:
+        validate_hook(model, sae.cfg.hook_name)
+        if (mismatch := model_mismatch(sae.cfg.model_name, model)) is not None:
+            raise ValueError(f"this SAE was trained on activations of another model: {mismatch}; "
+                             f"evaluate it with --model {sae.cfg.model_name}")
     device = next(model.parameters()).device
-    sae = sae.to(device).eval()
+    saes = [sae.to(device).eval() for sae in saes]
+    hooks = sorted({sae.cfg.hook_name for sae in saes})
     ctx_len = cfg.corpus.context_len
     n_contexts = max(cfg.n_ce_contexts, -(-cfg.n_tokens // (ctx_len - 1)))
     tokens = torch.from_numpy(load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts)).long()
@@ -79,49 +90,66 @@ def evaluate(sae: SAE, model: HookedModel, cfg: EvalConfig | None = None) -> Eva
         raise ValueError(f"{describe(cfg.corpus)} has {len(tokens)} contexts of {ctx_len} tokens, {n_contexts} needed "
                          f"(n_tokens={cfg.n_tokens:,}, n_ce_contexts={cfg.n_ce_contexts}); lower them or use a larger corpus")
 
-    stats = ReconstructionStats(sae.cfg.d_sae)
+    stats = [ReconstructionStats(sae.cfg.d_sae) for sae in saes]
+    firsts = [first_position(sae) for sae in saes]  # the sink position is never spliced nor measured
     recon_contexts = -(-cfg.n_tokens // (ctx_len - 1))
-    first = first_position(sae)  # the sink position is never spliced nor measured
     for b in tqdm(range(0, recon_contexts, cfg.batch_contexts), desc="evaluate: reconstruction"):
         batch = tokens[b:min(b + cfg.batch_contexts, recon_contexts)].to(device)
-        x, f = (t[:, first:].flatten(0, 1) for t in encode_contexts(model, sae, batch))
-        stats.update(x, sae.decode(f), f)
+        acts = run_to_hooks(model, batch, hooks)
+        for sae, first, st in zip(saes, firsts, stats):
+            x = acts[sae.cfg.hook_name]
+            x = x.reshape(*x.shape[:2], -1)
+            if x.shape[-1] != sae.cfg.d_in:
+                raise ValueError(f"SAE d_in={sae.cfg.d_in} but {sae.cfg.hook_name} has width {x.shape[-1]}")
+            x = x[:, first:].flatten(0, 1)
+            f = sae.encode(x)
+            st.update(x, sae.decode(f), f)
 
-    ce = {"clean": [], "spliced": [], "zero": []}
-    kl = []
+    def splice(sae: SAE, first: int):
+        def edit(act: torch.Tensor) -> torch.Tensor:
+            """act [batch, pos, d_in] reconstructed by the SAE from position `first` on."""
+            out = act.clone()
+            out[:, first:] = sae(act[:, first:].float()).to(act.dtype)
+            return out
+        return edit
 
-    def splice(act: torch.Tensor) -> torch.Tensor:
-        """act [batch, pos, d_in] reconstructed by the SAE from position `first` on."""
-        out = act.clone()
-        out[:, first:] = sae(act[:, first:].float()).to(act.dtype)
-        return out
+    def zero(first: int):
+        def edit(act: torch.Tensor) -> torch.Tensor:
+            """act [batch, pos, d_in] zeroed from position `first` on (the CE baseline)."""
+            out = act.clone()
+            out[:, first:] = 0
+            return out
+        return edit
 
-    def zero(act: torch.Tensor) -> torch.Tensor:
-        """act [batch, pos, d_in] zeroed from position `first` on (the CE baseline)."""
-        out = act.clone()
-        out[:, first:] = 0
-        return out
-
+    clean_ce: list[torch.Tensor] = []  # [batch pos] per batch, every position
+    ce = [{"spliced": [], "zero": []} for _ in saes]
+    kl: list[list[torch.Tensor]] = [[] for _ in saes]
     for b in tqdm(range(0, cfg.n_ce_contexts, cfg.batch_contexts), desc="evaluate: CE loss"):
         batch = tokens[b:min(b + cfg.batch_contexts, cfg.n_ce_contexts)].to(device)
         clean = logits_with_edit(model, batch)
-        spliced = logits_with_edit(model, batch, hook, splice)
-        ce["clean"].append(cross_entropy(clean, batch)[:, first:].flatten().cpu())  # predictions from spliced positions
-        ce["spliced"].append(cross_entropy(spliced, batch)[:, first:].flatten().cpu())
-        ce["zero"].append(cross_entropy(logits_with_edit(model, batch, hook, zero), batch)[:, first:].flatten().cpu())
-        kl.append(kl_per_token(clean, spliced)[:, first:-1].flatten().cpu())
-    means = {k: float(torch.cat(v).mean()) for k, v in ce.items()}
-    density = (stats.fire_counts.double() / stats.n).clamp_min(1e-10).log10()
-    return EvalResult(
-        n_tokens=stats.n, n_ce_tokens=int(torch.cat(ce["clean"]).numel()), mse=stats.mse, fvu=stats.fvu,
-        explained_variance=1 - stats.fvu, l0=stats.l0,
-        dead_fraction=dead_fraction(stats.fire_counts), dense_fraction=dense_fraction(stats.fire_counts, stats.n),
-        ce_clean=means["clean"], ce_spliced=means["spliced"], ce_zero_ablated=means["zero"],
-        ce_loss_recovered=ce_loss_recovered(means["clean"], means["spliced"], means["zero"]),
-        delta_ce=means["spliced"] - means["clean"], kl_per_token=float(torch.cat(kl).mean()),
-        log10_feature_density=[round(float(v), 4) for v in density], corpus=asdict(cfg.corpus),
-        metrics={name: fn(stats) for name, fn in HELD_OUT_METRICS.items()},
-    )
+        clean_ce.append(cross_entropy(clean, batch).cpu())
+        for n, (sae, first) in enumerate(zip(saes, firsts)):
+            spliced = logits_with_edit(model, batch, sae.cfg.hook_name, splice(sae, first))
+            ce[n]["spliced"].append(cross_entropy(spliced, batch)[:, first:].flatten().cpu())  # predictions from spliced positions
+            ce[n]["zero"].append(cross_entropy(logits_with_edit(model, batch, sae.cfg.hook_name, zero(first)), batch)[:, first:].flatten().cpu())
+            kl[n].append(kl_per_token(clean, spliced)[:, first:-1].flatten().cpu())
+
+    results = []
+    for n, (sae, first, st) in enumerate(zip(saes, firsts, stats)):
+        clean_tokens = torch.cat([c[:, first:].flatten() for c in clean_ce])
+        means = {"clean": float(clean_tokens.mean())} | {k: float(torch.cat(v).mean()) for k, v in ce[n].items()}
+        density = (st.fire_counts.double() / st.n).clamp_min(1e-10).log10()
+        results.append(EvalResult(
+            n_tokens=st.n, n_ce_tokens=int(clean_tokens.numel()), mse=st.mse, fvu=st.fvu,
+            explained_variance=1 - st.fvu, l0=st.l0,
+            dead_fraction=dead_fraction(st.fire_counts), dense_fraction=dense_fraction(st.fire_counts, st.n),
+            ce_clean=means["clean"], ce_spliced=means["spliced"], ce_zero_ablated=means["zero"],
+            ce_loss_recovered=ce_loss_recovered(means["clean"], means["spliced"], means["zero"]),
+            delta_ce=means["spliced"] - means["clean"], kl_per_token=float(torch.cat(kl[n]).mean()),
+            log10_feature_density=[round(float(v), 4) for v in density], corpus=asdict(cfg.corpus),
+            metrics={name: fn(st) for name, fn in HELD_OUT_METRICS.items()},
+        ))
+    return results
 
 
 def write_results(result: EvalResult, out_dir: str | Path, metrics_jsonl: str | Path | None = None, title: str = "SAE evaluation") -> tuple[Path, Path]:
@@ -148,4 +176,4 @@ def summary_line(result: EvalResult) -> str:
     )
 
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "summary_line", "write_results"]
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "evaluate_many", "summary_line", "write_results"]
