@@ -8,6 +8,7 @@ import pytest
 from activations.flags import field_docs
 from activations.harvest import HarvestConfig
 from analysis import cli
+from analysis.circuits.graph import GraphConfig
 from analysis.evaluation.evaluate import EvalConfig
 from analysis.features.atlas import AtlasConfig
 from analysis.features.labels import LabelConfig
@@ -39,6 +40,8 @@ def _default(cls, name):
     ("analyze", LabelConfig, "n_score_contexts", "--label-contexts"),
     ("steer", SweepConfig, "strengths", "--strengths"),
     ("steer", GenerationConfig, "top_p", "--top-p"),
+    ("trace", GraphConfig, "max_nodes", "--max-nodes"),
+    ("trace", GraphConfig, "edge_share", "--edge-share"),
 ])
 def test_flag_help_is_the_fields_docstring_and_default(command, cls, field, flag):
     text = _help(command)
@@ -71,6 +74,8 @@ def test_a_sweep_makes_one_config_per_architecture_and_swept_value():
 
 
 def test_preset_values_fill_flags_the_command_line_left_unset():
+    args = cli.parse(["run", "--preset", "chain"])
+    assert args.hooks == [f"blocks.{layer}.hook_resid_post" for layer in range(2, 30, 3)]  # a stack spanning the model
     args = cli.parse(["run", "--preset", "smoke", "--k", "8"])
     [cfg] = sae_configs(args, d_in=16, context_len=32)
     assert (cfg.d_sae, cfg.k) == (cli.PRESETS["smoke"]["d_sae"], 8)
@@ -78,7 +83,7 @@ def test_preset_values_fill_flags_the_command_line_left_unset():
 
 
 def test_every_command_has_help(capsys):
-    for command in ("run", "harvest", "train", "evaluate", "analyze", "dashboard", "monitor", "steer"):
+    for command in ("run", "harvest", "train", "evaluate", "analyze", "dashboard", "monitor", "steer", "trace", "match"):
         with pytest.raises(SystemExit) as exit_:
             cli.main([command, "--help"])
         assert exit_.value.code == 0

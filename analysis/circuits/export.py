@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import math
 import os
+from functools import lru_cache
 from pathlib import Path
 
 from activations.io import atomic_write_bytes, atomic_write_json
@@ -34,8 +35,6 @@ def _finite(obj):
 def feature_cards(graph: FeatureGraph, n_examples: int = 4, n_logits: int = 6) -> dict[str, dict]:
     """{node id: card} for the graph's feature nodes, from each SAE's atlas and labels when
     `saewb analyze` wrote them (<sae>/atlas/, <sae>/atlas/labels.json); fills `Node.label`."""
-    from ..features.atlas import load_atlas
-    from ..features.labels import load_labels
     from ..features.monitor import label_text
 
     cards, loaded = {}, {}
@@ -45,9 +44,7 @@ def feature_cards(graph: FeatureGraph, n_examples: int = 4, n_logits: int = 6) -
         sae_dir = Path(graph.sae_paths[node.layer])
         if node.layer not in loaded:
             atlas_dir = sae_dir / "atlas"
-            atlas = load_atlas(atlas_dir) if (atlas_dir / "atlas.json").exists() else None
-            labels = load_labels(atlas_dir / "labels.json") if (atlas_dir / "labels.json").exists() else None
-            loaded[node.layer] = (atlas, labels)
+            loaded[node.layer] = _atlas_and_labels(str(atlas_dir), _mtime(atlas_dir / "atlas.json"), _mtime(atlas_dir / "labels.json"))
         atlas, labels = loaded[node.layer]
         card = {"hook": graph.hooks[node.layer], "feature": node.feature, "label": label_text(labels, node.feature) if labels else ""}
         node.label = node.label or card["label"]
@@ -63,6 +60,22 @@ def feature_cards(graph: FeatureGraph, n_examples: int = 4, n_logits: int = 6) -
             card["dashboard"] = str(page) if page.exists() else None
         cards[node.id] = card
     return cards
+
+
+def _mtime(path: Path) -> float | None:
+    return path.stat().st_mtime if path.exists() else None
+
+
+@lru_cache(maxsize=16)
+def _atlas_and_labels(atlas_dir: str, atlas_mtime: float | None, labels_mtime: float | None) -> tuple:
+    """(atlas, labels) of one SAE, each None when not written; cached while the files are unchanged,
+    so tracing many prompts through one stack reads each atlas once."""
+    from ..features.atlas import load_atlas
+    from ..features.labels import load_labels
+
+    folder = Path(atlas_dir)
+    return (load_atlas(folder) if atlas_mtime is not None else None,
+            load_labels(folder / "labels.json") if labels_mtime is not None else None)
 
 
 def neuronpedia_json(graph: FeatureGraph, model_name: str | None = None, slug: str = "saewb-graph") -> dict:
@@ -182,7 +195,7 @@ function select(n) {
   card.appendChild(el('p', {}, 'label: ' + (info.label || '(none)')));
   if (info.density !== undefined) card.appendChild(el('p', {}, 'density ' + (100 * info.density).toFixed(3) + '% | max activation ' + info.max_activation.toPrecision(3)));
   if (info.dashboard) { const a = el('a', {href: info.dashboard, target: '_blank'}, 'open the dashboard page'); card.appendChild(el('p')).appendChild(a); }
-  if (info.examples) { card.appendChild(el('h4', {}, 'padTop contexts'));
+  if (info.examples) { card.appendChild(el('h4', {}, 'top contexts'));
     for (const ex of info.examples) { const row = el('div', {class: 'ex'}); const m = Math.max(1e-9, ...ex.acts);
       ex.tokens.forEach((tok, k) => { const s = el('span', {class: 'tok'}, tok); s.style.background = 'rgba(234,88,12,' + (Math.max(0, ex.acts[k]) / m * 0.8).toFixed(2) + ')'; row.appendChild(s); });
       card.appendChild(row); } }

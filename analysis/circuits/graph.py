@@ -163,12 +163,9 @@ def stack_means(model: HookedModel, stack: SAEStack, corpus: CorpusConfig | None
     with torch.no_grad():
         for b in tqdm(range(0, len(tokens), batch_contexts), desc="held-out means"):
             batch = tokens[b:b + batch_contexts].to(device)
-            resid = runner.embed(batch)
-            esum += resid[:, first:].double().sum((0, 1)).cpu()
-            start = 0
-            for i, (sae, layer) in enumerate(zip(stack.saes, stack.layers)):
-                resid = runner.blocks(resid, start, layer)
-                start = layer
+            walk = runner.walk(batch, stack.layers)
+            esum += next(walk)[:, first:].double().sum((0, 1)).cpu()
+            for i, (sae, resid) in enumerate(zip(stack.saes, walk)):
                 x = resid[:, first:].float()
                 sums[i] += x.double().sum((0, 1)).cpu()
                 fsums[i] += sae.encode(x).double().sum((0, 1)).cpu()
@@ -273,19 +270,25 @@ class FeatureGraph:
                 f"top-{len(self.interventions.edges)} edges: sign agreement {self.interventions.sign_agreement:.0%}, "
                 f"correlation {self.interventions.correlation:.3f}")
 
-    def chain(self) -> list[Node]:
+    def chain(self, through_features: bool = True) -> list[Node]:
         """The strongest path into the target: from the target, the incoming edge of largest
-        |weight| at each step, back to a token (or a node with no kept inputs)."""
+        |weight| at each step, back to a token (or a node with no kept inputs). With
+        `through_features`, a step takes the strongest edge out of a feature or token when the
+        node has one, so the chain reads as features even where an error node carries more;
+        error nodes still appear where nothing else feeds a node."""
         by_id, incoming = self._by_id(), {}
         for e in self.edges:
             incoming.setdefault(e.target, []).append(e)
-        path, current = [], next(n for n in self.nodes if n.kind == "target")
-        while True:
+        path, current, seen = [], next(n for n in self.nodes if n.kind == "target"), set()
+        while current.id not in seen:
+            seen.add(current.id)
             path.append(current)
             edges = incoming.get(current.id)
             if not edges:
-                return path[::-1]
-            current = by_id[max(edges, key=lambda e: abs(e.weight)).source]
+                break
+            readable = [e for e in edges if not e.source.startswith("E")] if through_features else []
+            current = by_id[max(readable or edges, key=lambda e: abs(e.weight)).source]
+        return path[::-1]
 
     def chain_text(self) -> str:
         """The strongest chain in words, from the node labels."""
@@ -536,7 +539,7 @@ def _prune_edges(edges: list[Edge], cfg: GraphConfig) -> list[Edge]:
     total = sum(abs(e.weight) for e in edges)
     kept, running = [], 0.0
     for e in edges[:cfg.max_edges]:
-        if total > 0 and running >= cfg.edge_share * total:
+        if cfg.edge_share < 1 and total > 0 and running >= cfg.edge_share * total:
             break
         kept.append(e)
         running += abs(e.weight)

@@ -130,11 +130,9 @@ def coactivation(model: HookedModel, stack: SAEStack, corpus=None, n_tokens: int
     cross = [torch.zeros(stack.saes[i].cfg.d_sae, stack.saes[i + 1].cfg.d_sae, dtype=torch.float64) for i in range(n_hooks - 1)]
     count = 0
     for b in tqdm(range(0, len(tokens), batch_contexts), desc="co-activation"):
-        resid, start, acts = runner.embed(tokens[b:b + batch_contexts].to(device)), 0, []
-        for sae, layer in zip(stack.saes, stack.layers):
-            resid = runner.blocks(resid, start, layer)
-            start = layer
-            acts.append(sae.encode(resid[:, first:].float()).flatten(0, 1).double().cpu())
+        walk = runner.walk(tokens[b:b + batch_contexts].to(device), stack.layers)
+        next(walk)  # the embedding
+        acts = [sae.encode(resid[:, first:].float()).flatten(0, 1).double().cpu() for sae, resid in zip(stack.saes, walk)]
         for i, f in enumerate(acts):
             s[i] += f.sum(0)
             ss[i] += (f * f).sum(0)

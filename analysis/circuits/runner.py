@@ -9,6 +9,8 @@ to the model's own hook values and logits.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -65,6 +67,17 @@ class ResidualRunner:
             out = layer(resid, attention_mask=batch_mask, position_ids=position_ids, position_embeddings=cos_sin, use_cache=False)
             resid = out[0] if isinstance(out, tuple) else out
         return resid
+
+    def walk(self, tokens: Tensor, layers: list[int]) -> Iterator[Tensor]:
+        """tokens [batch pos] -> the embedding, then the residual after each entry of `layers`
+        (ascending numbers of blocks): the read-only pass through a stack. Yields [batch pos d_model]."""
+        resid = self.embed(tokens)
+        yield resid
+        start = 0
+        for layer in layers:
+            resid = self.blocks(resid, start, layer)
+            start = layer
+            yield resid
 
     def logits(self, resid: Tensor) -> Tensor:
         """The final residual [batch pos d_model] -> logits [batch pos d_vocab]."""

@@ -1,0 +1,366 @@
+"""Feature graphs through a stack of SAEs (analysis/circuits) on the tiny random models: every
+edge and node attribution against a finite difference computed here with plain TransformerLens
+hooks, identity SAEs (error nodes only) against the model's own gradient, ablation against a
+hand-written mean ablation, the bad inputs a user meets, the exports, matching, and the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from activations.corpus import CorpusConfig
+from activations.generation import encode_prompts
+from analysis.circuits.export import graph_html, neuronpedia_json, write_graph
+from analysis.circuits.graph import FeatureGraph, GraphConfig, feature_target, logit_target, stack_means, trace
+from analysis.circuits.matching import layer_matches, match_saes
+from analysis.circuits.runner import ResidualRunner
+from analysis.circuits.stack import SAEStack, load_stack, write_stack_manifest
+from sae import ARCHITECTURES, SAEConfig
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+PROMPT = "the cat sat on"
+EVERYTHING = GraphConfig(max_nodes=100_000, min_node_share=0.0, edge_share=1.0, max_edges=10 ** 7, n_check_edges=6, budgets=[])
+
+
+def relu_sae(hook: str, d_in: int = 32, d_sae: int = 48, seed: int = 0, model_name: str = "tiny", b_enc: float = 0.0):
+    """A random ReLU SAE (about half its features fire on any input)."""
+    sae = ARCHITECTURES["standard"](SAEConfig(architecture="standard", d_in=d_in, d_sae=d_sae, hook_name=hook,
+                                              model_name=model_name, context_size=32), torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.b_enc.fill_(b_enc)
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_stack():
+    return SAEStack([relu_sae(h, seed=i) for i, h in enumerate(HOOKS)], [None, None])
+
+
+@pytest.fixture(scope="module")
+def means(tiny_model, tiny_stack, text_corpus):
+    corpus = CorpusConfig(source=str(text_corpus), split="heldout", context_len=32)
+    return stack_means(tiny_model, tiny_stack, corpus, n_tokens=1500)
+
+
+@pytest.fixture(scope="module")
+def full_graph(tiny_model, tiny_stack, means) -> FeatureGraph:
+    target = logit_target(tiny_model.tokenizer, " ")
+    return trace(tiny_model, tiny_stack, PROMPT, target, EVERYTHING, means=means)
+
+
+def tokens_of(model, prompt=PROMPT):
+    return encode_prompts(model.tokenizer, [prompt])[0][None]
+
+
+def run_with_added(model, tokens, hook: str, position: int, vector, read: str | None = None):
+    """The model with `vector` added at (hook, position): (logits [1 P V], the activation at `read` [1 P d])."""
+    seen = {}
+
+    def add(act, hook):
+        act = act.clone()
+        act[0, position] += vector
+        return act
+
+    def keep(act, hook):
+        seen["x"] = act.detach().clone()
+
+    hooks = [(hook, add)] + ([(read, keep)] if read else [])
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    return logits, seen.get("x")
+
+
+def metric_of(logits, token: int):
+    last = logits[0, -1]
+    return float(last[token] - last.mean())
+
+
+def central_difference(f, h: float = 1e-2) -> float:
+    return (f(h) - f(-h)) / (2 * h)
+
+
+def parse(node_id: str):
+    """(layer, position, feature or None) of a node id: T{p}, E{i}_{p}, F{i}_{j}_{p}."""
+    if node_id.startswith("T"):
+        return -1, int(node_id[1:]), None
+    if node_id.startswith("E"):
+        i, p = node_id[1:].split("_")
+        return int(i), int(p), None
+    i, j, p = node_id[1:].split("_")
+    return int(i), int(p), int(j)
+
+
+def term_of(graph_nodes, node_id, model, tokens, stack, means):
+    """The vector a node adds to the residual at its hook (recomputed here, not read from the graph)."""
+    layer, p, j = parse(node_id)
+    with torch.no_grad():
+        if layer < 0:
+            emb = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_pre")[1]["blocks.0.hook_resid_pre"][0]
+            return "blocks.0.hook_resid_pre", p, emb[p] - means.embed
+        hook = stack.hooks[layer]
+        x = model.run_with_cache(tokens, names_filter=hook)[1][hook][0]
+        sae = stack.saes[layer]
+        acts = sae.encode(x)
+        acts[0] = 0
+        delta = (acts - means.features[layer]) * (acts > 0)
+        if j is not None:
+            return hook, p, delta[p, j] * sae.W_dec[j]
+        return hook, p, (x - means.resid[layer] - delta @ sae.W_dec)[p]
+
+
+def downstream_value(node_id, x_at_hook, stack, grads=None):
+    """The value an edge into `node_id` moves: a feature's pre-activation (its encoder's reading)."""
+    layer, q, j = parse(node_id)
+    return float(stack.saes[layer].pre_acts(x_at_hook[0, q])[j])
+
+
+def test_the_runner_composes_to_the_models_hooks_and_logits(tiny_model, tiny_bridge):
+    from activations.model import run_to_hooks
+
+    for model in (tiny_model, tiny_bridge):
+        runner = ResidualRunner(model)
+        tokens = tokens_of(model, "qwx zq wx")
+        hooks = run_to_hooks(model, tokens, [f"blocks.{i}.hook_resid_post" for i in range(2)])
+        emb, after0, after1 = runner.walk(tokens, [1, 2])
+        torch.testing.assert_close(after0, hooks["blocks.0.hook_resid_post"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(after1, hooks["blocks.1.hook_resid_post"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(runner.blocks(after0, 1, 2), after1, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            logits = model(tokens) if model is tiny_model else model.original_model(input_ids=tokens).logits
+        torch.testing.assert_close(runner.logits(after1), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_edge_attributions_match_finite_differences(tiny_model, tiny_stack, means, full_graph):
+    """direct(u -> d) is d's value's derivative along u's term; measured here by nudging u's term
+    with a plain hook and reading d's pre-activation at the next hook."""
+    model, stack, graph = tiny_model, tiny_stack, full_graph
+    tokens = tokens_of(model)
+    by_kind = {}
+    for e in graph.edges:
+        kind = (e.source[0], e.target[0])
+        by_kind.setdefault(kind, []).append(e)
+    assert {("T", "F"), ("F", "F"), ("E", "F"), ("F", "t"), ("E", "t")} <= set(by_kind)
+    checked = 0
+    for kind, edges in by_kind.items():
+        if kind[1] == "E":
+            continue  # an error node's value is target-gradient units; the node sums below cover it
+        for e in sorted(edges, key=lambda e: -abs(e.direct))[:3]:
+            hook, p, term = term_of(graph.nodes, e.source, model, tokens, stack, means)
+            if e.target == "target":
+                token = graph.target.token
+                measured = central_difference(lambda h: metric_of(run_with_added(model, tokens, hook, p, h * term)[0], token))
+            else:
+                read = stack.hooks[parse(e.target)[0]]
+                measured = central_difference(lambda h: downstream_value(e.target, run_with_added(model, tokens, hook, p, h * term, read)[1], stack))
+            assert measured == pytest.approx(e.direct, rel=2e-2, abs=2e-3 * max(1.0, abs(e.direct))), (e.source, e.target)
+            checked += 1
+    assert checked >= 10
+    assert max(abs(e.direct) for e in by_kind[("F", "F")]) > 1e-2  # the edges are not all ~0
+
+
+def test_node_attributions_match_finite_differences_and_sum_over_out_edges(tiny_model, tiny_stack, means, full_graph):
+    model, stack, graph = tiny_model, tiny_stack, full_graph
+    tokens, token = tokens_of(model), graph.target.token
+    nodes = [n for n in graph.nodes if n.kind != "target"]
+    for n in sorted(nodes, key=lambda n: -abs(n.attribution))[:8]:
+        hook, p, term = term_of(graph.nodes, n.id, model, tokens, stack, means)
+        measured = central_difference(lambda h: metric_of(run_with_added(model, tokens, hook, p, h * term)[0], token))
+        assert measured == pytest.approx(n.attribution, rel=2e-2, abs=2e-3), n.id
+    # with every node kept, the weights out of a node sum to its attribution (the chain rule, exactly)
+    out = {}
+    for e in graph.edges:
+        out[e.source] = out.get(e.source, 0.0) + e.weight
+    for n in nodes:
+        assert out.get(n.id, 0.0) == pytest.approx(n.attribution, rel=1e-3, abs=1e-5), n.id
+
+
+def test_identity_saes_reduce_the_graph_to_the_models_gradient(tiny_model, text_corpus):
+    """SAEs that never fire: every node is an error node (or a token) and its attribution is the
+    model's own gradient at the hook times (activation - held-out mean)."""
+    model = tiny_model
+    stack = SAEStack([relu_sae(h, seed=i, b_enc=-1e4) for i, h in enumerate(HOOKS)], [None, None])
+    corpus = CorpusConfig(source=str(text_corpus), split="heldout", context_len=32)
+    means = stack_means(model, stack, corpus, n_tokens=1000)
+    target = logit_target(model.tokenizer, " ")
+    graph = trace(model, stack, PROMPT, target, EVERYTHING, means=means)
+    assert {n.kind for n in graph.nodes} == {"token", "error", "target"}
+    tokens = tokens_of(model)
+    for layer, hook in enumerate(["blocks.0.hook_resid_pre", *HOOKS]):
+        leaf = {}
+
+        def capture(act, hook):
+            leaf["x"] = act.detach().clone().requires_grad_(True)
+            return leaf["x"]
+
+        with torch.enable_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, capture)])
+            grad = torch.autograd.grad(logits[0, -1, target.token] - logits[0, -1].mean(), leaf["x"])[0][0]
+        mean = means.embed if layer == 0 else means.resid[layer - 1]
+        expected = ((leaf["x"][0] - mean) * grad).sum(-1).detach()
+        for p in range(1, tokens.shape[1]):
+            node = graph.node(f"T{p}" if layer == 0 else f"E{layer - 1}_{p}")
+            assert node.attribution == pytest.approx(float(expected[p]), rel=1e-3, abs=1e-5)
+    # keeping every node gives back the clean run
+    assert graph.metric["full"] == pytest.approx(graph.metric["clean"], abs=1e-4)
+
+
+def test_ablation_matches_a_hand_written_mean_ablation(tiny_model, tiny_stack, means, full_graph):
+    graph, tokens = full_graph, tokens_of(tiny_model)
+    assert graph.metric["full"] == pytest.approx(graph.metric["clean"], abs=1e-4)  # every node kept: the clean run
+    assert graph.faithfulness == pytest.approx(1.0, abs=1e-3)
+
+    def to_mean(i):
+        def edit(act, hook):
+            act = act.clone()
+            act[0, 1:] = means.resid[i]
+            return act
+        return edit
+
+    with torch.no_grad():
+        logits = tiny_model.run_with_hooks(tokens, fwd_hooks=[(h, to_mean(i)) for i, h in enumerate(HOOKS)])
+    assert graph.metric["empty"] == pytest.approx(metric_of(logits, graph.target.token), abs=1e-4)
+    assert abs(graph.metric["clean"] - graph.metric["empty"]) > 0.05  # the check can fail
+
+
+def test_pruned_graph_budget_and_interventions(tiny_model, tiny_stack, means):
+    cfg = GraphConfig(max_nodes=40, n_check_edges=5, budgets=[15, 25])
+    graph = trace(tiny_model, tiny_stack, PROMPT, logit_target(tiny_model.tokenizer, " ", contrast="a"), cfg, means=means)
+    assert graph.n_nodes <= 40 and graph.target.kind == "logit_diff"
+    assert 0 < len(graph.edges) and all(e.source in {n.id for n in graph.nodes} for e in graph.edges)
+    assert set(graph.metric["nodes_top"]) == {"top15", "top25"} and "faithfulness_top15" in graph.metric
+    rows = graph.interventions.edges
+    assert len(rows) == 2 * len({(r["source"], r["target"]) for r in rows}) and 0 < len(rows) <= 10
+    assert {r["intervention"] for r in rows} == {"ablate", "clamp"}
+    for r in rows:  # predicted = -direct when ablating, +direct when doubling the term
+        edge = next(e for e in graph.edges if (e.source, e.target) == (r["source"], r["target"]))
+        assert r["predicted"] == pytest.approx(edge.direct if r["intervention"] == "clamp" else -edge.direct)
+    # one ablation measured by hand: the upstream term removed at its hook, the downstream value read
+    r = next(r for r in rows if r["intervention"] == "ablate")
+    tokens = tokens_of(tiny_model)
+    hook, p, term = term_of(graph.nodes, r["source"], tiny_model, tokens, tiny_stack, means)
+    if r["target"] == "target":
+        logits = run_with_added(tiny_model, tokens, hook, p, -term)[0]
+        after = float(logits[0, -1, graph.target.token] - logits[0, -1, graph.target.contrast])
+        measured = after - graph.metric["clean"]
+    else:
+        read = tiny_stack.hooks[parse(r["target"])[0]]
+        _, clean_x = run_with_added(tiny_model, tokens, hook, p, 0 * term, read)
+        measured = downstream_value(r["target"], run_with_added(tiny_model, tokens, hook, p, -term, read)[1], tiny_stack) - \
+            downstream_value(r["target"], clean_x, tiny_stack)
+    assert r["measured"] == pytest.approx(measured, rel=1e-3, abs=1e-5)
+    assert 0 <= graph.interventions.sign_agreement <= 1
+
+
+def test_feature_target_and_chain(tiny_model, tiny_stack, means, full_graph):
+    target = feature_target(tiny_stack, HOOKS[1], int(full_graph.nodes[-2].feature or 0))
+    graph = trace(tiny_model, tiny_stack, PROMPT, target, GraphConfig(max_nodes=60, n_check_edges=3, budgets=[]), means=means)
+    assert graph.hooks == HOOKS[:1] and {n.layer for n in graph.nodes if n.kind == "feature"} <= {0}
+    chain = full_graph.chain()
+    assert chain[-1].kind == "target" and chain[0].kind == "token"
+    assert all(n.kind != "error" for n in chain)  # the full graph has feature inputs everywhere
+    assert full_graph.chain(through_features=False)[-1].kind == "target"
+    assert "=> ' '" in full_graph.chain_text()
+    # the typed graph round-trips through its JSON
+    again = FeatureGraph.from_dict(json.loads(json.dumps(full_graph.to_dict())))
+    assert again.edges == full_graph.edges and again.nodes == full_graph.nodes
+
+
+def test_bad_input_gets_a_clear_error(tiny_model, tiny_stack, tiny_bridge, means):
+    tokenizer = tiny_model.tokenizer
+    with pytest.raises(ValueError, match="is 3 tokens"):
+        logit_target(tokenizer, " Pa")
+    with pytest.raises(ValueError, match="longer than the limit of 64"):
+        trace(tiny_model, tiny_stack, "x" * 80, logit_target(tokenizer, " "), means=means)
+    with pytest.raises(ValueError, match="longer than the limit of 10"):
+        trace(tiny_model, tiny_stack, PROMPT, logit_target(tokenizer, " "), GraphConfig(max_prompt_tokens=10), means=means)
+    with pytest.raises(ValueError, match="hooks out of order"):
+        SAEStack([relu_sae(HOOKS[1]), relu_sae(HOOKS[0])], [None, None])
+    with pytest.raises(ValueError, match="not a residual-stream hook"):
+        SAEStack([relu_sae("blocks.0.hook_mlp_out")], [None])
+    with pytest.raises(ValueError, match="different models"):
+        SAEStack([relu_sae(HOOKS[0], model_name="a"), relu_sae(HOOKS[1], model_name="b")], [None, None])
+    other = SAEStack([relu_sae(h, d_in=576, d_sae=16) for h in HOOKS], [None, None])
+    with pytest.raises(ValueError, match="another model"):
+        other.check_model(tiny_model)
+    with pytest.raises(ValueError, match="trained on another model"):
+        SAEStack([relu_sae(h, model_name="HuggingFaceTB/SmolLM2-135M-Instruct") for h in HOOKS], [None, None]).check_model(tiny_bridge)
+    with pytest.raises(ValueError, match="out of range"):
+        feature_target(tiny_stack, HOOKS[1], 48)
+    with pytest.raises(ValueError, match="not a hook of the stack"):
+        feature_target(tiny_stack, "blocks.5.hook_resid_post", 0)
+
+
+def test_exports_escape_model_text(tiny_model, tiny_stack, means, tmp_path):
+    prompt = "a</script><b>x"
+    graph = trace(tiny_model, tiny_stack, prompt, logit_target(tiny_model.tokenizer, " "), GraphConfig(max_nodes=30, budgets=[]), means=means)
+    page = graph_html(graph)
+    assert "</script><b>" not in page and "<b>x" not in page
+    paths = write_graph(graph, tmp_path / "g")
+    assert [p.name for p in paths] == ["g.graph.json", "g.neuronpedia.json", "g.html"]
+    np_json = json.loads(paths[1].read_text())
+    assert {"metadata", "nodes", "links", "qParams"} <= set(np_json) and np_json["metadata"]["prompt"] == prompt
+    assert {n["node_id"] for n in np_json["nodes"]} == {n.id for n in graph.nodes}
+    assert any(n["is_target_logit"] for n in np_json["nodes"]) and neuronpedia_json(graph)["links"]
+    assert FeatureGraph.from_dict(json.loads(paths[0].read_text())).n_nodes == graph.n_nodes
+
+
+def test_matching_finds_the_same_features(tiny_model, text_corpus):
+    a = relu_sae(HOOKS[0], seed=3)
+    b = relu_sae(HOOKS[0], seed=3, d_sae=48)
+    perm = torch.randperm(48)
+    with torch.no_grad():  # b: a's features in another order, a third of them replaced by fresh directions
+        b.W_dec.copy_(a.W_dec[perm])
+        b.W_enc.copy_(a.W_enc[:, perm])
+        b.W_dec[:16] = relu_sae(HOOKS[0], seed=9).W_dec[:16]
+    result = match_saes(a, b, threshold=0.9)
+    moved = set(perm[:16].tolist())
+    kept = [i for i in range(48) if i not in moved]
+    assert result.share_matched == pytest.approx(32 / 48)
+    inverse = torch.argsort(perm)
+    assert all(int(result.best_index[i]) == int(inverse[i]) for i in kept)
+    with pytest.raises(ValueError, match="different widths"):
+        match_saes(a, relu_sae(HOOKS[0], d_in=16))
+    # across layers: the same SAE at both hooks persists feature for feature
+    same = SAEStack([relu_sae(HOOKS[0], seed=3), relu_sae(HOOKS[1], seed=3)], [None, None])
+    layers = layer_matches(tiny_model, same, threshold=0.9, n_tokens=600,
+                           corpus=str(text_corpus))
+    row = layers.rows[0]
+    assert row["persist"] + row["vanish"] == row["live_from"] and row["persist"] + row["appear"] == row["live_to"]
+    assert row["persist"] >= min(row["live_from"], row["live_to"]) - 2 and row["median_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert layers.chains and len(layers.chains[0]) == 2 and "persist" in layers.table()
+
+
+def test_stack_manifest_and_the_trace_cli(tiny_llama_dir, tmp_path, capsys):
+    """`saewb run --hooks A B` trains one SAE per hook into a stack; `saewb trace` and `saewb match` read it."""
+    from analysis import cli
+    from tests.test_user_corpus import write_user_corpus
+
+    corpus = write_user_corpus(tmp_path / "docs.jsonl")
+    out = tmp_path / "run"
+    cli.main(["run", "--preset", "smoke", "--model", tiny_llama_dir, "--device", "cpu", "--corpus", str(corpus), "--out", str(out),
+              "--hooks", *HOOKS, "--context-len", "32", "--n-tokens", "4000", "--train-tokens", "4000", "--d-sae", "64", "--k", "4",
+              "--batch-size", "256", "--eval-tokens", "100000", "--ce-contexts", "8"])
+    manifest = json.loads((out / "sae" / "stack.json").read_text())
+    assert list(manifest["saes"]) == HOOKS
+    stack = load_stack(out / "sae")
+    assert stack.hooks == HOOKS and (out / "sae" / "stack_report.html").exists()
+    assert len(json.loads((out / "sae" / "stack_eval.json").read_text())) == 2
+    printed = capsys.readouterr().out
+    assert "| blocks.1.hook_resid_post |" in printed  # the per-layer table
+
+    cli.main(["trace", "--model", tiny_llama_dir, "--device", "cpu", "--sae", str(out / "sae"), "--prompt", "qwx zq",
+              "--target", "w", "--max-nodes", "40", "--name", "demo"])
+    printed = capsys.readouterr().out
+    assert "faithfulness" in printed and "strongest chain" in printed
+    graph = json.loads((out / "sae" / "traces" / "demo.graph.json").read_text())
+    assert len(graph["nodes"]) <= 40
+    page = (out / "sae" / "traces" / "demo.html").read_text()
+    assert '"examples"' in page and '"dashboard"' in page  # node cards from the atlas, linked to the dashboard
+    assert (out / "sae" / "means.safetensors").exists()
+    with pytest.raises(SystemExit, match="is 2 tokens"):
+        cli.main(["trace", "--model", tiny_llama_dir, "--device", "cpu", "--sae", str(out / "sae"), "--prompt", "qwx", "--target", "qw"])
+    cli.main(["match", "--model", tiny_llama_dir, "--device", "cpu", "--sae", str(out / "sae"), "--coact-tokens", "500", "--corpus", str(corpus)])
+    assert "persist" in capsys.readouterr().out
+    write_stack_manifest(tmp_path, [out / "sae" / h for h in reversed(HOOKS)])  # written in layer order whatever the input order
+    assert list(json.loads((tmp_path / "stack.json").read_text())["saes"]) == HOOKS
