@@ -273,9 +273,12 @@ def cmd_train(args) -> list[Path]:
     from .circuits.stack import write_stack_manifest
 
     paths = []
-    for hook in hooks:
-        print(f"--- training on {hook}")
-        paths += train_cli.run(argparse.Namespace(**{**vars(args), "hook": hook}), _model, out_dir=args.out / "sae" / hook)
+    for offset, hook in enumerate(hooks):
+        # one seed per hook: SAEs of equal shape from one seed start from the same random decoder,
+        # which would make features "persist" across layers by their initialisation alone
+        seed = (args.seed or 0) + offset
+        print(f"--- training on {hook} (seed {seed})")
+        paths += train_cli.run(argparse.Namespace(**{**vars(args), "hook": hook, "seed": seed}), _model, out_dir=args.out / "sae" / hook)
     print(f"SAE stack: {write_stack_manifest(args.out / 'sae', paths)}")
     return paths
 

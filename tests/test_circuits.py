@@ -228,7 +228,36 @@ def test_pruned_graph_budget_and_interventions(tiny_model, tiny_stack, means):
     cfg = GraphConfig(max_nodes=40, n_check_edges=5, budgets=[15, 25])
     graph = trace(tiny_model, tiny_stack, PROMPT, logit_target(tiny_model.tokenizer, " ", contrast="a"), cfg, means=means)
     assert graph.n_nodes <= 40 and graph.target.kind == "logit_diff"
-    assert 0 < len(graph.edges) and all(e.source in {n.id for n in graph.nodes} for e in graph.edges)
+    ids = {n.id for n in graph.nodes}
+    assert 0 < len(graph.edges) and all(e.source in ids and e.target in ids for e in graph.edges)
+    positions = {n.id: n.position for n in graph.nodes}
+    assert all(positions[e.source] <= positions[e.target] for e in graph.edges)  # causal: no edge from a later position
+    # the graph alone, ablated by hand: at each hook, the held-out mean plus the kept features (re-encoded
+    # from this run's residual) plus the kept error nodes' clean values, positions >= 1
+    kept = {(n.layer, n.position, n.feature) for n in graph.nodes if n.kind in ("feature", "error")}
+    tokens = tokens_of(tiny_model)
+    clean = {h: x[0] for h, x in tiny_model.run_with_cache(tokens, names_filter=HOOKS)[1].items()}
+
+    def graph_only(i):
+        sae = tiny_stack.saes[i]
+
+        def edit(act, hook):
+            acts = sae.encode(act[0])
+            x0 = clean[HOOKS[i]]
+            clean_acts = sae.encode(x0)
+            error = x0 - means.resid[i] - ((clean_acts - means.features[i]) * (clean_acts > 0)) @ sae.W_dec
+            out = act.clone()
+            for p in range(1, act.shape[1]):
+                mask = torch.tensor([(i, p, j) in kept for j in range(sae.cfg.d_sae)])
+                out[0, p] = means.resid[i] + ((acts[p] - means.features[i]) * (acts[p] > 0) * mask) @ sae.W_dec + \
+                    (error[p] if (i, p, None) in kept else 0)
+            return out
+        return edit
+
+    with torch.no_grad():
+        logits = tiny_model.run_with_hooks(tokens, fwd_hooks=[(h, graph_only(i)) for i, h in enumerate(HOOKS)])
+    last = logits[0, -1]
+    assert graph.metric["graph"] == pytest.approx(float(last[graph.target.token] - last[graph.target.contrast]), abs=1e-4)
     assert set(graph.metric["nodes_top"]) == {"top15", "top25"} and "faithfulness_top15" in graph.metric
     rows = graph.interventions.edges
     assert len(rows) == 2 * len({(r["source"], r["target"]) for r in rows}) and 0 < len(rows) <= 10

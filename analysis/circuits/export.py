@@ -39,7 +39,7 @@ def feature_cards(graph: FeatureGraph, n_examples: int = 4, n_logits: int = 6) -
 
     cards, loaded = {}, {}
     for node in graph.nodes:
-        if node.kind != "feature" or node.layer >= len(graph.sae_paths):
+        if node.kind != "feature" or node.layer >= len(graph.sae_paths) or not graph.sae_paths[node.layer]:
             continue
         sae_dir = Path(graph.sae_paths[node.layer])
         if node.layer not in loaded:
@@ -107,9 +107,9 @@ def write_graph(graph: FeatureGraph, out: str | Path, model_name: str | None = N
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cards = feature_cards(graph) if cards is None else cards
-    for card in cards.values():  # links relative to the page, so the folder can move with its runs
-        if card.get("dashboard"):
-            card["dashboard"] = os.path.relpath(card["dashboard"], out.parent)
+    # links relative to the page, so the folder can move with its runs (the caller's cards stay as they are)
+    cards = {node: card | ({"dashboard": os.path.relpath(card["dashboard"], out.parent)} if card.get("dashboard") else {})
+             for node, card in cards.items()}
     graph_path, np_path, html_path = (out.with_name(out.name + suffix) for suffix in (".graph.json", ".neuronpedia.json", ".html"))
     atomic_write_json(graph_path, _finite(graph.to_dict()))
     atomic_write_json(np_path, neuronpedia_json(graph, model_name, slug=out.name))
@@ -155,8 +155,9 @@ for (const key in cells) {
   list.forEach((n, k) => { const [c, p] = key.split(':').map(Number);
     place[n.id] = [padLeft + c * colW + (k % 8) * 12 - 42, padTop + p * rowH + Math.floor(k / 8) * 12 - 12]; });
 }
-const maxAttr = Math.max(1e-12, ...G.nodes.filter(n => n.kind !== 'target').map(n => Math.abs(n.attribution)));
-const maxW = Math.max(1e-12, ...G.edges.map(e => Math.abs(e.weight)));
+const num = v => Number.isFinite(v) ? v : 0, fmt = (v, n) => Number.isFinite(v) ? v.toPrecision(n) : 'n/a';
+const maxAttr = G.nodes.filter(n => n.kind !== 'target').reduce((m, n) => Math.max(m, Math.abs(num(n.attribution))), 1e-12);
+const maxW = G.edges.reduce((m, e) => Math.max(m, Math.abs(num(e.weight))), 1e-12);
 const svg = sv('svg', {width: padLeft + nCols * colW, height: padTop + nPos * rowH + 20});
 const heads = ['tokens', ...G.hooks.map(h => h.replace('.hook_resid_', ' ').replace('blocks.', 'L')), 'target'];
 heads.forEach((h, c) => { const t = sv('text', {x: padLeft + c * colW - 40, y: 16}); t.textContent = h; svg.appendChild(t); });
@@ -165,18 +166,18 @@ G.tokens.forEach((tok, p) => { const t = sv('text', {x: 4, y: padTop + p * rowH 
 const lines = [];
 for (const e of G.edges) {
   const a = place[e.source], b = place[e.target]; if (!a || !b) continue;
-  const l = sv('line', {x1: a[0], y1: a[1], x2: b[0], y2: b[1], stroke: e.weight > 0 ? '#2563eb' : '#dc2626',
-    'stroke-width': (0.3 + 5 * Math.abs(e.weight) / maxW).toFixed(2), opacity: 0.55});
-  const t = sv('title'); t.textContent = e.source + ' \u2192 ' + e.target + ': weight ' + e.weight.toPrecision(3) + ', direct ' + e.direct.toPrecision(3);
+  const l = sv('line', {x1: a[0], y1: a[1], x2: b[0], y2: b[1], stroke: num(e.weight) > 0 ? '#2563eb' : '#dc2626',
+    'stroke-width': (0.3 + 5 * Math.abs(num(e.weight)) / maxW).toFixed(2), opacity: 0.55});
+  const t = sv('title'); t.textContent = e.source + ' \u2192 ' + e.target + ': weight ' + fmt(e.weight, 3) + ', direct ' + fmt(e.direct, 3);
   l.appendChild(t); l.dataset.s = e.source; l.dataset.t = e.target; svg.appendChild(l); lines.push(l);
 }
 const colour = {token: '#16a34a', feature: '#7c3aed', error: '#9ca3af', target: '#ea580c'};
 const circles = {};
 for (const n of G.nodes) {
   const [x, y] = place[n.id];
-  const r = n.kind === 'target' ? 9 : 2.5 + 6 * Math.sqrt(Math.abs(n.attribution) / maxAttr);
+  const r = n.kind === 'target' ? 9 : 2.5 + 6 * Math.sqrt(Math.abs(num(n.attribution)) / maxAttr);
   const c = sv('circle', {cx: x, cy: y, r: r.toFixed(2), fill: colour[n.kind]});
-  const t = sv('title'); t.textContent = n.id + (n.label ? ' ' + n.label : '') + ' (attribution ' + n.attribution.toPrecision(3) + ')';
+  const t = sv('title'); t.textContent = n.id + (n.label ? ' ' + n.label : '') + ' (attribution ' + fmt(n.attribution, 3) + ')';
   c.appendChild(t); c.addEventListener('click', () => select(n)); svg.appendChild(c); circles[n.id] = c;
 }
 document.getElementById('canvas').appendChild(svg);
@@ -188,12 +189,12 @@ function select(n) {
   const card = document.getElementById('card'); card.replaceChildren();
   const name = n.kind === 'feature' ? G.hooks[n.layer] + ' #' + n.feature : n.kind === 'error' ? G.hooks[n.layer] + ' error' : n.kind;
   card.appendChild(el('h3', {}, name));
-  card.appendChild(el('p', {}, 'position ' + n.position + ' ' + JSON.stringify(n.token) + ' | activation ' + n.activation.toPrecision(3) + ' | attribution ' + n.attribution.toPrecision(3)));
+  card.appendChild(el('p', {}, 'position ' + n.position + ' ' + JSON.stringify(n.token) + ' | activation ' + fmt(n.activation, 3) + ' | attribution ' + fmt(n.attribution, 3)));
   const info = cards[n.id];
   if (n.kind === 'target') card.appendChild(el('p', {}, 'target ' + G.target.text + '; metric: ' + JSON.stringify(G.metric)));
   if (!info) { if (n.kind === 'error') card.appendChild(el('p', {}, 'What the SAE at this hook does not explain at this position.')); return; }
   card.appendChild(el('p', {}, 'label: ' + (info.label || '(none)')));
-  if (info.density !== undefined) card.appendChild(el('p', {}, 'density ' + (100 * info.density).toFixed(3) + '% | max activation ' + info.max_activation.toPrecision(3)));
+  if (info.density !== undefined) card.appendChild(el('p', {}, 'density ' + (100 * info.density).toFixed(3) + '% | max activation ' + fmt(info.max_activation, 3)));
   if (info.dashboard) { const a = el('a', {href: info.dashboard, target: '_blank'}, 'open the dashboard page'); card.appendChild(el('p')).appendChild(a); }
   if (info.examples) { card.appendChild(el('h4', {}, 'top contexts'));
     for (const ex of info.examples) { const row = el('div', {class: 'ex'}); const m = Math.max(1e-9, ...ex.acts);

@@ -140,7 +140,7 @@ def stack_means(model: HookedModel, stack: SAEStack, corpus: CorpusConfig | None
     """Mean residual, feature activations and embedding over `n_tokens` held-out tokens (positions
     >= 1), one pass through the model; cached in `cache` (a safetensors file) when given."""
     corpus = corpus or heldout_corpus(stack.saes[0].training_data, None, stack.saes[0].cfg.context_size)
-    key = {"hooks": json.dumps(stack.hooks), "n_tokens": str(n_tokens), "corpus": describe(corpus),
+    key = {"model": str(stack.model_name), "hooks": json.dumps(stack.hooks), "n_tokens": str(n_tokens), "corpus": describe(corpus),
            "saes": json.dumps([str(p) for p in stack.paths])}
     if cache is not None and Path(cache).exists():
         from safetensors import safe_open
@@ -267,15 +267,15 @@ class FeatureGraph:
         return (f"{self.n_nodes} nodes ({kinds['feature']} features, {kinds['error']} errors, {kinds['token']} tokens, 1 target), "
                 f"{len(self.edges)} edges, {self.seconds:.1f} s | target {self.target.text!r}: clean {m['clean']:.3f}, "
                 f"all ablated {m['empty']:.3f}, graph alone {m['graph']:.3f} -> faithfulness {self.faithfulness:.1%} | "
-                f"top-{len(self.interventions.edges)} edges: sign agreement {self.interventions.sign_agreement:.0%}, "
+                f"top-{len({(r['source'], r['target']) for r in self.interventions.edges})} edges (ablate and clamp each): sign agreement {self.interventions.sign_agreement:.0%}, "
                 f"correlation {self.interventions.correlation:.3f}")
 
-    def chain(self, through_features: bool = True) -> list[Node]:
+    def chain(self, through_features: bool = True, readable_share: float = 0.25) -> list[Node]:
         """The strongest path into the target: from the target, the incoming edge of largest
         |weight| at each step, back to a token (or a node with no kept inputs). With
-        `through_features`, a step takes the strongest edge out of a feature or token when the
-        node has one, so the chain reads as features even where an error node carries more;
-        error nodes still appear where nothing else feeds a node."""
+        `through_features`, a step takes the strongest edge out of a feature or token when it
+        carries at least `readable_share` of the strongest edge's |weight|, so the chain reads as
+        features where they carry a fair part; otherwise it goes through the error node."""
         by_id, incoming = self._by_id(), {}
         for e in self.edges:
             incoming.setdefault(e.target, []).append(e)
@@ -286,8 +286,12 @@ class FeatureGraph:
             edges = incoming.get(current.id)
             if not edges:
                 break
+            strongest = max(edges, key=lambda e: abs(e.weight))
             readable = [e for e in edges if not e.source.startswith("E")] if through_features else []
-            current = by_id[max(readable or edges, key=lambda e: abs(e.weight)).source]
+            best_readable = max(readable, key=lambda e: abs(e.weight)) if readable else None
+            if best_readable is not None and abs(best_readable.weight) >= readable_share * abs(strongest.weight):
+                strongest = best_readable
+            current = by_id[strongest.source]
         return path[::-1]
 
     def chain_text(self) -> str:
@@ -404,7 +408,7 @@ def _trace(model, stack, prompt, tokens, target, cfg, means, labels, started) ->
     metric = _target_value(runner, stack, target, resid, start, pos)[0]
     grad_emb, *grads = (g[0].detach() for g in torch.autograd.grad(metric, [emb, *xs]))  # [P d] each
     clean_metric = float(metric.detach())
-    dec = [_Layer(stack.saes[i], xs[i][0].detach(), mean_x[i], mean_f[i], first) for i in range(n_stack)]
+    dec = [_Layer(stack.saes[i], xs[i][0].detach().float(), mean_x[i], mean_f[i], first) for i in range(n_stack)]
     emb_term = emb[0].detach() - mean_emb
     emb_term[:first] = 0
 
@@ -414,12 +418,12 @@ def _trace(model, stack, prompt, tokens, target, cfg, means, labels, started) ->
     for i, d in enumerate(dec):
         feature_attr = d.delta * (grads[i] @ d.W_dec.T)  # [P d_sae]
         error_attr = (d.error * grads[i]).sum(-1)  # [P]
-        total = feature_attr.abs().sum() + error_attr[first:].abs().sum()
+        total = max(float(feature_attr.abs().sum() + error_attr[first:].abs().sum()), 1e-30)  # 0 when nothing reaches the target
         ps, js = d.active.nonzero(as_tuple=True)
         for p, j, a in zip(ps.tolist(), js.tolist(), feature_attr[ps, js].tolist()):
-            candidates.append((abs(a) / float(total), i, p, j, a))
+            candidates.append((abs(a) / total, i, p, j, a))
         for p in range(first, n_pos):
-            candidates.append((abs(float(error_attr[p])) / float(total), i, p, -1, float(error_attr[p])))
+            candidates.append((abs(float(error_attr[p])) / total, i, p, -1, float(error_attr[p])))
     token_attr = (emb_term * grad_emb).sum(-1)
     candidates.sort(key=lambda c: -c[0])
     n_tokens = n_pos - first
@@ -453,7 +457,7 @@ def _trace(model, stack, prompt, tokens, target, cfg, means, labels, started) ->
                                0 if i == 0 else layers[i - 1], layers[i], cfg.batch_rows)  # [n P d]
         for row, (q, j) in enumerate(downstream):
             gain = 1.0 if j < 0 else float(grads[i][q] @ dec[i].W_dec[j])  # d's gradient on the target
-            for src, direct in _upstream_effects(G[row], i, dec, by_layer, emb_term, first):
+            for src, direct in _upstream_effects(G[row], q, i, dec, by_layer, emb_term, first):
                 edges.append(Edge(src, node_id(i, q, j), direct * gain, direct))
     for share, i, p, j, a in kept:  # the last hook's nodes feed the target directly
         if i == n_stack - 1:
@@ -472,7 +476,7 @@ def _trace(model, stack, prompt, tokens, target, cfg, means, labels, started) ->
 
     checks = _check_edges(runner, stack, dec, grads, target, edges, tokens, emb_term, layers, n_stack, pos, clean_metric, cfg)
     return FeatureGraph(prompt, strings, target, stack.hooks[:n_stack], nodes, edges, metric_values, faithfulness, checks,
-                        time.perf_counter() - started, asdict(cfg), [str(p) for p in stack.paths])
+                        time.perf_counter() - started, asdict(cfg), [str(p) if p is not None else "" for p in stack.paths])
 
 
 def _target_value(runner, stack, target: Target, resid: Tensor, start: int, pos: int) -> Tensor:
@@ -518,16 +522,19 @@ def _readout_gradients(runner, stack, dec, grads, i: int, downstream, upstream_r
     return torch.cat(out)
 
 
-def _upstream_effects(G: Tensor, i: int, dec, by_layer, emb_term: Tensor, first: int):
-    """(source id, direct effect) of every kept node at the hook before i (tokens before hook 0), given
-    the downstream node's gradient G [P d] there."""
+def _upstream_effects(G: Tensor, q: int, i: int, dec, by_layer, emb_term: Tensor, first: int):
+    """(source id, direct effect) of every kept node at the hook before i (tokens before hook 0) at
+    positions <= q (attention is causal: later positions have no effect), given the gradient G [P d]
+    there of the downstream node at position q."""
     if i == 0:
         effects = (G * emb_term).sum(-1)
-        for p in range(first, G.shape[0]):
+        for p in range(first, q + 1):
             yield f"T{p}", float(effects[p])
         return
     up = dec[i - 1]
     for p, j in by_layer.get(i - 1, []):
+        if p > q:
+            continue
         if j < 0:
             yield f"E{i - 1}_{p}", float(G[p] @ up.error[p])
         else:

@@ -114,7 +114,8 @@ def stack_paths(source: str | Path | list) -> list[Path]:
     manifest = path if path.name == STACK_FILE else path / STACK_FILE
     if manifest.exists():
         saes = json.loads(manifest.read_text())["saes"]
-        return [Path(p) if Path(p).is_absolute() or Path(p).exists() else manifest.parent / Path(p).name for p in saes.values()]
+        # relative entries are relative to the manifest's folder (a stack folder moved or shared as a whole)
+        return [Path(p) if Path(p).is_absolute() or Path(p).exists() else manifest.parent / p for p in saes.values()]
     if (path / "cfg.json").exists():
         return [path]
     raise FileNotFoundError(f"{path} is neither an SAE folder nor a folder with {STACK_FILE} (written by `saewb run --preset chain`)")
