@@ -3,7 +3,8 @@ per prompt family, the time per graph, its faithfulness under mean ablation of e
 outside it, and how often an intervention on a top edge's upstream feature moves the
 downstream node the way attribution predicts. Then features across layers (decoder cosine
 and co-activation), across widths (a wider SAE at the same hook) and across seeds (the same
-SAE retrained from the same store with another seed).
+SAE retrained from the same store with another seed; without --width-sae, a twice-as-wide SAE
+is trained from that store too).
 
     python bench/inference_chains.py --stack runs/chain/sae --out runs/bench_chains \\
         --width-sae runs/default/sae/topk_k32_4608      # optional: the default run's 4608-latent layer-8 SAE
@@ -62,9 +63,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="results folder")
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), help="prompt families (default: all)")
     p.add_argument("--max-nodes", type=int, default=GraphConfig.max_nodes, help="default: %(default)s")
-    p.add_argument("--width-sae", type=Path, default=None, help="a wider SAE at one of the stack's hooks, to match against")
-    p.add_argument("--seed-tokens", type=int, default=None, help="retrain one stack SAE with seed 1 on this many tokens "
-                   "(default: as many as it was trained on; 0 skips the seed comparison)")
+    p.add_argument("--width-sae", type=Path, default=None, help="a wider SAE at one of the stack's hooks, to match against "
+                   "(default: train one of twice the width from the stack's store)")
+    p.add_argument("--retrain-tokens", type=int, default=None, help="tokens for the wider and the other-seed SAE trained from the "
+                   "stack's store (default: as many as the stack's; 0 skips both comparisons)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
 
@@ -123,30 +125,34 @@ def family_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def seed_match(stack, args) -> dict | None:
-    """The stack SAE at the default layer (else the middle one) retrained with seed 1 from its own store, then matched."""
+def _retrained(stack, args, name: str, d_sae: int, seed: int):
+    """The stack SAE at the default layer (else the middle one), trained again from its own store with
+    another width or seed, the other settings as they were: (its index in the stack, the new SAE, seconds)."""
     hooks = stack.hooks
     hook = "blocks.8.hook_resid_post" if "blocks.8.hook_resid_post" in hooks else hooks[len(hooks) // 2]
     index = hooks.index(hook)
     path, sae = stack.paths[index], stack.saes[index]
     store = Path(sae.training_data.get("store", args.stack.parent / "activations" / hook))
-    if args.seed_tokens == 0 or not store.exists():
-        print(f"seed comparison skipped ({'--seed-tokens 0' if args.seed_tokens == 0 else f'no store at {store}'})")
-        return None
-    summary = json.loads((path.parent / "train_summary.json").read_text()) if (path.parent / "train_summary.json").exists() else {}
-    trained = summary.get("config", {})
-    n_tokens = args.seed_tokens or trained.get("n_tokens", 500_000)
-    out = args.out / "seed1"
+    if not store.exists():
+        print(f"{name} comparison skipped: no store at {store}")
+        return index, None, 0.0
+    trained = json.loads((path.parent / "train_summary.json").read_text()).get("config", {})
+    n_tokens = args.retrain_tokens or trained.get("n_tokens", 500_000)
     started = time.perf_counter()
-    retrained = cli.cmd_train(cli.parse(["train", "--out", str(out), "--store", str(store), "--device", args.device,
-                                         "--architecture", sae.cfg.architecture, "--d-sae", str(sae.cfg.d_sae), "--k", str(sae.cfg.k),
+    retrained = cli.cmd_train(cli.parse(["train", "--out", str(args.out / name), "--store", str(store), "--device", args.device,
+                                         "--architecture", sae.cfg.architecture, "--d-sae", str(d_sae), "--k", str(sae.cfg.k),
                                          "--train-tokens", str(n_tokens), "--batch-size", str(trained.get("batch_size", 4096)),
-                                         "--seed", "1"]))[0]
-    seconds = time.perf_counter() - started
-    other = load_sae(retrained)
-    result = match_saes(sae, other, 0.7, live_features(path))
-    print(f"seeds 0 vs 1 at {hook} ({n_tokens:,} tokens, retrained in {seconds:.0f} s): {result.summary()}")
-    return {"hook": hook, "n_tokens": n_tokens, "seconds": seconds, **_pair(result)}
+                                         "--seed", str(seed)]))[0]
+    return index, load_sae(retrained), time.perf_counter() - started
+
+
+def compare(stack, index: int, other, label: str, seconds: float) -> dict:
+    """Both directions of a decoder-cosine match between the stack's SAE at `index` and `other`."""
+    sae, live = stack.saes[index], live_features(stack.paths[index])
+    forward, backward = match_saes(sae, other, 0.7, live), match_saes(other, sae, 0.7, None, live)
+    print(f"{label} at {sae.cfg.hook_name} ({sae.cfg.d_sae} -> {other.cfg.d_sae} latents, trained in {seconds:.0f} s): {forward.summary()}")
+    print(f"  the other way ({other.cfg.d_sae} -> {sae.cfg.d_sae}): {backward.summary()}")
+    return {"hook": sae.cfg.hook_name, "seconds": seconds, "forward": _pair(forward), "backward": _pair(backward)}
 
 
 def _pair(result) -> dict:
@@ -175,18 +181,16 @@ def main(argv: list[str] | None = None) -> None:
     labels = {}
     print(layers.table(labels) + f"\n(layer matching {layers_s:.0f} s)")
 
-    width = None
-    if args.width_sae:
+    width = seeds = None
+    if args.width_sae:  # a wider SAE trained before, at one of the stack's hooks
         wide = load_sae(args.width_sae)
-        narrow_index = stack.hooks.index(wide.cfg.hook_name)
-        narrow = stack.saes[narrow_index]
-        live_n, live_w = live_features(stack.paths[narrow_index]), live_features(args.width_sae)
-        n_to_w = match_saes(narrow, wide, 0.7, live_n, live_w)
-        w_to_n = match_saes(wide, narrow, 0.7, live_w, live_n)
-        print(f"widths {narrow.cfg.d_sae} -> {wide.cfg.d_sae} at {wide.cfg.hook_name}: {n_to_w.summary()}")
-        print(f"widths {wide.cfg.d_sae} -> {narrow.cfg.d_sae}: {w_to_n.summary()}")
-        width = {"hook": wide.cfg.hook_name, "narrow_to_wide": _pair(n_to_w), "wide_to_narrow": _pair(w_to_n)}
-    seeds = seed_match(stack, args)
+        width = compare(stack, stack.hooks.index(wide.cfg.hook_name), wide, "widths", 0.0)
+    elif args.retrain_tokens != 0:
+        index, wide, seconds = _retrained(stack, args, "width", 2 * stack.saes[0].cfg.d_sae, 0)
+        width = compare(stack, index, wide, "widths", seconds) if wide is not None else None
+    if args.retrain_tokens != 0:
+        index, other, seconds = _retrained(stack, args, "seed", stack.saes[0].cfg.d_sae, 100)
+        seeds = compare(stack, index, other, "seeds", seconds) if other is not None else None
     atomic_write_json(args.out / "chains.json", {"families": results, "layers": layers.to_dict(), "layers_seconds": layers_s,
                                                  "widths": width, "seeds": seeds, "means_seconds": means_s,
                                                  "settings": {k: str(v) for k, v in vars(args).items()}})

@@ -20,7 +20,8 @@ from sae import ARCHITECTURES, SAEConfig
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 PROMPT = "the cat sat on"
-EVERYTHING = GraphConfig(max_nodes=100_000, min_node_share=0.0, edge_share=1.0, max_edges=10 ** 7, n_check_edges=6, budgets=[])
+EVERYTHING = GraphConfig(max_nodes=100_000, min_node_share=0.0, edge_share=1.0, max_edges=10 ** 7, n_check_edges=6, budgets=[],
+                         ig_steps=0)  # plain grad x term: the finite differences below check it exactly
 
 
 def relu_sae(hook: str, d_in: int = 32, d_sae: int = 48, seed: int = 0, model_name: str = "tiny", b_enc: float = 0.0):
@@ -394,3 +395,29 @@ def test_stack_manifest_and_the_trace_cli(tiny_llama_dir, tmp_path, capsys):
     assert "persist" in capsys.readouterr().out
     write_stack_manifest(tmp_path, [manifest["saes"][h] for h in reversed(HOOKS)])  # written in layer order whatever the input order
     assert list(json.loads((tmp_path / "stack.json").read_text())["saes"]) == HOOKS
+
+
+def test_integrated_gradients_are_complete_at_every_hook(tiny_model, tiny_stack, means):
+    """With ig_steps, a hook's node attributions sum to the change of the target when that hook is
+    moved to its held-out mean (the rest of the model running as it does), up to the quadrature."""
+    import dataclasses
+
+    target = logit_target(tiny_model.tokenizer, " ")
+    graph = trace(tiny_model, tiny_stack, PROMPT, target, dataclasses.replace(EVERYTHING, ig_steps=48), means=means)
+    tokens = tokens_of(tiny_model)
+    clean, changes = graph.metric["clean"], []
+    for layer, hook in enumerate(["blocks.0.hook_resid_pre", *HOOKS]):
+        mean = means.embed if layer == 0 else means.resid[layer - 1]
+
+        def to_mean(act, hook):
+            act = act.clone()
+            act[0, 1:] = mean
+            return act
+
+        with torch.no_grad():
+            moved = metric_of(tiny_model.run_with_hooks(tokens, fwd_hooks=[(hook, to_mean)]), target.token)
+        kind = {"token"} if layer == 0 else {"feature", "error"}
+        total = sum(n.attribution for n in graph.nodes if n.kind in kind and n.layer == layer - 1)
+        assert total == pytest.approx(clean - moved, rel=1e-2, abs=1e-3), hook
+        changes.append(abs(clean - moved))
+    assert max(changes) > 0.05  # the check can fail

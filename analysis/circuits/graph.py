@@ -17,15 +17,22 @@ SAE does not reconstruct, and the inactive features' departure from their means)
 node's term is mean-ablating it; removing all of them puts the held-out mean in the residual.
 Token nodes are the prompt's embeddings (less the mean embedding).
 
-**Attribution (first order, with the SAEs spliced in and their errors kept).** A node's
-attribution to the target is grad x term: the gradient of the target metric at that hook (the
-real model's gradient, since the nodes sum to the real residual) dotted with the node's term.
+**Attribution (with the SAEs spliced in and their errors kept).** A node's attribution to the
+target is its term dotted with the target's gradient at that hook (the real model's gradient,
+since the nodes sum to the real residual). By default (`ig_steps`) the gradient is integrated
+along the path that moves the whole hook from its held-out mean to the prompt's residual, the
+rest of the model running as it does: the attributions at a hook then sum to the change of the
+target when that hook is mean-ablated (Sundararajan et al. 2017; Marks et al. 2024 use it for the
+same reason), which ranks nodes for the ablation below better than the gradient at the prompt
+alone (on SmolLM2, median faithfulness 71% against 61% at 200 nodes; bench/inference_chains.py).
+With `ig_steps=0` it is grad x term at the prompt.
 An edge u -> d joins neighbouring hooks of the stack. Its direct effect is the gradient of d's
 value through the blocks between the two hooks, times u's term: d's value is its
 pre-activation, its own encoder's reading of the residual. For an error node, d's value is
 the target gradient at d's hook dotted with its error vector. An edge's weight is its direct
-effect times d's gradient on the target, so the weights out of a node sum to that node's
-attribution. Every gradient is taken at the prompt's own activations.
+effect times d's gradient on the target, so in an unpruned graph with `ig_steps=0` the weights
+out of a node sum to that node's attribution. Edge gradients are taken at the prompt's own
+activations.
 
 **Pruning.** Nodes are ranked by their share of their layer's total |attribution| (each layer
 is a full cut of the stream, so every layer needs its carriers), and the best are kept up to
@@ -198,6 +205,9 @@ class GraphConfig:
     """Rows per batched pass through a span of blocks (memory bound)."""
     budgets: list[int] = field(default_factory=lambda: [25, 50, 100])
     """Smaller node budgets whose faithfulness is also reported (same ranking)."""
+    ig_steps: int = 8
+    """Node attributions by integrated gradients with this many steps, one hook at a time, from
+    the held-out mean to the prompt's residual (0: plain gradient x term at the prompt)."""
 
 
 @dataclass
@@ -211,7 +221,8 @@ class Node:
     activation: float
     """Feature activation; the norm of the error / embedding term; the target metric."""
     attribution: float
-    """First-order effect on the target of removing the node's term (grad x term)."""
+    """The node's term dotted with the target's gradient (integrated from the mean with `ig_steps`):
+    the change of the target the node accounts for, to first order (its removal: minus this)."""
     token: str = ""
     label: str = ""
 
@@ -412,19 +423,24 @@ def _trace(model, stack, prompt, tokens, target, cfg, means, labels, started) ->
     emb_term = emb[0].detach() - mean_emb
     emb_term[:first] = 0
 
-    # ---- node attributions (grad x term)
+    # ---- node attributions (grad x term, or integrated gradients from the mean)
     strings = token_strings(model.tokenizer, tokens.tolist())
+    if cfg.ig_steps > 0:
+        grad_emb_attr, *attr_grads = _path_gradients(runner, stack, target, [emb[0].detach(), *(d.x for d in dec)],
+                                                     [mean_emb, *mean_x], [0, *layers[:n_stack]], pos, first, cfg.ig_steps)
+    else:
+        grad_emb_attr, attr_grads = grad_emb, grads
     candidates = []  # (share, layer, position, feature or -1, attribution)
     for i, d in enumerate(dec):
-        feature_attr = d.delta * (grads[i] @ d.W_dec.T)  # [P d_sae]
-        error_attr = (d.error * grads[i]).sum(-1)  # [P]
+        feature_attr = d.delta * (attr_grads[i] @ d.W_dec.T)  # [P d_sae]
+        error_attr = (d.error * attr_grads[i]).sum(-1)  # [P]
         total = max(float(feature_attr.abs().sum() + error_attr[first:].abs().sum()), 1e-30)  # 0 when nothing reaches the target
         ps, js = d.active.nonzero(as_tuple=True)
         for p, j, a in zip(ps.tolist(), js.tolist(), feature_attr[ps, js].tolist()):
             candidates.append((abs(a) / total, i, p, j, a))
         for p in range(first, n_pos):
             candidates.append((abs(float(error_attr[p])) / total, i, p, -1, float(error_attr[p])))
-    token_attr = (emb_term * grad_emb).sum(-1)
+    token_attr = (emb_term * grad_emb_attr).sum(-1)
     candidates.sort(key=lambda c: -c[0])
     n_tokens = n_pos - first
     budget = max(0, cfg.max_nodes - n_tokens - 1)
@@ -461,7 +477,9 @@ def _trace(model, stack, prompt, tokens, target, cfg, means, labels, started) ->
                 edges.append(Edge(src, node_id(i, q, j), direct * gain, direct))
     for share, i, p, j, a in kept:  # the last hook's nodes feed the target directly
         if i == n_stack - 1:
-            edges.append(Edge(node_id(i, p, j), "target", a, a))
+            d = dec[i]
+            direct = float(grads[i][p] @ (d.error[p] if j < 0 else d.delta[p, j] * d.W_dec[j]))  # grad x term at the prompt
+            edges.append(Edge(node_id(i, p, j), "target", direct, direct))
     edges = _prune_edges(edges, cfg)
 
     # ---- faithfulness: the graph alone, every node kept, nothing kept, smaller budgets
@@ -487,6 +505,24 @@ def _target_value(runner, stack, target: Target, resid: Tensor, start: int, pos:
         return sae.pre_acts(x[:, pos])[:, target.feature]
     logits = runner.logits(runner.blocks(resid, start, runner.n_layers))
     return _metric(target, logits[:, pos])
+
+
+def _path_gradients(runner, stack, target: Target, xs: list[Tensor], means: list[Tensor], starts: list[int], pos: int, first: int,
+                    steps: int) -> list[Tensor]:
+    """For each point xs[h] [P d] (the embedding, then each hook, after starts[h] blocks): the target's
+    gradient averaged along the straight path from the held-out mean to xs[h] (positions >= first;
+    midpoint rule), the rest of the model running as it does. Each is [P d]."""
+    alphas = (torch.arange(steps, dtype=torch.float32, device=xs[0].device) + 0.5) / steps
+    out = []
+    for x, mean, start in zip(xs, means, starts):
+        path = x[None].repeat(steps, 1, 1)
+        mean = mean[first:] if mean.dim() == 2 else mean  # a mean per position [P d], or one [d]
+        path[:, first:] = mean + alphas[:, None, None] * (x[first:] - mean)
+        path.requires_grad_(True)
+        with torch.enable_grad():
+            value = _target_value(runner, stack, target, path, start, pos).sum()
+            out.append(torch.autograd.grad(value, path)[0].mean(0))
+    return out
 
 
 def _readouts(stack, dec, grads, i: int, downstream: list[tuple[int, int]]) -> Tensor:
