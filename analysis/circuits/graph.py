@@ -637,9 +637,9 @@ def _check_edges(runner, stack, dec, grads, target, edges, tokens, emb_term, lay
            zip(rows, measured, [-1.0, 1.0] * len(chosen))]
     if not out:
         return InterventionCheck([], float("nan"), float("nan"))
-    pred = torch.tensor([r["predicted"] for r in out])
-    meas = torch.tensor([r["measured"] for r in out])
-    agree = float(((pred.sign() == meas.sign()) | ((pred.abs() < 1e-9) & (meas.abs() < 1e-9))).float().mean())
+    pred = torch.tensor([r["predicted"] for r in out], dtype=torch.float64)
+    meas = torch.tensor([r["measured"] for r in out], dtype=torch.float64)
+    agree = float(((pred.sign() == meas.sign()) | ((pred.abs() < 1e-9) & (meas.abs() < 1e-9))).double().mean())  # 36/40 is 0.9
     corr = float(torch.corrcoef(torch.stack([pred, meas]))[0, 1]) if len(out) > 2 else float("nan")
     return InterventionCheck(out, agree, corr)
 
