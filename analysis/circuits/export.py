@@ -84,7 +84,7 @@ def neuronpedia_json(graph: FeatureGraph, model_name: str | None = None, slug: s
         if n.kind == "token":
             return "E"
         if n.kind == "target":
-            return "logits" if graph.target.kind != "feature" else str(graph.target.layer)
+            return "logits" if graph.target.kind != "feature" else graph.target.text.split(".")[1]  # "blocks.L.hook... #id"
         return graph.hooks[n.layer].split(".")[1]
 
     nodes = [{"node_id": n.id, "jsNodeId": n.id, "feature": n.feature, "layer": layer_of(n), "ctx_idx": n.position,

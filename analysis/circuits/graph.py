@@ -490,7 +490,7 @@ def _trace(model, stack, prompt, tokens, target, cfg, means, labels, started) ->
     faithfulness = (metric_values["graph"] - metric_values["empty"]) / span if abs(span) > 1e-9 else float("nan")
     metric_values |= {f"faithfulness_{k}": (v - metric_values["empty"]) / span if abs(span) > 1e-9 else float("nan")
                       for k, v in metric_values.items() if k.startswith("top")}
-    metric_values["nodes_top"] = {f"top{b}": min(b, n_tokens + 1 + len(ranked)) for b in cfg.budgets}
+    metric_values["nodes_top"] = {f"top{b}": max(n_tokens + 1, min(b, n_tokens + 1 + len(ranked))) for b in cfg.budgets}  # tokens + target always
 
     checks = _check_edges(runner, stack, dec, grads, target, edges, tokens, emb_term, layers, n_stack, pos, clean_metric, cfg)
     return FeatureGraph(prompt, strings, target, stack.hooks[:n_stack], nodes, edges, metric_values, faithfulness, checks,

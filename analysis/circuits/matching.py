@@ -161,6 +161,9 @@ def layer_matches(model: HookedModel, stack: SAEStack, threshold: float = 0.7, n
     rows, links = [], []
     for i in range(len(stack) - 1):
         live_a, live_b = (fired[i] > 0).nonzero().squeeze(1), (fired[i + 1] > 0).nonzero().squeeze(1)
+        if len(live_a) == 0 or len(live_b) == 0:
+            raise ValueError(f"no feature of {stack.hooks[i] if len(live_a) == 0 else stack.hooks[i + 1]} fired on {count:,} held-out "
+                             "tokens: nothing to match (a dead SAE, or too little text)")
         cos = dirs[i][live_a] @ dirs[i + 1][live_b].T  # [live_a live_b]
         fwd_v, fwd_i = cos.max(1)
         back_v, back_i = cos.max(0)
