@@ -178,8 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     layers = layer_matches(model, stack)
     layers_s = time.perf_counter() - started
-    labels = {}
-    print(layers.table(labels) + f"\n(layer matching {layers_s:.0f} s)")
+    print(layers.table() + f"\n(layer matching {layers_s:.0f} s)")
 
     width = seeds = None
     if args.width_sae:  # a wider SAE trained before, at one of the stack's hooks
