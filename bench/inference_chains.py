@@ -27,6 +27,7 @@ import torch
 from activations import load_model
 from activations.generation import encode_prompts
 from activations.io import atomic_write_json
+from activations.model import logits_with_edit
 from analysis import cli
 from analysis.circuits.export import feature_cards, write_graph
 from analysis.circuits.graph import GraphConfig, logit_target, stack_means, trace
@@ -74,8 +75,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def rank_of(model, prompt: Prompt) -> tuple[int, float, str]:
     """(rank of the target among next tokens, its probability, the top token) on the clean model."""
     tokens = encode_prompts(model.tokenizer, [prompt.text])[0][None].to(next(model.parameters()).device)
-    with torch.no_grad():
-        logits = model.original_model(input_ids=tokens).logits[0, -1] if hasattr(model, "original_model") else model(tokens)[0, -1]
+    logits = logits_with_edit(model, tokens)[0, -1]  # the clean model, through the same path as evaluation
     target = logit_target(model.tokenizer, prompt.target).token
     probs = logits.float().softmax(-1)
     rank = int((logits > logits[target]).sum()) + 1
