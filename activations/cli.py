@@ -1,18 +1,24 @@
 """`saewb harvest`: the activations stage's command. Its flags come from `HarvestConfig` (and
-`CorpusConfig.context_len`), with the fields' docstrings as help; `analysis.cli` composes it
-into `saewb run`."""
+`CorpusConfig.context_len`), with the fields' docstrings as help; `analysis.cli` collects it
+into the `saewb` parser and composes it into `saewb run`."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
 
 from .corpus import CorpusConfig
-from .flags import add_flags, from_flags
+from .flags import Command, add_flags, from_flags
 from .harvest import HarvestConfig, harvest, repair_config
+from .model import ModelLoader
 from .store import ActivationStore
 
 RENAMED = {"autocast": "harvest_autocast"}  # `--autocast` is the trainer's
+
+
+def add_corpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default=None, help="text: 'default' (embedded), a .txt/.jsonl/.parquet file or folder, or hf:<dataset>. "
+                   "harvest/train/run read its train split (default: 'default'); evaluate/analyze/steer its held-out split "
+                   "(default: the corpus the SAE was trained on, recorded in its cfg.json)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,21 +34,30 @@ def add_repair_argument(p: argparse.ArgumentParser) -> None:
                         "every other setting is read from its manifest")
 
 
-def run(args: argparse.Namespace, model_of: Callable[[argparse.Namespace], object]) -> dict[str, ActivationStore]:
-    """Harvest (or resume, or --repair) per `args`; `model_of(args)` gives the model to run."""
+def run(args: argparse.Namespace, models: ModelLoader) -> dict[str, ActivationStore]:
+    """Harvest (or resume, or --repair) per `args` with the model `models` gives."""
     if getattr(args, "repair", None):
         # same model, corpus, sizes and device as the original harvest; --model only says where
         # to load that model from (e.g. a moved folder), --device where to run
         cfg = repair_config(args.repair, **({"device": args.device} if args.device != "auto" else {}))
-        args.device, args.model = cfg.device, args.model if args.model_given else cfg.model
-        stores = harvest(cfg, model_of(args))
+        stores = harvest(cfg, ModelLoader(models.given, cfg.device, models.cache).get(cfg.model))
         for store in stores.values():
             print(f"repaired: {store.path} ({len(store.shards)} shards, {store.n_tokens:,} tokens)")
         return stores
     corpus = from_flags(CorpusConfig, args, source=args.corpus or "default")
-    cfg = from_flags(HarvestConfig, args, rename=RENAMED, out_dir=str(args.out / "activations"), model=args.model,
+    cfg = from_flags(HarvestConfig, args, rename=RENAMED, out_dir=str(Path(args.out) / "activations"), model=models.name(),
                      hooks=args.hooks or [args.hook], corpus=corpus, exclude_bos=not args.keep_bos, device=args.device)
-    stores = harvest(cfg, model_of(args))
+    stores = harvest(cfg, models.get())
     for store in stores.values():
         print(f"activations: {store.path} ({store.n_tokens:,} tokens, d_in {store.d_in})")
     return stores
+
+
+def add_harvest_arguments(p: argparse.ArgumentParser) -> None:
+    """`saewb harvest`'s own flags: the corpus, the harvest's, and --repair."""
+    add_corpus(p)
+    add_arguments(p)
+    add_repair_argument(p)
+
+
+COMMANDS = {"harvest": Command("store activations of a model at hook points", add_harvest_arguments, run, sharded=True)}

@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -156,6 +157,18 @@ def boundary_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
         if tid is not None:
             return int(tid)
     raise ValueError("tokenizer has no <|endoftext|>, BOS or EOS token to mark context starts")
+
+
+def contexts_for_tokens(n_tokens: int, context_len: int, first: int = 1) -> int:
+    """How many packed contexts hold `n_tokens` usable tokens when each context's positions
+    before `first` are left out (position 0, the BOS sink, by default): the one rule for
+    "contexts for n tokens"."""
+    return -(-n_tokens // (context_len - first))
+
+
+def tokens_in_contexts(n_contexts: int, context_len: int, first: int = 1) -> int:
+    """Usable tokens in `n_contexts` packed contexts (the inverse of `contexts_for_tokens`)."""
+    return n_contexts * (context_len - first)
 
 
 def fingerprint(tokens: np.ndarray) -> str:

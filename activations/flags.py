@@ -16,11 +16,15 @@ import dataclasses
 import inspect
 import textwrap
 import typing
-from functools import lru_cache
-from typing import Any, Iterable, Literal
+from collections.abc import Callable, Iterable
+from functools import cache
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from .model import ModelLoader
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """{field: the docstring written under it} for a dataclass (and its bases)."""
     docs: dict[str, str] = {}
@@ -94,3 +98,16 @@ def from_flags(cls: type, args: argparse.Namespace, rename: dict[str, str] | Non
             values[f.name] = value
     values.update(overrides)
     return cls(**values)
+
+
+class Command(NamedTuple):
+    """One `saewb` subcommand."""
+
+    help: str
+    """One line for `saewb --help` and the command's own description."""
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    """Adds the command's own flags (the common ones are added for every command)."""
+    run: Callable[[argparse.Namespace, ModelLoader], Any]
+    """The command's body: (parsed flags, the model loader) -> its result."""
+    sharded: bool = False
+    """True: every torchrun rank runs it (harvest, train); False: rank 0 alone."""

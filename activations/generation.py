@@ -4,15 +4,16 @@ own cache on HookedTransformer. An `edit` (e.g. `analysis.steering.Steering`) is
 for the whole generation, so every forward pass, generated tokens included, sees it."""
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ContextManager, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from .corpus import boundary_token_id
-from .model import HookedModel, cache_kwarg, hook_module
+from .model import HookedModel, cache_kwarg, hf_model_of, hook_module
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -23,7 +24,7 @@ class Edit(Protocol):
 
     hook_name: str
 
-    def attached(self, model: HookedModel) -> ContextManager: ...
+    def attached(self, model: HookedModel) -> AbstractContextManager: ...
 
 
 @dataclass
@@ -209,7 +210,7 @@ def generate_tokens(model: HookedModel, prompts: Sequence[Tensor], cfg: Generati
     stop = torch.tensor(stop_token_ids(tokenizer), device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else boundary_token_id(tokenizer)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    hf = hasattr(model, "original_model") and (edit is None or hook_module(model, edit.hook_name) is not None)
+    hf = hf_model_of(model) is not None and (edit is None or hook_module(model, edit.hook_name) is not None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     if hf:
         batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -225,7 +226,7 @@ def generate_tokens(model: HookedModel, prompts: Sequence[Tensor], cfg: Generati
         if edit is not None:
             stack.enter_context(edit.attached(model))
         for batch in batches:
-            decoder = (_HFDecoder(model.original_model, cfg, generator, stop, pad) if hf else _TLDecoder(model, cfg, generator, stop, pad))
+            decoder = (_HFDecoder(hf_model_of(model), cfg, generator, stop, pad) if hf else _TLDecoder(model, cfg, generator, stop, pad))
             for i, tokens in zip(batch, decoder.run([prompts[i] for i in batch])):
                 results[i] = tokens
     return results

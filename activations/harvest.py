@@ -17,20 +17,23 @@ corrupt and missing shards instead, giving the same bytes as the original harves
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .corpus import CorpusConfig, fingerprint, load_contexts
-from .model import DEFAULT_HOOK, DEFAULT_MODEL, HookedModel, load_model, model_mismatch, run_to_hooks, validate_hook
+from .corpus import CorpusConfig, contexts_for_tokens, fingerprint, load_contexts, tokens_in_contexts
 from .io import atomic_save_safetensors, atomic_write_json, remove_stale_temp_files
+from .model import DEFAULT_HOOK, DEFAULT_MODEL, HookedModel, load_model, model_mismatch, run_to_hooks, validate_hook
 from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_dir, repair_command, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,57 +82,67 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
     if (mismatch := model_mismatch(cfg.model, model)) is not None:
         raise ValueError(f"HarvestConfig.model={cfg.model!r} names another model than the one passed: {mismatch}")
     device = next(model.parameters()).device
-    ctx_len = cfg.corpus.context_len
-    kept_per_context = ctx_len - 1 if cfg.exclude_bos else ctx_len
-    n_contexts = math.ceil(cfg.n_tokens / kept_per_context)
-    rank = distributed.current()
+    first = 1 if cfg.exclude_bos else 0
+    n_contexts = contexts_for_tokens(cfg.n_tokens, cfg.corpus.context_len, first)
     with distributed.main_first():  # rank 0 fills the token cache, the others read it
         tokens = load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts, cache_dir=Path(cfg.out_dir) / ".token_cache")
     if len(tokens) < n_contexts:
         raise ValueError(
-            f"corpus {cfg.corpus.source!r} ({cfg.corpus.split}) has only {len(tokens) * kept_per_context:,} tokens, "
-            f"{cfg.n_tokens:,} requested"
+            f"corpus {cfg.corpus.source!r} ({cfg.corpus.split}) has only {tokens_in_contexts(len(tokens), cfg.corpus.context_len, first):,} "
+            f"tokens, {cfg.n_tokens:,} requested"
         )
-    corpus_fp = fingerprint(tokens)
+    header = {
+        "format": FORMAT, "model": cfg.model, "d_in": None, "dtype": cfg.dtype, "context_len": cfg.corpus.context_len,
+        "exclude_bos": cfg.exclude_bos, "corpus": asdict(cfg.corpus), "corpus_fingerprint": fingerprint(tokens), "n_contexts": n_contexts,
+        "shard_contexts": cfg.shard_contexts, "batch_contexts": cfg.batch_contexts, "autocast": cfg.autocast,
+    }
+    # "device" (not checked on resume) lets a repair harvest where the shards were made: same bytes
+    manifests = {hook: {**_resumed(cfg, hook, header), "device": device.type} for hook in cfg.hooks}
+    _harvest_missing_shards(model, cfg, tokens, manifests, device)
+    if distributed.current().is_main:
+        for hook, m in manifests.items():
+            m["n_tokens"] = sum(s["n_tokens"] for s in m["shards"])
+            m["complete"] = True
+            atomic_write_json(hook_dir(Path(cfg.out_dir), hook) / "manifest.json", m)
+    distributed.barrier()  # no rank returns before the store is complete
+    return {hook: ActivationStore(hook_dir(Path(cfg.out_dir), hook)) for hook in cfg.hooks}
+
+
+def _resumed(cfg: HarvestConfig, hook: str, header: dict) -> dict:
+    """The manifest of `hook`'s store to continue from: `header` with the verified shards an
+    earlier run of the same harvest left (none for a new store); an error for another harvest."""
+    folder = hook_dir(Path(cfg.out_dir), hook)
+    folder.mkdir(parents=True, exist_ok=True)
+    with distributed.main_first():
+        if distributed.current().is_main:
+            remove_stale_temp_files(folder)  # no writer is running yet: these are from killed runs
+    header = {**header, "hook_name": hook}
+    path = folder / "manifest.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        mismatched = [k for k in header if k != "d_in" and old.get(k) != header[k]]
+        if mismatched:
+            raise ValueError(f"{folder} holds a different harvest (differs in {mismatched}); choose another --out or delete it")
+        return {**header, "d_in": old["d_in"], "shards": list(_verified_shards(folder, old, cfg.repair).values()), "complete": False}
+    if cfg.repair:
+        raise StoreError(f"{folder} has no manifest.json: there is no harvest to repair")
+    return {**header, "shards": [], "complete": False}
+
+
+def _harvest_missing_shards(model: HookedModel, cfg: HarvestConfig, tokens: np.ndarray, manifests: dict[str, dict],
+                            device: torch.device) -> None:
+    """Harvest every shard some hook's manifest lacks, dealt round-robin to the ranks; after each
+    round every rank holds the same manifests, and rank 0 writes them."""
+    rank = distributed.current()
+    n_contexts = len(tokens)
     n_shards = math.ceil(n_contexts / cfg.shard_contexts)
-
-    manifests = {}
-    for hook in cfg.hooks:
-        folder = hook_dir(Path(cfg.out_dir), hook)
-        folder.mkdir(parents=True, exist_ok=True)
-        with distributed.main_first():
-            if rank.is_main:
-                remove_stale_temp_files(folder)  # no writer is running yet: these are from killed runs
-        header = {
-            "format": FORMAT, "model": cfg.model, "hook_name": hook, "d_in": None, "dtype": cfg.dtype,
-            "context_len": ctx_len, "exclude_bos": cfg.exclude_bos, "corpus": asdict(cfg.corpus),
-            "corpus_fingerprint": corpus_fp, "n_contexts": n_contexts, "shard_contexts": cfg.shard_contexts,
-            "batch_contexts": cfg.batch_contexts, "autocast": cfg.autocast,
-        }
-        path = folder / "manifest.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            mismatched = [k for k in header if k != "d_in" and old.get(k) != header[k]]
-            if mismatched:
-                raise ValueError(
-                    f"{folder} holds a different harvest (differs in {mismatched}); choose another --out or delete it"
-                )
-            header["d_in"] = old["d_in"]
-            done = _verified_shards(folder, old, cfg.repair)
-        elif cfg.repair:
-            raise StoreError(f"{folder} has no manifest.json: there is no harvest to repair")
-        else:
-            done = {}
-        # "device" (not checked on resume) lets a repair harvest where the shards were made: same bytes
-        manifests[hook] = {**header, "device": device.type, "shards": list(done.values()), "complete": False}
-
     todo = [i for i in range(n_shards) if any(f"shard_{i:05d}.safetensors" not in {s["file"] for s in m["shards"]} for m in manifests.values())]
     mine = todo[rank.rank::rank.world_size]  # round r: every rank does its r-th shard
+    kept_per_context = cfg.corpus.context_len - (1 if cfg.exclude_bos else 0)
     my_rows = sum(min(cfg.shard_contexts, n_contexts - i * cfg.shard_contexts) for i in mine) * kept_per_context
     bar = tqdm(total=my_rows, unit="tok", unit_scale=True, desc=f"harvest {len(cfg.hooks)} hook(s)", disable=not rank.is_main)
-    storage = DTYPES[cfg.dtype]
     for round_index in range(math.ceil(len(todo) / rank.world_size)):
-        written = _harvest_shard(model, cfg, tokens, mine[round_index], device, storage, bar) if round_index < len(mine) else {}
+        written = _harvest_shard(model, cfg, tokens, mine[round_index], device, DTYPES[cfg.dtype], bar) if round_index < len(mine) else {}
         for entries in distributed.all_gather_object(written):  # every rank keeps the same manifest
             for hook, entry in entries.items():
                 m = manifests[hook]
@@ -139,14 +152,6 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
             for hook, m in manifests.items():
                 atomic_write_json(hook_dir(Path(cfg.out_dir), hook) / "manifest.json", m)
     bar.close()
-
-    if rank.is_main:
-        for hook, m in manifests.items():
-            m["n_tokens"] = sum(s["n_tokens"] for s in m["shards"])
-            m["complete"] = True
-            atomic_write_json(hook_dir(Path(cfg.out_dir), hook) / "manifest.json", m)
-    distributed.barrier()  # no rank returns before the store is complete
-    return {hook: ActivationStore(hook_dir(Path(cfg.out_dir), hook)) for hook in cfg.hooks}
 
 
 def _verified_shards(folder: Path, manifest: dict, repair: bool) -> dict[str, dict]:
@@ -165,7 +170,7 @@ def _verified_shards(folder: Path, manifest: dict, repair: bool) -> dict[str, di
         raise StoreError(f"{folder}: shard(s) {', '.join(bad)} do not match the checksums in the manifest (corrupt or "
                          f"truncated); re-harvest just those with `{repair_command(folder)}`")
     if bad:
-        print(f"{folder}: re-harvesting corrupt shard(s) {', '.join(bad)}")
+        log.warning("%s: re-harvesting corrupt shard(s) %s", folder, ", ".join(bad))
     return {s["file"]: s for s in manifest["shards"] if (folder / s["file"]).exists() and s["file"] not in bad}
 
 

@@ -16,18 +16,23 @@ bridge's per-component wrappers cost more than half the throughput on CPU).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-import re
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
+from .hooks import FAST_KINDS, hook_layer, parse_hook
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 class HookedModel(Protocol):
@@ -49,7 +54,7 @@ class HookedModel(Protocol):
     def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks: list = ..., **kwargs: Any) -> torch.Tensor:
         """tokens [batch pos] -> logits [batch pos d_vocab], with `fwd_hooks` attached for this call only."""
 
-    def hooks(self, fwd_hooks: list = ..., **kwargs: Any) -> ContextManager: ...
+    def hooks(self, fwd_hooks: list = ..., **kwargs: Any) -> AbstractContextManager: ...
 
 
 DEFAULT_MODEL = "smollm2"
@@ -72,11 +77,30 @@ class ModelCache:
 
             started = time.perf_counter()
             self._models[key] = load_model(name, device)
-            print(f"loaded {name} in {time.perf_counter() - started:.0f} s")
+            log.info("loaded %s in %.0f s", name, time.perf_counter() - started)
         return self._models[key]
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._models
+
+
+class ModelLoader:
+    """The model a command runs: `given` (--model) when set, else the one its inputs record (an
+    SAE's cfg.json, a store's manifest, a stack), else the embedded default. Each model is
+    loaded once per loader, so `saewb run` shares one across its stages; the parsed flags are
+    never changed."""
+
+    def __init__(self, given: str | None = None, device: str = "auto", cache: ModelCache | None = None):
+        self.given, self.device = given, device
+        self.cache = cache or ModelCache()
+
+    def name(self, recorded: str | None = None) -> str:
+        """The model's name: --model, else `recorded`, else the default."""
+        return self.given or recorded or DEFAULT_MODEL
+
+    def get(self, recorded: str | None = None) -> HookedModel:
+        """The model named by `name(recorded)` on this loader's device, loaded on first use."""
+        return self.cache.get(self.name(recorded), self.device)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -226,9 +250,14 @@ def _load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dt
 
 
 # ----------------------------------------------------------------------------- hook points
-# Hooks with a verified fast path (tests compare them with the bridge's own cache). Others,
-# e.g. attention internals, use the bridge's hooks.
-HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out)$")
+# Hooks with a verified fast path (`activations.hooks.FAST_KINDS`; tests compare them with the
+# bridge's own cache). Others, e.g. attention internals, use the bridge's hooks.
+
+
+def hf_model_of(model: HookedModel) -> nn.Module | None:
+    """The Hugging Face causal LM under a `TransformerBridge`, or None for a TransformerLens
+    `HookedTransformer`: the one rule for "which kind of model is this?"."""
+    return getattr(model, "original_model", None)
 
 
 def n_layers(model: HookedModel) -> int:
@@ -241,8 +270,7 @@ def validate_hook(model: HookedModel, hook_name: str) -> int:
         close = [h for h in model.hook_dict if h.split(".")[-1] == hook_name.split(".")[-1]][:3]
         hint = f"; did you mean one of {close}?" if close else ""
         raise KeyError(f"model has no hook point {hook_name!r}{hint} (TransformerLens names, e.g. 'blocks.8.hook_resid_post')")
-    match = re.match(r"^blocks\.(\d+)\.", hook_name)
-    return int(match.group(1)) if match else 0
+    return hook_layer(hook_name)
 
 
 @dataclass(frozen=True)
@@ -256,17 +284,16 @@ class ModuleHook:
 def hook_module(model: HookedModel, hook_name: str) -> ModuleHook | None:
     """The HF module behind `hook_name` on a `TransformerBridge`, or None if unsupported
     (then callers fall back to the model's own hooks)."""
-    match = HOOK_PATTERN.match(hook_name)
-    if match is None or not hasattr(model, "original_model"):
+    parsed = parse_hook(hook_name)
+    if parsed is None or parsed.kind not in FAST_KINDS or hf_model_of(model) is None:
         return None
-    layer, kind = int(match.group(1)), match.group(2)
-    block = model.blocks[layer]
+    block = model.blocks[parsed.layer]
     try:
-        if kind == "hook_resid_post":
+        if parsed.kind == "resid_post":
             return ModuleHook(block.original_component, on_input=False)
-        if kind == "hook_resid_pre":
+        if parsed.kind == "resid_pre":
             return ModuleHook(block.original_component, on_input=True)
-        if kind == "hook_mlp_out":
+        if parsed.kind == "mlp_out":
             return ModuleHook(block.mlp.original_component, on_input=False)
     except AttributeError:
         return None
@@ -350,7 +377,7 @@ def _run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[st
 
     with hf_hooks(model, {n: capture(n) for n in hook_names}):
         try:
-            model.original_model.base_model(input_ids=tokens, use_cache=False)
+            hf_model_of(model).base_model(input_ids=tokens, use_cache=False)
         except _StopForward:
             pass
     return captured
@@ -360,7 +387,7 @@ def unembedding(model: HookedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W_U [d_model, d_vocab], final-norm scale [d_model] or None): what a residual direction
     goes through on its way to the logits, for logit effects. The norm's scale is applied
     by callers (its normalisation is per token and does not change directions)."""
-    hf = getattr(model, "original_model", None)
+    hf = hf_model_of(model)
     if hf is not None:  # TransformerBridge over a HF causal LM
         norm = getattr(getattr(hf, "base_model", hf), "norm", None)
         return hf.get_output_embeddings().weight.detach().T, (None if norm is None else norm.weight.detach())
@@ -373,7 +400,7 @@ def embedding(model: HookedModel) -> torch.Tensor:
     """W_E [d_vocab, d_model]: the input embedding, row t the vector token t enters the
     residual stream as (before any positional embedding). The weight itself, detached: with
     tied embeddings (SmolLM2) it is the same storage as `unembedding(model)[0].T`."""
-    hf = getattr(model, "original_model", None)
+    hf = hf_model_of(model)
     if hf is not None:  # TransformerBridge over a HF causal LM
         return hf.get_input_embeddings().weight.detach()
     return model.W_E.detach()
@@ -395,9 +422,10 @@ def logits_with_edit(model: HookedModel, tokens: torch.Tensor, hook_name: str | 
         else:
             validate_hook(model, hook_name)
             edits = {hook_name: edit}
-        if all(hook_module(model, n) is not None for n in edits) and hasattr(model, "original_model"):
+        hf = hf_model_of(model)
+        if hf is not None and all(hook_module(model, n) is not None for n in edits):
             with hf_hooks(model, edits):
-                return model.original_model(input_ids=tokens, use_cache=False).logits
+                return hf(input_ids=tokens, use_cache=False).logits
         return model.run_with_hooks(tokens, fwd_hooks=[(n, lambda act, hook, fn=fn: fn(act)) for n, fn in edits.items()])
 
 

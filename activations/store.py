@@ -31,9 +31,9 @@ import os
 import queue
 import shlex
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

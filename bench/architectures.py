@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 
 from activations import ActivationStore, load_contexts
-from activations.corpus import heldout_corpus
+from activations.corpus import contexts_for_tokens, heldout_corpus
 from activations.io import atomic_write_json
+from activations.model import ModelLoader
 from analysis import cli
 from analysis.cli import PRESETS
 from analysis.evaluation.absorption import AbsorptionConfig, first_letter_absorption
+from analysis.evaluation.cli import evaluate_saes
 from sae import load_sae
 
 
@@ -53,17 +55,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.reuse and summary.exists():  # SAEs trained by an earlier run of this script
         paths, train_s = [Path(p) for p in json.loads(summary.read_text())["saes"].values()], None
     else:
-        paths = cli.cmd_train(cli.parse(["train", *common, "--store", str(args.store), "--architecture", *args.archs,
-                                         "--d-sae", str(args.d_sae), "--k", str(args.k), "--train-tokens", str(args.train_tokens)]))
+        paths = cli.main(["train", *common, "--store", str(args.store), "--architecture", *args.archs,
+                          "--d-sae", str(args.d_sae), "--k", str(args.k), "--train-tokens", str(args.train_tokens)])
         train_s = time.perf_counter() - started
     paths += list(args.also)
+    models = ModelLoader(None, args.device)
     eval_args = cli.parse(["evaluate", *common, "--eval-tokens", str(args.eval_tokens), "--ce-contexts", str(args.ce_contexts)])
-    evals = cli.cmd_evaluate(eval_args, [Path(p) for p in paths])
+    evals = evaluate_saes(eval_args, models, [Path(p) for p in paths])
 
     sae0 = load_sae(paths[0])
-    model = cli._model_of(eval_args, sae0)
+    model = models.get(sae0.cfg.model_name)
     corpus = heldout_corpus(sae0.training_data, None, sae0.cfg.context_size)
-    skip = max(args.ce_contexts, -(-args.eval_tokens // (corpus.context_len - 1)))  # the evaluation's contexts
+    skip = max(args.ce_contexts, contexts_for_tokens(args.eval_tokens, corpus.context_len))  # the evaluation's contexts
     tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=skip + args.absorption_contexts)).long()[skip:]
     rows = {}
     for path in paths:

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from memory import peak_rss_mb  # bench/memory.py (this script's folder is on sys.path)
+from tqdm.auto import tqdm
 
 
 def floor_seconds(sae_path: str, n_tokens: int, batch_contexts: int, autocast: str) -> float:

@@ -37,7 +37,11 @@ from analysis.features.atlas import load_atlas
 from analysis.features.labels import load_labels
 from analysis.steering import NEUTRAL_PROMPTS
 from analysis.steering.concept import (
-    ConceptConfig, Lexicon, choose_dose, compare_concept, search_concept,
+    ConceptConfig,
+    Lexicon,
+    choose_dose,
+    compare_concept,
+    search_concept,
 )
 from sae import load_sae
 

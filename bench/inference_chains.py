@@ -29,6 +29,7 @@ from activations.generation import encode_prompts
 from activations.io import atomic_write_json
 from activations.model import logits_with_edit
 from analysis import cli
+from analysis.circuits.config import MatchConfig
 from analysis.circuits.export import feature_cards, write_graph
 from analysis.circuits.graph import GraphConfig, logit_target, stack_means, trace
 from analysis.circuits.matching import layer_matches, live_features, match_saes
@@ -139,17 +140,18 @@ def _retrained(stack, args, name: str, d_sae: int, seed: int):
     trained = json.loads((path.parent / "train_summary.json").read_text()).get("config", {})
     n_tokens = args.retrain_tokens or trained.get("n_tokens", 500_000)
     started = time.perf_counter()
-    retrained = cli.cmd_train(cli.parse(["train", "--out", str(args.out / name), "--store", str(store), "--device", args.device,
-                                         "--architecture", sae.cfg.architecture, "--d-sae", str(d_sae), "--k", str(sae.cfg.k),
-                                         "--train-tokens", str(n_tokens), "--batch-size", str(trained.get("batch_size", 4096)),
-                                         "--seed", str(seed)]))[0]
+    retrained = cli.main(["train", "--out", str(args.out / name), "--store", str(store), "--device", args.device,
+                          "--architecture", sae.cfg.architecture, "--d-sae", str(d_sae), "--k", str(sae.cfg.k),
+                          "--train-tokens", str(n_tokens), "--batch-size", str(trained.get("batch_size", 4096)),
+                          "--seed", str(seed)])[0]
     return index, load_sae(retrained), time.perf_counter() - started
 
 
 def compare(stack, index: int, other, label: str, seconds: float) -> dict:
     """Both directions of a decoder-cosine match between the stack's SAE at `index` and `other`."""
     sae, live = stack.saes[index], live_features(stack.paths[index])
-    forward, backward = match_saes(sae, other, 0.7, live), match_saes(other, sae, 0.7, None, live)
+    threshold = MatchConfig.threshold
+    forward, backward = match_saes(sae, other, threshold, live), match_saes(other, sae, threshold, None, live)
     print(f"{label} at {sae.cfg.hook_name} ({sae.cfg.d_sae} -> {other.cfg.d_sae} latents, trained in {seconds:.0f} s): {forward.summary()}")
     print(f"  the other way ({other.cfg.d_sae} -> {sae.cfg.d_sae}): {backward.summary()}")
     return {"hook": sae.cfg.hook_name, "seconds": seconds, "forward": _pair(forward), "backward": _pair(backward)}

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from activations.corpus import describe, heldout_corpus
 from activations.io import atomic_write_json
-from analysis import cli
+from activations.model import ModelLoader
 from analysis.features.atlas import AtlasConfig, build_atlas, load_atlas
+from analysis.features.cli import split_heldout
 from analysis.features.labels import LabelConfig, label_features, save_labels, write_coverage_report
 from sae import load_sae
 
@@ -41,20 +42,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     sae = load_sae(args.sae)
-    model = cli._model_of(cli.parse(["analyze", "--device", args.device]), sae)
+    model = ModelLoader(device=args.device).get(sae.cfg.model_name)
     out = args.out or args.sae / "atlas"
     timings = {}
+    label_tokens = None  # without --corpus: read after the saved atlas's contexts
     if args.corpus:
         corpus = replace(heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size), split=args.split)
-        atlas_tokens, label_contexts = cli._split_heldout(corpus, model.tokenizer, args.atlas_tokens, args.label_contexts)
+        split = split_heldout(corpus, model.tokenizer, args.atlas_tokens, args.label_contexts)  # tokenised once
         started = time.perf_counter()
-        atlas = build_atlas(sae, model, AtlasConfig(n_tokens=atlas_tokens, corpus=corpus, device=args.device), sae_path=str(args.sae))
+        atlas = build_atlas(sae, model, AtlasConfig(n_tokens=split.atlas_tokens, corpus=corpus, device=args.device), sae_path=str(args.sae),
+                            tokens=split.atlas)
         atlas.save(out)
         timings["atlas_s"] = time.perf_counter() - started
+        label_contexts, label_tokens = len(split.labels), split.labels
     else:
         atlas, label_contexts = load_atlas(out), args.label_contexts
     started = time.perf_counter()
-    labels = label_features(atlas, sae, model, LabelConfig(n_score_contexts=label_contexts, namer=args.namer))
+    labels = label_features(atlas, sae, model, LabelConfig(n_score_contexts=label_contexts, namer=args.namer), tokens=label_tokens)
     timings["labels_s"] = time.perf_counter() - started
     save_labels(labels, out / "labels.json")
     write_coverage_report(labels, out / "labels_coverage.html")
@@ -67,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'compact, strong F1 >= 0.5':34} {s.share_strong_f1_at_least_half:>8.1%} {s.selection_share_strong:>10.1%}")
     print(f"{'compact, all-firing F1 >= 0.5':34} {s.share_of_live_with_f1_at_least_half:>8.1%} {s.selection_share_all:>10.1%}")
     print(f"{'lookup tables (not counted)':34} {s.lookup_share_strong:>8.1%}")
-    print(f"median best strong F1 {s.median_best_strong_f1:.3f}, all {s.median_best_f1:.3f}; unexplained {s.unexplained:,} of {s.live_features:,}")
+    print(f"median best strong F1 {s.median_best_strong_f1:.3f}, all {s.median_best_f1:.3f}; "
+          f"unexplained {s.unexplained:,} of {s.live_features:,}")
     print("kinds (strong F1 >= 0.5): " + ", ".join(f"{k} {v}" for k, v in sorted(s.strong_kind_counts.items(), key=lambda kv: -kv[1])))
     print("kinds (all F1 >= 0.5):    " + ", ".join(f"{k} {v}" for k, v in sorted(s.best_kind_counts.items(), key=lambda kv: -kv[1])))
     for i in (s.unexplained_examples or [])[:6]:

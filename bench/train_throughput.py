@@ -63,8 +63,9 @@ import quality  # noqa: E402  (bench/quality.py: shared peer setup)
 from memory import peak_rss_mb  # noqa: E402
 
 from activations import ActivationStore  # noqa: E402
-from activations.model import resolve_device  # noqa: E402
+from activations.corpus import contexts_for_tokens  # noqa: E402
 from activations.io import atomic_write_json  # noqa: E402
+from activations.model import resolve_device  # noqa: E402
 from analysis.evaluation.metrics import ReconstructionStats  # noqa: E402
 from sae import ARCHITECTURES, SAEConfig, load_sae  # noqa: E402
 from sae.trainer import TrainConfig, Trainer, default_lr  # noqa: E402
@@ -214,7 +215,7 @@ def part_e2e(args) -> list[dict]:
         print(f"sparsify: not importable here nor at --peers-python {args.peers_python}; skipped")
     else:
         model_dir = save_hf_copy(args.out / "smollm2_hf")
-        n_contexts = -(-args.e2e_tokens // (args.context_len - 1))
+        n_contexts = contexts_for_tokens(args.e2e_tokens, args.context_len)
         tokens = load_contexts(CorpusConfig(), model.tokenizer, max_contexts=n_contexts)
         spec = {
             "model_dir": str(model_dir), "tokens": tokens.tolist(), "out": str(args.out / "e2e_sparsify"), "d_sae": args.d_sae, "k": args.k,
@@ -256,7 +257,9 @@ def sparsify_e2e_child(spec_path: Path) -> None:
     workbench format for evaluation."""
     import numpy as np
     from datasets import Dataset
-    from sparsify import SparseCoderConfig, Trainer as SparsifyTrainer, TrainConfig as SparsifyConfig
+    from sparsify import SparseCoderConfig
+    from sparsify import TrainConfig as SparsifyConfig
+    from sparsify import Trainer as SparsifyTrainer
     from transformers import AutoModel
 
     spec = json.loads(spec_path.read_text())

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .common import encoder_pre_acts, normalize_decoder_rows, tied_init
 from .config import ARCHITECTURES, SAEConfig, make_config, register  # noqa: F401  (the registry, re-exported)
 
+
 class TrainOutput(NamedTuple):
     loss: Tensor
     """Total loss to backpropagate, () (without the auxiliary loss, see `SAE.aux_loss`)."""
@@ -44,6 +45,8 @@ class SAE(nn.Module):
     """The architecture's config dataclass (each architecture file defines one)."""
     architecture: ClassVar[str] = ""
     """Registered name, set by `register` from `config_class`."""
+    is_default: ClassVar[bool] = False
+    """Built when no architecture is named (set by `@register(default=True)`; one class only)."""
     sweep_fields: ClassVar[tuple[str, ...]] = ()
     """Config fields a sweep over several values trains one SAE per value of (e.g. ("k",))."""
     sae_lens_architecture: ClassVar[str] = ""

@@ -1,7 +1,8 @@
 """`saewb train`: the SAE stage's command. Its flags come from `TrainConfig` and from the
 config class of every registered architecture, with the fields' docstrings as help, so a new
-architecture's fields become flags without editing this file; `analysis.cli` composes it
-into `saewb run`.
+architecture's fields become flags without editing this file; `analysis.cli` collects it
+into the `saewb` parser and composes it into `saewb run`. After a harvest of several hooks
+(`run --hooks A B`, the chain preset) it trains one SAE per hook, listed in `<out>/sae/stack.json`.
 
     saewb train --architecture topk batchtopk --d-sae 4608 9216 --k 32 64   # 2 x 2 x 2 SAEs, one pass
 """
@@ -10,11 +11,13 @@ from __future__ import annotations
 import argparse
 import itertools
 from pathlib import Path
-from typing import Callable
 
-from activations.flags import add_flags, from_flags
+from activations.cli import add_corpus
+from activations.flags import Command, add_flags, from_flags
+from activations.model import ModelLoader
 
-from .config import ARCHITECTURES, SAEConfig, make_config
+from .config import ARCHITECTURES, SAEConfig, default_architecture, make_config
+from .stack_manifest import write_stack_manifest
 from .trainer import TrainConfig, train
 
 RENAMED = {"n_tokens": "train_tokens"}  # `--n-tokens` is the harvest's
@@ -30,55 +33,81 @@ def swept_fields() -> set[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="activation store folder (default: <out>/activations/<hook>)")
     p.add_argument("--architecture", nargs="+", default=None, choices=sorted(ARCHITECTURES),
-                   help=f"one or several, trained side by side (default: {make_config().architecture})")
+                   help=f"one or several, trained side by side (default: {default_architecture()})")
     p.add_argument("--on-the-fly", action="store_true", help="train from the model directly, no store (see README)")
     for cls in ARCHITECTURES.values():  # a field shared by several architectures becomes one flag
         add_flags(p, cls.config_class, skip=SET_BY_THE_SOURCE, many=swept_fields())
     add_flags(p, TrainConfig, skip=SET_HERE, rename=RENAMED)
 
 
-def sae_configs(args: argparse.Namespace, d_in: int, context_len: int) -> list[SAEConfig]:
+def sae_configs(args: argparse.Namespace, d_in: int, context_len: int, hook: str | None = None, model: str | None = None) -> list[SAEConfig]:
     """One SAE config per architecture x d_sae x the values of the fields that architecture
-    sweeps; every other flag goes to every config, and each keeps only its own fields."""
+    sweeps; every other flag goes to every config, and each keeps only its own fields. `hook`
+    and `model` are what the SAEs record (default: --hook and --model)."""
+    hook, model = hook or args.hook, model or args.model
     given = {name: getattr(args, name) for cls in ARCHITECTURES.values() for name in cls.config_class.field_names()
              if name not in SET_BY_THE_SOURCE and getattr(args, name, None) is not None}
     many = swept_fields()
     as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731  (a preset gives one value)
     configs = []
-    for arch in args.architecture or [make_config().architecture]:
+    for arch in args.architecture or [default_architecture()]:
         sweeps = ("d_sae", *ARCHITECTURES[arch].sweep_fields)  # ordered: run names come out in a fixed order
         scalar = {name: (value[0] if name in many and isinstance(value, list) else value) for name, value in given.items()
                   if name not in sweeps}
         swept = {name: as_list(given[name]) for name in sweeps if name in given}
         for values in itertools.product(*swept.values()):
-            configs.append(make_config(arch, d_in=d_in, hook_name=args.hook, model_name=args.model, context_size=context_len,
+            configs.append(make_config(arch, d_in=d_in, hook_name=hook, model_name=model, context_size=context_len,
                                        **scalar, **dict(zip(swept, values))))
     return configs
 
 
-def run(args: argparse.Namespace, model_of: Callable[[argparse.Namespace], object], out_dir: Path | None = None) -> list[Path]:
-    """Train per `args` (from a store, or --on-the-fly from `model_of(args)`) into `out_dir`
-    (default <out>/sae); the SAE folders."""
+def train_one(args: argparse.Namespace, models: ModelLoader, hook: str, out_dir: Path, seed: int | None = None) -> list[Path]:
+    """Train the SAEs of `args` on `hook` (from its store, or --on-the-fly from the model) into
+    `out_dir`; the SAE folders."""
     from activations import ActivationStore, CorpusConfig
 
     if args.on_the_fly:
         from .on_the_fly import OnTheFlySource
 
         corpus = from_flags(CorpusConfig, args, source=args.corpus or "default")
-        source = OnTheFlySource(model_of(args), args.hook, corpus=corpus)
-        context_len = corpus.context_len
+        source, context_len, model = OnTheFlySource(models.get(), hook, corpus=corpus), corpus.context_len, models.name()
     else:
-        source = ActivationStore(args.store or args.out / "activations" / args.hook)
-        args.hook = source.hook_name
-        context_len = int(source.manifest["context_len"])
-        if not args.model_given:  # the SAEs record the model the store was harvested from
-            args.model = source.model_name
-    cfg = from_flags(TrainConfig, args, rename=RENAMED, out_dir=str(out_dir or args.out / "sae"),
-                     saes=sae_configs(args, source.d_in, context_len), device=args.device)
+        source = ActivationStore(args.store or Path(args.out) / "activations" / hook)
+        hook, context_len = source.hook_name, int(source.manifest["context_len"])
+        model = models.name(source.model_name)  # the SAEs record the model the store was harvested from
+    overrides = {} if seed is None else {"seed": seed}
+    cfg = from_flags(TrainConfig, args, rename=RENAMED, out_dir=str(out_dir), saes=sae_configs(args, source.d_in, context_len, hook, model),
+                     device=args.device, **overrides)
     paths = train(cfg, source)
     for p in paths:
         print(f"SAE (SAE Lens format): {p}")
     return paths
 
 
-__all__ = ["add_arguments", "run", "sae_configs", "swept_fields"]
+def run(args: argparse.Namespace, models: ModelLoader) -> list[Path]:
+    """Train on the store of --hook into <out>/sae; after a harvest of several hooks, one SAE per
+    hook, each into <out>/sae/<hook>/, listed in <out>/sae/stack.json."""
+    hooks = getattr(args, "hooks", None) or [args.hook]
+    out = Path(args.out) / "sae"
+    if len(hooks) == 1 or args.store:
+        return train_one(args, models, args.hook, out)
+    paths = []
+    for offset, hook in enumerate(hooks):
+        # one seed per hook: SAEs of equal shape from one seed start from the same random decoder,
+        # which would make features "persist" across layers by their initialisation alone
+        seed = (args.seed or 0) + offset
+        print(f"--- training on {hook} (seed {seed})")
+        paths += train_one(args, models, hook, out / hook, seed=seed)
+    print(f"SAE stack: {write_stack_manifest(out, paths)}")
+    return paths
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """`saewb train`'s own flags: the corpus (--on-the-fly) and the training flags."""
+    add_corpus(p)
+    add_arguments(p)
+
+
+COMMANDS = {"train": Command("train SAEs on a store", add_train_arguments, run, sharded=True)}
+
+__all__ = ["COMMANDS", "add_arguments", "run", "sae_configs", "swept_fields", "train_one"]

@@ -206,7 +206,7 @@ def sparse_decode(values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor 
     return out if b_dec is None else out + b_dec
 
 
-def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int, sae: "SAE", fast: bool = False,
+def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int, sae: SAE, fast: bool = False,
               mean_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """AuxK (Gao et al. 2024), a scalar (): reconstruct the residual e = x - x_hat (batch d_in)
     with the top `k_aux` pre-activations (batch d_sae) of dead latents (bool (d_sae)); loss

@@ -67,8 +67,13 @@ class SAEConfig(metaclass=_BuiltByArchitecture):
 ARCHITECTURES: dict[str, type[SAE]] = {}
 """Architecture name -> SAE class; the name is its config class's `architecture` default."""
 
-_DEFAULT_ARCHITECTURE: list[str] = []
-"""The architecture `make_config` builds when none is named (set once by `register(default=True)`)."""
+def default_architecture() -> str:
+    """The architecture `make_config` builds when none is named: the one registered with
+    `@register(default=True)` (read from the registry, not kept as separate state)."""
+    defaults = [name for name, cls in ARCHITECTURES.items() if cls.is_default]
+    if len(defaults) != 1:
+        raise RuntimeError(f"exactly one architecture must be registered with default=True, found {defaults}")
+    return defaults[0]
 
 
 def register(cls: type[SAE] | None = None, *, default: bool = False):
@@ -84,10 +89,8 @@ def register(cls: type[SAE] | None = None, *, default: bool = False):
             taken = set(other.sae_lens_loads) & set(cls.sae_lens_loads)
             if taken:
                 raise ValueError(f"{cls.__name__}: SAE Lens architecture(s) {sorted(taken)} already load as {other.architecture!r}")
-        cls.architecture = name
+        cls.architecture, cls.is_default = name, default
         ARCHITECTURES[name] = cls
-        if default:
-            _DEFAULT_ARCHITECTURE[:] = [name]
         return cls
 
     return wrap if cls is None else wrap(cls)
@@ -102,7 +105,7 @@ def make_config(architecture: str | None = None, **fields) -> SAEConfig:
     other architectures have are ignored (a CLI sweep passes every flag to every architecture,
     and cfg.json files from before the configs were split hold them all); a field that no
     registered architecture has is a TypeError. `SAEConfig(**fields)` calls this."""
-    name = architecture if architecture is not None else _DEFAULT_ARCHITECTURE[0]
+    name = architecture if architecture is not None else default_architecture()
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; registered: {sorted(ARCHITECTURES)}")
     config_class = ARCHITECTURES[name].config_class

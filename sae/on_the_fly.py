@@ -3,7 +3,7 @@ training goes and mixed in an in-memory shuffle buffer (`buffer_tokens` rows).""
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

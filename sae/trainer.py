@@ -8,7 +8,7 @@ Checkpoints (weights, Adam state, dead-latent counters, step) are written atomic
 `checkpoint_every` steps; rerunning the same command resumes from the last one and ends
 with the same weights as an uninterrupted run (the data order is a pure function of
 seed and epoch). A resume refuses a checkpoint whose settings (everything in `TrainConfig`
-but `RESUME_MAY_CHANGE`) or source store (its fingerprint) differ, and cuts metrics.jsonl back
+but `sae.checkpoint.RESUME_MAY_CHANGE`) or source store (its fingerprint) differ, and cuts metrics.jsonl back
 to the checkpoint's step (a killed run logged past it). Rotation keeps one complete
 checkpoint on disk at every moment: the current one is renamed to `.checkpoint.old` and
 deleted only after the new one (written and fsynced in a temp folder) is renamed into place.
@@ -22,30 +22,27 @@ per rank, not across the global batch. Rank 0 alone logs, checkpoints and saves.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from activations import distributed
+from activations.io import atomic_write_json
 from activations.model import MODEL_NAME_ATTR, resolve_device, same_model
-from activations.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, fsync_dir, pause_for_tests
 
 from .base import ARCHITECTURES, SAE, TrainOutput, make_config
+from .checkpoint import load_checkpoint, save_checkpoint
 from .common import check_init_sample, geometric_median, input_scale, project_out_parallel_grad
 from .config import SAEConfig
+from .metrics_log import MetricsLog, read_metrics, truncate_metrics  # noqa: F401  (read_metrics: re-exported)
 
-
-RESUME_MAY_CHANGE = ("out_dir", "device", "logger", "checkpoint_every", "log_every", "max_steps", "fast_kernels")
 """TrainConfig fields a resumed run may change; any other difference refuses the checkpoint."""
 
 INIT_SAMPLE_EPOCH = 10**6
@@ -151,35 +148,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return warm * decay
 
 
-class _Logger:
-    def __init__(self, cfg: TrainConfig, out: Path):
-        self.path = out / "metrics.jsonl"
-        self.backend = None
-        try:
-            if cfg.logger == "wandb":
-                import wandb
-
-                self.backend = wandb.init(project="sae-workbench", config=asdict(cfg), dir=str(out))
-            elif cfg.logger == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.backend = SummaryWriter(str(out / "tensorboard"))
-        except ImportError as e:
-            raise RuntimeError(f"--logger {cfg.logger} needs its package: pip install {cfg.logger} ({e})") from e
-
-    def log(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.backend is None:
-            return
-        prefixed = {f"{record['sae']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
-        if hasattr(self.backend, "log"):
-            self.backend.log(prefixed, step=record["step"])
-        else:
-            for k, v in prefixed.items():
-                self.backend.add_scalar(k, v, record["step"])
-
-
 class StepOutput(NamedTuple):
     out: TrainOutput
     """The architecture's training forward."""
@@ -279,132 +247,40 @@ class Trainer:
                 sae.b_dec.copy_(center)
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_dir(self) -> Path:
-        return self.out / "checkpoint"
-
-    def _source_identity(self) -> dict:
-        """What the checkpoint records of its data source, to refuse a resume on another one."""
-        return {"hook_name": getattr(self.source, "hook_name", None), "d_in": self.source.d_in,
-                "fingerprint": getattr(self.source, "fingerprint", None)}
-
     def save_checkpoint(self) -> None:
-        for stale in self.out.glob(".checkpoint.*.tmp"):  # left by a run killed while writing
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.out / f".checkpoint.{self.step}.tmp"
-        tmp.mkdir(parents=True)
-        for i, (sae, opt) in enumerate(zip(self.saes, self.optimizers)):
-            tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
-            tensors["tokens_since_fired"] = self.tokens_since_fired[i].cpu()
-            for p_index, state in opt.state_dict()["state"].items():
-                for key, value in state.items():
-                    tensors[f"adam.{p_index}.{key}"] = torch.as_tensor(value).detach().cpu()
-            atomic_save_safetensors(tensors, tmp / f"sae_{i}.safetensors")  # each write fsyncs the file and `tmp`
-        atomic_write_json(tmp / "state.json", {"step": self.step, "scale": self.scale, "names": self.names, "config": asdict(self.cfg),
-                                               "source": self._source_identity()})  # last: marks a complete checkpoint
-        metrics = self.out / "metrics.jsonl"
-        if metrics.exists():  # the records up to this checkpoint survive a crash with it
-            with metrics.open("rb") as f:
-                os.fsync(f.fileno())
-        final = self._checkpoint_dir()
-        old = self.out / ".checkpoint.old"
-        # One complete checkpoint is on disk at every moment: `final` becomes `old` only when it
-        # is complete, and `old` (maybe the only one, after a resume from it) is deleted only
-        # once the new checkpoint is in place.
-        if final.exists():
-            if self._complete(final):
-                shutil.rmtree(old, ignore_errors=True)  # `final` is complete
-                final.rename(old)
-                fsync_dir(self.out)
-                pause_for_tests("rotate", final)  # tests: a kill here leaves only `old`
-            else:
-                shutil.rmtree(final)
-        tmp.rename(final)
-        fsync_dir(self.out)
-        pause_for_tests("rotated", final)  # tests: a kill here leaves `final` and `old`
-        shutil.rmtree(old, ignore_errors=True)
-
-    @staticmethod
-    def _complete(folder: Path) -> bool:
-        """Whether `folder` holds a whole checkpoint (state.json, written last, and every SAE's file)."""
-        try:
-            names = json.loads((folder / "state.json").read_text())["names"]
-        except (OSError, ValueError, KeyError):
-            return False
-        return all((folder / f"sae_{i}.safetensors").exists() for i in range(len(names)))
-
-    def _resume_differences(self, state: dict) -> list[str]:
-        """What differs between the checkpoint's run and this one, as "field: then -> now"."""
-        saved, now = state["config"], json.loads(json.dumps(asdict(self.cfg)))
-        diffs = []
-        for key, value in now.items():
-            if key in RESUME_MAY_CHANGE or key not in saved or saved[key] == value:
-                continue
-            if key == "saes" and len(saved[key]) == len(value):
-                for i, (a, b) in enumerate(zip(saved[key], value)):
-                    diffs += [f"saes[{i}].{k}: {a[k]!r} -> {b[k]!r}" for k in b if k in a and a[k] != b[k]]  # new fields: not a change
-            else:
-                diffs.append(f"{key}: {saved[key]!r} -> {value!r}")
-        then, source = state.get("source") or {}, self._source_identity()
-        for key, value in source.items():
-            if then.get(key) is not None and value is not None and then[key] != value:
-                diffs.append(f"source {key}: {then[key]!r} -> {value!r}" + (" (another activation store)" if key == "fingerprint" else ""))
-        return diffs
+        """Write the resumable state (atomically; one complete checkpoint stays on disk)."""
+        save_checkpoint(self)
 
     def load_checkpoint(self) -> bool:
-        folder = self._checkpoint_dir()
-        if not self._complete(folder):
-            folder = self.out / ".checkpoint.old"  # killed between the two renames
-            if not self._complete(folder):
-                return False
-        state = json.loads((folder / "state.json").read_text())
-        diffs = self._resume_differences(state)
-        if diffs:
-            raise ValueError(f"{folder} was written by a run with other settings ({'; '.join(diffs)}, checkpoint -> now); "
-                             f"rerun with the checkpoint's settings to resume it, or use a new --out (or delete {folder}) to start over")
-        self.step, self.scale = int(state["step"]), float(state["scale"])
-        for i, (sae, opt) in enumerate(zip(self.saes, self.optimizers)):
-            tensors = load_file(str(folder / f"sae_{i}.safetensors"), device=str(self.device))
-            sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-            self.tokens_since_fired[i] = tensors["tokens_since_fired"]
-            opt_state = opt.state_dict()
-            per_param: dict[int, dict] = {}
-            for key, value in tensors.items():
-                if key.startswith("adam."):
-                    _, p_index, name = key.split(".", 2)
-                    per_param.setdefault(int(p_index), {})[name] = value.cpu() if name == "step" else value
-            opt_state["state"] = per_param
-            opt.load_state_dict(opt_state)
-            # fused Adam assumes the moments share their parameter's memory layout (W_enc is a
-            # transpose); load_state_dict makes them contiguous
-            for param in sae.parameters():
-                for name, value in opt.state[param].items():
-                    if name != "step":
-                        opt.state[param][name] = torch.empty_like(param).copy_(value)
-        return True
+        """Resume from the checkpoint in `out`, if there is a complete one; False when none."""
+        return load_checkpoint(self)
 
     # ------------------------------------------------------------------ training
-    def train(self) -> list[Path]:
-        cfg, rank = self.cfg, self.rank
-        self.out.mkdir(parents=True, exist_ok=True)
+    def _start(self) -> MetricsLog | None:
+        """Resume from the checkpoint, or initialise from a sample; the metrics log (rank 0)."""
         resumed = self.load_checkpoint()  # every rank reads the same checkpoint
-        if resumed and rank.is_main:
+        if resumed and self.rank.is_main:
             truncate_metrics(self.out / "metrics.jsonl", self.step)
         if not resumed:
-            if rank.is_main:
+            if self.rank.is_main:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             self.init_from_sample()
             self.scale = distributed.broadcast_object(self.scale)
-        logger = _Logger(cfg, self.out) if rank.is_main else None
+        return MetricsLog(self.cfg, self.out) if self.rank.is_main else None
+
+    def train(self) -> list[Path]:
+        """Train (or resume) to the end of the schedule (or `max_steps`); the saved SAE folders,
+        once the schedule is complete (none when `max_steps` stopped it earlier)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        logger = self._start()
         # DDP broadcasts rank 0's weights here, after init/resume
-        objectives = [
-            distributed.wrap_ddp(Objective(sae, cfg.aux_k or s.d_in // 2, cfg.aux_coefficient, cfg.fast_kernels), self.device)
-            for sae, s in zip(self.saes, cfg.saes)
-        ]
+        objectives = [distributed.wrap_ddp(Objective(sae, cfg.aux_k or s.d_in // 2, cfg.aux_coefficient, cfg.fast_kernels), self.device)
+                      for sae, s in zip(self.saes, cfg.saes)]
         end = cfg.total_steps if cfg.max_steps is None else min(cfg.total_steps, cfg.max_steps)
-        bar = tqdm(total=end * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok", unit_scale=True, desc="train", disable=not rank.is_main)
-        started, start_step = time.perf_counter(), self.step
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
-        sparsity_steps = max(1, int(cfg.sparsity_warmup_fraction * cfg.total_steps))
+        bar = tqdm(total=end * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok", unit_scale=True, desc="train",
+                   disable=not self.rank.is_main)
+        clock = (time.perf_counter(), self.step)
         batches = self.batches() if self.step < end else iter(())
         while self.step < end:
             x_raw = next(batches).to(self.device, non_blocking=True)
@@ -413,44 +289,51 @@ class Trainer:
                                          "checksums passed, so the harvest wrote them); harvest again into a new --out, e.g. with "
                                          "--harvest-autocast none")
             x = x_raw * self.scale
-            lr_mult = lr_factor(self.step, cfg)
-            sparsity_scale = min(1.0, (self.step + 1) / sparsity_steps)
             log_now = self.step % cfg.log_every == 0 or self.step == end - 1
-            for i, (sae, opt, objective) in enumerate(zip(self.saes, self.optimizers, objectives)):
-                for group in opt.param_groups:
-                    group["lr"] = self.base_lrs[i] * lr_mult
-                dead = self.tokens_since_fired[i] > cfg.dead_tokens
-                with autocast:
-                    out, aux, loss = objective(x, sparsity_scale, dead)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.names[i]}: loss became {loss.item()} at step {self.step}; lower the learning rate")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # under DDP: gradients averaged over ranks
-                project_out_parallel_grad(sae.W_dec)
-                opt.step()
-                sae.post_step()
-                distributed.average_buffers_(sae)  # BatchTopK's running threshold
-                with torch.no_grad():
-                    fired = distributed.all_reduce_(out.active.to(torch.uint8), "max").bool()  # fired on any rank
-                    self.tokens_since_fired[i] += cfg.batch_size
-                    self.tokens_since_fired[i][fired] = 0
-                if log_now:
-                    self._log(logger, i, sae, out, aux, loss, dead, x, lr_mult, (self.step + 1 - start_step) / (time.perf_counter() - started))
+            for i, objective in enumerate(objectives):
+                self._update(i, objective, x, logger if log_now else False, clock)
             self.step += 1
             bar.update(cfg.batch_size)
             if log_now and self.last_record:
                 bar.set_postfix(fvu=f"{self.last_record['fvu']:.3f}", l0=f"{self.last_record['l0']:.1f}")
-            if rank.is_main and (self.step % cfg.checkpoint_every == 0 or self.step == end):
+            if self.rank.is_main and (self.step % cfg.checkpoint_every == 0 or self.step == end):
                 self.save_checkpoint()
         bar.close()
         paths = []
         if self.step >= cfg.total_steps:
-            paths = self.save_final() if rank.is_main else [self.out / name for name in self.names]
+            paths = self.save_final() if self.rank.is_main else [self.out / name for name in self.names]
         distributed.barrier()  # no rank returns before rank 0's checkpoint and SAEs are on disk
         return paths
 
+    def _update(self, i: int, objective: nn.Module, x: Tensor, logger: MetricsLog | None | bool, clock: tuple[float, int]) -> None:
+        """One optimiser step of SAE i on the normalised batch x [batch d_in]; logs a record when
+        `logger` is not False (all ranks take part, rank 0's `logger` writes)."""
+        cfg, sae, opt = self.cfg, self.saes[i], self.optimizers[i]
+        lr_mult = lr_factor(self.step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = self.base_lrs[i] * lr_mult
+        dead = self.tokens_since_fired[i] > cfg.dead_tokens
+        sparsity_scale = min(1.0, (self.step + 1) / max(1, int(cfg.sparsity_warmup_fraction * cfg.total_steps)))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+            out, aux, loss = objective(x, sparsity_scale, dead)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.names[i]}: loss became {loss.item()} at step {self.step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP: gradients averaged over ranks
+        project_out_parallel_grad(sae.W_dec)
+        opt.step()
+        sae.post_step()
+        distributed.average_buffers_(sae)  # BatchTopK's running threshold
+        with torch.no_grad():
+            fired = distributed.all_reduce_(out.active.to(torch.uint8), "max").bool()  # fired on any rank
+            self.tokens_since_fired[i] += cfg.batch_size
+            self.tokens_since_fired[i][fired] = 0
+        if logger is not False:
+            started, start_step = clock
+            self._log(logger, i, sae, out, aux, loss, dead, x, lr_mult, (self.step + 1 - start_step) / (time.perf_counter() - started))
+
     @torch.no_grad()
-    def _log(self, logger: _Logger | None, i: int, sae: SAE, out: TrainOutput, aux: Tensor, loss: Tensor, dead: Tensor,
+    def _log(self, logger: MetricsLog | None, i: int, sae: SAE, out: TrainOutput, aux: Tensor, loss: Tensor, dead: Tensor,
              x: Tensor, lr_mult: float, steps_per_s: float) -> None:
         """One metrics record for SAE i, averaged over ranks (all ranks call this; rank 0 writes)."""
         mean = distributed.all_reduce_(x.mean(0), "mean")  # the global batch's mean, so FVU is the global one
@@ -480,39 +363,6 @@ class Trainer:
             paths.append(final.save(self.out / name))
         atomic_write_json(self.out / "train_summary.json", {"saes": {n: str(p) for n, p in zip(self.names, paths)}, "steps": self.step, "input_scale": self.scale, "config": asdict(self.cfg)})
         return paths
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break  # torn last line
-            raise ValueError(f"{path}:{n}: not a JSON record (the file is corrupt)") from None
-    return records
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records of steps before `step` (a resumed run logs the later ones again), and
-    drop a torn last line."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if _record_step(line) is not None and _record_step(line) < step]
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
-
-
-def _record_step(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def train(cfg: TrainConfig, source: BatchSource) -> list[Path]:

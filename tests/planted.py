@@ -10,7 +10,8 @@ from dataclasses import asdict
 import torch
 
 from activations.corpus import CorpusConfig
-from analysis.features.atlas import Atlas, AtlasConfig, coactivation_neighbours, density_clusters
+from analysis.features.atlas import Atlas, AtlasConfig
+from analysis.features.static_properties import coactivation_neighbours, density_clusters
 
 
 def atlas_from_activations(tokens: torch.Tensor, acts: torch.Tensor, vocab: dict[int, str], top_n: int = 20, n_samples: int = 40,

@@ -101,3 +101,20 @@ def test_atlas_rejects_bad_input(tiny_model, text_corpus):
     atlas = build_atlas(tiny_sae(), tiny_model, atlas_cfg)
     with pytest.raises(IndexError, match="out of range"):
         atlas.examples(64)
+
+
+def test_atlas_reads_given_rows_as_it_reads_its_corpus(tiny_model, text_corpus):
+    """A caller that tokenised the held-out text passes its rows (past `first_context`): the same atlas."""
+    sae = tiny_sae()
+    corpus = CorpusConfig(source=str(text_corpus), context_len=32)
+    cfg = AtlasConfig(corpus=corpus, n_tokens=31 * 10, first_context=3, batch_contexts=4, top_n=3, n_samples=4, autocast="none", device="cpu")
+    loaded = build_atlas(sae, tiny_model, cfg)
+    rows = load_contexts(corpus, tiny_model.tokenizer, max_contexts=20)[3:]  # int32, more than the atlas reads
+    given = build_atlas(sae, tiny_model, cfg, tokens=rows)
+    assert torch.equal(given.tokens, loaded.tokens) and given.meta == loaded.meta and given.vocab == loaded.vocab
+    assert given.tensors.keys() == loaded.tensors.keys() and all(torch.equal(given.tensors[k], loaded.tensors[k]) for k in loaded.tensors)
+    assert all(torch.equal(given.token_counts[k], loaded.token_counts[k]) for k in loaded.token_counts)
+    import pytest
+
+    with pytest.raises(ValueError, match=r"token rows \[n_contexts 32\]"):
+        build_atlas(sae, tiny_model, cfg, tokens=rows[:, :16])

@@ -4,6 +4,7 @@ hooks, identity SAEs (error nodes only) against the model's own gradient, ablati
 hand-written mean ablation, the bad inputs a user meets, the exports, matching, and the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -151,10 +152,10 @@ def test_edge_attributions_match_finite_differences(tiny_model, tiny_stack, mean
             hook, p, term = term_of(graph.nodes, e.source, model, tokens, stack, means)
             if e.target == "target":
                 token = graph.target.token
-                measured = central_difference(lambda h: metric_of(run_with_added(model, tokens, hook, p, h * term)[0], token))
+                measured = central_difference(lambda h: metric_of(run_with_added(model, tokens, hook, p, h * term)[0], token))  # noqa: B023
             else:
                 read = stack.hooks[parse(e.target)[0]]
-                measured = central_difference(lambda h: downstream_value(e.target, run_with_added(model, tokens, hook, p, h * term, read)[1], stack))
+                measured = central_difference(lambda h: downstream_value(e.target, run_with_added(model, tokens, hook, p, h * term, read)[1], stack))  # noqa: B023
             assert measured == pytest.approx(e.direct, rel=2e-2, abs=2e-3 * max(1.0, abs(e.direct))), (e.source, e.target)
             checked += 1
     assert checked >= 10
@@ -167,7 +168,7 @@ def test_node_attributions_match_finite_differences_and_sum_over_out_edges(tiny_
     nodes = [n for n in graph.nodes if n.kind != "target"]
     for n in sorted(nodes, key=lambda n: -abs(n.attribution))[:8]:
         hook, p, term = term_of(graph.nodes, n.id, model, tokens, stack, means)
-        measured = central_difference(lambda h: metric_of(run_with_added(model, tokens, hook, p, h * term)[0], token))
+        measured = central_difference(lambda h: metric_of(run_with_added(model, tokens, hook, p, h * term)[0], token))  # noqa: B023
         assert measured == pytest.approx(n.attribution, rel=2e-2, abs=2e-3), n.id
     # with every node kept, the weights out of a node sum to its attribution (the chain rule, exactly)
     out = {}
@@ -192,8 +193,8 @@ def test_identity_saes_reduce_the_graph_to_the_models_gradient(tiny_model, text_
         leaf = {}
 
         def capture(act, hook):
-            leaf["x"] = act.detach().clone().requires_grad_(True)
-            return leaf["x"]
+            leaf["x"] = act.detach().clone().requires_grad_(True)  # noqa: B023  (called within this iteration)
+            return leaf["x"]  # noqa: B023
 
         with torch.enable_grad():
             logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, capture)])
@@ -235,7 +236,7 @@ def test_pruned_graph_budget_and_interventions(tiny_model, tiny_stack, means):
     assert all(positions[e.source] <= positions[e.target] for e in graph.edges)  # causal: no edge from a later position
     # the graph alone, ablated by hand: at each hook, the held-out mean plus the kept features (re-encoded
     # from this run's residual) plus the kept error nodes' clean values, positions >= 1
-    kept = {(n.layer, n.position, n.feature) for n in graph.nodes if n.kind in ("feature", "error")}
+    kept = {(n.stack_index, n.position, n.feature) for n in graph.nodes if n.kind in ("feature", "error")}
     tokens = tokens_of(tiny_model)
     clean = {h: x[0] for h, x in tiny_model.run_with_cache(tokens, names_filter=HOOKS)[1].items()}
 
@@ -286,7 +287,7 @@ def test_pruned_graph_budget_and_interventions(tiny_model, tiny_stack, means):
 def test_feature_target_and_chain(tiny_model, tiny_stack, means, full_graph):
     target = feature_target(tiny_stack, HOOKS[1], int(full_graph.nodes[-2].feature or 0))
     graph = trace(tiny_model, tiny_stack, PROMPT, target, GraphConfig(max_nodes=60, n_check_edges=3, budgets=[]), means=means)
-    assert graph.hooks == HOOKS[:1] and {n.layer for n in graph.nodes if n.kind == "feature"} <= {0}
+    assert graph.hooks == HOOKS[:1] and {n.stack_index for n in graph.nodes if n.kind == "feature"} <= {0}
     chain = full_graph.chain()
     assert chain[-1].kind == "target" and chain[0].kind == "token"
     assert all(n.kind != "error" for n in chain)  # the full graph has feature inputs everywhere
@@ -400,8 +401,6 @@ def test_stack_manifest_and_the_trace_cli(tiny_llama_dir, tmp_path, capsys):
 def test_integrated_gradients_are_complete_at_every_hook(tiny_model, tiny_stack, means):
     """With ig_steps, a hook's node attributions sum to the change of the target when that hook is
     moved to its held-out mean (the rest of the model running as it does), up to the quadrature."""
-    import dataclasses
-
     target = logit_target(tiny_model.tokenizer, " ")
     graph = trace(tiny_model, tiny_stack, PROMPT, target, dataclasses.replace(EVERYTHING, ig_steps=48), means=means)
     tokens = tokens_of(tiny_model)
@@ -411,13 +410,93 @@ def test_integrated_gradients_are_complete_at_every_hook(tiny_model, tiny_stack,
 
         def to_mean(act, hook):
             act = act.clone()
-            act[0, 1:] = mean
+            act[0, 1:] = mean  # noqa: B023  (called within this iteration)
             return act
 
         with torch.no_grad():
             moved = metric_of(tiny_model.run_with_hooks(tokens, fwd_hooks=[(hook, to_mean)]), target.token)
         kind = {"token"} if layer == 0 else {"feature", "error"}
-        total = sum(n.attribution for n in graph.nodes if n.kind in kind and n.layer == layer - 1)
+        total = sum(n.attribution for n in graph.nodes if n.kind in kind and n.stack_index == layer - 1)
         assert total == pytest.approx(clean - moved, rel=1e-2, abs=1e-3), hook
         changes.append(abs(clean - moved))
     assert max(changes) > 0.05  # the check can fail
+
+
+def test_attribution_methods_are_registered_and_ig_steps_0_is_gradient_x_activation(tiny_model, tiny_stack, means):
+    from analysis.circuits.attribution import ATTRIBUTIONS
+
+    assert {"gradient_x_activation", "integrated_gradients"} <= set(ATTRIBUTIONS)
+    target = logit_target(tiny_model.tokenizer, " ")
+    small = GraphConfig(max_nodes=30, n_check_edges=3, budgets=[])
+    by_steps = trace(tiny_model, tiny_stack, PROMPT, target, dataclasses.replace(small, ig_steps=0), means=means)
+    by_name = trace(tiny_model, tiny_stack, PROMPT, target, dataclasses.replace(small, attribution="gradient_x_activation"), means=means)
+    assert by_name.nodes == by_steps.nodes and by_name.edges == by_steps.edges
+    integrated = trace(tiny_model, tiny_stack, PROMPT, target, small, means=means)
+    assert [n.attribution for n in integrated.nodes] != [n.attribution for n in by_steps.nodes]
+    with pytest.raises(ValueError, match="unknown attribution method"):
+        trace(tiny_model, tiny_stack, PROMPT, target, dataclasses.replace(small, attribution="nope"), means=means)
+
+
+def test_targets_are_registered_and_round_trip_through_json(tiny_model, tiny_stack, means):
+    from analysis.circuits.targets import TARGETS, LogitTarget, target_from_json
+
+    assert {"logit", "logit_diff", "feature"} <= set(TARGETS)
+    graph = trace(tiny_model, tiny_stack, PROMPT, feature_target(tiny_stack, HOOKS[1], 3), GraphConfig(max_nodes=20, budgets=[]), means=means)
+    again = FeatureGraph.from_dict(json.loads(json.dumps(graph.to_dict())))
+    assert again.target == graph.target and again.nodes == graph.nodes
+    assert neuronpedia_json(graph)["nodes"][-1]["layer"] == "1"  # the block of the target feature's hook
+    # a graph file written before the targets were classes: every kind's keys, unused ones null
+    legacy = {"kind": "logit", "token": 5, "contrast": None, "layer": None, "feature": None, "position": -1, "text": " "}
+    assert target_from_json(legacy) == LogitTarget(token=5, position=-1, text=" ")
+
+
+def test_a_retrained_sae_invalidates_the_means_cache(tiny_model, text_corpus, tmp_path, monkeypatch):
+    """The cache is keyed on the SAEs' weights, not their folders: retraining into the same
+    folders measures the means again."""
+    from analysis.circuits import means as means_module
+
+    corpus = CorpusConfig(source=str(text_corpus), split="heldout", context_len=32)
+    folders = [relu_sae(h, seed=i).save(tmp_path / f"sae{i}") for i, h in enumerate(HOOKS)]
+    cache = tmp_path / "means.safetensors"
+    before = stack_means(tiny_model, load_stack(folders), corpus, n_tokens=600, cache=cache)
+    with monkeypatch.context() as patch:  # nothing changed: read from the cache, no pass over the text
+        patch.setattr(means_module, "_measure", lambda *args: pytest.fail("measured again although nothing changed"))
+        again = stack_means(tiny_model, load_stack(folders), corpus, n_tokens=600, cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(again.features + again.resid, before.features + before.resid))
+    relu_sae(HOOKS[0], seed=7).save(folders[0])  # retrained into the same folder
+    retrained = load_stack(folders)
+    after = stack_means(tiny_model, retrained, corpus, n_tokens=600, cache=cache)
+    assert not torch.equal(after.features[0], before.features[0])
+    torch.testing.assert_close(after.features[0], stack_means(tiny_model, retrained, corpus, n_tokens=600).features[0])
+
+
+def test_a_retrained_sae_invalidates_the_atlas_cache(full_graph, tmp_path, monkeypatch):
+    """Node cards read each SAE's atlas and labels once per content of its weights, atlas.json
+    and labels.json, not per modification time."""
+    import os
+
+    from analysis.circuits.export import feature_cards
+    from analysis.features import atlas as atlas_module
+    from analysis.features import labels as labels_module
+
+    reads = []
+    monkeypatch.setattr(atlas_module, "load_atlas", lambda folder: reads.append("atlas"))  # None: cards without atlas data
+    monkeypatch.setattr(labels_module, "load_labels", lambda path: reads.append("labels"))
+    folder = relu_sae(HOOKS[0]).save(tmp_path / "sae0")
+    (folder / "atlas").mkdir()
+    (folder / "atlas" / "atlas.json").write_text("{}")
+    labels = folder / "atlas" / "labels.json"
+    labels.write_text('{"a": 1}')
+    graph = FeatureGraph.from_dict(full_graph.to_dict())
+    graph.sae_paths = [str(folder), ""]
+    feature_cards(graph)
+    feature_cards(graph)
+    assert reads == ["atlas", "labels"]  # read once while nothing changes
+    relu_sae(HOOKS[0], seed=5).save(folder)  # retrained into the same folder, the atlas files untouched
+    feature_cards(graph)
+    assert reads == ["atlas", "labels"] * 2
+    stamp = labels.stat()
+    labels.write_text('{"a": 2}')  # relabelled, with the old modification time
+    os.utime(labels, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    feature_cards(graph)
+    assert reads == ["atlas", "labels"] * 3

@@ -10,10 +10,26 @@ import pytest
 import torch
 
 from activations import CorpusConfig
+from activations.model import ModelLoader
 from analysis.features.atlas import AtlasConfig, build_atlas
 from analysis.steering.concept import (
-    ConceptConfig, ConceptFeature, Fluency, Lexicon, choose_dose, concept_steering, lexicon_logit_z, lexicon_scores, matched_controls,
-    output_scores, search_concept, search_dose, within_budget,
+    SCORES,
+    CandidateScore,
+    ConceptConfig,
+    ConceptFeature,
+    Fluency,
+    Lexicon,
+    choose_dose,
+    concept_steering,
+    lexicon_logit_z,
+    lexicon_scores,
+    matched_controls,
+    output_scores,
+    ranking_table,
+    register,
+    search_concept,
+    search_dose,
+    within_budget,
 )
 
 from .test_steering import make_sae
@@ -186,8 +202,71 @@ def test_search_concept_ranks_the_pushing_feature_and_steers_it(tiny_model, text
 def test_concept_steering_needs_a_feature():
     with pytest.raises(ValueError, match="no feature to steer"):
         concept_steering(make_sae(), [], 1.0, torch.ones(64))
-    f = ConceptFeature(3, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, weight=0.5)
+    f = ConceptFeature(3, {"input_score": 1.0, "fire_rate": 1.0, "contrast": 0.0, "logit_z": 0.0, "output_score": 0.0, "concept_gain": 1.0},
+                       combined=1.0, weight=0.5)
     assert concept_steering(make_sae(), [f], 2.0, torch.full((64,), 4.0)).values == {3: pytest.approx(4.0)}
+
+
+# ---------------------------------------------------------------------------- pluggable scores
+def test_the_registered_scores_and_their_roles():
+    assert list(SCORES) == ["input_score", "fire_rate", "contrast", "logit_z", "output_score", "concept_gain"]
+    assert [n for n, s in SCORES.items() if s.proposes] == ["input_score", "contrast", "logit_z"]
+    assert [n for n, s in SCORES.items() if s.in_ranking] == ["input_score", "contrast", "concept_gain"]
+    with pytest.raises(ValueError, match="new, non-empty `name`"):
+        register(type("Again", (CandidateScore,), {"name": "contrast", "rank": 999, "header": "x", "score": lambda *a: None}))
+    with pytest.raises(ValueError, match="no other score has"):
+        register(type("SameRank", (CandidateScore,), {"name": "same_rank", "rank": 30, "header": "x", "score": lambda *a: None}))
+    assert "same_rank" not in SCORES
+
+
+def test_concept_feature_reads_its_scores_by_name_and_saves_them_flat():
+    f = ConceptFeature(3, {"input_score": 2.0, "concept_gain": 0.5}, combined=0.75, weight=1.0, label="cats")
+    assert f.input_score == 2.0 and f.concept_gain == 0.5
+    with pytest.raises(AttributeError, match="no_such_score"):
+        f.no_such_score  # noqa: B018
+    assert f.to_dict() == {"feature": 3, "input_score": 2.0, "concept_gain": 0.5, "combined": 0.75, "weight": 1.0, "label": "cats",
+                           "density": 0.0}
+    assert replace(f, weight=0.0).scores == f.scores
+
+
+@pytest.fixture
+def planted_score():
+    """A score registered for one test only: it proposes feature 11 and counts in the ranking."""
+    saved = dict(SCORES)
+
+    class Planted(CandidateScore):
+        name, rank, header, spec = "planted", 45, "planted", ".1f"
+        proposes = in_ranking = True
+
+        def score(self, inputs, features):
+            values = torch.zeros(inputs.sae.cfg.d_sae)
+            values[11] = 5.0
+            return values if features is None else values[list(features)]
+
+    register(Planted)
+    yield
+    SCORES.clear()
+    SCORES.update(saved)
+
+
+def test_a_registered_score_proposes_ranks_and_shows(tiny_model, text_corpus, planted_score):
+    sae = pushing_sae(tiny_model, ord("q"))
+    atlas = build_atlas(sae, tiny_model, AtlasConfig(corpus=CorpusConfig(source=str(text_corpus), context_len=32), n_tokens=31 * 8,
+                                                     batch_contexts=8, autocast="none", device="cpu"))
+    atlas.max_activation[11] = max(float(atlas.max_activation[11]), 1.0)  # live, so usable
+    cfg = ConceptConfig(n_candidates=2, max_density=1.0, generation={"max_new_tokens": 2, "stop_at_eos": False})
+    search = search_concept("cat", tiny_model, sae, atlas, lexicon=Lexicon("q", ("q",)), prompts=["the cat"], cfg=cfg)
+    by_id = {c.feature: c for c in search.ranked}
+    assert 11 in by_id and by_id[11].planted == 5.0 and all(set(c.scores) == set(SCORES) for c in search.ranked)
+    ranking = [n for n, s in SCORES.items() if s.in_ranking]
+    assert ranking == ["input_score", "contrast", "planted", "concept_gain"]
+    for c in search.ranked:  # combined: the mean of the ranking scores, each over its best candidate, negatives as 0
+        best = {n: max(max(d.scores[n], 0.0) for d in search.ranked) for n in ranking}
+        expected = sum(max(c.scores[n], 0.0) / max(best[n], 1e-12) for n in ranking) / len(ranking)
+        assert c.combined == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    table = ranking_table(search.ranked).splitlines()
+    assert table[0].split()[:len(SCORES) + 3] == ["feature", "input", "fires", "contrast", "logit", "z", "planted", "output", "gain", "weight"]
+    assert len(table) == len(search.ranked) + 1 and any(line.split()[0] == "11" and " 5.0 " in line for line in table[1:])
 
 
 def test_cli_steer_concept_prints_the_table_and_saves_it(tiny_model, text_corpus, tmp_path, monkeypatch, capsys):
@@ -199,7 +278,7 @@ def test_cli_steer_concept_prints_the_table_and_saves_it(tiny_model, text_corpus
                                                      batch_contexts=8, autocast="none", device="cpu"))
     sae.save(tmp_path / "sae")
     atlas.save(tmp_path / "sae" / "atlas")
-    monkeypatch.setattr(cli, "_model_of", lambda args, sae: tiny_model)
+    monkeypatch.setattr(ModelLoader, "get", lambda self, recorded=None: tiny_model)
     argv = ["steer", "--sae", str(tmp_path / "sae"), "--concept", "cat", "--lexicon", "q", "--n-candidates", "4", "--doses", "0.5", "1",
             "--max-new-tokens", "4", "--no-chat", "--prompts", "the cat", "a <b>mat</b>",
             "--tuning-prompts", "a dog", "the sun", "--out", str(tmp_path / "out")]

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from activations.corpus import CorpusConfig
-from analysis.features.atlas import AtlasConfig, build_atlas
 from analysis.dashboard import build_dashboard
+from analysis.dashboard.builder import index_data
+from analysis.features.atlas import AtlasConfig, build_atlas
 from tests.test_atlas import tiny_sae
 
 # Token strings and labels a model or corpus could produce; none may reach a page as markup.
@@ -160,3 +161,44 @@ def test_feature_page_highlights_contexts(atlas, bundle, tmp_path):
 def test_dead_feature_page(bundle, tmp_path):
     dom = render((bundle / "features" / f"{DEAD}.html").as_uri(), tmp_path)
     assert "never fired" in dom and "Logit effects" in dom
+
+
+# ---------------------------------------------------------------------------- the label card
+def summarised(labels: dict, live: list[int]) -> dict:
+    """The test labels with a summary as `saewb analyze` writes it (one kind name hostile)."""
+    summary = {"held_out_positions": 260_100, "live_features": len(live), "scored_features": len(live), "best_f1_at_least_0.5": 7,
+               "share_of_live_with_f1_at_least_0.5": 0.5, "median_best_f1": 0.42, "best_kind_counts_at_f1_0.5": {"semantic": 700, "token-set": 5},
+               "share_of_live_with_strong_f1_at_least_0.5": 0.25, "median_best_strong_f1": 0.31,
+               "strong_kind_counts_at_f1_0.5": {"semantic": 613, HOSTILE_LABEL: 2}, "selection_share_strong": 0.3, "selection_share_all": 0.55,
+               "lookup_share_strong": 0.1, "unexplained": 40, "unexplained_examples": [live[0], live[1]], "atlas_tokens": 744}
+    return {"summary": summary, "features": labels["features"]}
+
+
+def test_label_card_data_is_the_headline_a_table_by_kind_and_example_ids(atlas, labels, tmp_path):
+    live = torch.nonzero(atlas.tensors["fire_count"]).flatten().tolist()
+    card = index_data(atlas, live, summarised(labels, live))["label_card"]
+    assert card["strong_share"] == 0.25 and card["all_share"] == 0.5 and card["live_features"] == len(live)
+    assert card["kinds"] == [["semantic", 613, 700], [HOSTILE_LABEL, 2, 0], ["token-set", 0, 5]]  # by strong-firing count
+    assert card["unexplained_examples"] == live[:2] and card["unexplained"] == 40
+    assert "held_out_positions" not in card and "label_summary" not in index_data(atlas, live, summarised(labels, live))
+    index = build_dashboard(atlas, tmp_path / "bundle", labels=summarised(labels, live), features=[live[0]])
+    assert HOSTILE_LABEL not in index.read_text()  # the kind name is JSON-escaped in the page
+    assert index_data(atlas, live, None)["label_card"] is None
+
+
+@chromium
+def test_label_card_renders_like_the_other_cards(atlas, labels, tmp_path):
+    live = torch.nonzero(atlas.tensors["fire_count"]).flatten().tolist()
+    index = build_dashboard(atlas, tmp_path / "bundle", labels=summarised(labels, live), features=[live[0]])
+    dom = render(index.as_uri(), tmp_path / "profile")
+    start = dom.index('<div class="card-title">live features with a compact label</div>')
+    card = dom[start:dom.index("</section>", start)]
+    assert '<div class="card-value">25%</div>' in card and "(50% all-firing)" in card
+    for raw in ("held out positions", "held_out", "kind counts", "share of live", "unexplained examples", "_"):
+        assert raw not in card, f"{raw!r} in the label card: {card}"  # no summary key names
+    kinds = re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(\d+)</td><td class=\"num\">(\d+)</td></tr>", card)
+    assert '<table class="card-table">' in card and kinds == [("semantic", "613", "700"), (html.escape(HOSTILE_LABEL, quote=False), "2", "0"),
+                                                              ("token-set", "0", "5")]
+    assert f'<a href="features/{live[0]}.html">{live[0]}</a>' in card  # an example with a page in the bundle is a link
+    assert f"features/{live[1]}.html" not in card and f", {live[1]}" in card  # one without is plain text
+    assert "<b onmouseover" not in dom

@@ -163,3 +163,36 @@ def test_evaluate_many_gives_each_sae_what_evaluate_gives_it_alone(setup, text_c
         for name in ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_per_token", "n_ce_tokens"):
             assert getattr(got, name) == pytest.approx(getattr(expected, name), abs=1e-6), name
     assert together[0].fvu != pytest.approx(together[1].fvu, abs=1e-3)  # two different SAEs, two different results
+
+
+def test_evaluate_reads_given_rows_as_it_reads_its_corpus(setup):
+    """A caller that tokenised the held-out text passes its rows: the same numbers, bit for bit."""
+    model, sae, tokens, alone = setup
+    cfg = EvalConfig(corpus=CorpusConfig(**alone.corpus), n_tokens=N_RECON * (CTX - 1), n_ce_contexts=N_CE, batch_contexts=5)
+    given = evaluate(sae, model, cfg, tokens=tokens.int().numpy())  # more rows than needed: the first ones are read
+    assert given == alone
+    with pytest.raises(ValueError, match="contexts of 32 tokens, 20 needed"):
+        evaluate(sae, model, cfg, tokens=tokens[:N_RECON - 1])
+    with pytest.raises(ValueError, match=r"token rows \[n_contexts 32\]"):
+        evaluate(sae, model, cfg, tokens=tokens[:, :16])
+
+
+def test_evaluate_command_tokenises_the_heldout_text_once(setup, text_corpus, tmp_path, monkeypatch):
+    import activations.corpus
+    from activations.model import ModelLoader
+    from analysis import cli
+
+    model, sae, _, alone = setup
+    other = pca_topk_sae(model, text_corpus, k=2)
+    sae.save(tmp_path / "a")
+    other.save(tmp_path / "b")
+    packed = []
+    pack = activations.corpus.pack_contexts
+    monkeypatch.setattr(activations.corpus, "pack_contexts", lambda *a, **k: packed.append(1) or pack(*a, **k))
+    monkeypatch.setattr(ModelLoader, "get", lambda self, recorded=None: model)
+    results = cli.main(["evaluate", "--sae", str(tmp_path / "a"), str(tmp_path / "b"), "--corpus", str(text_corpus), "--device", "cpu",
+                        "--eval-tokens", str(N_RECON * (CTX - 1)), "--ce-contexts", str(N_CE), "--out", str(tmp_path / "out")])
+    assert len(packed) == 1  # two SAEs of one model on one text: one tokenisation, one group
+    got = results[str(tmp_path / "a")]
+    for name in ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_per_token", "n_tokens", "n_ce_tokens"):
+        assert getattr(got, name) == pytest.approx(getattr(alone, name), abs=1e-6), name

@@ -91,11 +91,11 @@ def test_example_firings_are_the_firings_inside_the_example_windows(atlas):
 def test_context_candidates_find_the_planted_previous_token_rules(atlas):
     found = candidates("context", atlas)
     assert all(len(labels) <= 2 for labels in found.values())
-    assert {(tuple(l.previous), tuple(l.current)) for l in found[0]} >= {((ID[" Is"],), ())}
-    assert ((ID[" United"],), (ID[" States"],)) in {(tuple(l.previous), tuple(l.current)) for l in found[1]}
+    assert {(tuple(label.previous), tuple(label.current)) for label in found[0]} >= {((ID[" Is"],), ())}
+    assert ((ID[" United"],), (ID[" States"],)) in {(tuple(label.previous), tuple(label.current)) for label in found[1]}
     assert 3 not in found  # " cat" follows anything: the previous token explains nothing
-    assert any(l.previous == [ID[" the"]] for l in found[4])
-    texts = {l.text for labels in found.values() for l in labels}
+    assert any(label.previous == [ID[" the"]] for label in found[4])
+    texts = {label.text for labels in found.values() for label in labels}
     assert 'any token after " Is"' in texts and '" States" after " United"' in texts
 
 
@@ -127,10 +127,10 @@ def test_candidates_hold_on_most_of_the_example_firings_they_were_made_from(atla
 def test_word_piece_candidates_find_continuations_and_word_starts(atlas):
     found = candidates("word-piece", atlas)
     assert all(len(labels) <= 2 for labels in found.values())
-    assert any(l.which == "continuation" and not l.previous for l in found[2])
-    assert any(l.which == "start" and l.previous == [ID[" the"]] for l in found[4])
+    assert any(label.which == "continuation" and not label.previous for label in found[2])
+    assert any(label.which == "start" and label.previous == [ID[" the"]] for label in found[4])
     assert {0, 1}.isdisjoint(found)  # any token after " Is", " States": neither mostly continuations nor mostly starts
-    texts = {l.text for labels in found.values() for l in labels}
+    texts = {label.text for labels in found.values() for label in labels}
     assert 'a word continued' in texts and 'the start of a word after " the"' in texts
 
 
@@ -139,7 +139,7 @@ def test_context_predicate_edge_cases_and_texts(atlas):
     labels = [kind.make(atlas, 0, previous=[ID[" United"]], current=[ID[" States"]]),
               kind.make(atlas, 0, previous=[ID[" Is"]]),
               kind.make(atlas, 0, previous=[ID[" the"], ID[" Is"]], current=[ID[" cat"], ID[" dog"]])]
-    assert [l.text for l in labels] == ['" States" after " United"', 'any token after " Is"',
+    assert [label.text for label in labels] == ['" States" after " United"', 'any token after " Is"',
                                         'tokens [" cat", " dog"] after [" the", " Is"]']
     tokens = torch.tensor([[ID[" Is"], ID[" Is"], ID[" United"], ID[" States"], ID[" the"], ID[" cat"], ID[" Is"], 999]])
     got = kind.compile(labels)(tokens)
@@ -157,7 +157,7 @@ def test_word_piece_predicate_edge_cases_and_texts(atlas):
     kind, tokenizer = KINDS["word-piece"], _Model.tokenizer
     labels = [kind.make(atlas, 0, which="continuation"), kind.make(atlas, 0, which="start"),
               kind.make(atlas, 0, which="continuation", previous=[ID[" run"]]), kind.make(atlas, 0, which="start", previous=[ID[" the"], ID["."]])]
-    assert [l.text for l in labels] == ["a word continued", "the start of a word", 'a word continued after " run"',
+    assert [label.text for label in labels] == ["a word continued", "the start of a word", 'a word continued after " run"',
                                         'the start of a word after [" the", "."]']
     #                            cat    s     ,     ing   run   ing   the   dog    2     2     id past the vocabulary
     row = [ID[" cat"], ID["s"], ID[","], ID["ing"], ID[" run"], ID["ing"], ID[" the"], ID[" dog"], ID["2"], ID["2"], 999]
@@ -176,7 +176,39 @@ def test_word_piece_predicate_edge_cases_and_texts(atlas):
 def test_piece_table_is_built_once_per_tokenizer():
     first, other = PieceTokenizer(), PieceTokenizer()
     table = piece_table(first)
-    assert piece_table(first) is table and piece_table(other) is not table
+    assert piece_table(first) is table and piece_table(other) is table  # keyed on the vocabulary, not the object
     assert torch.equal(piece_table(other), table)
     assert table[ID["ing"]].tolist() == [True, True, False] and table[ID[" cat"]].tolist() == [False, True, True]
     assert table[ID[","]].tolist() == [False, False, False] and table[ID[" 3"]].tolist() == [False, True, False]
+
+
+class ListTokenizer:
+    """A tokenizer over any list of pieces (its length and decode)."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.pieces[i] for i in ids)
+
+    def __len__(self):
+        return len(self.pieces)
+
+
+def test_tokenizer_caches_are_keyed_on_the_vocabulary_not_the_object():
+    from analysis.features.labels.base import vocabulary_key
+    from analysis.features.labels.structure import vocabulary_tables
+
+    table = piece_table(ListTokenizer(list(PIECES)))
+    assert piece_table(ListTokenizer(list(PIECES))) is table  # a tokenizer loaded twice shares the table
+    swapped = list(PIECES)
+    swapped[ID["ing"]], swapped[ID[" cat"]] = " cat", "ing"
+    for _ in range(3):  # a new tokenizer may reuse a collected one's id: the vocabulary decides, never the id
+        other = piece_table(ListTokenizer(swapped))
+        assert other is not table and other[ID["ing"]].tolist() == [False, True, True] and other[ID[" cat"]].tolist() == [True, True, False]
+    grown = piece_table(ListTokenizer([*PIECES, "ful"]))  # a token added since
+    assert len(grown) == len(PIECES) + 1 and torch.equal(grown[:len(PIECES)], table)
+    key = vocabulary_key(ListTokenizer(list(PIECES)))
+    assert key == vocabulary_key(ListTokenizer(list(PIECES))) and key != vocabulary_key(ListTokenizer(swapped))
+    tables = vocabulary_tables(ListTokenizer(list(PIECES)))
+    assert vocabulary_tables(ListTokenizer(list(PIECES))) is tables and vocabulary_tables(ListTokenizer(swapped)) is not tables

@@ -15,12 +15,22 @@ from activations.corpus import CorpusConfig, load_contexts
 from activations.model import run_to_hooks, token_strings
 from analysis.features.atlas import AtlasConfig, build_atlas
 from analysis.features.labels import (
-    KINDS, Label, LabelConfig, LabelContext, Scorer, label_features, label_predicate, llm_candidates, load_labels, save_labels,
+    KINDS,
+    Label,
+    LabelConfig,
+    LabelContext,
+    Scorer,
+    label_features,
+    label_predicate,
+    llm_candidates,
+    load_labels,
+    save_labels,
 )
 from analysis.features.labels.genre import GenreLabel
 from analysis.features.labels.llm import LLMLabel
 from analysis.features.labels.pattern import PatternLabel
-from analysis.features.labels.structure import RULES as STRUCTURE_RULES, StructureLabel
+from analysis.features.labels.structure import RULES as STRUCTURE_RULES
+from analysis.features.labels.structure import StructureLabel
 from analysis.features.labels.word_piece import WordPieceLabel
 from analysis.features.monitor import find_features, monitor, monitor_html
 
@@ -117,6 +127,16 @@ def test_every_kind_matches_its_brute_force(setup, tiny_model):
     # the best label is the candidate with the highest held-out F1
     best = results[live[0]]
     assert best.best.scores.f1 == max(c.scores.f1 for c in best.candidates)
+
+
+def test_label_features_read_given_rows_as_they_read_the_corpus(setup, tiny_model):
+    """A caller that tokenised the held-out text passes the rows after the atlas's: the same labels."""
+    from activations.corpus import load_contexts
+
+    sae, atlas, corpus = setup
+    cfg = LabelConfig(n_score_contexts=16, autocast="none")
+    rows = load_contexts(corpus, tiny_model.tokenizer, max_contexts=atlas.n_contexts + 40)[atlas.n_contexts:]
+    assert label_features(atlas, sae, tiny_model, cfg, tokens=rows).to_json() == label_features(atlas, sae, tiny_model, cfg).to_json()
 
 
 def test_label_features_end_to_end(setup, tiny_model, tmp_path):
@@ -235,12 +255,13 @@ class _Recorder(BaseHTTPRequestHandler):
 
 
 def test_llm_api_key_comes_from_the_environment_and_is_never_saved_or_printed(setup, tiny_model, tmp_path, monkeypatch, capsys):
+    from activations.model import ModelLoader
     from analysis import cli
 
     sae, _, _ = setup
     sae.save(tmp_path / "sae")
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    monkeypatch.setattr(cli, "_model", lambda args: tiny_model)
+    monkeypatch.setattr(ModelLoader, "get", lambda self, recorded=None: tiny_model)
     _Recorder.seen = []
     server = _serve(_Recorder)
     try:
@@ -291,7 +312,9 @@ def test_llm_explainer_errors_never_show_the_api_key(setup, tiny_model):
 
 
 def test_llm_endpoint_must_be_https_or_loopback_unless_insecure_is_allowed(setup, tiny_model, tmp_path, monkeypatch):
+    from activations.model import ModelLoader
     from analysis import cli
+    from analysis.features.cli import analyze_saes
 
     _, atlas, _ = setup
     insecure = "http://explainer.invalid/v1"  # plain http to a non-loopback host (.invalid never resolves)
@@ -302,16 +325,16 @@ def test_llm_endpoint_must_be_https_or_loopback_unless_insecure_is_allowed(setup
         LabelConfig(llm={"base_url": insecure, "model": "m"})
     assert LabelConfig(llm={"base_url": insecure, "model": "m"}, allow_insecure_endpoint=True).allow_insecure_endpoint
 
-    def no_model(args):
+    def no_model(self, recorded=None):
         raise AssertionError("the model was loaded before the endpoint was checked")
 
-    monkeypatch.setattr(cli, "_model", no_model)
+    monkeypatch.setattr(ModelLoader, "get", no_model)
     for command in ("analyze", "run"):
         with pytest.raises(SystemExit, match="not a loopback address.*--allow-insecure-endpoint"):
-            cli.cmd_analyze(cli.parse([command, "--sae", str(tmp_path), "--llm-base-url", insecure]), [tmp_path])
+            analyze_saes(cli.parse([command, "--sae", str(tmp_path), "--llm-base-url", insecure]), ModelLoader(), [tmp_path])
     args = cli.parse(["analyze", "--sae", str(tmp_path), "--llm-base-url", insecure, "--allow-insecure-endpoint"])
     with pytest.raises(FileNotFoundError, match="is not an SAE directory"):  # accepted: it goes on to read the SAE
-        cli.cmd_analyze(args, [tmp_path])
+        analyze_saes(args, ModelLoader(), [tmp_path])
     config = tmp_path / "analyze.json"
     config.write_text(json.dumps({"llm_base_url": insecure, "allow_insecure_endpoint": True}))
     assert cli.parse(["analyze", "--config", str(config)]).allow_insecure_endpoint is True
@@ -355,7 +378,7 @@ def test_llm_redirect_to_another_origin_drops_the_authorization_header(setup, ti
         candidates = llm_candidates(atlas, tiny_model.tokenizer, live, url, "m", api_key=SECRET)
         assert candidates[0].text == "LLM: cats"
         assert _Recorder.seen == [("GET", None)]  # followed, but without the key
-        where["location"] = "http://localhost:{}/v1/chat/completions".format(target.server_port)  # another host name
+        where["location"] = f"http://localhost:{target.server_port}/v1/chat/completions"  # another host name
         llm_candidates(atlas, tiny_model.tokenizer, live, url, "m", api_key=SECRET)
         assert _Recorder.seen[-1] == ("GET", None)
         where["location"] = "http://explainer.invalid/v1/chat/completions"  # plain http to a non-loopback host is refused
@@ -384,6 +407,7 @@ def test_monitor_and_concept_search(setup, tiny_model):
 
 
 def test_labels_of_another_sae_are_refused_by_monitor_concept_search_and_the_cli(setup, tiny_model, tmp_path, monkeypatch):
+    from activations.model import ModelLoader
     from analysis import cli
     sae, atlas, _ = setup
     short = {"features": [{"feature": 0, "kind": "dense", "label": "dense", "f1": 0.1}] + [None] * 3}  # 4 entries, the SAE has 64
@@ -402,6 +426,36 @@ def test_labels_of_another_sae_are_refused_by_monitor_concept_search_and_the_cli
     with pytest.raises(ValueError, match="not a labels file"):
         load_labels(path, d_sae=64)
     path.write_text(json.dumps(short))
-    monkeypatch.setattr(cli, "_model", lambda args: tiny_model)
+    monkeypatch.setattr(ModelLoader, "get", lambda self, recorded=None: tiny_model)
     with pytest.raises(SystemExit, match="4 feature entries but the SAE has 64 features.*saewb analyze"):
         cli.main(["monitor", "--sae", str(tmp_path / "sae"), "the cat sat"])
+
+
+def test_analyze_reads_the_heldout_text_once_atlas_rows_first(setup, tiny_model, text_corpus, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    import activations.corpus
+    from activations.model import ModelLoader
+    from analysis import cli
+    from analysis.features.cli import split_heldout
+
+    heldout = CorpusConfig(source=str(text_corpus), split="heldout", context_len=32)
+    rows = load_contexts(heldout, tiny_model.tokenizer)
+    split = split_heldout(heldout, tiny_model.tokenizer, 31 * 10, 16)
+    assert split.atlas_tokens == 310 and np.array_equal(split.atlas, rows[:10]) and np.array_equal(split.labels, rows[10:26])
+    shared = split_heldout(heldout, tiny_model.tokenizer, 10**6, 2048)  # more than the corpus holds: shared out, labels keep a quarter
+    n_labels = max(16, len(rows) // 4)
+    assert np.array_equal(shared.labels, rows[len(rows) - n_labels:]) and np.array_equal(shared.atlas, rows[:len(rows) - n_labels])
+    assert shared.atlas_tokens == 31 * (len(rows) - n_labels) and "has only" in capsys.readouterr().out
+
+    sae, _, _ = setup
+    sae.save(tmp_path / "sae")
+    packed = []
+    pack = activations.corpus.pack_contexts
+    monkeypatch.setattr(activations.corpus, "pack_contexts", lambda *a, **k: packed.append(1) or pack(*a, **k))
+    monkeypatch.setattr(ModelLoader, "get", lambda self, recorded=None: tiny_model)
+    cli.main(["analyze", "--sae", str(tmp_path / "sae"), "--corpus", str(text_corpus), "--atlas-tokens", "310", "--label-contexts", "16",
+              "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert len(packed) == 1  # the atlas and the labels share one tokenisation
+    labels = json.loads((tmp_path / "sae" / "atlas" / "labels.json").read_text())
+    assert labels["scored_on"]["first_context"] == 10 and labels["scored_on"]["n_contexts"] == 16

@@ -2,7 +2,17 @@ import math
 
 import torch
 
-from analysis.evaluation.metrics import ReconstructionStats, ce_loss_recovered, cross_entropy, dead_fraction, dense_fraction, fvu, kl_per_token, l0, repetition_rate
+from analysis.evaluation.metrics import (
+    ReconstructionStats,
+    ce_loss_recovered,
+    cross_entropy,
+    dead_fraction,
+    dense_fraction,
+    fvu,
+    kl_per_token,
+    l0,
+    repetition_rate,
+)
 
 
 def test_fvu_is_relative_to_the_mean_not_zero():

@@ -59,6 +59,7 @@ def test_concept_scores_are_the_strongest_relative_firing(setup, tiny_model):
 
 
 def test_cli_monitor_concepts_writes_scores_and_heatmap(setup, tiny_model, tmp_path, monkeypatch, capsys):
+    from activations.model import ModelLoader
     from analysis import cli
 
     sae, atlas = setup
@@ -66,7 +67,7 @@ def test_cli_monitor_concepts_writes_scores_and_heatmap(setup, tiny_model, tmp_p
     atlas.save(tmp_path / "sae" / "atlas")
     texts = tmp_path / "texts.txt"
     texts.write_text("the cat sat\nold stone bridges\n\n<script>x</script> cat\n")
-    monkeypatch.setattr(cli, "_model_of", lambda args, sae: tiny_model)
+    monkeypatch.setattr(ModelLoader, "get", lambda self, recorded=None: tiny_model)
     cli.main(["monitor", "--sae", str(tmp_path / "sae"), "--concepts", "cat", "--file", str(texts), "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert "cat:" in printed and "share of texts where it fires" in printed

@@ -244,7 +244,7 @@ def synthetic_batches(n_features=48, d_in=24, active=3, seed=0):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_recovers_known_features_and_keeps_decoder_unit_norm(arch, tmp_path):
-    from sae.trainer import Trainer, TrainConfig
+    from sae.trainer import TrainConfig, Trainer
 
     source, directions = synthetic_batches()
     extra = {"standard": dict(l1_coefficient=0.3), "jumprelu": dict(l0_coefficient=0.02)}.get(arch, {})
@@ -259,7 +259,7 @@ def test_training_recovers_known_features_and_keeps_decoder_unit_norm(arch, tmp_
     norms = sae.W_dec.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     import json
-    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first_loss, last_loss = records[0]["mse"], records[-1]["mse"]
     assert last_loss < 0.2 * first_loss
     cos = (directions @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)).T).max(dim=1).values
@@ -267,7 +267,7 @@ def test_training_recovers_known_features_and_keeps_decoder_unit_norm(arch, tmp_
 
 
 def test_jumprelu_threshold_moves_and_l0_falls(tmp_path):
-    from sae.trainer import Trainer, TrainConfig
+    from sae.trainer import TrainConfig, Trainer
 
     source, _ = synthetic_batches()
     cfg = TrainConfig(
@@ -278,14 +278,14 @@ def test_jumprelu_threshold_moves_and_l0_falls(tmp_path):
     start_threshold = trainer.saes[0].threshold.detach().clone()
     trainer.train()
     import json
-    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     moved = (trainer.saes[0].threshold.detach() - start_threshold).abs().mean()
     assert moved > 0.05, f"threshold barely moved ({moved:.4f})"
     assert records[-1]["l0"] < 0.5 * records[0]["l0"], (records[0]["l0"], records[-1]["l0"])
 
 
 def test_trainer_rejects_d_in_mismatch(tmp_path):
-    from sae.trainer import Trainer, TrainConfig
+    from sae.trainer import TrainConfig, Trainer
 
     source, _ = synthetic_batches()
     with pytest.raises(ValueError, match="does not match"):

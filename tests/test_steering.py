@@ -1,17 +1,31 @@
 """Steering semantics on the tiny random model (fast), and on SmolLM2 (slow): the clamp /
 ablate / add formulas with the error term kept, strengths in max-activation units, every
 position but 0 steered (generated tokens included, KV cache or not), scoped hooks, clear
-errors, and the measurements (concept score, fluency, KL, sweep, causal check)."""
+errors, and the measurements (feature readout, fluency, KL, sweep, causal check)."""
 import json
 import math
 
 import pytest
 import torch
 
+from activations.model import ModelLoader
 from analysis.evaluation.metrics import cross_entropy
 from analysis.steering import (
-    GenerationConfig, Intervention, Steering, SweepConfig, causal_check, compare, concept_scores, encode_prompts,
-    format_side_by_side, generate_tokens, generation_nll, kl_on_text, steer, sweep, write_sweep,
+    GenerationConfig,
+    Intervention,
+    Steering,
+    SweepConfig,
+    causal_check,
+    compare,
+    encode_prompts,
+    feature_readout,
+    format_side_by_side,
+    generate_tokens,
+    generation_nll,
+    kl_on_text,
+    steer,
+    sweep,
+    write_sweep,
 )
 from sae import ARCHITECTURES, SAEConfig
 
@@ -179,20 +193,20 @@ def test_hooks_are_removed_even_when_an_exception_is_raised(tiny_model):
 
 
 # ----------------------------------------------------------------------------- measurement
-def test_concept_scores_reread_the_text_alone(tiny_model):
+def test_feature_readout_rereads_the_text_alone(tiny_model):
     sae = make_sae()
     generated = [torch.tensor([104, 105, 106, 107]), torch.tensor([120, 121]), torch.tensor([], dtype=torch.long)]
     x = tiny_model.run_with_cache(torch.tensor([[256, 104, 105, 106, 107]]), names_filter=HOOK)[1][HOOK]
     f = sae.encode(x)[0, 1:].detach()  # BOS excluded
     feature = int(f.sum(0).argmax())
     max_act = torch.full((64,), 2.0)
-    scores = concept_scores(tiny_model, sae, [feature], generated, max_act, threshold=0.0,
+    scores = feature_readout(tiny_model, sae, [feature], generated, max_act, threshold=0.0,
                             predicate=lambda t: t == 105)
     assert scores.activation[0] == pytest.approx(float(f[:, feature].mean() / 2.0), rel=1e-4)
     assert bool(scores.present[0])
     assert math.isnan(float(scores.activation[2])) and not bool(scores.present[2])
     assert scores.predicate_rate.tolist()[:2] == pytest.approx([0.25, 0.0])
-    high = concept_scores(tiny_model, sae, [feature], generated, max_act, threshold=1e6)
+    high = feature_readout(tiny_model, sae, [feature], generated, max_act, threshold=1e6)
     assert not high.present.any()
 
 
@@ -203,6 +217,32 @@ def test_generation_nll_is_the_ce_of_the_new_tokens_given_the_prompt(tiny_model)
     full = torch.cat([p[0], g[0]])[None]
     ce = cross_entropy(tiny_model(full).detach(), full)[0]
     assert float(nll[0]) == pytest.approx(float(ce[-3:].sum()), rel=1e-4)
+
+
+def test_generation_fluency_is_the_one_fluency_of_sweeps_and_concept_steering(tiny_model):
+    from analysis.evaluation.metrics import repetition_rate
+    from analysis.steering import Fluency, generation_fluency, score_condition
+    from analysis.steering.concept import Fluency as ConceptFluency
+
+    p, g = prompts(2, 4), [torch.tensor([100, 101, 102, 100, 101, 102]), torch.tensor([103])]
+    fluency = generation_fluency(tiny_model, p, g)
+    nll, n = generation_nll(tiny_model, p, g)
+    assert fluency.perplexity == pytest.approx(math.exp(float(nll.sum()) / int(n.sum())))
+    assert fluency.repetition == pytest.approx(repetition_rate(g[0].tolist()))  # the 1-token answer has no trigram to judge
+    assert fluency.repetition == pytest.approx(0.25)  # (1, 2, 3, 1, 2, 3): 1 of its 4 trigrams repeats an earlier one
+    point = score_condition(tiny_model, make_sae(), "add", 1.0, p, g, [2], None, 0.0, None)
+    assert (point.perplexity, point.repetition) == (fluency.perplexity, fluency.repetition)
+    assert ConceptFluency is Fluency
+    nothing = generation_fluency(tiny_model, p[:1], [torch.tensor([], dtype=torch.long)])
+    assert math.isnan(nothing.perplexity)
+
+
+def test_modes_and_units_are_their_literals():
+    from typing import get_args
+
+    from analysis.steering import MODES, UNITS, Mode, Unit
+
+    assert MODES == get_args(Mode) == ("clamp", "add", "ablate") and UNITS == get_args(Unit) == ("max", "absolute")
 
 
 def test_kl_on_neutral_text(tiny_model):
@@ -339,7 +379,7 @@ def test_cli_steer_prints_side_by_side_and_writes_the_sweep(tiny_model, tmp_path
     sae = constant_feature_sae(5, 3.0)  # fires everywhere, so its max activation is known: 3.0
     sae.cfg.context_size = 32  # the tiny model's contexts
     sae.save(tmp_path / "sae")
-    monkeypatch.setattr(cli, "_model", lambda args: tiny_model)
+    monkeypatch.setattr(ModelLoader, "get", lambda self, recorded=None: tiny_model)
     config = tmp_path / "steer.json"
     config.write_text(json.dumps({"features": [5], "mode": "clamp", "strengths": [2.0], "prompts": ["abc", "<xyz>"]}))
     cli.main(["steer", "--config", str(config), "--sae", str(tmp_path / "sae"), "--max-new-tokens", "4",
@@ -364,7 +404,7 @@ def test_cli_steer_reads_the_saes_atlas_and_scores_with_its_label(tiny_model, te
     features = [None] * sae.cfg.d_sae
     features[5] = {"feature": 5, "kind": "token-set", "label": 'tokens "a"', "tokens": [ord("a")], "f1": 0.9}
     (tmp_path / "sae" / "atlas" / "labels.json").write_text(json.dumps({"features": features}))
-    monkeypatch.setattr(cli, "_model", lambda args: tiny_model)
+    monkeypatch.setattr(ModelLoader, "get", lambda self, recorded=None: tiny_model)
     prompts = ["abc", "xyz", "hello"]
     cli.main(["steer", "--sae", str(tmp_path / "sae"), "--features", "5", "--strengths", "2", "--prompts", *prompts,
               "--max-new-tokens", "6", "--kl-contexts", "2", "--out", str(tmp_path / "out")])
@@ -390,7 +430,7 @@ def test_cli_steer_without_an_atlas_rejects_out_of_range_features_before_any_wor
     sae.cfg.context_size = 32
     sae.save(tmp_path / "sae")
     loads = []
-    monkeypatch.setattr(cli, "_model", lambda args: loads.append(1) or tiny_model)
+    monkeypatch.setattr(ModelLoader, "get", lambda self, recorded=None: loads.append(1) or tiny_model)
     for bad in (["64"], ["5", "70"], ["-1"]):
         for unit in ("max", "absolute"):
             with pytest.raises(SystemExit, match=r"--features: feature\(s\) \[[-0-9, ]+\] out of range: this SAE has 64 features \(ids 0..63\)"):
@@ -416,7 +456,7 @@ def test_feature_ids_are_checked_against_the_sae_before_any_work(tiny_model, mon
         sweep(tiny_model, sae, ["abc"], torch.zeros(1, 4, dtype=torch.long), SweepConfig(features=[64], unit="absolute"))
     assert not generated  # refused before generating the unsteered baseline
     with pytest.raises(ValueError, match=r"feature\(s\) \[64\] out of range"):
-        concept_scores(tiny_model, sae, [1, 64], prompts(1))
+        feature_readout(tiny_model, sae, [1, 64], prompts(1))
 
 
 def test_causal_check_refuses_negative_and_out_of_range_feature_ids(tiny_model, monkeypatch):

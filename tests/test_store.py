@@ -10,7 +10,7 @@ import torch
 from activations import ActivationStore, CorpusConfig, EmptyCorpusError, HarvestConfig, StoreError, harvest
 from activations import store as store_module
 from sae import SAEConfig
-from sae.trainer import Trainer, TrainConfig
+from sae.trainer import TrainConfig, Trainer
 
 
 def harvest_cfg(tmp_path, corpus, **kw):

@@ -41,7 +41,7 @@ HELDOUT_PERCENT = 35  # ~1.4M held-out tokens: the feature atlas reads 1M, label
 CODE_DIRECTIVES = {
     "code-block", "code", "doctest", "testcode", "testoutput", "productionlist", "literalinclude",
     "sourcecode", "highlight", "csv-table", "list-table", "table", "image", "figure", "toctree",
-    "index", "include", "raw", "only", "literalinclude", "audit-event-table", "availability",
+    "index", "include", "raw", "only", "audit-event-table", "availability",
 }
 
 

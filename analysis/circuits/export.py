@@ -12,16 +12,25 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from activations.hooks import hook_layer
 from activations.io import atomic_write_bytes, atomic_write_json
+from activations.store import sha256_file
 
 from ..dashboard.builder import safe_json
-from .graph import FeatureGraph
+from .feature_graph import FeatureGraph
+from .nodes import Node
 
-FEATURE_TYPES = {"token": "embedding", "feature": "residual sae feature", "error": "sae reconstruction error", "target": "logit"}
+if TYPE_CHECKING:
+    from ..features.atlas import Atlas
+    from ..features.labels import Labels
+
+FEATURE_TYPES = {"token": "embedding", "feature": "residual sae feature", "error": "sae reconstruction error"}
+"""Neuronpedia's feature_type of each node kind (the target's: `GraphTarget.neuronpedia_type`)."""
 
 
-def _finite(obj):
+def _finite(obj: Any) -> Any:
     """NaN / inf -> None, recursively (JSON has no NaN)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -32,63 +41,85 @@ def _finite(obj):
     return obj
 
 
-def feature_cards(graph: FeatureGraph, n_examples: int = 4, n_logits: int = 6) -> dict[str, dict]:
+def feature_cards(graph: FeatureGraph, n_examples: int = 4, n_logits: int = 6) -> dict[str, dict[str, Any]]:
     """{node id: card} for the graph's feature nodes, from each SAE's atlas and labels when
     `saewb analyze` wrote them (<sae>/atlas/, <sae>/atlas/labels.json); fills `Node.label`."""
     from ..features.monitor import label_text
 
     cards, loaded = {}, {}
     for node in graph.nodes:
-        if node.kind != "feature" or node.layer >= len(graph.sae_paths) or not graph.sae_paths[node.layer]:
+        index = node.stack_index
+        if node.kind != "feature" or index >= len(graph.sae_paths) or not graph.sae_paths[index]:
             continue
-        sae_dir = Path(graph.sae_paths[node.layer])
-        if node.layer not in loaded:
-            atlas_dir = sae_dir / "atlas"
-            loaded[node.layer] = _atlas_and_labels(str(atlas_dir), _mtime(atlas_dir / "atlas.json"), _mtime(atlas_dir / "labels.json"))
-        atlas, labels = loaded[node.layer]
-        card = {"hook": graph.hooks[node.layer], "feature": node.feature, "label": label_text(labels, node.feature) if labels else ""}
+        sae_dir = Path(graph.sae_paths[index])
+        if index not in loaded:
+            loaded[index] = _atlas_and_labels(str(sae_dir / "atlas"), atlas_key(sae_dir))
+        atlas, labels = loaded[index]
+        card = {"hook": graph.hooks[index], "feature": node.feature, "label": label_text(labels, node.feature) if labels else ""}
         node.label = node.label or card["label"]
         if atlas is not None:
-            vocab = atlas.vocab
-            card["density"] = float(atlas.density[node.feature])
-            card["max_activation"] = float(atlas.max_activation[node.feature])
-            card["examples"] = [{"tokens": [vocab.get(t, "?") for t in ex["tokens"]], "acts": [round(a, 3) for a in ex["acts"]],
-                                 "max_index": ex["max_index"]} for ex in atlas.examples(node.feature)[:n_examples]]
-            ids, values = atlas.logit_tokens("top")
-            card["logits"] = [[vocab.get(int(t), "?"), round(float(v), 3)] for t, v in zip(ids[node.feature][:n_logits], values[node.feature][:n_logits])]
+            card |= _atlas_card(atlas, node.feature, n_examples, n_logits)
             page = sae_dir / "dashboard" / "features" / f"{node.feature}.html"
             card["dashboard"] = str(page) if page.exists() else None
         cards[node.id] = card
     return cards
 
 
-def _mtime(path: Path) -> float | None:
-    return path.stat().st_mtime if path.exists() else None
+def _atlas_card(atlas: Atlas, feature: int, n_examples: int, n_logits: int) -> dict[str, Any]:
+    """A feature's density, max activation, top examples and promoted tokens, from its atlas."""
+    vocab = atlas.vocab
+    ids, values = atlas.logit_tokens("top")
+    return {"density": float(atlas.density[feature]), "max_activation": float(atlas.max_activation[feature]),
+            "examples": [{"tokens": [vocab.get(t, "?") for t in ex["tokens"]], "acts": [round(a, 3) for a in ex["acts"]],
+                          "max_index": ex["max_index"]} for ex in atlas.examples(feature)[:n_examples]],
+            "logits": [[vocab.get(int(t), "?"), round(float(v), 3)] for t, v in zip(ids[feature][:n_logits], values[feature][:n_logits])]}
+
+
+class AtlasKey(NamedTuple):
+    """What an SAE's cached atlas and labels depend on, by content (sha256; None: no such file)."""
+
+    weights: str | None
+    """sae_weights.safetensors: a retrained SAE in the same folder has other weights."""
+    atlas: str | None
+    """atlas/atlas.json (written last by `saewb analyze`: it changes with every atlas)."""
+    labels: str | None
+    """atlas/labels.json."""
+
+
+def atlas_key(sae_dir: Path) -> AtlasKey:
+    """The content of the SAE's weights, atlas.json and labels.json."""
+    files = (sae_dir / "sae_weights.safetensors", sae_dir / "atlas" / "atlas.json", sae_dir / "atlas" / "labels.json")
+    return AtlasKey(*(sha256_file(f) if f.exists() else None for f in files))
+
+
+class AtlasAndLabels(NamedTuple):
+    atlas: Atlas | None
+    labels: Labels | None
 
 
 @lru_cache(maxsize=16)
-def _atlas_and_labels(atlas_dir: str, atlas_mtime: float | None, labels_mtime: float | None) -> tuple:
-    """(atlas, labels) of one SAE, each None when not written; cached while the files are unchanged,
-    so tracing many prompts through one stack reads each atlas once."""
+def _atlas_and_labels(atlas_dir: str, key: AtlasKey) -> AtlasAndLabels:
+    """(atlas, labels) of one SAE, each None when not written; cached while the SAE's weights and
+    the files are unchanged (`key`), so tracing many prompts through one stack reads each atlas once."""
     from ..features.atlas import load_atlas
     from ..features.labels import load_labels
 
     folder = Path(atlas_dir)
-    return (load_atlas(folder) if atlas_mtime is not None else None,
-            load_labels(folder / "labels.json") if labels_mtime is not None else None)
+    return AtlasAndLabels(load_atlas(folder) if key.atlas is not None else None,
+                          load_labels(folder / "labels.json") if key.labels is not None else None)
 
 
-def neuronpedia_json(graph: FeatureGraph, model_name: str | None = None, slug: str = "saewb-graph") -> dict:
+def neuronpedia_json(graph: FeatureGraph, model_name: str | None = None, slug: str = "saewb-graph") -> dict[str, Any]:
     """The graph in the shape of Neuronpedia's attribution-graph JSON (metadata, nodes, links)."""
-    def layer_of(n) -> str:
+    def layer_of(n: Node) -> str:
         if n.kind == "token":
             return "E"
         if n.kind == "target":
-            return "logits" if graph.target.kind != "feature" else graph.target.text.split(".")[1]  # "blocks.L.hook... #id"
-        return graph.hooks[n.layer].split(".")[1]
+            return graph.target.neuronpedia_layer()
+        return str(hook_layer(graph.hooks[n.stack_index]))
 
     nodes = [{"node_id": n.id, "jsNodeId": n.id, "feature": n.feature, "layer": layer_of(n), "ctx_idx": n.position,
-              "feature_type": "feature target" if n.kind == "target" and graph.target.kind == "feature" else FEATURE_TYPES[n.kind],
+              "feature_type": graph.target.neuronpedia_type if n.kind == "target" else FEATURE_TYPES[n.kind],
               "clerp": n.label or (repr(n.token) if n.kind == "token" else ""), "influence": n.attribution, "activation": n.activation,
               "is_target_logit": n.kind == "target", "token": n.token} for n in graph.nodes]
     return _finite({
@@ -102,7 +133,8 @@ def neuronpedia_json(graph: FeatureGraph, model_name: str | None = None, slug: s
     })
 
 
-def write_graph(graph: FeatureGraph, out: str | Path, model_name: str | None = None, cards: dict | None = None) -> tuple[Path, Path, Path]:
+def write_graph(graph: FeatureGraph, out: str | Path, model_name: str | None = None,
+                cards: dict[str, dict[str, Any]] | None = None) -> tuple[Path, Path, Path]:
     """<out>.graph.json (the typed graph), <out>.neuronpedia.json and the standalone <out>.html."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +149,7 @@ def write_graph(graph: FeatureGraph, out: str | Path, model_name: str | None = N
     return graph_path, np_path, html_path
 
 
-def graph_html(graph: FeatureGraph, cards: dict | None = None) -> str:
+def graph_html(graph: FeatureGraph, cards: dict[str, dict[str, Any]] | None = None) -> str:
     """One offline page: the graph as SVG, a summary, the strongest chain, and node cards on click."""
     data = _finite({"graph": graph.to_dict(), "cards": cards or {}, "chain": [n.id for n in graph.chain()],
                     "summary": graph.summary()})

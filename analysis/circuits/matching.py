@@ -17,16 +17,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.corpus import heldout_corpus, load_contexts
+from activations.corpus import CorpusConfig, contexts_for_tokens, heldout_corpus, load_contexts
 from activations.model import HookedModel
 from sae import SAE
 
 from ..encoding import first_position
+from .config import MatchConfig
 from .runner import ResidualRunner
 from .stack import SAEStack, decoder_directions
 
@@ -71,7 +73,8 @@ class PairMatch:
                 f"median best cosine {self.median_cosine:.3f}")
 
 
-def match_saes(a: SAE, b: SAE, threshold: float = 0.7, live_a: Tensor | None = None, live_b: Tensor | None = None) -> PairMatch:
+def match_saes(a: SAE, b: SAE, threshold: float = MatchConfig.threshold, live_a: Tensor | None = None,
+               live_b: Tensor | None = None) -> PairMatch:
     """Match the live features of `a` to those of `b` by decoder cosine."""
     if a.cfg.d_in != b.cfg.d_in:
         raise ValueError(f"the SAEs read different widths (d_in {a.cfg.d_in} and {b.cfg.d_in}): nothing to match")
@@ -86,17 +89,39 @@ def match_saes(a: SAE, b: SAE, threshold: float = 0.7, live_a: Tensor | None = N
                      live_b.nonzero().squeeze(1)[index_ab])
 
 
+PairRow = TypedDict("PairRow", {
+    "from": str, "to": str, "live_from": int, "live_to": int, "persist": int, "split": int, "merge": int, "appear": int, "vanish": int,
+    "median_cosine": float, "median_coact": float, "persist_coactive": float})
+"""Features of one hook of a stack (from) against the next hook's (to): live counts; persist
+(mutual nearest neighbours at or above the threshold), split, merge, appear, vanish (see the
+module docstring); the median best decoder cosine, the median best co-activation, and the
+share of persisting pairs with co-activation >= 0.5. ("from" is a keyword: the functional form.)"""
+
+
+class FeatureRef(NamedTuple):
+    stack_index: int
+    feature: int
+
+
+class Coactivation(NamedTuple):
+    corr: list[Tensor]
+    """Pearson correlation [d_i d_{i+1}] of every feature pair of neighbouring hooks."""
+    fired: list[Tensor]
+    """Each hook's firing counts [d_sae]."""
+    n_tokens: int
+
+
 @dataclass
 class LayerMatches:
     hooks: list[str]
     threshold: float
-    rows: list[dict]
+    rows: list[PairRow]
     """Per neighbouring pair: live counts, persist / split / merge / appear / vanish, median cosines and co-activations."""
-    chains: list[list[tuple[int, int]]]
-    """Persisting chains, longest first: [(stack index, feature), ...]."""
+    chains: list[list[FeatureRef]]
+    """Persisting chains, longest first."""
     n_tokens: int
 
-    def table(self, labels: dict | None = None, n_chains: int = 8) -> str:
+    def table(self, labels: dict[tuple[int, int], str] | None = None, n_chains: int = 8) -> str:
         lines = [f"features across layers (decoder cosine >= {self.threshold}; co-activation on {self.n_tokens:,} held-out tokens)",
                  "| from -> to | live | persist | split | merge | appear | vanish | median cos | median coact | persisting with coact >= 0.5 |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
@@ -109,20 +134,21 @@ class LayerMatches:
                                                   for i, f in chain))
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"hooks": self.hooks, "threshold": self.threshold, "rows": self.rows, "chains": self.chains, "n_tokens": self.n_tokens}
 
 
 @torch.no_grad()
-def coactivation(model: HookedModel, stack: SAEStack, corpus=None, n_tokens: int = 16_384,
-                 batch_contexts: int = 8) -> tuple[list[Tensor], list[Tensor], int]:
+def coactivation(model: HookedModel, stack: SAEStack, corpus: CorpusConfig | None = None, n_tokens: int = MatchConfig.coact_tokens,
+                 batch_contexts: int = 8) -> Coactivation:
     """Pearson correlation [d_i d_{i+1}] of every feature pair of neighbouring hooks over the same
     held-out tokens (one pass), each hook's firing counts [d_sae], and the number of tokens."""
     runner = ResidualRunner(model)
     device = next(model.parameters()).device
     corpus = corpus or heldout_corpus(stack.saes[0].training_data, None, stack.saes[0].cfg.context_size)
     first = first_position(stack.saes[0])
-    tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=-(-n_tokens // (corpus.context_len - first)))).long()
+    n_contexts = contexts_for_tokens(n_tokens, corpus.context_len, first)
+    tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=n_contexts)).long()
     n_hooks = len(stack)
     s = [torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for sae in stack.saes]
     ss = [torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for sae in stack.saes]
@@ -130,7 +156,7 @@ def coactivation(model: HookedModel, stack: SAEStack, corpus=None, n_tokens: int
     cross = [torch.zeros(stack.saes[i].cfg.d_sae, stack.saes[i + 1].cfg.d_sae, dtype=torch.float64) for i in range(n_hooks - 1)]
     count = 0
     for b in tqdm(range(0, len(tokens), batch_contexts), desc="co-activation"):
-        walk = runner.walk(tokens[b:b + batch_contexts].to(device), stack.layers)
+        walk = runner.walk(tokens[b:b + batch_contexts].to(device), stack.depths)
         next(walk)  # the embedding
         acts = [sae.encode(resid[:, first:].float()).flatten(0, 1).double().cpu() for sae, resid in zip(stack.saes, walk)]
         for i, f in enumerate(acts):
@@ -146,50 +172,69 @@ def coactivation(model: HookedModel, stack: SAEStack, corpus=None, n_tokens: int
         std_a = (ss[i] / count - mean_a ** 2).clamp_min(1e-12).sqrt()
         std_b = (ss[i + 1] / count - mean_b ** 2).clamp_min(1e-12).sqrt()
         corr.append(((cross[i] / count - mean_a[:, None] * mean_b[None]) / (std_a[:, None] * std_b[None])).float())
-    return corr, fired, count
+    return Coactivation(corr, fired, count)
 
 
-def layer_matches(model: HookedModel, stack: SAEStack, threshold: float = 0.7, n_tokens: int = 16_384, corpus: str | None = None) -> LayerMatches:
+def layer_matches(model: HookedModel, stack: SAEStack, threshold: float = MatchConfig.threshold, n_tokens: int = MatchConfig.coact_tokens,
+                  corpus: str | None = None) -> LayerMatches:
     """Features of each hook of `stack` against the next hook's (see the module docstring)."""
     stack.check_model(model)
     if len(stack) < 2:
         raise ValueError("matching across layers needs a stack of at least two SAEs")
     stack.to(next(model.parameters()).device)
     corpus_cfg = heldout_corpus(stack.saes[0].training_data, corpus, stack.saes[0].cfg.context_size) if corpus else None
-    corr, fired, count = coactivation(model, stack, corpus_cfg, n_tokens)
+    coact = coactivation(model, stack, corpus_cfg, n_tokens)
     dirs = [decoder_directions(s).cpu() for s in stack.saes]
     rows, links = [], []
     for i in range(len(stack) - 1):
-        live_a, live_b = (fired[i] > 0).nonzero().squeeze(1), (fired[i + 1] > 0).nonzero().squeeze(1)
+        live_a, live_b = (coact.fired[i] > 0).nonzero().squeeze(1), (coact.fired[i + 1] > 0).nonzero().squeeze(1)
         if len(live_a) == 0 or len(live_b) == 0:
-            raise ValueError(f"no feature of {stack.hooks[i] if len(live_a) == 0 else stack.hooks[i + 1]} fired on {count:,} held-out "
-                             "tokens: nothing to match (a dead SAE, or too little text)")
+            raise ValueError(f"no feature of {stack.hooks[i] if len(live_a) == 0 else stack.hooks[i + 1]} fired on {coact.n_tokens:,} "
+                             "held-out tokens: nothing to match (a dead SAE, or too little text)")
         cos = dirs[i][live_a] @ dirs[i + 1][live_b].T  # [live_a live_b]
-        fwd_v, fwd_i = cos.max(1)
-        back_v, back_i = cos.max(0)
-        mutual = (back_i[fwd_i] == torch.arange(len(live_a))) & (fwd_v >= threshold)
-        close_back = back_v >= threshold  # next-layer features with a close feature before
-        takers = torch.bincount(back_i[close_back], minlength=len(live_a))  # next-layer features taking each a as nearest
-        givers = torch.bincount(fwd_i[fwd_v >= threshold], minlength=len(live_b))
-        pair_corr = corr[i][live_a[mutual.nonzero().squeeze(1)], live_b[fwd_i[mutual]]]
-        best_corr = corr[i][live_a][:, live_b].max(1).values
-        rows.append({"from": stack.hooks[i], "to": stack.hooks[i + 1], "live_from": len(live_a), "live_to": len(live_b),
-                     "persist": int(mutual.sum()), "split": int((takers >= 2).sum()), "merge": int((givers >= 2).sum()),
-                     "appear": int((~close_back).sum()), "vanish": int((fwd_v < threshold).sum()),
-                     "median_cosine": float(fwd_v.median()), "median_coact": float(best_corr.median()),
-                     "persist_coactive": float((pair_corr >= 0.5).float().mean()) if len(pair_corr) else 0.0})
-        links.append({int(live_a[k]): int(live_b[fwd_i[k]]) for k in mutual.nonzero().squeeze(1).tolist()})
+        pair = _pair(stack.hooks[i], stack.hooks[i + 1], cos, coact.corr[i][live_a][:, live_b], threshold)
+        rows.append(pair.row)
+        links.append({int(live_a[a]): int(live_b[b]) for a, b in pair.links.items()})
+    return LayerMatches(stack.hooks, threshold, rows, _chains(links), coact.n_tokens)
+
+
+class _Pair(NamedTuple):
+    row: PairRow
+    links: dict[int, int]
+    """Persisting links {index among a's live features: index among b's}."""
+
+
+def _pair(hook_a: str, hook_b: str, cos: Tensor, corr: Tensor, threshold: float) -> _Pair:
+    """The row and persisting links of one neighbouring pair, from the decoder cosines and
+    co-activations [live_a live_b] of its live features."""
+    fwd_v, fwd_i = cos.max(1)
+    back_v, back_i = cos.max(0)
+    mutual = (back_i[fwd_i] == torch.arange(len(cos))) & (fwd_v >= threshold)
+    close_back = back_v >= threshold  # next-layer features with a close feature before
+    takers = torch.bincount(back_i[close_back], minlength=cos.shape[0])  # next-layer features taking each a as nearest
+    givers = torch.bincount(fwd_i[fwd_v >= threshold], minlength=cos.shape[1])
+    pair_corr = corr[mutual.nonzero().squeeze(1), fwd_i[mutual]]
+    row = PairRow({"from": hook_a, "to": hook_b, "live_from": cos.shape[0], "live_to": cos.shape[1],
+                   "persist": int(mutual.sum()), "split": int((takers >= 2).sum()), "merge": int((givers >= 2).sum()),
+                   "appear": int((~close_back).sum()), "vanish": int((fwd_v < threshold).sum()),
+                   "median_cosine": float(fwd_v.median()), "median_coact": float(corr.max(1).values.median()),
+                   "persist_coactive": float((pair_corr >= 0.5).float().mean()) if len(pair_corr) else 0.0})
+    return _Pair(row, {k: int(fwd_i[k]) for k in mutual.nonzero().squeeze(1).tolist()})
+
+
+def _chains(links: list[dict[int, int]]) -> list[list[FeatureRef]]:
+    """Persisting links {feature: feature of the next hook} followed into chains across hooks, longest first."""
     chains, seen = [], set()
     for i in range(len(links)):
         for start in links[i]:
             if (i, start) in seen:
                 continue
-            chain, layer, feature = [(i, start)], i, start
-            while layer < len(links) and feature in links[layer]:
-                feature = links[layer][feature]
-                layer += 1
-                chain.append((layer, feature))
-                seen.add((layer, feature))
+            chain, index, feature = [FeatureRef(i, start)], i, start
+            while index < len(links) and feature in links[index]:
+                feature = links[index][feature]
+                index += 1
+                chain.append(FeatureRef(index, feature))
+                seen.add((index, feature))
             chains.append(chain)
     chains.sort(key=lambda c: -len(c))
-    return LayerMatches(stack.hooks, threshold, rows, chains, count)
+    return chains

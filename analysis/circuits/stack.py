@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,24 +20,13 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from activations.hooks import residual_depth
 from activations.io import atomic_write_bytes, atomic_write_json
 from activations.model import HookedModel, model_mismatch
 from sae import SAE, load_sae
+from sae.stack_manifest import STACK_FILE, write_stack_manifest  # noqa: F401  (re-exported: the stack API)
 
 from ..encoding import first_position
-
-RESIDUAL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-STACK_FILE = "stack.json"
-
-
-def hook_position(hook_name: str) -> float:
-    """Where a residual hook sits in the stream: resid_pre of layer L is L, resid_post is L + 1
-    (they are the same point as resid_pre of L + 1). Error for any other hook."""
-    match = RESIDUAL_HOOK.match(hook_name)
-    if match is None:
-        raise ValueError(f"{hook_name!r} is not a residual-stream hook (blocks.L.hook_resid_pre / hook_resid_post): "
-                         "a feature graph needs SAEs that read the whole residual stream")
-    return int(match.group(1)) + (1 if match.group(2) == "post" else 0)
 
 
 @dataclass
@@ -48,10 +36,10 @@ class SAEStack:
     saes: list[SAE]
     paths: list[Path | None]
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.saes:
             raise ValueError("an SAE stack needs at least one SAE")
-        positions = [hook_position(s.cfg.hook_name) for s in self.saes]
+        positions = [residual_depth(s.cfg.hook_name) for s in self.saes]
         if any(b <= a for a, b in zip(positions, positions[1:])):
             raise ValueError(f"hooks out of order: {self.hooks}; a stack lists its SAEs from the first layer to the last, "
                              "one per residual-stream point")
@@ -73,14 +61,14 @@ class SAEStack:
         return self.saes[0].cfg.model_name
 
     @property
-    def layers(self) -> list[int]:
-        """The number of blocks before each hook (resid_post of block L: L + 1)."""
-        return [int(hook_position(h)) for h in self.hooks]
+    def depths(self) -> list[int]:
+        """The number of blocks before each hook (`residual_depth`: resid_post of block L is L + 1)."""
+        return [int(residual_depth(h)) for h in self.hooks]
 
     def __len__(self) -> int:
         return len(self.saes)
 
-    def to(self, device) -> "SAEStack":
+    def to(self, device: str | torch.device) -> SAEStack:
         self.saes = [s.to(device).eval() for s in self.saes]
         return self
 
@@ -88,23 +76,15 @@ class SAEStack:
         """A clear error when the stack was trained on another model, or reads past its depth."""
         if (mismatch := model_mismatch(self.model_name, model)) is not None:
             raise ValueError(f"this SAE stack was trained on another model: {mismatch}")
-        d_model, depth = int(model.cfg.d_model), int(model.cfg.n_layers)
+        d_model, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
         if self.saes[0].cfg.d_in != d_model:
             raise ValueError(f"the stack's SAEs read d_in {self.saes[0].cfg.d_in}, the model's residual stream is {d_model} wide: "
                              "an SAE stack of another model")
-        if self.layers[-1] > depth:
-            raise ValueError(f"hook {self.hooks[-1]!r} is past the model's {depth} layers: an SAE stack of another model")
+        if self.depths[-1] > n_layers:
+            raise ValueError(f"hook {self.hooks[-1]!r} is past the model's {n_layers} layers: an SAE stack of another model")
 
 
-def write_stack_manifest(folder: Path, sae_paths: list[Path]) -> Path:
-    """<folder>/stack.json: {"saes": {hook: path}} in layer order (the shape of train_summary.json)."""
-    saes = sorted(((load_sae(p).cfg.hook_name, Path(p)) for p in sae_paths), key=lambda hp: hook_position(hp[0]))
-    path = Path(folder) / STACK_FILE
-    atomic_write_json(path, {"saes": {hook: str(p) for hook, p in saes}})
-    return path
-
-
-def stack_paths(source: str | Path | list) -> list[Path]:
+def stack_paths(source: str | Path | list[str | Path]) -> list[Path]:
     """SAE folders of a stack: a folder holding stack.json, the stack.json itself, or a list of SAE folders."""
     if isinstance(source, (list, tuple)):
         if len(source) == 1:
@@ -121,7 +101,7 @@ def stack_paths(source: str | Path | list) -> list[Path]:
     raise FileNotFoundError(f"{path} is neither an SAE folder nor a folder with {STACK_FILE} (written by `saewb run --preset chain`)")
 
 
-def load_stack(source: str | Path | list, device: str | torch.device = "cpu") -> SAEStack:
+def load_stack(source: str | Path | list[str | Path], device: str | torch.device = "cpu") -> SAEStack:
     paths = stack_paths(source)
     return SAEStack([load_sae(p, device=device).eval() for p in paths], paths)
 
@@ -131,12 +111,12 @@ def load_stack(source: str | Path | list, device: str | torch.device = "cpu") ->
 
 
 def stack_rows(stack_dir: str | Path) -> list[dict]:
-    """One row per SAE of the stack: hook, FVU, CE recovered, delta CE, dead fraction, L0 (from eval.json)."""
+    """One row per SAE of the stack: hook, depth (blocks before it), FVU, CE recovered, delta CE, dead fraction, L0 (from eval.json)."""
     rows = []
     for path in stack_paths(stack_dir):
         hook = load_sae(path).cfg.hook_name
         ev = json.loads((path / "eval.json").read_text()) if (path / "eval.json").exists() else {}
-        rows.append({"hook": hook, "layer": int(hook_position(hook)), "sae": path.name,
+        rows.append({"hook": hook, "depth": int(residual_depth(hook)), "sae": path.name,
                      "fvu": ev.get("fvu"), "ce_loss_recovered": ev.get("ce_loss_recovered"), "delta_ce": ev.get("delta_ce"),
                      "dead_fraction": ev.get("dead_fraction"), "l0": ev.get("l0"), "n_tokens": ev.get("n_tokens")})
     return rows
@@ -144,9 +124,9 @@ def stack_rows(stack_dir: str | Path) -> list[dict]:
 
 def stack_figure(rows: list[dict]) -> go.Figure:
     fig = make_subplots(rows=1, cols=3, subplot_titles=("held-out FVU", "CE loss recovered", "dead fraction"))
-    layers = [r["layer"] for r in rows]
+    depths = [r["depth"] for r in rows]
     for col, key in enumerate(("fvu", "ce_loss_recovered", "dead_fraction"), start=1):
-        fig.add_trace(go.Scatter(x=layers, y=[r[key] for r in rows], mode="lines+markers", name=key, showlegend=False), row=1, col=col)
+        fig.add_trace(go.Scatter(x=depths, y=[r[key] for r in rows], mode="lines+markers", name=key, showlegend=False), row=1, col=col)
     fig.update_xaxes(title_text="blocks before the hook")
     fig.update_layout(height=360, title="SAE stack, per layer")
     return fig

@@ -6,7 +6,7 @@
 The bundle:
 
     index.html              searchable (also `index.html?q=...`), sortable table of features +
-                            the log-density histogram and the atlas summary
+                            the log-density histogram, the atlas summary and the labels' card
     features/<id>.html      one small stub page per feature: its data as JSON + the shared renderer
     assets/plotly.min.js    plotly, written once for the whole bundle (no CDN)
     assets/vocab.js         display strings of the token ids the pages refer to
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from activations.io import atomic_write_bytes
 
 from ..features.atlas import Atlas
-from ..features.labels import Labels, check_labels
+from ..features.labels import FeatureLabels, Label, Labels, LabelSummary, check_labels
 
 ASSETS = Path(__file__).with_name("assets")
 ASSET_FILES = ("style.css", "common.js", "index.js", "feature.js")
@@ -108,11 +108,11 @@ def feature_data(atlas: Atlas, i: int, labels: Labels | None, in_bundle: set[int
         "density": fire_count / atlas.n_tokens, "max": float(atlas.max_activation[i]), "mean": float(atlas.mean_activation[i]),
         "label": _label_entry(entry), "meta": _meta(atlas),
         "logits": {
-            side: [[int(t), round(float(v), 4)] for t, v in zip(ids[i], values[i])]
+            side: [[int(t), round(float(v), 4)] for t, v in zip(ids[i], values[i], strict=True)]
             for side, (ids, values) in (("top", atlas.logit_tokens("top")), ("bottom", atlas.logit_tokens("bottom")))
         },
         "neighbours": {
-            kind: [_neighbour(int(j), float(s), labels, in_bundle) for j, s in zip(ids[i], scores[i]) if j >= 0]
+            kind: [_neighbour(int(j), float(s), labels, in_bundle) for j, s in zip(ids[i], scores[i], strict=True) if j >= 0]
             for kind, (ids, scores) in (("decoder", atlas.neighbours("decoder")), ("coact", atlas.neighbours("coact")))
         },
     }
@@ -134,13 +134,13 @@ def feature_data(atlas: Atlas, i: int, labels: Labels | None, in_bundle: set[int
         "top": [_example(e) for e in atlas.examples(i, "top")],
         "quantiles": [
             {"rank_from": int(g[0]), "rank_to": int(g[-1]), "n_sample": len(samples), "examples": [_example(samples[k]) for k in sel]}
-            for g, sel in zip(groups, shown)
+            for g, sel in zip(groups, shown, strict=True)
         ],
         "random": [_example(samples[k]) for k in sorted(int(k) for k in random)],
         "hist": {"edges": [round(e, 6) for e in edges[lo:hi + 1]], "counts": hist[lo:hi]},
         "tokens": [
             [int(t), int(c), round(float(s) / int(c), 4), int(frequency[t])]
-            for t, c, s in zip(ids[:N_FEATURE_TOKENS], counts[:N_FEATURE_TOKENS], act_sums[:N_FEATURE_TOKENS])
+            for t, c, s in zip(ids[:N_FEATURE_TOKENS], counts[:N_FEATURE_TOKENS], act_sums[:N_FEATURE_TOKENS], strict=True)
         ],
     }
 
@@ -161,19 +161,33 @@ def index_data(atlas: Atlas, features: list[int], labels: Labels | dict | None =
         ])
     return {
         "meta": _meta(atlas), "summary": atlas.summary(), "labelled": labels is not None,
-        "label_summary": labels.summary.to_json() if labels is not None and labels.summary is not None else None,
+        "label_card": label_card(labels.summary) if labels is not None and labels.summary is not None else None,
         "columns": ["id", "log10_density", "max", "mean", "label", "name", "kind", "f1", "strong_f1", "top_tokens"], "rows": rows,
         "log10_density": [round(math.log10(d), 4) for d in density if d > 0],
     }
 
 
-def _label_entry(entry) -> dict | None:
+def label_card(summary: LabelSummary) -> dict:
+    """What the index's label card shows of the labels' summary (report part): the headline
+    shares, the features with a label of F1 >= 0.5 by label kind (rows [kind, strong-firing,
+    all-firing], most first), and some unexplained features (ids, linked to their pages)."""
+    strong, every = summary.strong_kind_counts or {}, summary.best_kind_counts or {}
+    kinds = sorted(set(strong) | set(every), key=lambda kind: (-strong.get(kind, 0), -every.get(kind, 0), kind))
+    return {
+        "live_features": summary.live_features, "strong_share": summary.share_strong_f1_at_least_half,
+        "all_share": summary.share_of_live_with_f1_at_least_half,
+        "kinds": [[kind, strong.get(kind, 0), every.get(kind, 0)] for kind in kinds],
+        "unexplained": summary.unexplained, "unexplained_examples": list(summary.unexplained_examples or []),
+    }
+
+
+def _label_entry(entry: FeatureLabels | None) -> dict | None:
     """The feature's labels.json entry, each label marked compact or not (lookup tables are shown apart)."""
     if entry is None:
         return None
     out = entry.to_json()
     out["compact"] = entry.best.compact
-    for record, label in zip(out.get("candidates", []), entry.candidates):
+    for record, label in zip(out.get("candidates", []), entry.candidates, strict=False):
         record["compact"] = label.compact
     return out
 
@@ -197,7 +211,7 @@ def _meta(atlas: Atlas) -> dict:
             "n_tokens": atlas.n_tokens, "n_contexts": atlas.n_contexts}
 
 
-def _f1(label, metric: str = "f1") -> float | None:
+def _f1(label: Label, metric: str = "f1") -> float | None:
     """The label's report-part score (`metric`: "f1" on all firings, "strong_f1")."""
     return getattr(label.scores, metric) if label.scores is not None else None
 
@@ -212,7 +226,7 @@ def _token_ids(data: dict) -> set[int]:
 
 
 # ---------------------------------------------------------------------------- writing
-def safe_json(obj) -> str:
+def safe_json(obj: object) -> str:
     """JSON that can sit inside <script> (and a .js file): no `<`, `>`, `&` or JS line separators."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
@@ -253,4 +267,4 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["build_dashboard", "feature_data", "index_data"]
+__all__ = ["build_dashboard", "feature_data", "index_data", "label_card"]

@@ -212,5 +212,5 @@ def score_absorption(x: Tensor, f: Tensor, y: Tensor, test: Tensor, w_dec: Tenso
     return AbsorptionResult(probe_accuracy, len(y), mean_of("absorption_rate"), mean_of("miss_rate"), mean_of("main_f1"), results)
 
 
-__all__ = ["AbsorptionConfig", "AbsorptionResult", "LetterAbsorption", "first_letter_absorption", "main_latents", "score_absorption", "train_probe",
-           "word_letters"]
+__all__ = ["AbsorptionConfig", "AbsorptionResult", "LetterAbsorption", "first_letter_absorption", "main_latents", "score_absorption",
+           "train_probe", "word_letters"]

@@ -5,19 +5,23 @@ excluded from every metric and left untouched when splicing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.corpus import CorpusConfig, describe, load_contexts
-from activations.model import HookedModel, logits_with_edit, model_mismatch, run_to_hooks, validate_hook
+from activations.corpus import CorpusConfig, contexts_for_tokens, describe, load_contexts
 from activations.io import atomic_write_bytes, atomic_write_json
+from activations.model import HookedModel, logits_with_edit, model_mismatch, run_to_hooks, validate_hook
 from sae.base import SAE
 
 from ..encoding import first_position
-from .metrics import HELD_OUT_METRICS, ReconstructionStats, ce_loss_recovered, cross_entropy, dense_fraction, dead_fraction, kl_per_token
+from .metrics import HELD_OUT_METRICS, ReconstructionStats, ce_loss_recovered, cross_entropy, dead_fraction, dense_fraction, kl_per_token
 
 
 @dataclass
@@ -29,7 +33,7 @@ class EvalConfig:
     """Contexts for the CE metrics (three full forward passes each)."""
     batch_contexts: int = 8
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.corpus, dict):
             self.corpus = CorpusConfig(**self.corpus)
 
@@ -62,41 +66,72 @@ class EvalResult:
     """Every registered `metrics.HELD_OUT_METRICS` of the held-out statistics, by name."""
 
 
-def evaluate(sae: SAE, model: HookedModel, cfg: EvalConfig | None = None) -> EvalResult:
-    """Metrics of `sae` spliced into `model` at `sae.cfg.hook_name`, on held-out text."""
-    return evaluate_many([sae], model, cfg)[0]
+def evaluate(sae: SAE, model: HookedModel, cfg: EvalConfig | None = None, tokens: np.ndarray | Tensor | None = None) -> EvalResult:
+    """Metrics of `sae` spliced into `model` at `sae.cfg.hook_name`, on held-out text
+    (`tokens`: as in `evaluate_many`)."""
+    return evaluate_many([sae], model, cfg, tokens)[0]
 
 
 @torch.no_grad()
-def evaluate_many(saes: list[SAE], model: HookedModel, cfg: EvalConfig | None = None) -> list[EvalResult]:
+def evaluate_many(saes: list[SAE], model: HookedModel, cfg: EvalConfig | None = None,
+                  tokens: np.ndarray | Tensor | None = None) -> list[EvalResult]:
     """`evaluate` for several SAEs of one model on the same held-out text, sharing the work:
     one forward pass to the deepest hook gives every SAE its reconstruction inputs, and the
-    clean CE is computed once. Only the spliced and zero-ablated passes are per SAE."""
+    clean CE is computed once. Only the spliced and zero-ablated passes are per SAE.
+
+    `tokens`: the held-out rows, int [n_contexts context_len], for a caller that tokenised the
+    text already (at least `eval_contexts(cfg)`; the first ones are read); default: those rows
+    of `cfg.corpus`."""
     cfg = cfg or EvalConfig()
     if not saes:
         return []
+    _check_saes(saes, model)
+    device = next(model.parameters()).device
+    saes = [sae.to(device).eval() for sae in saes]
+    tokens = _eval_rows(cfg, model, tokens)
+    firsts = [first_position(sae) for sae in saes]  # the sink position is never spliced nor measured
+    stats = _reconstruction(saes, firsts, model, tokens[:contexts_for_tokens(cfg.n_tokens, cfg.corpus.context_len)], cfg.batch_contexts)
+    ce = _ce_losses(saes, firsts, model, tokens[:cfg.n_ce_contexts], cfg.batch_contexts)
+    return [_result(st, losses, cfg) for st, losses in zip(stats, ce, strict=True)]
+
+
+def eval_contexts(cfg: EvalConfig) -> int:
+    """Held-out contexts an evaluation reads: enough for `cfg.n_tokens` and for `cfg.n_ce_contexts`."""
+    return max(cfg.n_ce_contexts, contexts_for_tokens(cfg.n_tokens, cfg.corpus.context_len))
+
+
+def _check_saes(saes: list[SAE], model: HookedModel) -> None:
+    """Every SAE reads a hook of `model` and was trained on this model's activations."""
     for sae in saes:
         validate_hook(model, sae.cfg.hook_name)
         if (mismatch := model_mismatch(sae.cfg.model_name, model)) is not None:
             raise ValueError(f"this SAE was trained on activations of another model: {mismatch}; "
                              f"evaluate it with --model {sae.cfg.model_name}")
-    device = next(model.parameters()).device
-    saes = [sae.to(device).eval() for sae in saes]
-    hooks = sorted({sae.cfg.hook_name for sae in saes})
-    ctx_len = cfg.corpus.context_len
-    n_contexts = max(cfg.n_ce_contexts, -(-cfg.n_tokens // (ctx_len - 1)))
-    tokens = torch.from_numpy(load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts)).long()
+
+
+def _eval_rows(cfg: EvalConfig, model: HookedModel, tokens: np.ndarray | Tensor | None) -> Tensor:
+    """The held-out rows of the evaluation, long [eval_contexts(cfg) context_len]: `tokens`
+    when given, else loaded from `cfg.corpus`; an error when there are fewer."""
+    n_contexts, ctx_len = eval_contexts(cfg), cfg.corpus.context_len
+    if tokens is None:
+        tokens = load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts)
+    if tokens.ndim != 2 or tokens.shape[1] != ctx_len:
+        raise ValueError(f"evaluation reads token rows [n_contexts {ctx_len}] (cfg.corpus.context_len), not {tuple(tokens.shape)}")
     if len(tokens) < n_contexts:
         raise ValueError(f"{describe(cfg.corpus)} has {len(tokens)} contexts of {ctx_len} tokens, {n_contexts} needed "
                          f"(n_tokens={cfg.n_tokens:,}, n_ce_contexts={cfg.n_ce_contexts}); lower them or use a larger corpus")
+    return torch.as_tensor(tokens[:n_contexts]).long()
 
+
+def _reconstruction(saes: list[SAE], firsts: list[int], model: HookedModel, tokens: Tensor,
+                    batch_contexts: int) -> list[ReconstructionStats]:
+    """Reconstruction statistics of each SAE on tokens [n_contexts pos], positions from its first on."""
+    device = next(model.parameters()).device
+    hooks = sorted({sae.cfg.hook_name for sae in saes})
     stats = [ReconstructionStats(sae.cfg.d_sae) for sae in saes]
-    firsts = [first_position(sae) for sae in saes]  # the sink position is never spliced nor measured
-    recon_contexts = -(-cfg.n_tokens // (ctx_len - 1))
-    for b in tqdm(range(0, recon_contexts, cfg.batch_contexts), desc="evaluate: reconstruction"):
-        batch = tokens[b:min(b + cfg.batch_contexts, recon_contexts)].to(device)
-        acts = run_to_hooks(model, batch, hooks)
-        for sae, first, st in zip(saes, firsts, stats):
+    for b in tqdm(range(0, len(tokens), batch_contexts), desc="evaluate: reconstruction"):
+        acts = run_to_hooks(model, tokens[b:b + batch_contexts].to(device), hooks)
+        for sae, first, st in zip(saes, firsts, stats, strict=True):
             x = acts[sae.cfg.hook_name]
             x = x.reshape(*x.shape[:2], -1)
             if x.shape[-1] != sae.cfg.d_in:
@@ -104,55 +139,77 @@ def evaluate_many(saes: list[SAE], model: HookedModel, cfg: EvalConfig | None = 
             x = x[:, first:].flatten(0, 1)
             f = sae.encode(x)
             st.update(x, sae.decode(f), f)
+    return stats
 
-    def splice(sae: SAE, first: int):
-        def edit(act: torch.Tensor) -> torch.Tensor:
-            """act [batch, pos, d_in] reconstructed by the SAE from position `first` on."""
-            out = act.clone()
-            out[:, first:] = sae(act[:, first:].float()).to(act.dtype)
-            return out
-        return edit
 
-    def zero(first: int):
-        def edit(act: torch.Tensor) -> torch.Tensor:
-            """act [batch, pos, d_in] zeroed from position `first` on (the CE baseline)."""
-            out = act.clone()
-            out[:, first:] = 0
-            return out
-        return edit
+def _splice(sae: SAE, first: int) -> Callable[[Tensor], Tensor]:
+    def edit(act: Tensor) -> Tensor:
+        """act [batch, pos, d_in] reconstructed by the SAE from position `first` on."""
+        out = act.clone()
+        out[:, first:] = sae(act[:, first:].float()).to(act.dtype)
+        return out
+    return edit
 
-    clean_ce: list[torch.Tensor] = []  # [batch pos] per batch, every position
-    ce = [{"spliced": [], "zero": []} for _ in saes]
-    kl: list[list[torch.Tensor]] = [[] for _ in saes]
-    for b in tqdm(range(0, cfg.n_ce_contexts, cfg.batch_contexts), desc="evaluate: CE loss"):
-        batch = tokens[b:min(b + cfg.batch_contexts, cfg.n_ce_contexts)].to(device)
+
+def _zero(first: int) -> Callable[[Tensor], Tensor]:
+    def edit(act: Tensor) -> Tensor:
+        """act [batch, pos, d_in] zeroed from position `first` on (the CE baseline)."""
+        out = act.clone()
+        out[:, first:] = 0
+        return out
+    return edit
+
+
+class CrossEntropies(NamedTuple):
+    """One SAE's per-position losses over the CE contexts, from its first position on."""
+
+    clean: Tensor
+    """[n] CE of the clean model."""
+    spliced: Tensor
+    """[n] CE with the SAE's reconstruction spliced in."""
+    zero: Tensor
+    """[n] CE with the hook's activations zeroed."""
+    kl: Tensor
+    """[n'] KL(clean || spliced) per position (the last position has no next token to predict and is left out)."""
+
+
+def _ce_losses(saes: list[SAE], firsts: list[int], model: HookedModel, tokens: Tensor, batch_contexts: int) -> list[CrossEntropies]:
+    """The clean, spliced and zero-ablated losses of each SAE on tokens [n_contexts pos]; the clean pass is shared."""
+    device = next(model.parameters()).device
+    clean_ce: list[Tensor] = []  # [batch pos] per batch, every position
+    spliced: list[list[Tensor]] = [[] for _ in saes]
+    zero: list[list[Tensor]] = [[] for _ in saes]
+    kl: list[list[Tensor]] = [[] for _ in saes]
+    for b in tqdm(range(0, len(tokens), batch_contexts), desc="evaluate: CE loss"):
+        batch = tokens[b:b + batch_contexts].to(device)
         clean = logits_with_edit(model, batch)
         clean_ce.append(cross_entropy(clean, batch).cpu())
-        for n, (sae, first) in enumerate(zip(saes, firsts)):
-            spliced = logits_with_edit(model, batch, sae.cfg.hook_name, splice(sae, first))
-            ce[n]["spliced"].append(cross_entropy(spliced, batch)[:, first:].flatten().cpu())  # predictions from spliced positions
-            ce[n]["zero"].append(cross_entropy(logits_with_edit(model, batch, sae.cfg.hook_name, zero(first)), batch)[:, first:].flatten().cpu())
-            kl[n].append(kl_per_token(clean, spliced)[:, first:-1].flatten().cpu())
-
-    results = []
-    for n, (sae, first, st) in enumerate(zip(saes, firsts, stats)):
-        clean_tokens = torch.cat([c[:, first:].flatten() for c in clean_ce])
-        means = {"clean": float(clean_tokens.mean())} | {k: float(torch.cat(v).mean()) for k, v in ce[n].items()}
-        density = (st.fire_counts.double() / st.n).clamp_min(1e-10).log10()
-        results.append(EvalResult(
-            n_tokens=st.n, n_ce_tokens=int(clean_tokens.numel()), mse=st.mse, fvu=st.fvu,
-            explained_variance=1 - st.fvu, l0=st.l0,
-            dead_fraction=dead_fraction(st.fire_counts), dense_fraction=dense_fraction(st.fire_counts, st.n),
-            ce_clean=means["clean"], ce_spliced=means["spliced"], ce_zero_ablated=means["zero"],
-            ce_loss_recovered=ce_loss_recovered(means["clean"], means["spliced"], means["zero"]),
-            delta_ce=means["spliced"] - means["clean"], kl_per_token=float(torch.cat(kl[n]).mean()),
-            log10_feature_density=[round(float(v), 4) for v in density], corpus=asdict(cfg.corpus),
-            metrics={name: fn(st) for name, fn in HELD_OUT_METRICS.items()},
-        ))
-    return results
+        for n, (sae, first) in enumerate(zip(saes, firsts, strict=True)):
+            edited = logits_with_edit(model, batch, sae.cfg.hook_name, _splice(sae, first))
+            spliced[n].append(cross_entropy(edited, batch)[:, first:].flatten().cpu())  # predictions from spliced positions
+            zeroed = logits_with_edit(model, batch, sae.cfg.hook_name, _zero(first))
+            zero[n].append(cross_entropy(zeroed, batch)[:, first:].flatten().cpu())
+            kl[n].append(kl_per_token(clean, edited)[:, first:-1].flatten().cpu())
+    return [CrossEntropies(torch.cat([c[:, first:].flatten() for c in clean_ce]), torch.cat(spliced[n]), torch.cat(zero[n]),
+                           torch.cat(kl[n])) for n, first in enumerate(firsts)]
 
 
-def write_results(result: EvalResult, out_dir: str | Path, metrics_jsonl: str | Path | None = None, title: str = "SAE evaluation") -> tuple[Path, Path]:
+def _result(st: ReconstructionStats, losses: CrossEntropies, cfg: EvalConfig) -> EvalResult:
+    """One SAE's `EvalResult` from its reconstruction statistics and losses."""
+    clean, spliced, zero = float(losses.clean.mean()), float(losses.spliced.mean()), float(losses.zero.mean())
+    density = (st.fire_counts.double() / st.n).clamp_min(1e-10).log10()
+    return EvalResult(
+        n_tokens=st.n, n_ce_tokens=int(losses.clean.numel()), mse=st.mse, fvu=st.fvu, explained_variance=1 - st.fvu, l0=st.l0,
+        dead_fraction=dead_fraction(st.fire_counts), dense_fraction=dense_fraction(st.fire_counts, st.n),
+        ce_clean=clean, ce_spliced=spliced, ce_zero_ablated=zero, ce_loss_recovered=ce_loss_recovered(clean, spliced, zero),
+        delta_ce=spliced - clean, kl_per_token=float(losses.kl.mean()),
+        log10_feature_density=[round(float(v), 4) for v in density], corpus=asdict(cfg.corpus),
+        metrics={name: fn(st) for name, fn in HELD_OUT_METRICS.items()},
+    )
+
+
+def write_results(result: EvalResult, out_dir: str | Path, metrics_jsonl: str | Path | None = None,
+                  title: str = "SAE evaluation") -> tuple[Path, Path]:
     """Write `eval.json` and the standalone `report.html` (training curves + density histogram)."""
     from .report import evaluation_report
 
@@ -176,4 +233,4 @@ def summary_line(result: EvalResult) -> str:
     )
 
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "evaluate_many", "summary_line", "write_results"]
+__all__ = ["CrossEntropies", "EvalConfig", "EvalResult", "eval_contexts", "evaluate", "evaluate_many", "summary_line", "write_results"]

@@ -1,12 +1,15 @@
 """Pure metric functions (tested against hand-computed values) and a streaming accumulator.
 
-Definitions (REFERENCE.md):
-  FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2   (variance about the mean, not about 0)
+Definitions, as in the papers that use them:
+  FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2   (variance about the mean, not about 0: the
+        normalised MSE of Gao et al. 2024, "Scaling and evaluating sparse autoencoders")
   L0  = mean number of non-zero features per token
   dead fraction  = share of features that never fire on the evaluated tokens
-  dense fraction = share of features firing on more than 10% of them
-  CE loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)
-  repetition rate = 1 - unique n-grams / n-grams of one generated text
+  dense fraction = share of features firing on more than `DENSE_THRESHOLD` (10%) of them
+  CE loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean), the zero-ablation baseline
+        (Bricken et al. 2023, "Towards Monosemanticity"; SAELens' `ce_loss_score`)
+  repetition rate = 1 - unique n-grams / n-grams of one generated text (one minus the
+        distinct-n of Li et al. 2016, "A Diversity-Promoting Objective for Neural Conversation Models")
 """
 from __future__ import annotations
 
@@ -37,14 +40,19 @@ def dead_fraction(fire_counts: Tensor) -> float:
     return float((fire_counts == 0).double().mean())
 
 
-def dense_fraction(fire_counts: Tensor, n_tokens: int, threshold: float = 0.1) -> float:
+DENSE_THRESHOLD = 0.1
+"""A feature is dense when it fires on more than this share of the tokens (evaluation and the atlas)."""
+
+
+def dense_fraction(fire_counts: Tensor, n_tokens: int, threshold: float = DENSE_THRESHOLD) -> float:
     """Share of features whose fire_counts [d_sae] exceed `threshold` of `n_tokens`."""
     return float((fire_counts > threshold * n_tokens).double().mean())
 
 
 def cross_entropy(logits: Tensor, tokens: Tensor) -> Tensor:
     """Next-token CE per predicted position: logits [batch, pos, d_vocab], tokens [batch, pos] -> [batch, pos-1]."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(tokens.shape[0], -1)
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+    return losses.view(tokens.shape[0], -1)
 
 
 def kl_per_token(logits_p: Tensor, logits_q: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ def evaluation_report(result: EvalResult, records: list[dict], title: str) -> st
     """One standalone HTML page: metrics table, training curves and density histogram."""
     shown = {k: v for k, v in vars(result).items() if k not in ("log10_feature_density", "metrics")} | result.metrics
     rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float) else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+        f"<tr><td>{html.escape(k)}</td><td>{f'{v:.4f}' if isinstance(v, float) else html.escape(str(v))}</td></tr>"
         for k, v in shown.items()
     )
     figures = [density_histogram(result.log10_feature_density)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,6 +21,9 @@ from sae.base import SAE
 from ..encoding import encode_contexts
 from .atlas import Atlas
 from .labels import Labels, check_labels
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 
 @dataclass
@@ -73,8 +76,8 @@ def monitor(text: str, model: HookedModel, sae: SAE, labels: Labels | dict | Non
     values, ids = f[0, 1:].topk(min(top_k, f.shape[-1]), dim=-1)
     strings = token_strings(model.tokenizer, tokens[0, 1:].tolist())
     out = []
-    for token, vals, feats in zip(strings, values.tolist(), ids.tolist()):
-        live = [(v, i) for v, i in zip(vals, feats) if v > 0]
+    for token, vals, feats in zip(strings, values.tolist(), ids.tolist(), strict=True):
+        live = [(v, i) for v, i in zip(vals, feats, strict=True) if v > 0]
         out.append(TokenFeatures(token, [i for _, i in live], [round(v, 3) for v, _ in live], [label_text(labels, i) for _, i in live]))
     return out
 
@@ -84,9 +87,10 @@ def monitor_table(rows: list[TokenFeatures], max_activation: Tensor | None = Non
     lines = []
     for row in rows:
         shown = ", ".join(
-            f"#{i} {v:.2f}" + (f" ({v / float(max_activation[i]):.0%} of max)" if max_activation is not None and max_activation[i] > 0 else "")
+            f"#{i} {v:.2f}"
+            + (f" ({v / float(max_activation[i]):.0%} of max)" if max_activation is not None and max_activation[i] > 0 else "")
             + (f" [{label[:40]}]" if label else "")
-            for i, v, label in zip(row.features, row.values, row.labels)
+            for i, v, label in zip(row.features, row.values, row.labels, strict=True)
         )
         lines.append(f"{row.token!r:>16}  {shown}")
     return "\n".join(lines)
@@ -102,10 +106,12 @@ def monitor_html(rows: list[TokenFeatures], title: str = "Feature monitor", max_
             top = row.features[0]
             scale = float(max_activation[top]) if max_activation is not None and max_activation[top] > 0 else max(row.values[0], 1e-6)
             strength = min(1.0, row.values[0] / scale)
-        tip = "\n".join(f"#{i}: {v:.2f} {label}" for i, v, label in zip(row.features, row.values, row.labels)) or "no feature"
+        tip = "\n".join(f"#{i}: {v:.2f} {label}" for i, v, label in zip(row.features, row.values, row.labels, strict=True)) or "no feature"
         shown = row.token.replace("\n", "↵\n")
-        spans.append(f'<span class="tok" style="background: rgba(255,120,0,{strength:.2f})" title="{html.escape(tip)}">{html.escape(shown)}</span>')
-        cells = "".join(f"<td>#{i} {v:.2f} <small>{html.escape(label)}</small></td>" for i, v, label in zip(row.features, row.values, row.labels))
+        spans.append(f'<span class="tok" style="background: rgba(255,120,0,{strength:.2f})" title="{html.escape(tip)}">'
+                     f'{html.escape(shown)}</span>')
+        cells = "".join(f"<td>#{i} {v:.2f} <small>{html.escape(label)}</small></td>"
+                        for i, v, label in zip(row.features, row.values, row.labels, strict=True))
         table.append(f"<tr><td>{n + 1}</td><td><code>{html.escape(repr(row.token))}</code></td>{cells}</tr>")
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
@@ -145,7 +151,8 @@ def input_selectivity(query: str, model: HookedModel, sae: SAE, atlas: Atlas, ma
     if not query.strip():
         raise ValueError("empty concept query")
     if atlas.d_sae != sae.cfg.d_sae:
-        raise ValueError(f"the atlas is of a {atlas.d_sae}-feature SAE, not this one ({sae.cfg.d_sae} features); rebuild it with `saewb analyze`")
+        raise ValueError(f"the atlas is of a {atlas.d_sae}-feature SAE, not this one ({sae.cfg.d_sae} features); "
+                         "rebuild it with `saewb analyze`")
     windows = []
     for variant in dict.fromkeys((" " + query.strip(), query.strip())):
         ids = torch.tensor(model.tokenizer(variant, add_special_tokens=False)["input_ids"])
@@ -159,13 +166,14 @@ def input_selectivity(query: str, model: HookedModel, sae: SAE, atlas: Atlas, ma
     occurrences = []
     if windows:
         _, f = activations_of_ids([w for w, _, _ in windows], model, sae)
-        occurrences = [acts[start:stop].amax(0) for acts, (_, start, stop) in zip(f, windows)]
+        occurrences = [acts[start:stop].amax(0) for acts, (_, start, stop) in zip(f, windows, strict=True)]
     n_corpus = len(occurrences)
     texts = [t.format(q=query.strip()) for t in TEMPLATES]
     tokens, f = feature_activations(texts, model, sae)
     sink = boundary_token_id(model.tokenizer)
-    query_ids = set(model.tokenizer(" " + query.strip(), add_special_tokens=False)["input_ids"]) | set(model.tokenizer(query.strip(), add_special_tokens=False)["input_ids"])
-    for row, acts in zip(tokens, f):
+    variants = (" " + query.strip(), query.strip())
+    query_ids = {t for variant in variants for t in model.tokenizer(variant, add_special_tokens=False)["input_ids"]}
+    for row, acts in zip(tokens, f, strict=True):
         on_query = torch.tensor([int(t) in query_ids and int(t) != sink for t in row])
         on_query[0] = False
         if on_query.any():
@@ -181,7 +189,8 @@ def input_selectivity(query: str, model: HookedModel, sae: SAE, atlas: Atlas, ma
 
 
 @torch.no_grad()
-def find_features(query: str, model: HookedModel, sae: SAE, atlas: Atlas, labels: Labels | dict | None = None, n: int = 10, max_occurrences: int = 64) -> list[dict]:
+def find_features(query: str, model: HookedModel, sae: SAE, atlas: Atlas, labels: Labels | dict | None = None, n: int = 10,
+                  max_occurrences: int = 64) -> list[dict]:
     """The `n` features that fire most selectively on `query` (`input_selectivity`), with
     their labels: what a feature *reads*. For steering, what it *writes* matters too:
     `analysis.steering.concept.search_concept` adds the output side."""
@@ -228,7 +237,8 @@ class ConceptReadings:
             short = short if len(short) <= width else short[:width - 1] + "…"
             rows.append(f"{short:<{width}} " + " ".join(f"{float(v):>12.2f}" for v in self.score[n]))
         rows.append(f"{'mean':<{width}} " + " ".join(f"{float(v):>12.2f}" for v in self.score.mean(0)))
-        rows.append(f"{'share of texts where it fires':<{width}} " + " ".join(f"{float(v):>12.0%}" for v in (self.score > 0).float().mean(0)))
+        fire_share = (self.score > 0).float().mean(0)
+        rows.append(f"{'share of texts where it fires':<{width}} " + " ".join(f"{float(v):>12.0%}" for v in fire_share))
         return "\n".join(rows)
 
     def to_dict(self) -> dict:
@@ -236,7 +246,12 @@ class ConceptReadings:
                 "per_feature": {c: v.tolist() for c, v in self.per_feature.items()}, "top_token": self.top_token}
 
 
-def concept_features(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, n: int = 5, max_density: float = 0.02) -> list[int]:
+CONCEPT_FEATURES = 5
+"""Features per concept a concept monitor watches (`concept_features`; `saewb monitor --concept-features`)."""
+
+
+def concept_features(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, n: int = CONCEPT_FEATURES,
+                     max_density: float = 0.02) -> list[int]:
     """The `n` features that fire most selectively on `concept` (`input_selectivity`), dead and
     dense features left out: for monitoring, what a feature *reads* is what counts."""
     sel = input_selectivity(concept, model, sae, atlas)
@@ -283,13 +298,14 @@ def monitor_concepts(texts: list[str], model: HookedModel, sae: SAE, atlas: Atla
     return ConceptReadings(list(texts), names, {c: list(concepts[c]) for c in names}, torch.stack(score, 1), per_feature, top_token)
 
 
-def concept_heatmap(readings: ConceptReadings, title: str = "Concept monitor"):
+def concept_heatmap(readings: ConceptReadings, title: str = "Concept monitor") -> go.Figure:
     """Plotly heatmap: texts down, concepts across, colour = the concept's strongest firing
     (x its features' max activation); hover shows the text and the token where it peaks."""
     import plotly.graph_objects as go
 
     short = [(" ".join(t.split())[:60] + ("…" if len(" ".join(t.split())) > 60 else "")) for t in readings.texts]
-    hover = [[f"{html.escape(short[n])}<br>{html.escape(c)}: {float(readings.score[n, j]):.2f} on {html.escape(repr(readings.top_token[n][j]))}"
+    hover = [[f"{html.escape(short[n])}<br>{html.escape(c)}: {float(readings.score[n, j]):.2f} "
+               f"on {html.escape(repr(readings.top_token[n][j]))}"
               for j, c in enumerate(readings.concepts)] for n in range(len(readings.texts))]
     fig = go.Figure(go.Heatmap(z=readings.score.numpy(), x=readings.concepts, y=[f"{n + 1}. {html.escape(s)}" for n, s in enumerate(short)],
                                text=hover, hoverinfo="text", colorscale="Oranges", zmin=0, colorbar={"title": "x max act."}))
@@ -304,11 +320,13 @@ def concept_monitor_html(readings: ConceptReadings, title: str = "Concept monito
     head = "".join(f"<th>{html.escape(c)}</th>" for c in readings.concepts)
     body = "".join(
         f"<tr><td>{n + 1}</td><td>{html.escape(t)}</td>" + "".join(
-            f"<td>{float(readings.score[n, j]):.2f}<br><small>{html.escape(repr(readings.top_token[n][j])) if readings.top_token[n][j] else ''}</small></td>"
+            f"<td>{float(readings.score[n, j]):.2f}<br>"
+            f"<small>{html.escape(repr(readings.top_token[n][j])) if readings.top_token[n][j] else ''}</small></td>"
             for j in range(len(readings.concepts))) + "</tr>"
         for n, t in enumerate(readings.texts))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
-            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}small{color:#666}</style>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}small{color:#666}</style>"
             f"</head><body><h1>{html.escape(title)}</h1><ul>{feats}</ul>{figure}<table><tr><th>#</th><th>text</th>{head}</tr>{body}</table></body></html>")
 
 
@@ -325,4 +343,6 @@ def auroc(scores: Tensor, positive: Tensor) -> float:
 
 
 
-__all__ = ["ConceptReadings", "InputSelectivity", "TokenFeatures", "auroc", "concept_features", "concept_heatmap", "concept_monitor_html", "monitor_concepts", "activations_of_ids", "feature_activations", "find_features", "input_selectivity", "monitor", "monitor_html", "monitor_table"]
+__all__ = ["CONCEPT_FEATURES", "ConceptReadings", "InputSelectivity", "TokenFeatures", "activations_of_ids", "auroc", "concept_features",
+           "concept_heatmap", "concept_monitor_html", "feature_activations", "find_features", "input_selectivity", "monitor",
+           "monitor_concepts", "monitor_html", "monitor_table"]

@@ -2,9 +2,12 @@
 measure the effect without a judge model.
 
     interventions.py   Intervention (clamp / add / ablate), Steering, steer(): the semantics
-    measure.py         side-by-side text, feature stats, concept scores, perplexity, KL
+    measure.py         side-by-side text, feature stats, feature readout, fluency, KL
     sweep.py           dose-response sweeps -> JSON + standalone plotly figure
     causal.py          does ablating a feature lower the tokens its logit effects promote?
+    concept/           concept steering: features chosen by pluggable candidate scores, an
+                       automatic dose, a lexicon score, compared with prompting
+    cli.py             `saewb steer`
 
 Generation itself (KV cache, padding, sampling) is `activations.generation`; a `Steering`
 is the edit it attaches to every forward pass.
@@ -12,15 +15,26 @@ is the edit it attaches to every forward pass.
 from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens, stop_token_ids
 
 from .causal import CausalCheck, causal_check
-from .interventions import MODES, Intervention, Mode, Predicate, Steering, Unit, check_compatible, check_features, steer
+from .interventions import MODES, UNITS, Intervention, Mode, Steering, TokenPredicate, Unit, check_compatible, check_features, steer
 from .measure import (
-    ConceptScores, FeatureStats, SideBySide, compare, concept_scores, feature_stats, format_side_by_side, generation_nll, kl_on_text,
+    FeatureReadout,
+    FeatureStats,
+    Fluency,
+    SideBySide,
+    compare,
+    feature_readout,
+    feature_stats,
+    format_side_by_side,
+    generation_fluency,
+    generation_nll,
+    kl_on_text,
 )
 from .sweep import NEUTRAL_PROMPTS, SweepConfig, SweepPoint, SweepResult, score_condition, summarize, sweep, write_sweep
 
 __all__ = [
-    "CausalCheck", "ConceptScores", "FeatureStats", "GenerationConfig", "Intervention", "MODES", "Mode", "NEUTRAL_PROMPTS", "Predicate",
-    "SideBySide", "Steering", "SweepConfig", "SweepPoint", "SweepResult", "Unit", "causal_check", "check_compatible", "check_features",
-    "compare", "concept_scores", "decode", "encode_prompts", "feature_stats", "format_side_by_side", "generate_tokens", "generation_nll",
-    "kl_on_text", "score_condition", "steer", "stop_token_ids", "summarize", "sweep", "write_sweep",
+    "CausalCheck", "FeatureReadout", "FeatureStats", "Fluency", "GenerationConfig", "Intervention", "MODES", "Mode", "NEUTRAL_PROMPTS",
+    "SideBySide", "Steering", "SweepConfig", "SweepPoint", "SweepResult", "TokenPredicate", "UNITS", "Unit", "causal_check",
+    "check_compatible", "check_features", "compare", "decode", "encode_prompts", "feature_readout", "feature_stats", "format_side_by_side",
+    "generate_tokens", "generation_fluency", "generation_nll", "kl_on_text", "score_condition", "steer", "stop_token_ids", "summarize",
+    "sweep", "write_sweep",
 ]

@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.model import HookedModel, logits_with_edit, unembedding
+from activations.model import HookedModel, logits_with_edit
 from sae.base import SAE
 
-
 from ..encoding import encode_contexts
+from ..logit_lens import logit_lens
 from .interventions import Intervention, Steering, check_compatible, check_features
 
 
@@ -46,9 +46,7 @@ def causal_check(model: HookedModel, sae: SAE, feature: int, tokens: Tensor, top
     device = next(model.parameters()).device
     sae = sae.to(device)
     hook = sae.cfg.hook_name
-    W_U, norm_scale = unembedding(model)  # logit effects as the atlas reads them
-    direction = sae.W_dec[feature].detach().to(W_U.device, W_U.dtype)
-    effects = (direction if norm_scale is None else direction * norm_scale) @ W_U
+    effects = logit_lens(sae, model, [feature])[0]  # [d_vocab] logit effects as the atlas reads them
     promoted = effects.topk(top_k).indices
     control = torch.randperm(effects.numel(), generator=torch.Generator().manual_seed(seed))[:top_k].to(device)
 
@@ -72,3 +70,6 @@ def causal_check(model: HookedModel, sae: SAE, feature: int, tokens: Tensor, top
     c, a = torch.cat(clean_lp), torch.cat(ablated_lp)
     return CausalCheck(feature, promoted.tolist(), len(c), float(c.mean()), float(a.mean()), float((a - c).mean()),
                        float(torch.cat(control_deltas).mean()), float((a < c).float().mean()))
+
+
+__all__ = ["CausalCheck", "causal_check"]

@@ -32,27 +32,29 @@ from __future__ import annotations
 
 import math
 import operator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Literal, Sequence
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-from activations.model import HookedModel, hf_hooks, hook_module, hook_width, kv_cache_of, validate_hook
+from activations.model import HookedModel, hf_hooks, hf_model_of, hook_module, hook_width, kv_cache_of, validate_hook
 from sae.base import SAE
 
-
-
-
 Mode = Literal["clamp", "add", "ablate"]
+"""How an intervention changes its feature (the table above)."""
+MODES: tuple[Mode, ...] = get_args(Mode)
 Unit = Literal["max", "absolute"]
-MODES: tuple[str, ...] = ("clamp", "add", "ablate")
-Predicate = Callable[[Tensor], Tensor]
-"""A label predicate: token ids [batch, pos] -> bool [batch, pos], true where the label says
-the feature should fire."""
+"""What a strength is measured in: multiples of the feature's max activation, or raw values."""
+UNITS: tuple[Unit, ...] = get_args(Unit)
+TokenPredicate = Callable[[Tensor], Tensor]
+"""One label's predicate: token ids [batch pos] -> bool [batch pos], true where the label says
+the feature should fire (`analysis.features.labels.label_predicate`)."""
 
-def _feature_id(feature) -> int:
+
+def _feature_id(feature: object) -> int:
     if isinstance(feature, bool):
         raise ValueError(f"feature id must be an integer, got {feature!r}")
     try:
@@ -88,7 +90,7 @@ class Intervention:
             raise ValueError(f"feature {self.feature} is out of range: feature ids are 0 or more (and below the SAE's d_sae)")
         if self.mode not in MODES:
             raise ValueError(f"unknown steering mode {self.mode!r}: choose one of {MODES}")
-        if self.unit not in ("max", "absolute"):
+        if self.unit not in UNITS:
             raise ValueError(f"unknown strength unit {self.unit!r}: choose 'max' or 'absolute'")
         if not math.isfinite(self.strength):
             raise ValueError(f"steering strength must be finite, got {self.strength}")
@@ -148,10 +150,11 @@ class Steering:
         None means the pass starts at position 0."""
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{iv.mode} {iv.feature}" + ("" if iv.mode == "ablate" else f" = {self.values[iv.feature]:.3g}") for iv in self.interventions)
+        parts = ", ".join(f"{iv.mode} {iv.feature}" + ("" if iv.mode == "ablate" else f" = {self.values[iv.feature]:.3g}")
+                          for iv in self.interventions)
         return f"Steering({self.hook_name}: {parts})"
 
-    def attached(self, model: HookedModel) -> ContextManager["Steering"]:
+    def attached(self, model: HookedModel) -> AbstractContextManager[Steering]:
         """`steer(model, self)`: the edit applied to every forward pass inside the block."""
         return steer(model, self)
 
@@ -171,7 +174,7 @@ class Steering:
         steered = self._steered_positions(shape[0], shape[1], h.device)  # [batch or 1, pos]
         return torch.where(steered[..., None], h + delta, h).to(x.dtype).reshape(shape)
 
-    def _steered_positions(self, batch: int, n_pos: int, device) -> Tensor:
+    def _steered_positions(self, batch: int, n_pos: int, device: torch.device) -> Tensor:
         pos = self.positions
         if pos is None or pos.shape[-1] != n_pos or pos.shape[0] not in (1, batch):
             pos = torch.arange(n_pos, device=device)[None]
@@ -187,30 +190,43 @@ def check_compatible(model: HookedModel, sae: SAE) -> None:
         raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {hook}, which has width {width} on this model")
 
 
-def _position_reader(model):
-    """(module, reader): a top-level module whose every forward call we can see, and a
-    function of its (args, kwargs) giving the absolute positions [batch or 1, pos] of the call."""
-    if hasattr(model, "original_model"):
-        def hf_positions(args, kwargs):
-            if kwargs.get("position_ids") is not None:
-                return kwargs["position_ids"]
-            seq = kwargs.get("input_ids", args[0] if args else None)
-            seq = seq if seq is not None else kwargs.get("inputs_embeds")
-            if seq is None:
-                return None
-            past = kv_cache_of(kwargs)
-            offset = past.get_seq_length() if past is not None else 0
-            return torch.arange(seq.shape[1], device=seq.device)[None] + offset
-        return model.original_model.base_model, hf_positions
+PositionsOf = Callable[[tuple, dict], Tensor | None]
+"""A forward call's (args, kwargs) -> its absolute positions [batch or 1, pos] (None: unknown)."""
 
-    def tl_positions(args, kwargs):
-        seq = args[0] if args else kwargs.get("input", kwargs.get("tokens"))
-        if not isinstance(seq, Tensor) or seq.dim() < 2:
-            return None
-        past = kwargs.get("past_kv_cache")
-        offset = past[0].past_keys.shape[1] if past is not None else 0
-        return torch.arange(seq.shape[1], device=seq.device)[None] + offset
-    return model, tl_positions
+
+class PositionReader(NamedTuple):
+    module: torch.nn.Module
+    """A top-level module whose every forward call we can see."""
+    positions: PositionsOf
+    """The absolute positions of one of its calls."""
+
+
+def _hf_positions(args: tuple, kwargs: dict) -> Tensor | None:
+    if kwargs.get("position_ids") is not None:
+        return kwargs["position_ids"]
+    seq = kwargs.get("input_ids", args[0] if args else None)
+    seq = seq if seq is not None else kwargs.get("inputs_embeds")
+    if seq is None:
+        return None
+    past = kv_cache_of(kwargs)
+    offset = past.get_seq_length() if past is not None else 0
+    return torch.arange(seq.shape[1], device=seq.device)[None] + offset
+
+
+def _tl_positions(args: tuple, kwargs: dict) -> Tensor | None:
+    seq = args[0] if args else kwargs.get("input", kwargs.get("tokens"))
+    if not isinstance(seq, Tensor) or seq.dim() < 2:
+        return None
+    past = kwargs.get("past_kv_cache")
+    offset = past[0].past_keys.shape[1] if past is not None else 0
+    return torch.arange(seq.shape[1], device=seq.device)[None] + offset
+
+
+def _position_reader(model: HookedModel) -> PositionReader:
+    """Where to read the absolute positions of every forward pass of `model`: the base model
+    of a Hugging Face model under a TransformerBridge, else the HookedTransformer itself."""
+    hf = hf_model_of(model)
+    return PositionReader(hf.base_model, _hf_positions) if hf is not None else PositionReader(model, _tl_positions)
 
 
 @contextmanager
@@ -227,10 +243,10 @@ def steer(model: HookedModel, steering: Steering) -> Iterator[Steering]:
     steering.sae.to(device)
     module, read = _position_reader(model)
 
-    def pre(_module, args, kwargs):
+    def pre(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         steering.positions = read(args, kwargs)
 
-    def post(_module, args, kwargs, output):
+    def post(_module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         steering.positions = None
 
     with ExitStack() as stack:
@@ -244,3 +260,6 @@ def steer(model: HookedModel, steering: Steering) -> Iterator[Steering]:
         yield steering
 
 
+__all__ = [
+    "MODES", "UNITS", "Intervention", "Mode", "Steering", "TokenPredicate", "Unit", "check_compatible", "check_features", "steer",
+]

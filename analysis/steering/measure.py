@@ -1,29 +1,32 @@
 """Steering measurement, all under the *unsteered* model (no judge model):
 
-* concept score: the feature's own activation when the generated text (alone, after the BOS
-  token; not the prompt, so a prompt that names the concept does not count) is re-read, and
-  optionally a label predicate `predicate(tokens [batch, pos]) -> bool [batch, pos]`;
-* fluency: perplexity of each generation given its prompt, and its repetition rate;
-* side effects: KL(unsteered || steered) per token on neutral text;
+* feature readout (`feature_readout`): the steered features' own activation when the generated
+  text (alone, after the BOS token; not the prompt, so a prompt that names the concept does not
+  count) is re-read, and optionally a label predicate `predicate(tokens [batch pos]) -> bool
+  [batch pos]`;
+* fluency (`generation_fluency`): perplexity of each generation given its prompt, and its
+  repetition rate;
+* side effects (`kl_on_text`): KL(unsteered || steered) per token on neutral text.
 """
 from __future__ import annotations
 
+import math
 import textwrap
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from activations.corpus import boundary_token_id
+from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens
 from activations.model import HookedModel, logits_with_edit
 from sae.base import SAE
 
-from ..evaluation.metrics import cross_entropy, kl_per_token
-
 from ..encoding import encode_contexts, first_position
-from .interventions import Predicate, Steering, check_compatible, check_features
-from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens
+from ..evaluation.metrics import cross_entropy, kl_per_token, repetition_rate
+from .interventions import Steering, TokenPredicate, check_compatible, check_features
 
 
 class SideBySide(NamedTuple):
@@ -85,18 +88,25 @@ def feature_stats(sae: SAE, model: HookedModel, tokens: Tensor, batch_size: int 
     return FeatureStats(top.cpu(), (fires.double() / max(n, 1)).float().cpu(), n)
 
 
-def right_pad(seqs: Sequence[Tensor], pad: int) -> tuple[Tensor, Tensor]:
-    """[n, max_len] ids and a bool mask of real tokens."""
+class Padded(NamedTuple):
+    ids: Tensor
+    """[n max_len] token ids, right-padded."""
+    real: Tensor
+    """[n max_len] bool: where `ids` holds a real token."""
+
+
+def right_pad(seqs: Sequence[Tensor], pad: int) -> Padded:
+    """Token id sequences [len] each as one right-padded batch and its mask of real tokens."""
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad, dtype=torch.long)
     mask = torch.zeros(len(seqs), n, dtype=torch.bool)
     for r, s in enumerate(seqs):
         ids[r, :len(s)] = s
         mask[r, :len(s)] = True
-    return ids, mask
+    return Padded(ids, mask)
 
 
-class ConceptScores(NamedTuple):
+class FeatureReadout(NamedTuple):
     activation: Tensor
     """[n] mean activation of the features over the generated tokens (relative to each
     feature's max activation when one is given); NaN for an empty generation."""
@@ -107,8 +117,9 @@ class ConceptScores(NamedTuple):
 
 
 @torch.no_grad()
-def concept_scores(model: HookedModel, sae: SAE, features: Sequence[int], generated: Sequence[Tensor], max_activation: Tensor | None = None,
-                   threshold: float = 0.0, predicate: Predicate | None = None, batch_size: int = 16) -> ConceptScores:
+def feature_readout(model: HookedModel, sae: SAE, features: Sequence[int], generated: Sequence[Tensor],
+                    max_activation: Tensor | None = None, threshold: float = 0.0, predicate: TokenPredicate | None = None,
+                    batch_size: int = 16) -> FeatureReadout:
     """How much each generation [n_new] expresses `features`: the text (after the BOS token,
     without its prompt) is re-read by the unsteered model and encoded by the SAE. With
     `max_activation` [d_sae], activations and `threshold` are in units of each feature's max."""
@@ -131,13 +142,20 @@ def concept_scores(model: HookedModel, sae: SAE, features: Sequence[int], genera
         if predicate is not None:
             hits = predicate(tokens.to(device)).cpu().bool() & mask
             pred.append(hits.sum(1) / n_tok.clamp_min(1))
-    return ConceptScores(torch.cat(act), torch.cat(present), torch.cat(pred) if predicate is not None else None)
+    return FeatureReadout(torch.cat(act), torch.cat(present), torch.cat(pred) if predicate is not None else None)
+
+
+class GenerationNLL(NamedTuple):
+    nll: Tensor
+    """[n] summed negative log-likelihood of each generation's tokens."""
+    n_tokens: Tensor
+    """[n] generated tokens of each."""
 
 
 @torch.no_grad()
-def generation_nll(model: HookedModel, prompts: Sequence[Tensor], generated: Sequence[Tensor], batch_size: int = 8) -> tuple[Tensor, Tensor]:
-    """Summed negative log-likelihood [n] of each generation [n_new] given its prompt [len] under
-    the unsteered model, and the number of generated tokens [n]."""
+def generation_nll(model: HookedModel, prompts: Sequence[Tensor], generated: Sequence[Tensor], batch_size: int = 8) -> GenerationNLL:
+    """Summed negative log-likelihood of each generation [n_new] given its prompt [len] under
+    the unsteered model."""
     device = next(model.parameters()).device
     pad = boundary_token_id(model.tokenizer)
     nll, counts = [], []
@@ -150,7 +168,26 @@ def generation_nll(model: HookedModel, prompts: Sequence[Tensor], generated: Seq
         ce = cross_entropy(logits_with_edit(model, tokens.to(device)), tokens.to(device)).cpu()  # [b, pos-1] predicts tokens[:, 1:]
         nll.append((ce * is_new[:, 1:]).sum(1))
         counts.append(is_new.sum(1))
-    return torch.cat(nll), torch.cat(counts)
+    return GenerationNLL(torch.cat(nll), torch.cat(counts))
+
+
+class Fluency(NamedTuple):
+    perplexity: float
+    """exp(mean NLL per generated token) under the unsteered model, given the prompts; NaN
+    when nothing was generated."""
+    repetition: float
+    """Mean repeated-trigram rate of the generations (`repetition_rate`); NaN without any."""
+
+
+@torch.no_grad()
+def generation_fluency(model: HookedModel, prompts: Sequence[Tensor], generated: Sequence[Tensor], batch_size: int = 8) -> Fluency:
+    """Perplexity under the unsteered model and repetition of generations [n_new] of prompts [len]:
+    the fluency cost of steering, read the same way by sweeps and concept steering."""
+    nll, n_tokens = generation_nll(model, prompts, generated, batch_size)
+    total = int(n_tokens.sum())
+    repetition = torch.tensor([repetition_rate(g.tolist()) for g in generated])
+    return Fluency(math.exp(float(nll.sum()) / total) if total else float("nan"),
+                   float(repetition.nanmean()) if len(repetition) else float("nan"))
 
 
 @torch.no_grad()
@@ -169,3 +206,7 @@ def kl_on_text(model: HookedModel, steering: Steering, tokens: Tensor, batch_siz
     return float(torch.cat(kl).mean())
 
 
+__all__ = [
+    "FeatureReadout", "FeatureStats", "Fluency", "GenerationNLL", "Padded", "SideBySide", "compare", "feature_readout", "feature_stats",
+    "format_side_by_side", "generation_fluency", "generation_nll", "kl_on_text", "right_pad",
+]

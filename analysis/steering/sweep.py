@@ -1,28 +1,27 @@
-"""Dose-response sweeps: generate at every strength, score concept, fluency and side
-effects (`analysis.steering.measure`), and write JSON + a standalone plotly figure."""
+"""Dose-response sweeps: generate at every strength, read the steered features back, score
+fluency and side effects (`analysis.steering.measure`), and write JSON + a standalone plotly
+figure."""
 from __future__ import annotations
 
+import html
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens
 from activations.io import atomic_write_bytes, atomic_write_json
 from activations.model import HookedModel
 from sae.base import SAE
 
-from ..evaluation.metrics import repetition_rate
-
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
-import html
-from .interventions import Intervention, Mode, Predicate, Steering, Unit, check_compatible, check_features, MODES
-from .measure import ConceptScores, concept_scores, generation_nll, kl_on_text
-from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens
+from .interventions import MODES, Intervention, Mode, Steering, TokenPredicate, Unit, check_compatible, check_features
+from .measure import FeatureReadout, Fluency, feature_readout, generation_fluency, kl_on_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,8 +40,6 @@ NEUTRAL_PROMPTS = [
 ]
 
 
-
-
 @dataclass
 class SweepConfig:
     features: list[int]
@@ -54,7 +51,7 @@ class SweepConfig:
     unit: Unit = "max"
     """Strengths in multiples of each feature's max activation ("max"), or raw ("absolute")."""
     threshold: float = 0.25
-    """A generation shows the concept when a feature exceeds this (in `unit`s) on a generated token."""
+    """A generation shows the steered features when one exceeds this (in `unit`s) on a generated token."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     n_examples: int = 3
     """Generations kept as text per strength, for the report."""
@@ -74,17 +71,19 @@ class SweepPoint:
     """"unsteered", a steering mode, or another condition (e.g. "prompt")."""
     strength: float | None
     """In the sweep's unit; None for conditions without a strength."""
-    concept_activation: float
-    """Mean feature activation on the re-read generations (relative to max activation when known)."""
-    concept_frequency: float
-    """Share of generations where a feature exceeds the threshold on some token."""
+    feature_activation: float | None
+    """Mean activation of the steered features on the re-read generations (relative to max
+    activation when known; None when nothing was generated)."""
+    feature_frequency: float
+    """Share of generations where a steered feature exceeds the threshold on some token."""
     predicate_rate: float | None
     """Mean share of generated tokens matching the label predicate (None without one)."""
     predicate_frequency: float | None
     """Share of generations with at least one token matching the label predicate (None without one)."""
-    perplexity: float
-    """exp(mean NLL per generated token) under the unsteered model, given the prompts."""
-    repetition: float
+    perplexity: float | None
+    """exp(mean NLL per generated token) under the unsteered model, given the prompts (None
+    when nothing was generated)."""
+    repetition: float | None
     """Mean repeated-trigram rate of the generations."""
     kl: float | None
     """Mean KL(unsteered || steered) per token on neutral text (None where not defined)."""
@@ -96,32 +95,28 @@ def _nan_to_none(v: float | None) -> float | None:
     return None if v is None or math.isnan(v) else float(v)
 
 
-def summarize(series: str, strength: float | None, tokenizer: PreTrainedTokenizerBase, generated: Sequence[Tensor], concept: ConceptScores,
-              nll: Tensor, n_tokens: Tensor, kl: float | None, n_examples: int = 3) -> SweepPoint:
-    """One point of a dose-response curve from per-generation scores: generated [n_new] each, nll and
-    n_tokens [n] (`generation_nll`)."""
-    reps = torch.tensor([repetition_rate(g.tolist()) for g in generated])
-    total = int(n_tokens.sum())
+def summarize(series: str, strength: float | None, tokenizer: PreTrainedTokenizerBase, generated: Sequence[Tensor], readout: FeatureReadout,
+              fluency: Fluency, kl: float | None, n_examples: int = 3) -> SweepPoint:
+    """One point of a dose-response curve from the scores of its generations [n_new] each."""
     return SweepPoint(
         series=series, strength=strength,
-        concept_activation=_nan_to_none(float(concept.activation.nanmean())),
-        concept_frequency=float(concept.present.float().mean()),
-        predicate_rate=None if concept.predicate_rate is None else float(concept.predicate_rate.mean()),
-        predicate_frequency=None if concept.predicate_rate is None else float((concept.predicate_rate > 0).float().mean()),
-        perplexity=_nan_to_none(math.exp(float(nll.sum()) / total) if total else float("nan")),
-        repetition=_nan_to_none(float(reps.nanmean())), kl=_nan_to_none(kl), n_generations=len(generated),
-        examples=[decode(tokenizer, g) for g in generated[:n_examples]],
+        feature_activation=_nan_to_none(float(readout.activation.nanmean())),
+        feature_frequency=float(readout.present.float().mean()),
+        predicate_rate=None if readout.predicate_rate is None else float(readout.predicate_rate.mean()),
+        predicate_frequency=None if readout.predicate_rate is None else float((readout.predicate_rate > 0).float().mean()),
+        perplexity=_nan_to_none(fluency.perplexity), repetition=_nan_to_none(fluency.repetition), kl=_nan_to_none(kl),
+        n_generations=len(generated), examples=[decode(tokenizer, g) for g in generated[:n_examples]],
     )
 
 
-def score_condition(model: HookedModel, sae: SAE, series: str, strength: float | None, prompts: Sequence[Tensor], generated: Sequence[Tensor],
-                    features: Sequence[int], max_activation: Tensor | None, threshold: float, kl: float | None,
-                    predicate: Predicate | None = None, n_examples: int = 3, batch_size: int = 8) -> SweepPoint:
-    """Concept, fluency and (given) side-effect scores of one set of generations [n_new] of prompts
-    [len]; `max_activation` [d_sae] as in `concept_scores`."""
-    concept = concept_scores(model, sae, features, generated, max_activation, threshold, predicate, batch_size)
-    nll, n_tokens = generation_nll(model, prompts, generated, batch_size)
-    return summarize(series, strength, model.tokenizer, generated, concept, nll, n_tokens, kl, n_examples)
+def score_condition(model: HookedModel, sae: SAE, series: str, strength: float | None, prompts: Sequence[Tensor],
+                    generated: Sequence[Tensor], features: Sequence[int], max_activation: Tensor | None, threshold: float, kl: float | None,
+                    predicate: TokenPredicate | None = None, n_examples: int = 3, batch_size: int = 8) -> SweepPoint:
+    """Feature readout, fluency and (given) side-effect scores of one set of generations [n_new]
+    of prompts [len]; `max_activation` [d_sae] as in `feature_readout`."""
+    readout = feature_readout(model, sae, features, generated, max_activation, threshold, predicate, batch_size)
+    fluency = generation_fluency(model, prompts, generated, batch_size)
+    return summarize(series, strength, model.tokenizer, generated, readout, fluency, kl, n_examples)
 
 
 @dataclass
@@ -139,17 +134,17 @@ class SweepResult:
         return asdict(self)
 
 
-def sweep(model: HookedModel, sae: SAE, prompts: Sequence[str], neutral_tokens: Tensor, cfg: SweepConfig, max_activation: Tensor | None = None,
-          predicate: Predicate | None = None, neutral_text: str = "") -> SweepResult:
-    """Dose-response: generate from `prompts` unsteered and at every strength of `cfg`,
-    and score concept, fluency and side effects (KL on `neutral_tokens` [n, pos]); `max_activation`
-    [d_sae]: the unit of `unit="max"` strengths."""
+def sweep(model: HookedModel, sae: SAE, prompts: Sequence[str], neutral_tokens: Tensor, cfg: SweepConfig,
+          max_activation: Tensor | None = None, predicate: TokenPredicate | None = None, neutral_text: str = "") -> SweepResult:
+    """Dose-response: generate from `prompts` unsteered and at every strength of `cfg`, and
+    score the steered features' readout, fluency and side effects (KL on `neutral_tokens`
+    [n pos]); `max_activation` [d_sae]: the unit of `unit="max"` strengths."""
     check_features(cfg.features, sae.cfg.d_sae)  # before any generation
     check_compatible(model, sae)
-    concept_max = max_activation if cfg.unit == "max" else None
+    readout_max = max_activation if cfg.unit == "max" else None
     prompt_tokens = encode_prompts(model.tokenizer, prompts, cfg.generation.chat)
     score = lambda series, strength, generated, kl: score_condition(  # noqa: E731
-        model, sae, series, strength, prompt_tokens, generated, cfg.features, concept_max, cfg.threshold, kl, predicate, cfg.n_examples)
+        model, sae, series, strength, prompt_tokens, generated, cfg.features, readout_max, cfg.threshold, kl, predicate, cfg.n_examples)
     points = [score("unsteered", None, generate_tokens(model, prompt_tokens, cfg.generation), 0.0)]
     for strength in tqdm(cfg.strengths, desc=f"steering sweep ({cfg.mode})"):
         steering = Steering(sae, [Intervention(f, cfg.mode, strength, cfg.unit) for f in cfg.features], max_activation)
@@ -158,27 +153,37 @@ def sweep(model: HookedModel, sae: SAE, prompts: Sequence[str], neutral_tokens: 
     return SweepResult(list(cfg.features), cfg.mode, cfg.unit, list(prompts), points, neutral_text)
 
 
-def write_sweep(result: SweepResult, out_dir: str | Path, title: str = "Steering dose-response") -> tuple[Path, Path]:
+class SweepFiles(NamedTuple):
+    json_path: Path
+    """sweep.json: the `SweepResult`."""
+    html_path: Path
+    """sweep.html: the standalone figure and example text."""
+
+
+def write_sweep(result: SweepResult, out_dir: str | Path, title: str = "Steering dose-response") -> SweepFiles:
     """Write `sweep.json` and the standalone `sweep.html` (three curves + example text)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "sweep.json", out / "sweep.html"
     atomic_write_json(json_path, result.to_dict())
     atomic_write_bytes(html_path, steering_report(result, title).encode())
-    return json_path, html_path
+    return SweepFiles(json_path, html_path)
 
 
+DASHES = {"feature_frequency": "dot", "predicate_frequency": "dashdot", "predicate_rate": "longdash", "repetition": "dot"}
+"""Line style of the curves drawn beside another in the same panel."""
 
 
 def steering_sweep_figure(result: SweepResult) -> go.Figure:
-    """Dose-response curves of a `analysis.steering.SweepResult`: concept score, fluency
-    (perplexity, repetition) and side effects (KL on neutral text) against strength, one line
+    """Dose-response curves of a `analysis.steering.SweepResult`: the steered features' readout,
+    fluency (perplexity, repetition) and side effects (KL on neutral text) against strength, one line
     per series; conditions without a strength (the unsteered baseline, prompting) are
     horizontal dashed lines."""
     fig = make_subplots(rows=1, cols=3, specs=[[{}, {"secondary_y": True}, {}]],
-                        subplot_titles=("concept (re-read by the unsteered model)", "fluency cost", "side effects on neutral text"))
+                        subplot_titles=("steered features (re-read by the unsteered model)", "fluency cost",
+                                        "side effects on neutral text"))
     curves = [  # (column, field, label, secondary y)
-        (1, "concept_activation", "mean activation", False), (1, "concept_frequency", "concept frequency", False),
+        (1, "feature_activation", "mean activation", False), (1, "feature_frequency", "feature frequency", False),
         (1, "predicate_frequency", "label predicate frequency", False), (1, "predicate_rate", "label predicate rate", False),
         (2, "perplexity", "perplexity", False),
         (2, "repetition", "repetition rate", True), (3, "kl", "KL per token", False),
@@ -194,7 +199,7 @@ def steering_sweep_figure(result: SweepResult) -> go.Figure:
             values = [getattr(p, key) for p in points]
             if all(v is None for v in values):
                 continue
-            dash = {"concept_frequency": "dot", "predicate_frequency": "dashdot", "predicate_rate": "longdash", "repetition": "dot"}.get(key)
+            dash = DASHES.get(key)
             if points[0].strength is None:  # a condition without strength: a level line
                 x, y, mode, dash = [lo, hi], [values[0]] * 2, "lines", "dash" if dash is None else "longdashdot"
             else:
@@ -221,8 +226,15 @@ def steering_report(result: SweepResult, title: str) -> str:
     figure = steering_sweep_figure(result).to_html(full_html=False, include_plotlyjs="inline")
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td{border:1px solid #ccc;padding:3px 8px;vertical-align:top}</style>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td{border:1px solid #ccc;padding:3px 8px;vertical-align:top}</style>"
         f"</head><body><h1>{html.escape(title)}</h1>{figure}<h2>Example generations</h2>"
         f"<table><tr><th>condition</th><th>strength</th><th>first generations</th></tr>{rows}</table>"
         f"<h2>Prompts</h2><ol>{prompts}</ol></body></html>"
     )
+
+
+__all__ = [
+    "NEUTRAL_PROMPTS", "SweepConfig", "SweepFiles", "SweepPoint", "SweepResult", "score_condition", "steering_report",
+    "steering_sweep_figure", "summarize", "sweep", "write_sweep",
+]

@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { el, fmt, int, chip, plot } = SAEWB;
+  const { el, fmt, pct, int, chip, plot } = SAEWB;
   const D = SAEWB.data();
   const S = D.summary;
   const app = document.getElementById("app");
@@ -61,12 +61,22 @@
       U.mean_decoder_cosine !== undefined ? el("div", {}, `mean decoder cosine ${fmt(U.mean_decoder_cosine)} (random live features: ${fmt(U.mean_decoder_cosine_random_live)})`) : "",
       el("div", {}, ...links(U.features)))
     : card("ultralow-density cluster", "none", "no second mode a decade below the main one"));
-  if (D.label_summary) {
-    const L = D.label_summary;
-    const share = L["share_of_live_with_strong_f1_at_least_0.5"];
-    const details = Object.entries(L).filter(([k]) => k !== "share_of_live_with_strong_f1_at_least_0.5")
-      .map(([k, v]) => el("div", {}, `${k.replaceAll("_", " ")}: ${Array.isArray(v) ? v.join(", ") : typeof v === "object" && v !== null ? Object.entries(v).map(([a, b]) => `${a} ${b}`).join(", ") : typeof v === "number" ? fmt(v, 4) : v}`));
-    cards.push(card("compact labels with strong-firing F1 ≥ 0.5 (report part)", share === undefined ? "–" : `${fmt(100 * share)}%`, ...details));
+  const C = D.label_card;
+  if (C) { // the labels' summary (report part of the held-out text): headline, a table by kind, examples
+    const known = (v) => v !== null && v !== undefined;
+    const kinds = C.kinds.length
+      ? el("table", { class: "card-table" },
+        el("thead", {}, el("tr", {}, el("th", {}, "label kind"), el("th", { class: "num" }, "strong F1 ≥ 0.5"), el("th", { class: "num" }, "all F1 ≥ 0.5"))),
+        el("tbody", {}, ...C.kinds.map(([kind, strong, all]) => el("tr", {}, el("td", {}, kind), el("td", { class: "num" }, int(strong)), el("td", { class: "num" }, int(all))))))
+      : "";
+    const labelCard = card("live features with a compact label", pct(C.strong_share),
+      `strong-firing F1 ≥ 0.5 on held-out text (${pct(C.all_share)} all-firing), of ${known(C.live_features) ? int(C.live_features) : "–"} live features`,
+      kinds,
+      C.unexplained_examples.length
+        ? el("div", {}, `unexplained${known(C.unexplained) ? ` (${int(C.unexplained)})` : ""}, e.g. `, ...links(C.unexplained_examples, 12))
+        : "");
+    labelCard.classList.add("wide");
+    cards.push(labelCard);
   }
   app.append(el("section", { class: "cards" }, ...cards));
 

@@ -10,11 +10,14 @@ display text (`render`). Scoring (`score.py`), steering (`label_predicate`) and 
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -145,7 +148,7 @@ class Label:
 _BASE_FIELDS = {f.name for f in fields(Label)}
 
 
-def _jsonable(value):
+def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
@@ -276,4 +279,50 @@ def token_membership(sets: Sequence[Sequence[int]]) -> Predicate:
     return predicate
 
 
-__all__ = ["KINDS", "MAX_LISTED_TOKENS", "STRONG_SHARE", "Label", "LabelContext", "LabelKind", "Predicate", "Scores", "label_predicate", "quote", "register", "token_membership"]
+def vocabulary_key(tokenizer: PreTrainedTokenizerBase) -> tuple[str, int, str]:
+    """What a tokenizer's ids mean, as a hashable key: its class, its size and a digest of its
+    vocabulary (the token -> id map, or the decoded pieces of a tokenizer without `get_vocab`).
+    Two tokenizers with equal keys read every id alike; a token added since changes the key."""
+    from activations.model import token_strings
+
+    get_vocab = getattr(tokenizer, "get_vocab", None)  # 0.1 s for SmolLM2's 49,152 tokens: far less than the lookups it keys
+    if callable(get_vocab):
+        content = sorted(get_vocab().items(), key=operator.itemgetter(1))  # by id: the map's own order may differ between loads
+    else:
+        content = token_strings(tokenizer, list(range(len(tokenizer))))
+    digest = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+    return type(tokenizer).__qualname__, len(tokenizer), digest
+
+
+class _ByVocabulary:
+    """A tokenizer that compares and hashes by its `vocabulary_key` (what `per_tokenizer` caches on)."""
+
+    __slots__ = ("key", "tokenizer")
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer, self.key = tokenizer, vocabulary_key(tokenizer)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByVocabulary) and self.key == other.key
+
+
+T = TypeVar("T")
+
+
+def per_tokenizer(build: Callable[[PreTrainedTokenizerBase], T]) -> Callable[[PreTrainedTokenizerBase], T]:
+    """Decorator: `build(tokenizer)`, a lookup over a whole vocabulary, made once per vocabulary
+    and cached (the last 4) by `vocabulary_key`, so a tokenizer loaded twice shares it and a
+    changed vocabulary gets its own."""
+    cached = functools.lru_cache(maxsize=4)(lambda by: build(by.tokenizer))
+
+    @functools.wraps(build)
+    def lookup(tokenizer: PreTrainedTokenizerBase) -> T:
+        return cached(_ByVocabulary(tokenizer))
+    return lookup
+
+
+__all__ = ["KINDS", "MAX_LISTED_TOKENS", "STRONG_SHARE", "Label", "LabelContext", "LabelKind", "Predicate", "Scores", "label_predicate",
+           "per_tokenizer", "quote", "register", "token_membership", "vocabulary_key"]

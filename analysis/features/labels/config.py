@@ -35,7 +35,7 @@ class LabelConfig:
     allow_insecure_endpoint: bool = False
     """Accept a plain http:// explainer endpoint on a non-loopback host (prompts and key unencrypted)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.llm is None:
             return
         secret = sorted(k for k in self.llm if k.lower() in SECRET_KEYS)

@@ -118,7 +118,8 @@ class Bigrams:
         return np.where(self.keys[row] == keys, self.counts[row], 0.0)
 
 
-def best_prefix(ids: np.ndarray, tp: np.ndarray, occurrences: np.ndarray, fires: float, limit: int = MAX_LISTED_TOKENS) -> tuple[list[int], float]:
+def best_prefix(ids: np.ndarray, tp: np.ndarray, occurrences: np.ndarray, fires: float,
+                limit: int = MAX_LISTED_TOKENS) -> tuple[list[int], float]:
     """Greedy token set: `ids` [n] ranked by estimated precision tp / occurrences (ties by tp),
     and the prefix of at most `limit` with the best estimated F1 = 2 tp / (predicted + fires).
     tp, occurrences: [n] estimated firings on / occurrences of each id's positions (disjoint).
@@ -165,7 +166,7 @@ class ContextLabel(Label):
     current: list[int] = field(default_factory=list)
     """Token ids C: the token at the position is one of them (empty: any token)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.previous = [int(t) for t in self.previous]
         self.current = [int(t) for t in self.current]
 

@@ -15,8 +15,6 @@ from activations.io import atomic_write_bytes
 
 from .store import Labels
 
-BINS = [i / 20 for i in range(21)]
-
 
 def coverage_figure(labels: Labels) -> go.Figure:
     """Report-part F1 of each live feature's chosen compact label, stacked by kind: strong
@@ -27,8 +25,8 @@ def coverage_figure(labels: Labels) -> go.Figure:
     for col, (pick, metric) in enumerate(((lambda e: e.best, "strong_f1"), (lambda e: e.best_all_firings, "f1")), start=1):
         for kind in kinds:
             values = [getattr(pick(e).scores, metric) or 0.0 for e in live if pick(e).kind == kind and pick(e).scores is not None]
-            fig.add_trace(go.Histogram(x=values, name=kind, legendgroup=kind, showlegend=col == 1, xbins=dict(start=0, end=1.0001, size=0.05)),
-                          row=1, col=col)
+            fig.add_trace(go.Histogram(x=values, name=kind, legendgroup=kind, showlegend=col == 1,
+                                       xbins=dict(start=0, end=1.0001, size=0.05)), row=1, col=col)
         fig.add_vline(x=0.5, line_dash="dash", line_color="grey", row=1, col=col)
     fig.update_layout(barmode="stack", height=420, title="Held-out F1 of each feature's label (report part), by kind")
     fig.update_xaxes(title_text="F1", range=[0, 1])
@@ -66,9 +64,11 @@ def coverage_report(labels: Labels, title: str = "Label coverage") -> str:
         f"<li>reported apart, never counted: a lookup table (&gt; 16 tokens) with strong F1 &ge; 0.5: {pct(s.lookup_share_strong)}</li>"
         f"<li>unexplained (no compact label with strong F1 &ge; 0.5): {s.unexplained:,}</li></ul>"
     )
-    counts = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>" for k, v in sorted((s.strong_kind_counts or {}).items(), key=lambda kv: -kv[1]))
+    by_count = sorted((s.strong_kind_counts or {}).items(), key=lambda kv: -kv[1])
+    counts = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>" for k, v in by_count)
     figure = coverage_figure(labels).to_html(full_html=False, include_plotlyjs="inline")
-    style = "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>"
             f"<h1>{html.escape(title)}</h1>{headline}{figure}<h2>Kinds of the labels with strong F1 &ge; 0.5</h2>"
             f"<table><tr><th>kind</th><th>features</th></tr>{counts}</table>"

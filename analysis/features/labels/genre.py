@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atlas import Atlas
+from ..atlas import Atlas, ExampleTable
 from .base import MAX_LISTED_TOKENS, Label, LabelContext, LabelKind, Predicate, quote, register, token_membership
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class GenreLabel(Label):
     min_hits: int = 1
     """The label holds once this many of the context's tokens so far are in `tokens`."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.tokens = [int(t) for t in self.tokens]
         self.min_hits = int(self.min_hits)
 
@@ -139,7 +139,7 @@ class GenreKind(LabelKind):
         return out
 
     @staticmethod
-    def _window_positions(atlas: Atlas, table) -> tuple[Tensor, Tensor]:
+    def _window_positions(atlas: Atlas, table: ExampleTable) -> tuple[Tensor, Tensor]:
         """Positions of each example window [d_sae n window] and whether each lies inside its
         context, past the sink (bool, same shape)."""
         left, right = atlas.meta["config"]["window_left"], atlas.meta["config"]["window_right"]
@@ -147,7 +147,7 @@ class GenreKind(LabelKind):
         inside = (positions >= 1) & (positions < atlas.tokens.shape[1]) & (table.values > 0)[..., None] & (table.context >= 0)[..., None]
         return positions, inside
 
-    def _window_fill(self, atlas: Atlas, sample) -> Tensor:
+    def _window_fill(self, atlas: Atlas, sample: ExampleTable) -> Tensor:
         """[d_sae] share of the window positions (the maximum left out) the feature fires on,
         over its random activating examples."""
         left = atlas.meta["config"]["window_left"]

@@ -130,7 +130,8 @@ class LLMKind(TokenSetKind):
         features = cfg.llm.get("features") or atlas.live_features
         bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < atlas.d_sae]
         if bad:
-            raise ValueError(f"LLM explainer features {bad} are out of range: this SAE has {atlas.d_sae} features (ids 0..{atlas.d_sae - 1})")
+            raise ValueError(f"LLM explainer features {bad} are out of range: this SAE has {atlas.d_sae} features "
+                             f"(ids 0..{atlas.d_sae - 1})")
         return llm_candidates(atlas, context.model.tokenizer, features, cfg.llm["base_url"], cfg.llm.get("model") or "default",
                               allow_insecure=cfg.allow_insecure_endpoint, api_key_env=cfg.llm.get("api_key_env") or API_KEY_ENV)
 
@@ -138,8 +139,9 @@ class LLMKind(TokenSetKind):
         return f"LLM: {label.explanation}"
 
 
-def llm_candidates(atlas: Atlas, tokenizer: PreTrainedTokenizerBase, features: list[int], base_url: str, model: str, api_key: str | None = None, timeout: float = 60,
-                   allow_insecure: bool = False, api_key_env: str = API_KEY_ENV) -> list[LLMLabel]:
+def llm_candidates(atlas: Atlas, tokenizer: PreTrainedTokenizerBase, features: list[int], base_url: str, model: str,
+                   api_key: str | None = None, timeout: float = 60, allow_insecure: bool = False,
+                   api_key_env: str = API_KEY_ENV) -> list[LLMLabel]:
     """Ask an OpenAI-compatible chat endpoint to explain each feature from its top contexts.
     It must answer JSON {"explanation": str, "words": [str, ...]}; the words (with and
     without a leading space) become a token-set predicate, scored like every other label.
@@ -172,8 +174,9 @@ def llm_candidates(atlas: Atlas, tokenizer: PreTrainedTokenizerBase, features: l
             with opener.open(request, timeout=timeout) as response:
                 reply = response.read()
         except urllib.error.HTTPError as error:
+            hint = f"; is {api_key_env} set to a valid key?" if error.code in (401, 403) else ""
             raise RuntimeError(_redact(f"LLM explainer at {_shown_url(url)!r} answered HTTP {error.code} ({error.reason}) for feature {i}"
-                                       + (f"; is {api_key_env} set to a valid key?" if error.code in (401, 403) else ""), api_key)) from None
+                                       + hint, api_key)) from None
         except (urllib.error.URLError, OSError) as error:
             raise RuntimeError(_redact(f"LLM explainer at {_shown_url(url)!r} could not be reached for feature {i}: "
                                        f"{getattr(error, 'reason', error)}", api_key)) from None
@@ -189,7 +192,8 @@ def llm_candidates(atlas: Atlas, tokenizer: PreTrainedTokenizerBase, features: l
         except (ValueError, AttributeError):
             raise ValueError(_redact(f"explainer answer for feature {i} is not the requested JSON: {content[:200]!r}", api_key)) from None
         explanation = _redact(explanation, api_key)
-        tokens = sorted({t for w in words for variant in (w, " " + w.strip()) for t in tokenizer(variant, add_special_tokens=False)["input_ids"][:1]})
+        variants = [variant for w in words for variant in (w, " " + w.strip())]
+        tokens = sorted({t for variant in variants for t in tokenizer(variant, add_special_tokens=False)["input_ids"][:1]})
         out.append(LLMKind().make(atlas, i, tokens=tokens, explanation=explanation))
     return out
 

@@ -32,7 +32,8 @@ class LogitKind(LabelKind):
         def predicate(tokens: Tensor) -> Tensor:
             """tokens [batch pos] -> bool [batch pos label]: the next token is in the label's set."""
             b, n = tokens.shape  # the last position has no next token: False there
-            return torch.cat([following(tokens[:, 1:]), torch.zeros(b, min(n, 1), len(labels), dtype=torch.bool, device=tokens.device)], dim=1)
+            last = torch.zeros(b, min(n, 1), len(labels), dtype=torch.bool, device=tokens.device)  # no next token
+            return torch.cat([following(tokens[:, 1:]), last], dim=1)
         return predicate
 
     def render(self, label: TokenLabel, atlas: Atlas) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from .base import Label
 from .store import FeatureLabels
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ FEW_SHOT = ("Words: apple, banana, cherry, grape\nCommon theme: fruit\n\n"
 models echo the words back when asked in a chat turn)."""
 
 
-def _words(label, atlas: Atlas) -> list[str]:
+def _words(label: Label, atlas: Atlas) -> list[str]:
     """The label's listed tokens as display words, in its own order, without repeats."""
     ids = getattr(label, "prototype_tokens", None) or getattr(label, "tokens", None) or getattr(label, "current", None) or []
     words: list[str] = []
@@ -84,7 +85,7 @@ def model_names(entries: Sequence[FeatureLabels], atlas: Atlas, model: HookedMod
     for start in tqdm(range(0, len(entries), batch_size), desc="labels: naming", unit="batch"):
         chunk = entries[start:start + batch_size]
         prompts = [FEW_SHOT + f"Words: {', '.join(_words(e.best, atlas)[:8])}\nCommon theme:" for e in chunk]
-        for e, tokens in zip(chunk, generate_tokens(model, encode_prompts(model.tokenizer, prompts), cfg)):
+        for e, tokens in zip(chunk, generate_tokens(model, encode_prompts(model.tokenizer, prompts), cfg), strict=False):
             answer = decode(model.tokenizer, tokens).split("\n")[0].strip().rstrip(".,;")
             if answer and answer.lower() not in {w.lower() for w in _words(e.best, atlas)[:1]}:  # an echo of the words is no name
                 out[e.feature] = f"{answer}?"

@@ -34,7 +34,7 @@ class PatternLabel(Label):
     patterns: list[tuple[int, ...]] = field(default_factory=list)
     """Token-id n-grams; the label holds where the tokens ending at a position equal one of them."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.patterns = [tuple(int(t) for t in p) for p in self.patterns]
 
 
@@ -66,7 +66,7 @@ class PatternKind(LabelKind):
                 keeps = torch.cat(acts) >= cfg.keep_fraction * values[feature[todo], slot[todo]]
                 kept[todo[keeps]] = length
         patterns: dict[int, list[tuple[int, ...]]] = {}
-        for f, s, length in zip(feature.tolist(), slot.tolist(), kept.tolist()):
+        for f, s, length in zip(feature.tolist(), slot.tolist(), kept.tolist(), strict=True):
             if length == 0:
                 continue
             ctx, pos = int(contexts[f, s]), int(positions[f, s])

@@ -9,7 +9,7 @@ atlas). Each feature keeps its best label by held-out F1 and all the scores.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,9 @@ QUARTILE_EDGES = (STRONG_SHARE, 0.5, 0.75)  # quartiles 1-3 are the strong firin
 N_HARD_TOKENS = 20
 """Hard negatives: positions whose token is one of the feature's this-many most frequent in the atlas."""
 
+
+MIN_SCORE_CONTEXTS = 16
+"""The fewest held-out contexts labels are scored on (unless `LabelConfig.n_score_contexts` asks for fewer)."""
 
 PARTS = ("selection", "report")
 """The scoring text is dealt out in alternating batches to two parts: each feature's label is
@@ -76,8 +79,9 @@ class _Counts:
         has_hard = (hard_negatives > 0).tolist()
         return [
             Scores(f1=round(f1[n], 4), precision=round(precision[n], 4), recall=round(recall[n], 4),
-                   strong_f1=round(strong_f1[n], 4), strong_precision=round(strong_precision[n], 4), strong_recall=round(strong_recall[n], 4),
-                   recall_by_quartile=[round(v, 4) if ok else None for v, ok in zip(recall_q[n], has_quartile[n])],
+                   strong_f1=round(strong_f1[n], 4), strong_precision=round(strong_precision[n], 4),
+                   strong_recall=round(strong_recall[n], 4),
+                   recall_by_quartile=[round(v, 4) if ok else None for v, ok in zip(recall_q[n], has_quartile[n], strict=True)],
                    fpr_random=round(fpr_random[n], 6), fpr_hard=round(fpr_hard[n], 4) if has_hard[n] else None)
             for n in range(len(features))
         ]
@@ -147,7 +151,7 @@ class Scorer:
         highest all-firing F1), so the reported numbers are not the ones the choice was made on.
         None: no candidate."""
         per_feature: list[list[Label]] = [[] for _ in range(self.d_sae)]
-        for label, report, selection in zip(self.labels, self.scores(1), self.scores(0)):
+        for label, report, selection in zip(self.labels, self.scores(1), self.scores(0), strict=True):
             per_feature[label.feature].append(replace(label, scores=report, selection=selection))
         fires = self.parts[1].fires.tolist()
         return [choose(scored, fires[i]) if scored else None for i, scored in enumerate(per_feature)]
@@ -156,7 +160,7 @@ class Scorer:
 def choose(candidates: list[Label], held_out_fires: int | None = None) -> FeatureLabels:
     """A feature's labels from its scored candidates: best first by selection-part strong F1
     (compact ones before the rest; equals keep their kinds' rank order)."""
-    def key(metric: str):
+    def key(metric: str) -> Callable[[Label], tuple[bool, float]]:
         return lambda label: (not label.compact, -(getattr(label.selection or label.scores, metric) or 0.0))
     ordered = sorted(candidates, key=key("strong_f1"))
     best_all = min(candidates, key=key("f1"))
@@ -165,20 +169,25 @@ def choose(candidates: list[Label], held_out_fires: int | None = None) -> Featur
 
 # ---------------------------------------------------------------------------- the whole job
 @torch.no_grad()
-def label_features(atlas: Atlas, sae: SAE, model: HookedModel, cfg: LabelConfig | None = None) -> Labels:
+def label_features(atlas: Atlas, sae: SAE, model: HookedModel, cfg: LabelConfig | None = None,
+                   tokens: np.ndarray | Tensor | None = None) -> Labels:
     """Make every registered kind of label for every live feature from `atlas`, score them on
     held-out contexts that follow the atlas's, and return the `Labels` (save them with
-    `save_labels`)."""
+    `save_labels`). `tokens`: those contexts, int [n_contexts context_len], for a caller that
+    tokenised the held-out text already (the rows right after the atlas's; the first
+    `cfg.n_score_contexts` are read); default: loaded from the atlas's corpus."""
     cfg = cfg or LabelConfig()
     if sae.cfg.d_sae != atlas.d_sae or sae.cfg.hook_name != atlas.hook_name:
-        raise ValueError(f"atlas is of a {atlas.d_sae}-feature SAE at {atlas.hook_name}, not this one ({sae.cfg.d_sae} at {sae.cfg.hook_name})")
+        raise ValueError(f"atlas is of a {atlas.d_sae}-feature SAE at {atlas.hook_name}, "
+                         f"not this one ({sae.cfg.d_sae} at {sae.cfg.hook_name})")
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
-    atlas_cfg = atlas.config
-    corpus = atlas_cfg.corpus
-    first = atlas_cfg.first_context + atlas.n_contexts
-    tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=first + cfg.n_score_contexts)[first:]).long()
-    if len(tokens) < min(16, cfg.n_score_contexts):
+    corpus = atlas.config.corpus
+    first = atlas.config.first_context + atlas.n_contexts
+    if tokens is None:
+        tokens = load_contexts(corpus, model.tokenizer, max_contexts=first + cfg.n_score_contexts)[first:]
+    tokens = torch.as_tensor(tokens[:cfg.n_score_contexts]).long()
+    if len(tokens) < min(MIN_SCORE_CONTEXTS, cfg.n_score_contexts):
         raise ValueError(f"only {len(tokens)} held-out contexts follow the atlas's {first}: labels need unseen text to be scored on; "
                          "build the atlas on fewer tokens")
 
@@ -203,7 +212,7 @@ def summarize(features: list[FeatureLabels | None], n_positions: int, atlas: Atl
         scores = None if label is None else getattr(label, part)
         return scores is not None and (getattr(scores, metric) or 0.0) >= 0.5
 
-    def kind_counts(pick, metric: str) -> dict[str, int]:
+    def kind_counts(pick: Callable[[FeatureLabels], Label], metric: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         for f in scored:
             if at_least_half(pick(f), metric):
@@ -215,7 +224,7 @@ def summarize(features: list[FeatureLabels | None], n_positions: int, atlas: Atl
 
     strong_ok = [at_least_half(f.best, "strong_f1") and f.best.compact for f in live]
     all_ok = [at_least_half(f.best_all_firings, "f1") and f.best_all_firings.compact for f in live]
-    unexplained = [f.feature for f, ok in zip(live, strong_ok) if not ok]
+    unexplained = [f.feature for f, ok in zip(live, strong_ok, strict=True) if not ok]
     median = lambda values: round(float(np.median(values)), 4) if values else 0.0  # noqa: E731
     return LabelSummary(
         held_out_positions=n_positions, live_features=len(live), scored_features=len(scored), best_f1_at_least_half=sum(all_ok),
@@ -232,4 +241,4 @@ def summarize(features: list[FeatureLabels | None], n_positions: int, atlas: Atl
     )
 
 
-__all__ = ["PARTS", "QUARTILE_EDGES", "Scorer", "choose", "label_features", "summarize"]
+__all__ = ["MIN_SCORE_CONTEXTS", "PARTS", "QUARTILE_EDGES", "Scorer", "choose", "label_features", "summarize"]

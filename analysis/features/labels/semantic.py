@@ -61,7 +61,7 @@ class SemanticLabel(Label):
     tokens: list[int] = field(default_factory=list)
     """Every vocabulary id within the radius, nearest first: worked out once when the label is made."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.prototype_tokens = [int(t) for t in self.prototype_tokens]
         self.tokens = [int(t) for t in self.tokens]
         self.radius = float(self.radius)
@@ -91,6 +91,45 @@ def token_vectors(model: HookedModel, space: Space) -> Tensor:
     raise ValueError(f"unknown token space {space!r}: choose one of {SPACES}")
 
 
+class _Space(NamedTuple):
+    """A token space as `neighbourhoods` searches it."""
+
+    unit: Tensor
+    """[vocab d_model] unit token vectors (only ids the atlas's counts can name)."""
+    freq: Tensor
+    """[vocab] occurrences of each token in the atlas (fp64)."""
+    k: int
+    """Nearest tokens looked at per prototype: one past the largest set (or the whole vocabulary)."""
+    capped: bool
+    """Whether the `k`-th token is past the largest set (never inside a ball), not the vocabulary's end."""
+
+
+class _Entries(NamedTuple):
+    """The (feature, token) counts of a chunk of features: the atlas's CSR slice, each [n]."""
+
+    owner: Tensor
+    """Row of the entry's feature in the chunk."""
+    ids: Tensor
+    counts: Tensor
+    """Firings on the token (fp32: exact below 2^24)."""
+    acts: Tensor
+    """Activation sum on the token (fp32)."""
+
+
+class _Cut(NamedTuple):
+    """The best radius of each feature of a chunk, each [chunk] (on the CPU)."""
+
+    ok: Tensor
+    """Whether the feature has a ball at all."""
+    radius: Tensor
+    size: Tensor
+    """Tokens inside: a prefix of the nearest ones."""
+    unseen: Tensor
+    """Tokens inside that the atlas never saw."""
+    f1: Tensor
+    """On the atlas's counts."""
+
+
 @torch.no_grad()
 def neighbourhoods(atlas: Atlas, vectors: Tensor, features: Sequence[int], max_set: int, chunk: int = 256,
                    max_prototype: int = MAX_LISTED_TOKENS, prototype_share: float = 0.0) -> list[Neighbourhood | None]:
@@ -98,81 +137,88 @@ def neighbourhoods(atlas: Atlas, vectors: Tensor, features: Sequence[int], max_s
     token `vectors` [d_vocab, d_model], by F1 on the atlas's counts, with at most `max_set`
     tokens; None for a feature without one. Runs on the device of `vectors`, `chunk`
     features at a time (a [chunk, d_vocab] cosine matrix bounds the memory)."""
-    device = vectors.device
     features = [int(f) for f in features]
     if any(b <= a for a, b in pairwise(features)):
         raise ValueError("features must be ascending and distinct")
     frequency = atlas.token_frequency
     n_vocab = min(len(vectors), len(frequency))  # padded rows of W (past the tokenizer) never occur
-    unit = torch.nn.functional.normalize(vectors[:n_vocab].float(), dim=-1)  # [vocab, d_model]
-    freq = frequency[:n_vocab].to(device, torch.float64)
-    ptr, fire_count = atlas.tensors["token_count_ptr"], atlas.fire_count
     k = min(max_set + 1, n_vocab)  # one past the largest set: the floor no radius may go below
-    dense = torch.zeros(min(chunk, len(features)), n_vocab, device=device)  # per chunk: its (feature, token) values; zeroed after each use
+    space = _Space(torch.nn.functional.normalize(vectors[:n_vocab].float(), dim=-1), frequency[:n_vocab].to(vectors.device, torch.float64),
+                   k, k == max_set + 1)
+    # per chunk: its (feature, token) values; zeroed after each use
+    dense = torch.zeros(min(chunk, len(features)), n_vocab, device=vectors.device)
     out: list[Neighbourhood | None] = []
     for start in range(0, len(features), chunk):
         fs = torch.tensor(features[start:start + chunk], dtype=torch.long)
-        c = len(fs)
-        # the (feature, token) counts of the chunk: one contiguous CSR slice (dead features between are empty)
-        lo, hi = int(ptr[fs[0]]), int(ptr[fs[-1] + 1])
-        owner = torch.repeat_interleave(torch.arange(c), ptr[fs + 1] - ptr[fs]).to(device)
-        ids = atlas.token_counts["ids"][lo:hi].to(device, torch.long)
-        counts = atlas.token_counts["counts"][lo:hi].to(device, torch.float32)  # integers: exact in fp32 below 2^24
-        acts = atlas.token_counts["act_sums"][lo:hi].to(device, torch.float32)
-        if hi > lo and int(ids.max()) >= n_vocab:  # tokens past the rows of `vectors` have no place in this space
-            inside = ids < n_vocab
-            owner, ids, counts, acts = owner[inside], ids[inside], counts[inside], acts[inside]
-        table = dense[:c]
-
-        # prototype: the top tokens by activation sum x precision, heaviest first (a top-k over a
-        # dense [c, vocab] table costs less than sorting the chunk's entries by feature and weight)
-        table[owner, ids] = acts * counts / freq[ids].float().clamp_min(1)
-        weight, top = table.topk(min(max_prototype, n_vocab), dim=1)  # [c, m]
-        keep = (weight > 0) & (weight >= prototype_share * weight[:, :1])  # a prefix of each row: weights descend
-        proto = ((weight * keep)[:, :, None] * unit[top]).sum(1)  # [c, d_model]
-        n_proto = keep.sum(1)
-        has_proto = n_proto > 0
-        proto = torch.nn.functional.normalize(proto, dim=-1)
-        top, n_proto = top.cpu(), n_proto.tolist()
-
-        # cosine of every vocabulary vector with each prototype, the nearest k of each
-        cos, near = (proto @ unit.T).topk(k, dim=1)  # [c, k], nearest first
-        table[owner, ids] = counts  # every entry the weights took: no stale weight stays
-        hits = table.gather(1, near).double()  # the feature's firings on each of the nearest tokens
-        table[owner, ids] = 0
-        tp = hits.cumsum(1)
-        occurrences = freq[near]
-        fires = fire_count[fs].to(device, torch.float64)[:, None]
-        f1 = 2 * tp / (occurrences.cumsum(1) + fires)  # 2TP / (2TP + FP + FN), with TP + FP = occurrences
-        # cosine of the next seen token after each position (floored by the (k)th token, or -1
-        # when the whole vocabulary fits): a radius between the two keeps exactly this prefix of seen tokens
-        seen = occurrences > 0
-        below = torch.where(seen, cos, float("-inf"))
-        if k == max_set + 1:
-            below[:, -1] = cos[:, -1]  # never inside: the set would be too large
-        below = torch.cat([below, torch.full((c, 1), -1.0, device=device)], dim=1)
-        next_seen = below.flip(1).cummax(1).values.flip(1)[:, 1:]  # [c, k]
-        # a cut can only be best right after a token the feature fires on, strictly above the next seen one
-        cut = (hits > 0) & (cos > next_seen) & has_proto[:, None]
-        if k == max_set + 1:
-            cut[:, -1] = False
-        best = torch.where(cut, f1, -1.0).argmax(1)
-        rows = torch.arange(c, device=device)
-        ok = cut[rows, best]
-        upper, lower = cos[rows, best], next_seen[rows, best]
-        radius = (upper + lower) / 2
-        radius = torch.where(radius > lower, radius, upper)  # float32 midpoint of neighbours may round onto the lower one
-        size = (cos >= radius[:, None]).sum(1)
-        unseen = ((cos >= radius[:, None]) & ~seen).sum(1)
-        best_f1 = f1[rows, best]
-        near, ok, radius, size, unseen, best_f1 = (t.cpu() for t in (near, ok, radius, size, unseen, best_f1))
-        for r in range(c):
-            if not ok[r]:
-                out.append(None)
-                continue
-            out.append(Neighbourhood(int(fs[r]), top[r, :n_proto[r]].tolist(), float(radius[r]), near[r, :int(size[r])].tolist(),
-                                     float(best_f1[r]), int(unseen[r])))
+        out += _chunk_neighbourhoods(atlas, space, fs, dense[:len(fs)], max_prototype, prototype_share)
     return out
+
+
+def _entries(atlas: Atlas, fs: Tensor, n_vocab: int, device: torch.device) -> _Entries:
+    """The (feature, token) counts of the ascending features `fs`: one contiguous CSR slice
+    (dead features between are empty), tokens past the space's `n_vocab` rows left out."""
+    ptr = atlas.tensors["token_count_ptr"]
+    lo, hi = int(ptr[fs[0]]), int(ptr[fs[-1] + 1])
+    owner = torch.repeat_interleave(torch.arange(len(fs)), ptr[fs + 1] - ptr[fs]).to(device)
+    ids = atlas.token_counts["ids"][lo:hi].to(device, torch.long)
+    counts = atlas.token_counts["counts"][lo:hi].to(device, torch.float32)
+    acts = atlas.token_counts["act_sums"][lo:hi].to(device, torch.float32)
+    if hi > lo and int(ids.max()) >= n_vocab:  # tokens past the rows of the vectors have no place in this space
+        inside = ids < n_vocab
+        owner, ids, counts, acts = owner[inside], ids[inside], counts[inside], acts[inside]
+    return _Entries(owner, ids, counts, acts)
+
+
+def _chunk_neighbourhoods(atlas: Atlas, space: _Space, fs: Tensor, table: Tensor, max_prototype: int,
+                          prototype_share: float) -> list[Neighbourhood | None]:
+    """`neighbourhoods` of the features `fs` [chunk], with `table` [chunk vocab] zeros to work in (left zeroed)."""
+    e = _entries(atlas, fs, len(space.unit), table.device)
+    # prototype: the top tokens by activation sum x precision, heaviest first (a top-k over a
+    # dense [c, vocab] table costs less than sorting the chunk's entries by feature and weight)
+    table[e.owner, e.ids] = e.acts * e.counts / space.freq[e.ids].float().clamp_min(1)
+    weight, top = table.topk(min(max_prototype, len(space.unit)), dim=1)  # [c, m]
+    keep = (weight > 0) & (weight >= prototype_share * weight[:, :1])  # a prefix of each row: weights descend
+    proto = ((weight * keep)[:, :, None] * space.unit[top]).sum(1)  # [c, d_model]
+    n_proto = keep.sum(1)
+    proto = torch.nn.functional.normalize(proto, dim=-1)
+
+    # cosine of every vocabulary vector with each prototype, the nearest k of each
+    cos, near = (proto @ space.unit.T).topk(space.k, dim=1)  # [c, k], nearest first
+    table[e.owner, e.ids] = e.counts  # every entry the weights took: no stale weight stays
+    hits = table.gather(1, near).double()  # the feature's firings on each of the nearest tokens
+    table[e.owner, e.ids] = 0
+    fires = atlas.fire_count[fs].to(table.device, torch.float64)[:, None]
+    cut = _best_cut(cos, hits, space.freq[near], fires, n_proto > 0, space.capped)
+    top, n_proto, near = top.cpu(), n_proto.tolist(), near.cpu()
+    return [Neighbourhood(int(fs[r]), top[r, :n_proto[r]].tolist(), float(cut.radius[r]), near[r, :int(cut.size[r])].tolist(),
+                          float(cut.f1[r]), int(cut.unseen[r])) if cut.ok[r] else None for r in range(len(fs))]
+
+
+def _best_cut(cos: Tensor, hits: Tensor, occurrences: Tensor, fires: Tensor, has_proto: Tensor, capped: bool) -> _Cut:
+    """The radius of best atlas F1 around each prototype, from the cosines `cos` [c k] of its
+    nearest tokens (nearest first), the feature's firings `hits` [c k] and the `occurrences`
+    [c k] of those tokens, its firings `fires` [c 1]. `capped`: the k-th token is never inside."""
+    tp = hits.cumsum(1)
+    f1 = 2 * tp / (occurrences.cumsum(1) + fires)  # 2TP / (2TP + FP + FN), with TP + FP = occurrences
+    # cosine of the next seen token after each position (floored by the (k)th token, or -1
+    # when the whole vocabulary fits): a radius between the two keeps exactly this prefix of seen tokens
+    seen = occurrences > 0
+    below = torch.where(seen, cos, float("-inf"))
+    if capped:
+        below[:, -1] = cos[:, -1]  # never inside: the set would be too large
+    below = torch.cat([below, torch.full((len(cos), 1), -1.0, device=cos.device)], dim=1)
+    next_seen = below.flip(1).cummax(1).values.flip(1)[:, 1:]  # [c, k]
+    # a cut can only be best right after a token the feature fires on, strictly above the next seen one
+    cut = (hits > 0) & (cos > next_seen) & has_proto[:, None]
+    if capped:
+        cut[:, -1] = False
+    best = torch.where(cut, f1, -1.0).argmax(1)
+    rows = torch.arange(len(cos), device=cos.device)
+    upper, lower = cos[rows, best], next_seen[rows, best]
+    radius = (upper + lower) / 2
+    radius = torch.where(radius > lower, radius, upper)  # float32 midpoint of neighbours may round onto the lower one
+    inside = cos >= radius[:, None]
+    return _Cut(*(t.cpu() for t in (cut[rows, best], radius, inside.sum(1), (inside & ~seen).sum(1), f1[rows, best])))
 
 
 def token_set_f1(atlas: Atlas, features: Sequence[int], max_tokens: int) -> np.ndarray:
@@ -217,9 +263,10 @@ class SemanticKind(LabelKind):
             vectors = spaces[space] = token_vectors(context.model, space)
             if space == "unembedding" and _same(vectors, spaces["embedding"]):
                 continue  # tied embeddings (SmolLM2): the unembedding space is the embedding space
-            max_set = min(self.MAX_SET_TOKENS, max(self.MIN_SET_TOKENS, int(self.MAX_SET_SHARE * min(len(vectors), len(atlas.token_frequency)))))
+            share = int(self.MAX_SET_SHARE * min(len(vectors), len(atlas.token_frequency)))
+            max_set = min(self.MAX_SET_TOKENS, max(self.MIN_SET_TOKENS, share))
             found = neighbourhoods(atlas, vectors, live, max_set, self.CHUNK_FEATURES, MAX_LISTED_TOKENS, self.PROTOTYPE_SHARE)
-            for nb, token_set in zip(found, baseline):
+            for nb, token_set in zip(found, baseline, strict=True):
                 if nb is None or len(nb.tokens) < self.MIN_SET_TOKENS:
                     continue
                 if nb.f1 >= token_set + self.BEAT_MARGIN or (nb.n_unseen > 0 and nb.f1 >= token_set - self.UNSEEN_SLACK):
@@ -231,7 +278,8 @@ class SemanticKind(LabelKind):
         return token_membership([label.tokens for label in labels])
 
     def render(self, label: SemanticLabel, atlas: Atlas) -> str:
-        return f"tokens near {quote(atlas.vocab, label.prototype_tokens)} ({label.space} cos >= {label.radius:.2f}; {len(label.tokens)} tokens)"
+        near = quote(atlas.vocab, label.prototype_tokens)
+        return f"tokens near {near} ({label.space} cos >= {label.radius:.2f}; {len(label.tokens)} tokens)"
 
     def is_compact(self, label: SemanticLabel) -> bool:
         return len(label.prototype_tokens) <= MAX_LISTED_TOKENS  # a short rendering however many tokens it covers

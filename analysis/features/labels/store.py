@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,7 @@ class LabelSummary:
         return cls(**{names[k]: v for k, v in record.items() if k in names}, other={k: v for k, v in record.items() if k not in names})
 
 
-def _json_name(f) -> str:
+def _json_name(f: Field) -> str:
     return f.metadata.get("json") or f.name
 
 
@@ -166,7 +166,8 @@ class Labels:
 
     def entry(self, feature: int) -> FeatureLabels | None:
         if not 0 <= int(feature) < len(self.features):
-            raise IndexError(f"feature {feature} out of range: these labels have {len(self.features)} features (0..{len(self.features) - 1})")
+            raise IndexError(f"feature {feature} out of range: these labels have {len(self.features)} features "
+                             f"(0..{len(self.features) - 1})")
         return self.features[int(feature)]
 
     def best(self, feature: int) -> Label | None:

@@ -29,7 +29,7 @@ from the token strings (`activations.model.token_strings`):
                      word (`getattr`) cannot be told from prose by its text and is not one;
                      prose abbreviations such as "e.g." are.
 
-How it is computed: per-vocabulary lookup tables, built once per tokenizer (`vocabulary_tables`,
+How it is computed: per-vocabulary lookup tables, built once per vocabulary (`vocabulary_tables`,
 cached): bracket and quote counts per token, and for the two line / word rules the transition
 table of a small character automaton, run over each token's text from every state. A batch
 then costs a gather per token rule, a cumsum (and cummin, for the floor) per depth, and one
@@ -43,7 +43,7 @@ maxima (top and random examples, evaluated on the atlas contexts) and hold there
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
@@ -53,7 +53,7 @@ from torch import Tensor
 from activations.model import token_strings
 
 from ..atlas import Atlas
-from .base import Label, LabelContext, LabelKind, Predicate, register
+from .base import Label, LabelContext, LabelKind, Predicate, per_tokenizer, register
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -123,7 +123,7 @@ def _word_step(state: int, c: str) -> int:
     return AFTER_UPPER if c in _UPPER else AFTER_OTHER
 
 
-def _transitions(strings: Sequence[str], step, n_states: int) -> Tensor:
+def _transitions(strings: Sequence[str], step: Callable[[int, str], int], n_states: int) -> Tensor:
     """The automaton's state after each token's text, from each state: int64 [vocab + 1, n_states]
     (the last row, for ids outside the vocabulary, keeps the state)."""
     table = torch.empty(len(strings) + 1, n_states, dtype=torch.int64)
@@ -171,7 +171,7 @@ class VocabularyTables(NamedTuple):
 
 def tables_of_strings(strings: Sequence[str]) -> VocabularyTables:
     """The lookups for a vocabulary whose token t reads `strings[t]`."""
-    def column(values, dtype):
+    def column(values: Iterable, dtype: torch.dtype) -> Tensor:
         return torch.tensor([*values, 0], dtype=dtype)
 
     def capital(s: str) -> bool:
@@ -190,21 +190,11 @@ def tables_of_strings(strings: Sequence[str]) -> VocabularyTables:
     )
 
 
-_CACHE: dict[int, tuple[object, VocabularyTables]] = {}
-_CACHE_SIZE = 4  # tokenizers kept (each entry holds its tokenizer, so its id is not reused)
-
-
+@per_tokenizer
 def vocabulary_tables(tokenizer: PreTrainedTokenizerBase) -> VocabularyTables:
-    """The lookups of `tokenizer`'s vocabulary, built once per tokenizer (about a second for
+    """The lookups of `tokenizer`'s vocabulary, built once per vocabulary (about a second for
     SmolLM2's 49,152 tokens) and cached."""
-    hit = _CACHE.get(id(tokenizer))
-    if hit is not None and hit[0] is tokenizer and len(hit[1].number) == len(tokenizer) + 1:  # same object, no tokens added since
-        return hit[1]
-    tables = tables_of_strings(token_strings(tokenizer, list(range(len(tokenizer)))))
-    if len(_CACHE) >= _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[id(tokenizer)] = (tokenizer, tables)
-    return tables
+    return tables_of_strings(token_strings(tokenizer, list(range(len(tokenizer)))))
 
 
 # ---------------------------------------------------------------------------- the rules on token ids
@@ -301,7 +291,7 @@ class StructureKind(LabelKind):
         order = share.argsort(dim=1, descending=True, stable=True)
         ranked = torch.where(passes.gather(1, order), order, -1)[live].tolist()  # passing rules, highest share first
         out = []
-        for i, rank in zip(live, ranked):
+        for i, rank in zip(live, ranked, strict=True):
             chosen = [r for r in rank if r >= 0][:self.MAX_PER_FEATURE]
             out.extend(self.make(atlas, i, rule=rules[r]) for r in chosen)
         return out
@@ -325,4 +315,5 @@ class StructureKind(LabelKind):
         return RULES.get(label.rule, label.rule)
 
 
-__all__ = ["RULES", "StructureKind", "StructureLabel", "VocabularyTables", "rule_mask", "structure_masks", "tables_of_strings", "vocabulary_tables"]
+__all__ = ["RULES", "StructureKind", "StructureLabel", "VocabularyTables", "rule_mask", "structure_masks", "tables_of_strings",
+           "vocabulary_tables"]

@@ -31,7 +31,7 @@ class TokenLabel(Label):
     tokens: list[int] = field(default_factory=list)
     """Token ids: the current token (token-set, llm) or the next one (logit) is one of them."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.tokens = [int(t) for t in self.tokens]
 
 

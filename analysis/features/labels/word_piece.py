@@ -26,7 +26,7 @@ from torch import Tensor
 from activations.model import token_strings
 
 from ..atlas import Atlas
-from .base import MAX_LISTED_TOKENS, Label, LabelContext, LabelKind, Predicate, register, token_membership
+from .base import MAX_LISTED_TOKENS, Label, LabelContext, LabelKind, Predicate, per_tokenizer, register, token_membership
 from .context import Bigrams, best_prefix, example_firings, listed, previous_token, supported
 
 if TYPE_CHECKING:
@@ -36,24 +36,14 @@ WHICH = ("continuation", "start")
 STARTS_ALNUM, ENDS_ALNUM, WORD_START = range(3)
 """Columns of `piece_table`."""
 
-_TABLES: dict[int, tuple[object, Tensor]] = {}
-_MAX_CACHED = 8  # tokenizers whose tables are kept (a process uses one or two)
-
-
+@per_tokenizer
 def piece_table(tokenizer: PreTrainedTokenizerBase) -> Tensor:
     """[len(tokenizer), 3] bool per token id: its text starts with a letter or digit
     (STARTS_ALNUM), ends with one (ENDS_ALNUM), is a space then a letter (WORD_START).
-    Built once per tokenizer (decoding the 49k SmolLM2 pieces takes a moment) and cached."""
-    cached = _TABLES.get(id(tokenizer))
-    if cached is not None and cached[0] is tokenizer and len(cached[1]) == len(tokenizer):
-        return cached[1]
+    Built once per vocabulary (decoding the 49k SmolLM2 pieces takes a moment) and cached."""
     strings = token_strings(tokenizer, list(range(len(tokenizer))))
-    table = torch.tensor([(s[:1].isalnum(), s[-1:].isalnum(), s[:1] == " " and s[1:2].isalpha()) for s in strings],
-                         dtype=torch.bool).view(len(strings), 3)
-    if len(_TABLES) >= _MAX_CACHED:
-        _TABLES.pop(next(iter(_TABLES)))  # the oldest
-    _TABLES[id(tokenizer)] = (tokenizer, table)  # the tokenizer is held, so its id is not reused while cached
-    return table
+    return torch.tensor([(s[:1].isalnum(), s[-1:].isalnum(), s[:1] == " " and s[1:2].isalpha()) for s in strings],
+                        dtype=torch.bool).view(len(strings), 3)
 
 
 def piece_flags(table: Tensor, tokens: Tensor) -> Tensor:
@@ -72,7 +62,8 @@ def rules(before: Tensor, here: Tensor) -> dict[str, Tensor]:
 
 def pair_rules(table: Tensor, previous: np.ndarray, current: np.ndarray) -> dict[str, np.ndarray]:
     """`rules` of (previous[k], current[k]) token pairs [k]."""
-    return {which: h.numpy() for which, h in rules(piece_flags(table, torch.from_numpy(previous)), piece_flags(table, torch.from_numpy(current))).items()}
+    held = rules(piece_flags(table, torch.from_numpy(previous)), piece_flags(table, torch.from_numpy(current)))
+    return {which: h.numpy() for which, h in held.items()}
 
 
 @dataclass(kw_only=True)
@@ -82,7 +73,7 @@ class WordPieceLabel(Label):
     previous: list[int] = field(default_factory=list)
     """Token ids P: the token before is one of them as well (empty: any token)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.which not in WHICH:
             raise ValueError(f"a word-piece label is a {' or a '.join(WHICH)}, not {self.which!r}")
         self.previous = [int(t) for t in self.previous]

@@ -1,0 +1,45 @@
+"""The settings of a feature graph (`trace`) and of feature matching (`matching.py`), each a
+flag of `saewb trace` / `saewb match` (`activations.flags`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GraphConfig:
+    max_nodes: int = 200
+    """Most nodes in the graph, prompt tokens and the target included."""
+    min_node_share: float = 0.002
+    """Drop nodes carrying less than this share of their hook's total |attribution|."""
+    edge_share: float = 0.98
+    """Keep the strongest edges until they carry this share of the total |edge weight|."""
+    max_edges: int = 2000
+    """Most edges kept."""
+    max_prompt_tokens: int = 64
+    """Longest prompt accepted (tokens, BOS included)."""
+    n_check_edges: int = 20
+    """Top edges out of features checked by intervention (ablate, clamp up)."""
+    mean_tokens: int = 16_384
+    """Held-out tokens for the means that ablation uses."""
+    batch_rows: int = 64
+    """Rows per batched pass through a span of blocks (memory bound)."""
+    budgets: list[int] = field(default_factory=lambda: [25, 50, 100])
+    """Smaller node budgets whose faithfulness is also reported (same ranking)."""
+    attribution: str = "integrated_gradients"
+    """How node attributions are computed, a registered method (analysis.circuits.attribution):
+    integrated_gradients (from the held-out mean to the prompt, `ig_steps` steps) or
+    gradient_x_activation (the gradient at the prompt times the node's term)."""
+    ig_steps: int = 8
+    """Steps of integrated gradients, one hook at a time, from the held-out mean to the prompt's
+    residual (0: gradient x activation at the prompt, whatever `attribution` names)."""
+
+
+@dataclass
+class MatchConfig:
+    threshold: float = 0.7
+    """Decoder cosine at or above which two features count as the same."""
+    coact_tokens: int = 16_384
+    """Held-out tokens for co-activation (layers of a stack)."""
+
+
+__all__ = ["GraphConfig", "MatchConfig"]

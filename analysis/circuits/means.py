@@ -1,0 +1,117 @@
+"""Held-out means a feature graph's decomposition is relative to (the residual, each feature's
+activation and the token embedding), and their cache.
+
+The cache is keyed on content: the model's name, the hooks, the SAEs' weights (a sha256 of
+their tensors), the corpus, the number of tokens and the first position. A stack retrained into
+the same folders has other weights, so its means are measured again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from activations.corpus import CorpusConfig, contexts_for_tokens, describe, heldout_corpus, load_contexts
+from activations.io import atomic_save_safetensors
+from activations.model import HookedModel
+from sae import SAE
+
+from ..encoding import first_position
+from .config import GraphConfig
+from .runner import ResidualRunner
+from .stack import SAEStack
+
+
+@dataclass
+class StackMeans:
+    """Held-out means the decomposition is relative to."""
+
+    resid: list[Tensor]
+    """[d_model] per hook of the stack."""
+    features: list[Tensor]
+    """[d_sae] per hook: mean activation, zeros included."""
+    embed: Tensor
+    """[d_model] mean token embedding."""
+    n_tokens: int
+    corpus: str
+
+
+def weights_sha256(sae: SAE) -> str:
+    """Hex sha256 of an SAE's weights: every parameter and saved extra tensor (the tensors of
+    sae_weights.safetensors), by name, with dtype and shape."""
+    tensors = {name: p for name, p in sae.named_parameters()} | sae.extra_tensors()
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def means_key(stack: SAEStack, corpus: CorpusConfig, n_tokens: int) -> dict[str, str]:
+    """What the means depend on, as the cache file's metadata (str -> str)."""
+    return {"model": str(stack.model_name), "hooks": json.dumps(stack.hooks), "n_tokens": str(n_tokens), "corpus": describe(corpus),
+            "first": str(first_position(stack.saes[0])), "weights": json.dumps([weights_sha256(s) for s in stack.saes])}
+
+
+def stack_means(model: HookedModel, stack: SAEStack, corpus: CorpusConfig | None = None, n_tokens: int = GraphConfig.mean_tokens,
+                batch_contexts: int = 8, cache: str | Path | None = None) -> StackMeans:
+    """Mean residual, feature activations and embedding over `n_tokens` held-out tokens (positions
+    >= 1), one pass through the model; cached in `cache` (a safetensors file) when given."""
+    corpus = corpus or heldout_corpus(stack.saes[0].training_data, None, stack.saes[0].cfg.context_size)
+    key = means_key(stack, corpus, n_tokens)
+    if cache is not None and (cached := _read_cache(Path(cache), key, len(stack), n_tokens)) is not None:
+        return cached
+    means = _measure(model, stack, corpus, n_tokens, batch_contexts)
+    if cache is not None:
+        tensors = {f"resid.{i}": t for i, t in enumerate(means.resid)} | {f"features.{i}": t for i, t in enumerate(means.features)}
+        atomic_save_safetensors(tensors | {"embed": means.embed}, Path(cache), metadata=key)
+    return means
+
+
+def _read_cache(path: Path, key: dict[str, str], n_hooks: int, n_tokens: int) -> StackMeans | None:
+    """The means in `path` when it was written for `key`, else None."""
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if f.metadata() != key:
+            return None
+    t = load_file(str(path))
+    return StackMeans([t[f"resid.{i}"] for i in range(n_hooks)], [t[f"features.{i}"] for i in range(n_hooks)], t["embed"], n_tokens,
+                      key["corpus"])
+
+
+@torch.no_grad()
+def _measure(model: HookedModel, stack: SAEStack, corpus: CorpusConfig, n_tokens: int, batch_contexts: int) -> StackMeans:
+    """One pass over the held-out tokens: the sums of the residual, features and embedding (float64)."""
+    runner = ResidualRunner(model)
+    device = next(model.parameters()).device
+    first = first_position(stack.saes[0])
+    n_contexts = contexts_for_tokens(n_tokens, corpus.context_len, first)
+    tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=n_contexts)).long()
+    if len(tokens) == 0:
+        raise ValueError(f"{describe(corpus)} is empty: no text for the held-out means")
+    sums = [torch.zeros(stack.saes[0].cfg.d_in, dtype=torch.float64) for _ in stack.saes]
+    fsums = [torch.zeros(s.cfg.d_sae, dtype=torch.float64) for s in stack.saes]
+    esum, count = torch.zeros(stack.saes[0].cfg.d_in, dtype=torch.float64), 0
+    for b in tqdm(range(0, len(tokens), batch_contexts), desc="held-out means"):
+        batch = tokens[b:b + batch_contexts].to(device)
+        walk = runner.walk(batch, stack.depths)
+        esum += next(walk)[:, first:].double().sum((0, 1)).cpu()
+        for i, (sae, resid) in enumerate(zip(stack.saes, walk)):
+            x = resid[:, first:].float()
+            sums[i] += x.double().sum((0, 1)).cpu()
+            fsums[i] += sae.encode(x).double().sum((0, 1)).cpu()
+        count += batch[:, first:].numel()
+    return StackMeans([(s / count).float() for s in sums], [(s / count).float() for s in fsums], (esum / count).float(), count,
+                      describe(corpus))
+
+
+__all__ = ["StackMeans", "means_key", "stack_means", "weights_sha256"]

@@ -1,0 +1,95 @@
+"""Which nodes and edges a graph keeps.
+
+Nodes are ranked by their share of their hook's total |attribution| (each hook is a full cut
+of the stream, so every hook needs its carriers), and the best are kept up to `max_nodes`,
+tokens and target included. Edges between kept nodes are kept, strongest first, until they
+carry `edge_share` of the total |weight|.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .config import GraphConfig
+from .decompose import CleanRun, Gradients
+from .nodes import Edge, Node, NodeKind, node_id
+
+
+class Candidate(NamedTuple):
+    """A feature or error node before pruning."""
+
+    share: float
+    """Its share of its hook's total |attribution|."""
+    stack_index: int
+    position: int
+    feature: int | None
+    """None for the error node."""
+    attribution: float
+
+    @property
+    def kind(self) -> NodeKind:
+        return "error" if self.feature is None else "feature"
+
+    @property
+    def id(self) -> str:
+        return node_id(self.kind, self.stack_index, self.position, self.feature)
+
+
+class Ranking(NamedTuple):
+    candidates: list[Candidate]
+    """Every feature and error node, largest share first."""
+    ranked: list[Candidate]
+    """Those with at least `min_node_share`, in the same order."""
+    kept: list[Candidate]
+    """The graph's: the first of `ranked` that fit the node budget."""
+
+
+def rank_nodes(run: CleanRun, grads: Gradients, cfg: GraphConfig) -> Ranking:
+    """The feature and error nodes of every hook, attributed with `grads` (the attribution method's), ranked and cut."""
+    candidates = []
+    for i, d in enumerate(run.terms):
+        feature_attr = d.delta * (grads.hooks[i] @ d.W_dec.T)  # [P d_sae]
+        error_attr = (d.error * grads.hooks[i]).sum(-1)  # [P]
+        total = max(float(feature_attr.abs().sum() + error_attr[run.first:].abs().sum()), 1e-30)  # 0 when nothing reaches the target
+        ps, js = d.active.nonzero(as_tuple=True)
+        for p, j, a in zip(ps.tolist(), js.tolist(), feature_attr[ps, js].tolist()):
+            candidates.append(Candidate(abs(a) / total, i, p, j, a))
+        for p in range(run.first, run.n_pos):
+            candidates.append(Candidate(abs(float(error_attr[p])) / total, i, p, None, float(error_attr[p])))
+    candidates.sort(key=lambda c: -c.share)
+    ranked = [c for c in candidates if c.share >= cfg.min_node_share]
+    return Ranking(candidates, ranked, ranked[:budget_of(run, cfg.max_nodes)])
+
+
+def budget_of(run: CleanRun, max_nodes: int) -> int:
+    """Feature and error nodes that fit in `max_nodes` beside the prompt's tokens and the target."""
+    return max(0, max_nodes - (run.n_pos - run.first) - 1)
+
+
+def graph_nodes(run: CleanRun, kept: list[Candidate], grads: Gradients, strings: list[str]) -> list[Node]:
+    """The graph's nodes: the prompt's tokens, the kept features and errors, the target."""
+    token_attr = (run.emb_term * grads.embed).sum(-1)  # [P]
+    nodes = [Node("token", -1, p, None, float(run.emb_term[p].norm()), float(token_attr[p]), strings[p])
+             for p in range(run.first, run.n_pos)]
+    for c in kept:
+        d, p = run.terms[c.stack_index], c.position
+        activation = float(d.error[p].norm()) if c.feature is None else float(d.acts[p, c.feature])
+        nodes.append(Node(c.kind, c.stack_index, p, c.feature, activation, c.attribution, strings[p]))
+    target = run.target
+    nodes.append(Node("target", run.n_hooks, run.position, target.feature_id(), run.metric, run.metric, strings[run.position], target.text))
+    return nodes
+
+
+def prune_edges(edges: list[Edge], cfg: GraphConfig) -> list[Edge]:
+    """The strongest edges, up to `max_edges`, until they carry `edge_share` of the total |weight|."""
+    edges = sorted(edges, key=lambda e: -abs(e.weight))
+    total = sum(abs(e.weight) for e in edges)
+    kept, running = [], 0.0
+    for e in edges[:cfg.max_edges]:
+        if cfg.edge_share < 1 and total > 0 and running >= cfg.edge_share * total:
+            break
+        kept.append(e)
+        running += abs(e.weight)
+    return kept
+
+
+__all__ = ["Candidate", "Ranking", "budget_of", "graph_nodes", "prune_edges", "rank_nodes"]

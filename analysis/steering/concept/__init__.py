@@ -1,0 +1,53 @@
+"""Concept steering: find the features that make the model *say* a concept, steer several of
+them together at a dose chosen automatically, and score the text with a lexicon that does not
+depend on the steered features.
+
+1. **Lexicon** (`lexicon.py`, `Lexicon`): the concept's words, given by the user or derived and
+   shown (`derive_lexicon`, from the concept search's labels and logit effects). A word of the
+   text counts when it is a lexicon word or one of its inflections ("loved" for "love"). It is
+   the concept score of every steering table, beside the steered features' own re-read
+   activation, so a topic that moves without the feature's token ("marriage" -> "a wedding")
+   is counted.
+2. **Feature choice** (`search.py`, `search_concept`). Every candidate gets each registered
+   candidate score (`scores/`, one file each):
+   * input selectivity (`analysis.features.monitor.input_selectivity`): does it fire on the
+     concept's word in text, and rarely elsewhere?
+   * answer contrast: how much more it fires on the model's own answers when the prompt asks
+     for the concept (`PROMPTING`) than on its unprompted answers: what the model represents
+     while it talks about the concept;
+   * logit lens: a z-score of the push its decoder row gives the lexicon's tokens;
+   * output side, after Arad, Mueller & Belinkov 2025 ("SAEs are good for steering if you select
+     the right features"): the feature is clamped to `amplify` x its max activation in one
+     forward pass over short chat prompts, and we read the next-token distribution at the start
+     of the answer. `output_score` is the probability mass its own logit-lens tokens (W_dec[i]
+     @ W_U, top `top_k`) gain; `concept_gain` is the gain in log P(lexicon tokens), in nats,
+     against control tokens that were as likely before.
+   Candidates are the best `n_candidates` of each proposing score (input selectivity, answer
+   contrast, logit lens); they are ranked by the mean of the ranking scores (input selectivity,
+   answer contrast, concept gain), each scaled to its best candidate, and the top `n_features`
+   with a positive concept gain are steered, weighted by that gain.
+3. **Dose** (`dose.py`, `search_dose`): the steered features are clamped to dose x weight x their
+   max activation (error term kept, every position but 0: `analysis.steering.interventions`). The
+   dose is the largest on a rising ladder whose answers to held-out tuning prompts keep perplexity
+   (under the unsteered model) and repetition within `budget` x the unsteered answers', refined
+   by bisection between the last dose that passed and the first that failed.
+4. **Report** (`report.py`, `compare_concept`): answers unsteered, prompted, steered and both,
+   scored the same way.
+"""
+from ..measure import Fluency
+from .config import PROMPTING, TUNING_PROMPTS, ConceptConfig
+from .dose import DosePoint, DoseSearch, choose_dose, search_dose, within_budget
+from .lexicon import Lexicon, LexiconScores, derive_lexicon, lexicon_scores
+from .report import ConceptPoint, ExtraCondition, compare_concept
+from .scores import SCORES, CandidateInputs, CandidateScore, register
+from .scores.answer_contrast import answer_contrast
+from .scores.logit_lens_z import lexicon_logit_z
+from .scores.output import OutputScores, matched_controls, output_scores
+from .search import STEERED_BY, ConceptFeature, ConceptSearch, concept_steering, ranking_table, search_concept
+
+__all__ = [
+    "PROMPTING", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
+    "ConceptPoint", "ConceptSearch", "DosePoint", "DoseSearch", "ExtraCondition", "Fluency", "Lexicon", "LexiconScores", "OutputScores",
+    "answer_contrast", "choose_dose", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores",
+    "matched_controls", "output_scores", "ranking_table", "register", "search_concept", "search_dose", "within_budget",
+]

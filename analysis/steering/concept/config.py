@@ -1,0 +1,63 @@
+"""The settings of concept steering and its two fixed prompt sets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from activations.generation import GenerationConfig
+
+TUNING_PROMPTS = [
+    # Neutral prompts for the dose search and the output score, kept apart from
+    # `analysis.steering.NEUTRAL_PROMPTS`, on which steering is then reported.
+    "What did you do yesterday?", "Tell me something about yourself.", "Write a few lines about a journey.",
+    "What is a good hobby to pick up?", "Describe your neighbourhood.", "How should I spend a free evening?",
+    "Write a short note to a friend.", "What do you like about your town?", "Tell me about a memorable day.",
+    "What would you do with a day off?", "Describe a typical Monday.", "Give me an idea for a weekend project.",
+]
+
+PROMPTING = "{prompt} (In your answer, talk about {concept}.)"
+"""The prompting baseline: the neutral prompt asking for the concept."""
+
+
+@dataclass
+class ConceptConfig:
+    n_features: int = 16
+    """Features steered together: the best-ranked ones with a positive concept gain. Many at a
+    low dose each beat a few at a high one: their pushes toward the concept add up, their
+    unrelated effects less so (on the default SAE: "sea" 0.25 of tuning answers within budget
+    with 16 features, 0.08 with 4)."""
+    n_candidates: int = 24
+    """Candidates taken from each proposing score (input selectivity, answer contrast, logit lens) before the forward passes."""
+    amplify: float = 2.0
+    """Output score: clamp value in multiples of the feature's max activation."""
+    top_k: int = 20
+    """Output score: the feature's promoted tokens counted (logit lens)."""
+    max_density: float = 0.02
+    """Features firing on more of the atlas' tokens than this are left out (not concept-specific)."""
+    doses: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0])
+    """Rising ladder of doses tried by the search (x weight x max activation per feature)."""
+    refine: int = 1
+    """Bisection steps between the last dose that passed and the first that failed."""
+    budget: float = 2.0
+    """Fluency budget: perplexity and repetition at most this many times the unsteered answers'."""
+    margin: float = 1.0
+    """The dose search holds the tuning answers to budget x margin: below 1 leaves room for the
+    report prompts, where a dose chosen at the edge of the budget often lands over it."""
+    repetition_floor: float = 0.02
+    """The unsteered repetition counted in the budget is at least this (so 0 repetition on a
+    few short answers does not make every repeat a failure)."""
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=40, chat=True))
+
+    def __post_init__(self):
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
+        if self.n_features < 1 or self.n_candidates < 1 or not self.doses:
+            raise ValueError("need n_features >= 1, n_candidates >= 1 and at least one dose")
+        if sorted(self.doses) != list(self.doses) or min(self.doses) <= 0:
+            raise ValueError(f"doses must be positive and rising, got {self.doses}")
+        if self.budget <= 1:
+            raise ValueError(f"the fluency budget is a ratio above 1, got {self.budget}")
+        if not 0 < self.margin <= 1 or self.budget * self.margin <= 1:
+            raise ValueError(f"margin must be in (0, 1] and leave budget x margin above 1, got {self.margin}")
+
+
+__all__ = ["PROMPTING", "TUNING_PROMPTS", "ConceptConfig"]

@@ -1,0 +1,154 @@
+"""The concept search: candidates proposed by some scores, every registered score computed
+for them (`scores/`), ranked, and the best with a positive concept gain steered together."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from activations.model import HookedModel
+from sae.base import SAE
+
+from ..interventions import Intervention, Steering
+from .config import TUNING_PROMPTS, ConceptConfig
+from .lexicon import Lexicon, derive_lexicon
+from .scores import SCORES, CandidateInputs
+
+if TYPE_CHECKING:
+    from ...features.atlas import Atlas
+    from ...features.labels import Labels
+
+STEERED_BY = "concept_gain"
+"""The score that decides which ranked candidates are steered (a positive value) and their
+weights (the value over the best steered one's)."""
+
+
+@dataclass
+class ConceptFeature:
+    """One candidate of a concept search. Its scores read as attributes too: `c.concept_gain`
+    is `c.scores["concept_gain"]`."""
+
+    feature: int
+    scores: dict[str, float]
+    """Every registered candidate score (`SCORES`) by name: input_score, fire_rate, contrast,
+    logit_z, output_score, concept_gain, ..."""
+    combined: float
+    """Ranking score: the mean of the scores that count in the ranking (`CandidateScore.in_ranking`:
+    input score, answer contrast, concept gain), each over its best candidate (negatives as 0)."""
+    weight: float = 0.0
+    """Share of the dose this feature gets when steered (its concept gain over the best one); 0 if not steered."""
+    label: str = ""
+    density: float = 0.0
+
+    def __getattr__(self, name: str) -> float:
+        scores = self.__dict__.get("scores")
+        if scores is not None and name in scores:
+            return scores[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or score {name!r}")
+
+    def to_dict(self) -> dict:
+        """Flat: the feature, each score under its name, then the ranking fields."""
+        return {"feature": self.feature, **self.scores, "combined": self.combined, "weight": self.weight, "label": self.label,
+                "density": self.density}
+
+
+@dataclass
+class ConceptSearch:
+    concept: str
+    lexicon: Lexicon
+    ranked: list[ConceptFeature]
+    """Every candidate, best first."""
+
+    @property
+    def steered(self) -> list[ConceptFeature]:
+        return [c for c in self.ranked if c.weight > 0]
+
+    @property
+    def top_input(self) -> ConceptFeature:
+        """The feature a search by input alone would steer (`saewb monitor --find`'s first)."""
+        return max(self.ranked, key=lambda c: (c.input_score, c.fire_rate))
+
+    def to_dict(self) -> dict:
+        return {"concept": self.concept, "lexicon": {"words": list(self.lexicon.words), "source": self.lexicon.source},
+                "ranked": [c.to_dict() for c in self.ranked]}
+
+
+def _best(score: Tensor, usable: Tensor, n: int) -> Tensor:
+    """The `n` features [n] with the highest `score` [d_sae] among the `usable` ones (unusable
+    ones only where fewer are usable)."""
+    return torch.where(usable, score, torch.full_like(score, -math.inf)).topk(n).indices
+
+
+class Candidates(NamedTuple):
+    features: list[int]
+    """The best usable features of each proposing score, in rank order, each once."""
+    scores: dict[str, Tensor]
+    """Every registered score of them [n_candidates], by name."""
+
+
+def _score_candidates(inputs: CandidateInputs, usable: Tensor) -> Candidates:
+    """The candidates of a search and their scores."""
+    everywhere = {name: s.score(inputs, None) for name, s in SCORES.items() if s.proposes}  # [d_sae] each
+    proposed = [f for scores in everywhere.values() for f in _best(scores, usable, inputs.cfg.n_candidates).tolist()]
+    candidates = [f for f in dict.fromkeys(proposed) if usable[f]]
+    values = {name: everywhere[name][candidates] if name in everywhere else s.score(inputs, candidates) for name, s in SCORES.items()}
+    return Candidates(candidates, values)
+
+
+def _rank(candidates: Candidates, atlas: Atlas, labels: Labels | None, n_features: int) -> list[ConceptFeature]:
+    """The candidates, best `combined` first, with the steered ones weighted."""
+    from ...features.monitor import label_text
+
+    values = candidates.scores
+    parts = [values[name] for name, s in SCORES.items() if s.in_ranking]
+    combined = sum(part.clamp_min(0) / part.clamp_min(0).max().clamp_min(1e-12) for part in parts) / len(parts)
+    ranked = [ConceptFeature(f, {name: float(v[n]) for name, v in values.items()}, float(combined[n]), label=label_text(labels, f),
+                             density=float(atlas.density[f]))
+              for n, f in enumerate(candidates.features)]
+    ranked.sort(key=lambda c: -c.combined)
+    chosen = [c for c in ranked if c.scores[STEERED_BY] > 0][:n_features]
+    top = max((c.scores[STEERED_BY] for c in chosen), default=0.0)
+    for c in chosen:
+        c.weight = c.scores[STEERED_BY] / top
+    return ranked
+
+
+def search_concept(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, labels: Labels | None = None, lexicon: Lexicon | None = None,
+                   prompts: Sequence[str] | None = None, cfg: ConceptConfig | None = None) -> ConceptSearch:
+    """Rank features for steering toward `concept` by what they read and what they write (every
+    registered `CandidateScore`). Without a `lexicon`, one is derived from the input side's best
+    features and shown in the result. `prompts` (default `TUNING_PROMPTS`) are read for the
+    answer and output sides."""
+    from ...features.monitor import input_selectivity
+
+    cfg = cfg or ConceptConfig()
+    selectivity = input_selectivity(concept, model, sae, atlas)
+    usable = (atlas.max_activation > 0) & (atlas.density <= cfg.max_density)
+    if lexicon is None:
+        lexicon = derive_lexicon(concept, model.tokenizer, _best(selectivity.score, usable, cfg.n_candidates)[:3].tolist(), atlas, labels)
+    inputs = CandidateInputs(concept, model, sae, atlas, lexicon.token_ids(model.tokenizer), list(prompts or TUNING_PROMPTS), cfg,
+                             selectivity)
+    return ConceptSearch(concept, lexicon, _rank(_score_candidates(inputs, usable), atlas, labels, cfg.n_features))
+
+
+def concept_steering(sae: SAE, features: Sequence[ConceptFeature], dose: float, max_activation: Tensor) -> Steering:
+    """Clamp each feature to dose x its weight x its max activation [d_sae]."""
+    if not features:
+        raise ValueError("no feature to steer: no candidate raised the concept's tokens (try other lexicon words)")
+    return Steering(sae, [Intervention(c.feature, "clamp", dose * c.weight) for c in features], max_activation)
+
+
+def ranking_table(features: Sequence[ConceptFeature]) -> str:
+    """Plain text: one row per feature, a column per registered score (`SCORES`), its weight and label."""
+    head = ["feature", *(s.header for s in SCORES.values()), "weight"]
+    rows = [[str(c.feature), *(format(c.scores[name], s.spec) for name, s in SCORES.items()), f"{c.weight:.2f}"] for c in features]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    labels = ["label", *(c.label[:60] for c in features)]
+    return "\n".join(" ".join(cell.rjust(w) for cell, w in zip(row, widths)) + "  " + label for row, label in zip([head, *rows], labels))
+
+
+__all__ = ["STEERED_BY", "Candidates", "ConceptFeature", "ConceptSearch", "concept_steering", "ranking_table", "search_concept"]
