@@ -73,6 +73,14 @@ def _split_of_index(i: int, split: str) -> bool:
     return (i % 20 == 19) == (split == "heldout")
 
 
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """The files a corpus source reads, in reading order: the file itself, or every corpus file under a folder."""
+    return sorted(p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES) if path.is_dir() else [path]
+
+
 def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
     """Yield the documents of `cfg.source` that belong to `cfg.split`, in a fixed order."""
     if cfg.source == "default":
@@ -94,7 +102,7 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
     path = Path(cfg.source)
     if not path.exists():
         raise FileNotFoundError(f"corpus source {cfg.source!r} does not exist")
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".parquet")) if path.is_dir() else [path]
+    files = corpus_files(path)
     i = 0
     for file in files:
         for text in _read_file(file, cfg.text_field):
@@ -176,12 +184,34 @@ def fingerprint(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()[:16]
 
 
+def source_digest(cfg: CorpusConfig) -> str:
+    """A content hash of the corpus source's files (the embedded corpus, a file, or every corpus
+    file under a folder, with their relative names), so caches of its tokens follow the text, not
+    its path or modification time. A Hugging Face dataset is named only (its files are remote)."""
+    if cfg.source.startswith("hf:"):
+        return cfg.source
+    path = DEFAULT_CORPUS if cfg.source == "default" else Path(cfg.source)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus source {cfg.source!r} does not exist")
+    files = corpus_files(path)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        with file.open("rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def load_contexts(cfg: CorpusConfig, tokenizer: PreTrainedTokenizerBase, max_contexts: int | None = None, cache_dir: Path | None = None) -> np.ndarray:
     """Packed contexts for `cfg`, int32 [n_contexts, context_len], cached as .npy in `cache_dir`
     when given (tokenising the default corpus takes ~10 s)."""
     cache = None
     if cache_dir is not None:
-        key = hashlib.sha256(json.dumps([cfg.__dict__, tokenizer.name_or_path, len(tokenizer), max_contexts], sort_keys=True).encode()).hexdigest()[:12]
+        from .model import vocabulary_key
+
+        content = [cfg.__dict__, source_digest(cfg), vocabulary_key(tokenizer), max_contexts]  # what the tokens depend on, not where they came from
+        key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
         cache = Path(cache_dir) / f"contexts_{cfg.split}_{key}.npy"
         if cache.exists():
             return np.load(cache, allow_pickle=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +31,7 @@ from . import distributed
 from .corpus import CorpusConfig, contexts_for_tokens, fingerprint, load_contexts, tokens_in_contexts
 from .io import atomic_save_safetensors, atomic_write_json, remove_stale_temp_files
 from .model import DEFAULT_HOOK, DEFAULT_MODEL, HookedModel, load_model, model_mismatch, run_to_hooks, validate_hook
+from .precision import AUTOCASTS, check_autocast, resolve_autocast
 from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_dir, repair_command, sha256_file
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ class HarvestConfig:
     """Storage dtype of the activations."""
     exclude_bos: bool = True
     """Drop position 0 (the BOS-like attention sink, norms ~100x the median)."""
-    autocast: Literal["none", "bf16"] = "bf16"
-    """Model matmuls while harvesting: "bf16" (2x faster on CPU, ~1e-4 relative error) or "none" (fp32)."""
+    autocast: Literal["auto", "none", "bf16"] = "auto"
+    """Model matmuls while harvesting: "auto" (time fp32 and bf16 autocast on the first batch and keep the faster, if bf16's
+    relative error is within 1e-3; a resumed harvest keeps the recorded choice), "bf16" or "none" (fp32)."""
     device: str = "auto"
     repair: bool = False
     """Re-harvest the shards whose checksum does not match the manifest (else: an error)."""
@@ -66,8 +68,7 @@ class HarvestConfig:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.shard_contexts % self.batch_contexts:
             raise ValueError("shard_contexts must be a multiple of batch_contexts")
-        if self.autocast not in ("none", "bf16"):
-            raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        check_autocast(self.autocast)
         if not self.hooks:
             raise ValueError("at least one hook is needed")
         if isinstance(self.corpus, dict):
@@ -91,6 +92,7 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
             f"corpus {cfg.corpus.source!r} ({cfg.corpus.split}) has only {tokens_in_contexts(len(tokens), cfg.corpus.context_len, first):,} "
             f"tokens, {cfg.n_tokens:,} requested"
         )
+    cfg = replace(cfg, autocast=_autocast(cfg, model, tokens, device))
     header = {
         "format": FORMAT, "model": cfg.model, "d_in": None, "dtype": cfg.dtype, "context_len": cfg.corpus.context_len,
         "exclude_bos": cfg.exclude_bos, "corpus": asdict(cfg.corpus), "corpus_fingerprint": fingerprint(tokens), "n_contexts": n_contexts,
@@ -106,6 +108,19 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
             atomic_write_json(hook_dir(Path(cfg.out_dir), hook) / "manifest.json", m)
     distributed.barrier()  # no rank returns before the store is complete
     return {hook: ActivationStore(hook_dir(Path(cfg.out_dir), hook)) for hook in cfg.hooks}
+
+
+def _autocast(cfg: HarvestConfig, model: HookedModel, tokens: np.ndarray, device: torch.device) -> str:
+    """The precision to harvest with: as set, or for "auto" the one an earlier run of this
+    harvest recorded (a resume must not mix precisions), else the faster one on the first batch."""
+    if cfg.autocast != "auto":
+        return cfg.autocast
+    manifest = hook_dir(Path(cfg.out_dir), cfg.hooks[0]) / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("autocast") in AUTOCASTS:
+        return json.loads(manifest.read_text())["autocast"]
+    choice = resolve_autocast("auto", model, torch.from_numpy(tokens[:cfg.batch_contexts]).long().to(device), cfg.hooks,
+                              first=1 if cfg.exclude_bos else 0)
+    return distributed.broadcast_object(choice)  # every rank harvests in rank 0's precision
 
 
 def _resumed(cfg: HarvestConfig, hook: str, header: dict) -> dict:

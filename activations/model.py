@@ -15,8 +15,11 @@ bridge's per-component wrappers cost more than half the throughput on CPU).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
+import operator
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -411,6 +414,19 @@ def token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[st
     if hasattr(tokenizer, "convert_ids_to_tokens") and hasattr(tokenizer, "convert_tokens_to_string"):
         return [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(ids)]
     return [tokenizer.decode([i]) for i in ids]
+
+
+def vocabulary_key(tokenizer: PreTrainedTokenizerBase) -> tuple[str, int, str]:
+    """What a tokenizer's ids mean, as a hashable key: its class, its size and a digest of its
+    vocabulary (the token -> id map, or the decoded pieces of a tokenizer without `get_vocab`).
+    Two tokenizers with equal keys read every id alike; a token added since changes the key."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)  # 0.1 s for SmolLM2's 49,152 tokens: far less than the lookups it keys
+    if callable(get_vocab):
+        content = sorted(get_vocab().items(), key=operator.itemgetter(1))  # by id: the map's own order may differ between loads
+    else:
+        content = token_strings(tokenizer, list(range(len(tokenizer))))
+    digest = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+    return type(tokenizer).__qualname__, len(tokenizer), digest
 
 
 def logits_with_edit(model: HookedModel, tokens: torch.Tensor, hook_name: str | None = None, edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The logit lens of SAE features: what each decoder row writes to the logits, read through
-the final norm's scale and the unembedding (REFERENCE: `W_dec[i] @ W_U`, after the final norm
+the final norm's scale and the unembedding (`W_dec[i] @ W_U`, after the final norm
 when the model folds it). The one home of this rule: the atlas's logit effects and concept
 steering's output-side scores both call it."""
 from __future__ import annotations

@@ -7,7 +7,7 @@ from sae.common import normalize_decoder_rows, project_out_parallel_grad, sparse
 
 ARCHS = sorted(ARCHITECTURES)
 
-ENCODING = {  # how each architecture encodes (REFERENCE.md), written independently of sae/*.py: one line per architecture
+ENCODING = {  # how each architecture encodes (the papers: Bricken et al. 2023, Gao et al. 2024, Bussmann et al. 2024, Rajamanoharan et al. 2024), written independently of sae/*.py: one line per architecture
     "topk": "topk",  # topk(relu(pre), k) per token
     "standard": "relu",
     "jumprelu": "threshold",  # pre * H(pre - theta), theta per latent
@@ -54,7 +54,7 @@ def reference_pre(sae, x):
 
 
 def reference_encode(sae, x):
-    """The inference activations of REFERENCE.md, in float64, written independently of sae/*.py."""
+    """The inference activations as the papers define them, in float64, written independently of sae/*.py."""
     pre = reference_pre(sae, x)
     rule = encoding(sae)
     if rule == "topk":  # topk(relu(pre)): the k largest pre-activations of each token, then ReLU

@@ -1,9 +1,11 @@
 """Harvest, store and trainer behaviour on a tiny random model: shapes, resume after a kill,
 and clear errors for bad input."""
 import json
+import os
 import re
 import shlex
 
+import numpy as np
 import pytest
 import torch
 
@@ -331,3 +333,19 @@ def test_training_and_evaluation_refuse_another_models_activations(tiny_model, t
     # spellings of one model
     assert same_model("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct") and not same_model("smollm2", tiny_llama_dir)
     assert same_model(tiny_llama_dir, tiny_llama_dir + "/") and same_model("", "anything")
+
+
+def test_the_token_cache_follows_the_corpus_text_not_its_path(tiny_model, tmp_path):
+    from activations import load_contexts
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"first version document {i} with a few words" for i in range(40)))
+    cfg = CorpusConfig(source=str(corpus), context_len=16, split="train")
+    first = load_contexts(cfg, tiny_model.tokenizer, cache_dir=tmp_path / "cache")
+    stat = corpus.stat()
+    corpus.write_text("\n\n".join(f"second text, other words entirely, number {i}" for i in range(40)))
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same path, same modification time, other text
+    second = load_contexts(cfg, tiny_model.tokenizer, cache_dir=tmp_path / "cache")
+    assert not np.array_equal(first, second)
+    assert np.array_equal(second, load_contexts(cfg, tiny_model.tokenizer))  # what the text itself packs to
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2

@@ -29,7 +29,7 @@ import json
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -42,9 +42,10 @@ from tqdm.auto import tqdm
 from activations.corpus import CorpusConfig, contexts_for_tokens, load_contexts
 from activations.io import atomic_save_safetensors, atomic_write_json
 from activations.model import HookedModel, resolve_device, token_strings, validate_hook
+from activations.precision import resolve_autocast
 from sae.base import SAE
 
-from ..encoding import encode_contexts
+from ..encoding import encode_contexts, first_position
 from .accumulator import Accumulator
 from .static_properties import coactivation_neighbours, decoder_neighbours, density_clusters, logit_effects
 
@@ -78,8 +79,9 @@ class AtlasConfig:
     """Count co-activations on every n-th batch only (a sample is enough for neighbours)."""
     merge_every: int = 8
     """Batches of candidate examples gathered before each top-N / reservoir merge."""
-    autocast: str = "bf16"
-    """Model matmul precision (the SAE always runs in fp32)."""
+    autocast: str = "auto"
+    """Model matmul precision: "auto" (the faster of fp32 and bf16 autocast on the first batch, if bf16 is accurate;
+    `activations.precision`), "bf16" or "none" (the SAE always runs in fp32)."""
     seed: int = 0
     device: str = "auto"
 
@@ -312,6 +314,8 @@ def build_atlas(sae: SAE, model: HookedModel, cfg: AtlasConfig | None = None, sa
     sae = sae.to(device).eval()
     tokens = _atlas_rows(cfg, model.tokenizer, tokens)
     ctx_len = tokens.shape[1]
+    cfg = replace(cfg, autocast=resolve_autocast(cfg.autocast, model, tokens[:cfg.batch_contexts].to(device), [sae.cfg.hook_name],
+                                                 first_position(sae)))
     vocab_size = max(len(model.tokenizer), int(tokens.max()) + 1)
     scratch_dir = Path(tempfile.mkdtemp(prefix="atlas_codes_", dir=scratch))
     try:  # codes of sae.max_active_latents features per token go to the example buffer

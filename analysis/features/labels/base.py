@@ -11,9 +11,7 @@ display text (`render`). Scoring (`score.py`), steering (`label_predicate`) and 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -21,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
+
+from activations.model import vocabulary_key
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -277,21 +277,6 @@ def token_membership(sets: Sequence[Sequence[int]]) -> Predicate:
         row = torch.where(u[row] == tokens, row, len(u))
         return table.to(tokens.device)[row]
     return predicate
-
-
-def vocabulary_key(tokenizer: PreTrainedTokenizerBase) -> tuple[str, int, str]:
-    """What a tokenizer's ids mean, as a hashable key: its class, its size and a digest of its
-    vocabulary (the token -> id map, or the decoded pieces of a tokenizer without `get_vocab`).
-    Two tokenizers with equal keys read every id alike; a token added since changes the key."""
-    from activations.model import token_strings
-
-    get_vocab = getattr(tokenizer, "get_vocab", None)  # 0.1 s for SmolLM2's 49,152 tokens: far less than the lookups it keys
-    if callable(get_vocab):
-        content = sorted(get_vocab().items(), key=operator.itemgetter(1))  # by id: the map's own order may differ between loads
-    else:
-        content = token_strings(tokenizer, list(range(len(tokenizer))))
-    digest = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
-    return type(tokenizer).__qualname__, len(tokenizer), digest
 
 
 class _ByVocabulary:

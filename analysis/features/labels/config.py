@@ -26,8 +26,9 @@ class LabelConfig:
     namer: Literal["rules", "model"] = "rules"
     """Readable names beside the rules: from the rule and logit effects ("rules"), or the model
     under study asked few-shot what the label's words have in common ("model"; a minute or two more)."""
-    autocast: str = "bf16"
-    """Model matmul precision for pattern re-runs and scoring (the SAE always runs in fp32)."""
+    autocast: str = "auto"
+    """Model matmul precision for pattern re-runs and scoring: "auto" (the faster of fp32 and bf16 autocast on the first
+    batch, if bf16 is accurate; `activations.precision`), "bf16" or "none" (the SAE always runs in fp32)."""
     llm: dict | None = field(default=None)
     """Optional OpenAI-compatible explainer: {"base_url", "model", "features"?, "api_key_env"?}. The API key is
     never part of the config (which is saved in labels.json): it is read from the environment variable

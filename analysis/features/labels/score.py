@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from activations.corpus import load_contexts
 from activations.model import HookedModel
+from activations.precision import resolve_autocast
 from sae.base import SAE
 
 from ...encoding import encode_contexts, first_position
@@ -191,6 +192,8 @@ def label_features(atlas: Atlas, sae: SAE, model: HookedModel, cfg: LabelConfig 
         raise ValueError(f"only {len(tokens)} held-out contexts follow the atlas's {first}: labels need unseen text to be scored on; "
                          "build the atlas on fewer tokens")
 
+    cfg = replace(cfg, autocast=resolve_autocast(cfg.autocast, model, tokens[:cfg.batch_contexts].to(device), [sae.cfg.hook_name],
+                                                 first_position(sae)))
     context = LabelContext(sae, model, cfg)
     candidates = [label for kind in KINDS.values() for label in kind.candidates(atlas, context)]
     scorer = Scorer(candidates, atlas, model.tokenizer, first=first_position(sae))
