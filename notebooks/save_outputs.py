@@ -27,6 +27,7 @@ from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
 WIDTH, HEIGHT = 1000, 620
+FIGURE_WIDTH = 1300
 
 
 def chromium() -> str:
@@ -53,8 +54,9 @@ def _page_of(data: dict, folder: Path, work: Path, n: int) -> tuple[Path, int, i
 
         fig = pio.from_json(json.dumps(data["application/vnd.plotly.v1+json"]))
         page = work / f"figure_{n}.html"
-        page.write_text(pio.to_html(fig, include_plotlyjs=True, full_html=True, default_width=f"{WIDTH - 20}px"))
-        return page, WIDTH, int(fig.layout.height or 500) + 40
+        width = int(fig.layout.width or FIGURE_WIDTH)  # multi-panel figures crowd at the page width
+        page.write_text(pio.to_html(fig, include_plotlyjs=True, full_html=True, default_width=f"{width - 20}px"))
+        return page, width, int(fig.layout.height or 500) + 40
     text = data.get("text/html")
     if text is None:
         return None
