@@ -98,7 +98,7 @@ def main() -> None:
     for autocast in args.autocast:
         for bc in args.batch_contexts:
             batches = list(tokens.split(bc))
-            ours = timed(lambda b: run_to_hooks(model, b, [hook], autocast), batches, autocast)
+            ours = timed(lambda b, a=autocast: run_to_hooks(model, b, [hook], a), batches, autocast)
             bare = timed(lambda b: bare_hf_truncated(model, b, args.layer), batches, autocast)
             bound = peaks[autocast] / flops
             print(f"{bc:>6} {autocast:>9} {ours:>16,.0f} {bare:>14,.0f} {ours / bare:>6.2f} {bound:>12,.0f} {ours / bound:>9.0%}")

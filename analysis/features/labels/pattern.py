@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from activations.corpus import boundary_token_id
 from activations.model import run_to_hooks
+from activations.precision import resolve_autocast
 
 from ..atlas import Atlas
 from .base import Label, LabelContext, LabelKind, Predicate, register
@@ -53,6 +54,8 @@ class PatternKind(LabelKind):
         values, contexts, positions = (t[:, :cfg.pattern_contexts] for t in examples[:3])
         feature, slot = torch.nonzero(values > 0, as_tuple=True)
         kept = torch.zeros(len(feature), dtype=torch.int64)  # chosen length, 0 = none yet
+        # label_features resolves "auto" once for the stage; a context built elsewhere probes here
+        autocast = resolve_autocast(cfg.autocast, model, atlas.tokens[:16].long().to(device), [hook])
         for length in tqdm(PATTERN_LENGTHS, desc="labels: patterns", unit="length"):
             todo = torch.nonzero((kept == 0) & (positions[feature, slot] >= length)).flatten()
             ctx, pos = contexts[feature[todo], slot[todo]].long(), positions[feature[todo], slot[todo]]
@@ -60,7 +63,7 @@ class PatternKind(LabelKind):
             seqs = torch.cat([torch.full((len(todo), 1), sink), atlas.tokens.long()[ctx[:, None], window]], dim=1)
             acts = []
             for start in range(0, len(seqs), 256):
-                x = run_to_hooks(model, seqs[start:start + 256].to(device), [hook], autocast=cfg.autocast)[hook][:, -1]
+                x = run_to_hooks(model, seqs[start:start + 256].to(device), [hook], autocast=autocast)[hook][:, -1]
                 acts.append(sae.encode(x).gather(1, feature[todo[start:start + 256]].to(device)[:, None]).squeeze(1).cpu())
             if acts:
                 keeps = torch.cat(acts) >= cfg.keep_fraction * values[feature[todo], slot[todo]]
