@@ -108,7 +108,7 @@ def heldout_metrics(sae_path: str | Path, heldout: ActivationStore, n_tokens: in
     sae = load_sae(sae_path, device)
     stats = ReconstructionStats(sae.cfg.d_sae)
     with torch.no_grad():
-        for x in heldout.iter_batches(min(4096, n_tokens), seed=1):
+        for x in heldout.iter_batches(min(4096, n_tokens, heldout.n_tokens), seed=1):  # a small last shard still gives a batch
             x = x.to(device)
             f = sae.encode(x)
             stats.update(x, sae.decode(f), f)
