@@ -4,13 +4,14 @@ into the `saewb` parser and composes it into `saewb run`."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from .corpus import CorpusConfig
 from .flags import Command, add_flags, from_flags
 from .harvest import HarvestConfig, harvest, repair_config
 from .model import ModelLoader
-from .store import ActivationStore
+from .store import HELDOUT_FOLDER, ActivationStore
 
 RENAMED = {"autocast": "harvest_autocast"}  # `--autocast` is the trainer's
 
@@ -26,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               help_suffix={"hooks": "Default: --hook."})
     add_flags(p, CorpusConfig, only=("context_len",))
     p.add_argument("--keep-bos", action="store_true", help="also store position 0, the attention sink (HarvestConfig.exclude_bos=False)")
+    p.add_argument("--heldout-tokens", type=int, default=None,
+                   help="also store the activations of this many held-out tokens (fp32, in <out>/activations/heldout/<hook>), "
+                        "which evaluation, the atlas and label scoring then read instead of running the model again "
+                        "(saewb run: what those stages read; saewb harvest: none)")
 
 
 def add_repair_argument(p: argparse.ArgumentParser) -> None:
@@ -34,8 +39,9 @@ def add_repair_argument(p: argparse.ArgumentParser) -> None:
                         "every other setting is read from its manifest")
 
 
-def run(args: argparse.Namespace, models: ModelLoader) -> dict[str, ActivationStore]:
-    """Harvest (or resume, or --repair) per `args` with the model `models` gives."""
+def run(args: argparse.Namespace, models: ModelLoader, heldout_tokens: int | None = None) -> dict[str, ActivationStore]:
+    """Harvest (or resume, or --repair) per `args` with the model `models` gives; then the
+    held-out store of `heldout_tokens` tokens (default: --heldout-tokens, else none)."""
     if getattr(args, "repair", None):
         # same model, corpus, sizes and device as the original harvest; --model only says where
         # to load that model from (e.g. a moved folder), --device where to run
@@ -50,7 +56,20 @@ def run(args: argparse.Namespace, models: ModelLoader) -> dict[str, ActivationSt
     stores = harvest(cfg, models.get())
     for store in stores.values():
         print(f"activations: {store.path} ({store.n_tokens:,} tokens, d_in {store.d_in})")
+    heldout_tokens = args.heldout_tokens if heldout_tokens is None else heldout_tokens
+    if heldout_tokens:
+        precision = next(iter(stores.values())).manifest["autocast"]  # the training store's: no second probe
+        heldout = harvest(heldout_config(cfg, heldout_tokens, precision), models.get())
+        for store in heldout.values():
+            print(f"held-out activations: {store.path} ({store.n_tokens:,} tokens)")
     return stores
+
+
+def heldout_config(cfg: HarvestConfig, n_tokens: int, autocast: str) -> HarvestConfig:
+    """The harvest of the held-out store beside the store of `cfg`: the held-out split of the same
+    corpus, up to `n_tokens` (fewer when the split holds fewer), in fp32, with `autocast`."""
+    return replace(cfg, out_dir=str(Path(cfg.out_dir) / HELDOUT_FOLDER), corpus=replace(cfg.corpus, split="heldout"), n_tokens=n_tokens,
+                   dtype="float32", autocast=autocast, up_to=True)
 
 
 def add_harvest_arguments(p: argparse.ArgumentParser) -> None:

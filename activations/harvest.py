@@ -16,6 +16,7 @@ corrupt and missing shards instead, giving the same bytes as the original harves
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,11 +31,13 @@ from tqdm.auto import tqdm
 from . import distributed
 from .corpus import CorpusConfig, contexts_for_tokens, fingerprint, load_contexts, tokens_in_contexts
 from .io import atomic_save_safetensors, atomic_write_json, remove_stale_temp_files
-from .model import DEFAULT_HOOK, DEFAULT_MODEL, HookedModel, load_model, model_mismatch, run_to_hooks, validate_hook
+from .model import DEFAULT_HOOK, DEFAULT_MODEL, HookedModel, compiled_blocks, load_model, model_mismatch, run_to_hooks, validate_hook
 from .precision import AUTOCASTS, check_autocast, resolve_autocast
 from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_dir, repair_command, sha256_file
 
 log = logging.getLogger(__name__)
+COMPILE_MIN_TOKENS = 1_000_000
+"""`HarvestConfig.compile="auto"` compiles for at least this many tokens to harvest (~5 min of forward on 2 CPU cores)."""
 
 
 @dataclass
@@ -62,6 +65,11 @@ class HarvestConfig:
     device: str = "auto"
     repair: bool = False
     """Re-harvest the shards whose checksum does not match the manifest (else: an error)."""
+    compile: Literal["auto", "yes", "no"] = "auto"
+    """torch.compile the decoder layers up to the last hook (`activations.model.compiled_blocks`: residual hooks of a
+    Hugging Face model): "auto" compiles when the shards still to harvest hold >= 1M tokens, where the ~3 s per layer pays."""
+    up_to: bool = False
+    """Harvest at most n_tokens: what the corpus holds when it holds fewer (else: an error). The held-out store uses it."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -87,6 +95,8 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
     n_contexts = contexts_for_tokens(cfg.n_tokens, cfg.corpus.context_len, first)
     with distributed.main_first():  # rank 0 fills the token cache, the others read it
         tokens = load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts, cache_dir=Path(cfg.out_dir) / ".token_cache")
+    if len(tokens) < n_contexts and cfg.up_to and len(tokens):
+        n_contexts = len(tokens)
     if len(tokens) < n_contexts:
         raise ValueError(
             f"corpus {cfg.corpus.source!r} ({cfg.corpus.split}) has only {tokens_in_contexts(len(tokens), cfg.corpus.context_len, first):,} "
@@ -97,6 +107,7 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
         "format": FORMAT, "model": cfg.model, "d_in": None, "dtype": cfg.dtype, "context_len": cfg.corpus.context_len,
         "exclude_bos": cfg.exclude_bos, "corpus": asdict(cfg.corpus), "corpus_fingerprint": fingerprint(tokens), "n_contexts": n_contexts,
         "shard_contexts": cfg.shard_contexts, "batch_contexts": cfg.batch_contexts, "autocast": cfg.autocast,
+        "compiled": _compiles(cfg, model, n_contexts),
     }
     # "device" (not checked on resume) lets a repair harvest where the shards were made: same bytes
     manifests = {hook: {**_resumed(cfg, hook, header), "device": device.type} for hook in cfg.hooks}
@@ -123,6 +134,22 @@ def _autocast(cfg: HarvestConfig, model: HookedModel, tokens: np.ndarray, device
     return distributed.broadcast_object(choice)  # every rank harvests in rank 0's precision
 
 
+def _compiles(cfg: HarvestConfig, model: HookedModel, n_contexts: int) -> bool:
+    """Whether the harvest runs compiled decoder layers: "yes", or "auto" for a harvest of at least
+    COMPILE_MIN_TOKENS, where the hooks allow it (`compiled_blocks`). A function of the settings,
+    so a resumed harvest decides as the first run did (the manifest records it)."""
+    if cfg.compile == "no":
+        return False
+    rows = tokens_in_contexts(n_contexts, cfg.corpus.context_len, 1 if cfg.exclude_bos else 0)
+    if cfg.compile == "auto" and rows < COMPILE_MIN_TOKENS:
+        return False
+    with compiled_blocks(model, cfg.hooks, dry_run=True) as possible:
+        if cfg.compile == "yes" and not possible:
+            raise ValueError(f"compile='yes' needs compiled decoder layers, which hooks {cfg.hooks} on this model do not allow "
+                             "(residual hooks of a Hugging Face model only); use compile='auto' or 'no'")
+        return possible
+
+
 def _resumed(cfg: HarvestConfig, hook: str, header: dict) -> dict:
     """The manifest of `hook`'s store to continue from: `header` with the verified shards an
     earlier run of the same harvest left (none for a new store); an error for another harvest."""
@@ -135,7 +162,8 @@ def _resumed(cfg: HarvestConfig, hook: str, header: dict) -> dict:
     path = folder / "manifest.json"
     if path.exists():
         old = json.loads(path.read_text())
-        mismatched = [k for k in header if k != "d_in" and old.get(k) != header[k]]
+        mismatched = [k for k in header if k != "d_in" and old.get(k) != header[k]
+                      and not (k == "compiled" and old.get(k) is None and not header[k])]  # stores from before the key
         if mismatched:
             raise ValueError(f"{folder} holds a different harvest (differs in {mismatched}); choose another --out or delete it")
         return {**header, "d_in": old["d_in"], "shards": list(_verified_shards(folder, old, cfg.repair).values()), "complete": False}
@@ -155,8 +183,17 @@ def _harvest_missing_shards(model: HookedModel, cfg: HarvestConfig, tokens: np.n
     mine = todo[rank.rank::rank.world_size]  # round r: every rank does its r-th shard
     kept_per_context = cfg.corpus.context_len - (1 if cfg.exclude_bos else 0)
     my_rows = sum(min(cfg.shard_contexts, n_contexts - i * cfg.shard_contexts) for i in mine) * kept_per_context
-    bar = tqdm(total=my_rows, unit="tok", unit_scale=True, desc=f"harvest {len(cfg.hooks)} hook(s)", disable=not rank.is_main)
-    for round_index in range(math.ceil(len(todo) / rank.world_size)):
+    compile_now = next(iter(manifests.values()))["compiled"]
+    with compiled_blocks(model, cfg.hooks) if compile_now else contextlib.nullcontext(False):
+        _harvest_rounds(model, cfg, tokens, manifests, device, mine, len(todo), my_rows)
+
+
+def _harvest_rounds(model: HookedModel, cfg: HarvestConfig, tokens: np.ndarray, manifests: dict[str, dict], device: torch.device,
+                    mine: list[int], n_todo: int, my_rows: int) -> None:
+    """This rank's shards `mine`, a round at a time; the manifests gathered and written after each."""
+    rank = distributed.current()
+    bar = tqdm(total=my_rows, unit="tok", unit_scale=True, desc=f"harvest{' held-out,' if cfg.corpus.split == 'heldout' else ''} {len(cfg.hooks)} hook(s)", disable=not rank.is_main)
+    for round_index in range(math.ceil(n_todo / rank.world_size)):
         written = _harvest_shard(model, cfg, tokens, mine[round_index], device, DTYPES[cfg.dtype], bar) if round_index < len(mine) else {}
         for entries in distributed.all_gather_object(written):  # every rank keeps the same manifest
             for hook, entry in entries.items():
@@ -204,6 +241,7 @@ def repair_config(store_path: str | Path, **overrides) -> HarvestConfig:
         out_dir=str(folder.parent), model=m["model"], hooks=[m["hook_name"]], corpus=CorpusConfig(**m["corpus"]),
         n_tokens=m["n_contexts"] * kept, batch_contexts=m["batch_contexts"], shard_contexts=m["shard_contexts"],
         dtype=m["dtype"], exclude_bos=m["exclude_bos"], autocast=m["autocast"], device=m.get("device", "auto"), repair=True,
+        compile="yes" if m.get("compiled") else "no",
     )
     return HarvestConfig(**{**fields, **overrides})
 

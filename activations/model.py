@@ -21,6 +21,7 @@ import json
 import logging
 import operator
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -384,6 +385,37 @@ def _run_to_hooks(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[st
         except _StopForward:
             pass
     return captured
+
+
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable] = weakref.WeakKeyDictionary()
+"""Each decoder layer's compiled forward, compiled once per process."""
+
+
+@contextmanager
+def compiled_blocks(model: HookedModel, hook_names: list[str], dry_run: bool = False) -> Iterator[bool]:
+    """Within the block, the Hugging Face decoder layers up to the last of `hook_names` run
+    through `torch.compile` (fused norms, rotary and activations: measured 1.18x on a 2-core
+    CPU in bf16 autocast, after ~3 s of compiling per layer, once per process). Only where the
+    hooks sit outside what is compiled (resid_pre / resid_post, hooks on the layer module
+    itself), and not for a TransformerLens model; yields whether it compiled. The layers get
+    their eager forward back on exit. `dry_run`: only say whether it would compile."""
+    kinds = {parse_hook(n).kind if parse_hook(n) else None for n in hook_names}
+    if hf_model_of(model) is None or not kinds <= {"resid_pre", "resid_post"} or not all(hook_module(model, n) for n in hook_names):
+        yield False
+        return
+    if dry_run:
+        yield True
+        return
+    layers = [model.blocks[i].original_component for i in range(max(hook_layer(n) for n in hook_names) + 1)]
+    for layer in layers:
+        if layer not in _COMPILED:
+            _COMPILED[layer] = torch.compile(layer.forward, dynamic=False)
+        layer.forward = _COMPILED[layer]
+    try:
+        yield True
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 def unembedding(model: HookedModel) -> tuple[torch.Tensor, torch.Tensor | None]:

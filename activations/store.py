@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import Tensor
 
 FORMAT = "saewb-activations/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,6 +74,26 @@ def _verified_key(path: Path, sha256: str) -> tuple:
 
 def hook_dir(store: Path, hook_name: str) -> Path:
     return Path(store) / hook_name
+
+
+HELDOUT_FOLDER = "heldout"
+"""The held-out store of a harvest lives in <store root>/heldout/<hook>, beside the training store's <store root>/<hook>."""
+
+
+def heldout_store(training_store: str | Path | None, corpus: dict, model: str, hook: str) -> ActivationStore | None:
+    """The held-out activations harvested beside the training store `training_store` (one hook's
+    folder, as an SAE's `training_data["store"]` records it), if they are of `corpus` (a
+    CorpusConfig as a dict), `model` and `hook` and complete; None otherwise. Readers still
+    compare each context's tokens with the text they analyse (`ActivationStore.contexts`)."""
+    if not training_store:
+        return None
+    folder = hook_dir(Path(training_store).parent / HELDOUT_FOLDER, hook)
+    try:
+        store = ActivationStore(folder)
+    except StoreError:
+        return None
+    m = store.manifest
+    return store if (m["corpus"] == corpus and m["model"] == model and m["hook_name"] == hook) else None
 
 
 @dataclass
@@ -226,6 +247,38 @@ class ActivationStore:
     def tokens(self) -> np.ndarray:
         """All packed contexts of the store, int32 [n_contexts, context_len]."""
         return np.concatenate([self.load_shard(i)["tokens"].numpy() for i in range(len(self.shards))])
+
+    @property
+    def n_contexts(self) -> int:
+        """Contexts the store holds (the shards cover them in order from context 0)."""
+        return sum(s.n_contexts for s in self.shards)
+
+    def contexts(self, first: int, n: int) -> tuple[Tensor, Tensor]:
+        """Contexts `first` .. `first + n` in their layout: tokens int32 [n, context_len] and
+        acts float32 [n, context_len, d_in], zero at the positions the store leaves out
+        (position 0 when `exclude_bos`). Reads each shard once per process while reading in order."""
+        if first < 0 or first + n > self.n_contexts:
+            raise StoreError(f"{self.path} holds contexts 0..{self.n_contexts}; {first}..{first + n} asked for")
+        ctx_len = int(self.manifest["context_len"])
+        skipped = 1 if self.manifest["exclude_bos"] else 0
+        tokens, acts = [], []
+        at = first
+        while at < first + n:
+            index = next(i for i, s in enumerate(self.shards) if s.first_context <= at < s.first_context + s.n_contexts)
+            shard = self._cached_shard(index)
+            info = self.shards[index]
+            lo, hi = at - info.first_context, min(first + n, info.first_context + info.n_contexts) - info.first_context
+            tokens.append(shard["tokens"][lo:hi])
+            rows = shard["acts"].view(info.n_contexts, ctx_len - skipped, self.d_in)[lo:hi].float()
+            acts.append(torch.cat([rows.new_zeros(hi - lo, skipped, self.d_in), rows], dim=1))
+            at = info.first_context + hi
+        return torch.cat(tokens), torch.cat(acts)
+
+    def _cached_shard(self, index: int) -> dict[str, Tensor]:
+        """`load_shard(index)`, keeping the last one read (sequential readers ask for it again)."""
+        if getattr(self, "_last_shard", (None, None))[0] != index:
+            self._last_shard = (index, self.load_shard(index))
+        return self._last_shard[1]
 
 
 def _prefetching(items: Iterator, depth: int = 1) -> Iterator:

@@ -49,7 +49,8 @@ PRESETS = {
     # ~45 min: a stack of SAEs for inference chains (`saewb trace`), one per hook, all harvested in one
     # pass. Every third layer's residual stream from 2 to 29: 3 blocks between neighbours, the default
     # layer 8 among them, and the last SAE on the final residual, so the target reads it directly.
-    "chain": dict(hooks=[act_name("resid_post", layer) for layer in range(2, 30, 3)], n_tokens=500_000, train_tokens=500_000,
+    # Each SAE trains 4 epochs over its 500k tokens (488 steps): one epoch left them undertrained.
+    "chain": dict(hooks=[act_name("resid_post", layer) for layer in range(2, 30, 3)], n_tokens=500_000, train_tokens=2_000_000,
                   d_sae=2304, k=32, batch_size=4096, eval_tokens=32_768, ce_contexts=32, atlas_tokens=65_536, label_contexts=256),
 }
 
@@ -68,13 +69,28 @@ def run(args: argparse.Namespace, models: ModelLoader) -> None:
     from activations import distributed
 
     started = time.perf_counter()
-    harvest_cli.run(args, models)
+    harvest_cli.run(args, models, heldout_tokens=heldout_tokens_needed(args))
     paths = train_cli.run(args, models)
     if distributed.current().is_main:
         evaluation_cli.evaluate_saes(args, models, paths)
         if not args.skip_analysis:
             features_cli.analyze_saes(args, models, paths, dashboard=True)
     print(f"outputs in {Path(args.out).resolve()} (total {time.perf_counter() - started:.0f} s)")
+
+
+def heldout_tokens_needed(args: argparse.Namespace) -> int:
+    """The held-out tokens `run` harvests beside the training store (--heldout-tokens when given):
+    what evaluation's reconstruction metrics, the atlas and label scoring read, so each held-out
+    token goes through the model once."""
+    from activations.corpus import contexts_for_tokens, tokens_in_contexts
+
+    if args.heldout_tokens is not None:
+        return args.heldout_tokens
+    ctx_len = args.context_len
+    contexts = contexts_for_tokens(args.eval_tokens, ctx_len)
+    if not args.skip_analysis:
+        contexts = max(contexts, contexts_for_tokens(args.atlas_tokens, ctx_len) + args.label_contexts)
+    return tokens_in_contexts(contexts, ctx_len, 0 if args.keep_bos else 1)
 
 
 COMMANDS: dict[str, Command] = {

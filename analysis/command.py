@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from activations.corpus import CorpusConfig
+    from activations.store import ActivationStore
+    from sae.base import SAE
 
 
 def add_common(p: argparse.ArgumentParser, presets: list[str]) -> None:
@@ -59,6 +62,23 @@ def too_small(corpus: CorpusConfig, have: int, need: int, what: str) -> SystemEx
                       "Use a larger corpus (files hold out every 20th document) or name another with --corpus")
 
 
+def heldout_activations(sae: SAE, corpus: CorpusConfig, contexts: int, what: str) -> ActivationStore | None:
+    """The held-out store harvested beside the SAE's training store for `corpus` (None when there
+    is none, e.g. another corpus or an SAE from another tool), with a note when it holds fewer
+    than the `contexts` that `what` reads: the rest then run through the model."""
+    from dataclasses import asdict
+
+    from activations.store import heldout_store
+
+    data = sae.training_data or {}
+    store = heldout_store(data.get("store"), asdict(corpus), data.get("model"), sae.cfg.hook_name)
+    if store is not None and store.n_contexts < contexts:
+        logging.getLogger(__name__).warning(f"{what}: the held-out store {store.path} holds {store.n_contexts} of the {contexts} contexts read; the other "
+                                            f"{contexts - store.n_contexts} run through the model. To store them all, delete {store.path.parent} and rerun the "
+                                            f"harvest with --heldout-tokens {contexts * (corpus.context_len - 1):,}")
+    return store
+
+
 def heldout_tokens(corpus: CorpusConfig, tokenizer, wanted: int) -> np.ndarray:
     """Up to `wanted` packed contexts of the held-out split, int32 [n_contexts context_len]:
     the stage tokenises its text once, here, and hands the rows to every step (fewer rows
@@ -73,4 +93,4 @@ def heldout_tokens(corpus: CorpusConfig, tokenizer, wanted: int) -> np.ndarray:
         return np.zeros((0, corpus.context_len), dtype=np.int32)
 
 
-__all__ = ["Command", "add_common", "add_corpus", "heldout_tokens", "sae_paths", "too_small", "trained_saes"]
+__all__ = ["Command", "add_common", "add_corpus", "heldout_activations", "heldout_tokens", "sae_paths", "too_small", "trained_saes"]

@@ -24,8 +24,10 @@ Parts (`--skip` any of them):
            can be checked. A `topk plain` row repeats TopK fp32 with plain autograd and
            default Adam (`TrainConfig.fast_kernels = False`): the speed-up of the fast path.
 ``lens``   SAE Lens TopK (`bench/quality.py`'s matched recipe) on the same store batches,
-           width, k, batch, lr and token count; tokens/s of the whole training call for both
-           (ours: the `topk fp32` run, init included), and held-out FVU, L0, dead fraction.
+           width, k, batch, lr and token count, against the workbench's TopK in fp32 and bf16
+           autocast, each without and with SAE Lens's gradient clipping (norm 1.0); tokens/s
+           of the whole training call (init included; ratios to SAE Lens), and held-out FVU,
+           L0, dead fraction.
 ``e2e``    End to end, the model forward included, on `--e2e-tokens` tokens of the default
            corpus: the workbench training on the fly (`sae.on_the_fly`, the forward stops at
            the hooked layer) and harvest-then-train, against sparsify's own `Trainer` (it runs
@@ -163,15 +165,22 @@ def part_arch(args, train, heldout, peaks: dict) -> list[dict]:
     return rows
 
 
+LENS_VARIANTS = [("fp32", "none", None), ("fp32, clip 1", "none", 1.0), ("bf16", "bf16", None), ("bf16, clip 1", "bf16", 1.0)]
+"""The workbench's TopK recipes set against SAE Lens's: (name, autocast, max_grad_norm). SAE Lens clips gradients at 1.0."""
+
+
 def part_lens(args, train, heldout, arch_rows: list[dict]) -> list[dict]:
-    ours = next((r for r in arch_rows if r["name"] == "topk fp32"), None)
-    if ours is None:
-        ours = asdict(run_trainer("topk fp32", train_config(args, train, args.out / "arch" / "topk_none_True"), train))
-        ours |= heldout_metrics(ours["path"], heldout, args.heldout_tokens, args.device)
+    """SAE Lens's TopK (matched recipe) first, then each of `LENS_VARIANTS` of ours on the same batches."""
     ref = quality.reference_trainer(train_config(args, train, args.out / "lens_ref"), train)
     lens = quality.train_sae_lens(ref, train, "matched", args.out)
-    lens_row = {"name": "SAE Lens TopK", "tokens": lens.tokens, "seconds": lens.seconds, "path": lens.path}
-    return [ours | {"name": "workbench TopK"}, lens_row | heldout_metrics(lens.path, heldout, args.heldout_tokens, args.device)]
+    rows = [{"name": "SAE Lens TopK", "tokens": lens.tokens, "seconds": lens.seconds, "path": lens.path}
+            | heldout_metrics(lens.path, heldout, args.heldout_tokens, args.device)]
+    for name, autocast, clip in LENS_VARIANTS:
+        run = run_trainer(f"workbench TopK {name}", train_config(args, train, args.out / "lens" / name.replace(", ", "_").replace(" ", ""),
+                                                                autocast=autocast, max_grad_norm=clip), train)
+        rows.append(asdict(run) | heldout_metrics(run.path, heldout, args.heldout_tokens, args.device))
+        print(f"  {run.name}: {run.tokens_per_s:,.0f} tok/s, FVU {rows[-1]['fvu']:.4f}", flush=True)
+    return rows
 
 
 def heldout_activations(model, hook: str, n_tokens: int, autocast: str) -> ActivationStore:

@@ -100,6 +100,8 @@ class TrainConfig:
     """AuxK latents; None: d_in // 2."""
     aux_coefficient: float = 1 / 32
     """Weight of the architecture's auxiliary loss (AuxK for TopK-style SAEs; Gao et al.)."""
+    max_grad_norm: float | None = None
+    """Clip each SAE's gradient to this global norm before the optimiser step (SAE Lens clips at 1.0); None: no clipping."""
     b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
     """Initial decoder bias, from the init sample."""
     init_tokens: int = 16384
@@ -321,6 +323,8 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over ranks
         project_out_parallel_grad(sae.W_dec)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.max_grad_norm)
         opt.step()
         sae.post_step()
         distributed.average_buffers_(sae)  # BatchTopK's running threshold

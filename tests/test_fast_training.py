@@ -118,3 +118,33 @@ def test_batchtopk_selection_equals_a_top_k_over_the_whole_batch(spread):
     expected = torch.zeros(acts.numel(), dtype=torch.bool).scatter_(0, acts.flatten().topk(4 * 64).indices, True).view_as(acts)
     assert torch.equal(chosen, expected)
     assert float(sae.threshold) == pytest.approx(float(acts.flatten().topk(4 * 64).values[-1]))
+
+
+def test_gradient_clipping_bounds_each_step_and_is_off_by_default(tmp_path, monkeypatch):
+    """`TrainConfig.max_grad_norm` clips each SAE's whole gradient before Adam (SAE Lens clips at 1.0)."""
+    source, _ = synthetic_batches()
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = real(parameters, max_norm, *args, **kwargs)
+        norms.append((float(total), float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters])))))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+
+    def run(clip):
+        cfg = TrainConfig(out_dir=str(tmp_path / f"clip_{clip}"), saes=[SAEConfig(architecture="topk", d_in=24, d_sae=96, k=3)],
+                          n_tokens=256 * 6, batch_size=256, lr=3e-3, warmup_steps=1, checkpoint_every=10_000, device="cpu",
+                          max_grad_norm=clip)
+        trainer = Trainer(cfg, source)
+        trainer.train()
+        return trainer.saes[0].W_enc.detach().clone()
+
+    assert TrainConfig.max_grad_norm is None
+    unclipped = run(None)
+    assert norms == []  # off by default
+    clipped = run(1e-3)
+    assert len(norms) == 6 and all(before > 1e-3 and after <= 1e-3 * 1.01 for before, after in norms)
+    assert not torch.allclose(clipped, unclipped)

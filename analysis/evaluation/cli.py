@@ -13,10 +13,11 @@ import numpy as np
 from activations.corpus import CorpusConfig, contexts_for_tokens, describe, heldout_corpus, tokens_in_contexts
 from activations.flags import Command, add_flags
 from activations.model import HookedModel, ModelLoader
+from activations.store import ActivationStore
 from sae import load_sae
 from sae.base import SAE
 
-from ..command import add_corpus, heldout_tokens, sae_paths, too_small
+from ..command import add_corpus, heldout_activations, heldout_tokens, sae_paths, too_small
 from .evaluate import EvalConfig, EvalResult, eval_contexts, evaluate_many, summary_line, write_results
 
 EVAL_FLAGS = {"n_tokens": "eval_tokens", "n_ce_contexts": "ce_contexts"}
@@ -44,6 +45,8 @@ class EvalGroup(NamedTuple):
     """The held-out rows, int32 [n_contexts context_len]."""
     members: list[tuple[Path, SAE]]
     """(folder, SAE) of each, in the order given."""
+    heldout: dict[str, ActivationStore]
+    """{hook: the held-out store of its activations}, for the hooks that have one."""
 
 
 def evaluate_saes(args: argparse.Namespace, models: ModelLoader, paths: list[Path]) -> dict[str, EvalResult]:
@@ -52,7 +55,8 @@ def evaluate_saes(args: argparse.Namespace, models: ModelLoader, paths: list[Pat
     results = {}
     for group in _groups(args, models, paths).values():
         saes = [sae for _, sae in group.members]
-        for (path, sae), result in zip(group.members, evaluate_many(saes, group.model, group.cfg, group.tokens), strict=True):
+        results_of_group = evaluate_many(saes, group.model, group.cfg, group.tokens, group.heldout)
+        for (path, sae), result in zip(group.members, results_of_group, strict=True):
             json_path, html_path = write_results(result, path, path.parent / "metrics.jsonl",
                                                  title=f"{path.name} @ {sae.cfg.hook_name}, measured on {describe(group.cfg.corpus)}")
             print(f"{path.name}: {summary_line(result)}")
@@ -77,8 +81,11 @@ def _groups(args: argparse.Namespace, models: ModelLoader, paths: list[Path]) ->
         cfg = _fitted_config(corpus, args.eval_tokens, args.ce_contexts, len(texts[text]))
         key = (*text, cfg.n_tokens, cfg.n_ce_contexts)
         if key not in groups:
-            groups[key] = EvalGroup(model, cfg, texts[text][:eval_contexts(cfg)], [])
+            groups[key] = EvalGroup(model, cfg, texts[text][:eval_contexts(cfg)], [], {})
         groups[key].members.append((path, sae))
+        store = heldout_activations(sae, corpus, contexts_for_tokens(cfg.n_tokens, corpus.context_len), f"evaluate {path.name}")
+        if store is not None:
+            groups[key].heldout.setdefault(sae.cfg.hook_name, store)
     return groups
 
 

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 from activations.corpus import CorpusConfig, contexts_for_tokens, describe, load_contexts
 from activations.io import atomic_write_bytes, atomic_write_json
 from activations.model import HookedModel, logits_with_edit, model_mismatch, run_to_hooks, validate_hook
+from activations.store import ActivationStore
 from sae.base import SAE
 
-from ..encoding import first_position
+from ..encoding import HookActivations, first_position
 from .metrics import HELD_OUT_METRICS, ReconstructionStats, ce_loss_recovered, cross_entropy, dead_fraction, dense_fraction, kl_per_token
 
 
@@ -64,24 +65,30 @@ class EvalResult:
     """The text measured on: the CorpusConfig (source, split, context length)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Every registered `metrics.HELD_OUT_METRICS` of the held-out statistics, by name."""
+    reconstruction_inputs: str = "model, fp32"
+    """Where the reconstruction metrics' activations came from: the model run here in fp32, or the held-out store
+    (with the precision its harvest recorded)."""
 
 
-def evaluate(sae: SAE, model: HookedModel, cfg: EvalConfig | None = None, tokens: np.ndarray | Tensor | None = None) -> EvalResult:
+def evaluate(sae: SAE, model: HookedModel, cfg: EvalConfig | None = None, tokens: np.ndarray | Tensor | None = None,
+             heldout: ActivationStore | None = None) -> EvalResult:
     """Metrics of `sae` spliced into `model` at `sae.cfg.hook_name`, on held-out text
-    (`tokens`: as in `evaluate_many`)."""
-    return evaluate_many([sae], model, cfg, tokens)[0]
+    (`tokens`, `heldout`: as in `evaluate_many`)."""
+    return evaluate_many([sae], model, cfg, tokens, {} if heldout is None else {heldout.hook_name: heldout})[0]
 
 
 @torch.no_grad()
 def evaluate_many(saes: list[SAE], model: HookedModel, cfg: EvalConfig | None = None,
-                  tokens: np.ndarray | Tensor | None = None) -> list[EvalResult]:
+                  tokens: np.ndarray | Tensor | None = None, heldout: dict[str, ActivationStore] | None = None) -> list[EvalResult]:
     """`evaluate` for several SAEs of one model on the same held-out text, sharing the work:
     one forward pass to the deepest hook gives every SAE its reconstruction inputs, and the
     clean CE is computed once. Only the spliced and zero-ablated passes are per SAE.
 
     `tokens`: the held-out rows, int [n_contexts context_len], for a caller that tokenised the
     text already (at least `eval_contexts(cfg)`; the first ones are read); default: those rows
-    of `cfg.corpus`."""
+    of `cfg.corpus`. `heldout`: {hook: held-out store} holding those rows' activations
+    (`activations.store.heldout_store`): the reconstruction statistics read the contexts a
+    store holds instead of running the model (the CE passes always run it)."""
     cfg = cfg or EvalConfig()
     if not saes:
         return []
@@ -90,9 +97,22 @@ def evaluate_many(saes: list[SAE], model: HookedModel, cfg: EvalConfig | None = 
     saes = [sae.to(device).eval() for sae in saes]
     tokens = _eval_rows(cfg, model, tokens)
     firsts = [first_position(sae) for sae in saes]  # the sink position is never spliced nor measured
-    stats = _reconstruction(saes, firsts, model, tokens[:contexts_for_tokens(cfg.n_tokens, cfg.corpus.context_len)], cfg.batch_contexts)
+    n_contexts = contexts_for_tokens(cfg.n_tokens, cfg.corpus.context_len)
+    readers = {hook: HookActivations(model, hook, (heldout or {}).get(hook), first_position=min(f for s, f in zip(saes, firsts, strict=True)
+                                                                                                 if s.cfg.hook_name == hook))
+               for hook in sorted({sae.cfg.hook_name for sae in saes})}
+    stats = _reconstruction(saes, firsts, model, tokens[:n_contexts], cfg.batch_contexts, readers)
     ce = _ce_losses(saes, firsts, model, tokens[:cfg.n_ce_contexts], cfg.batch_contexts)
-    return [_result(st, losses, cfg) for st, losses in zip(stats, ce, strict=True)]
+    inputs = {hook: _inputs(reader, n_contexts) for hook, reader in readers.items()}
+    return [_result(st, losses, cfg, inputs[sae.cfg.hook_name]) for sae, st, losses in zip(saes, stats, ce, strict=True)]
+
+
+def _inputs(reader: HookActivations, n_contexts: int) -> str:
+    """`EvalResult.reconstruction_inputs` of the contexts `reader` served."""
+    if reader.read_from_store == 0:
+        return "model, fp32"
+    where = f"held-out store ({'bf16 autocast' if reader.store and reader.store.manifest.get('autocast') == 'bf16' else 'fp32'})"
+    return where if reader.read_from_store == n_contexts else f"{where} for {reader.read_from_store} of {n_contexts} contexts, model for the rest"
 
 
 def eval_contexts(cfg: EvalConfig) -> int:
@@ -123,14 +143,17 @@ def _eval_rows(cfg: EvalConfig, model: HookedModel, tokens: np.ndarray | Tensor 
     return torch.as_tensor(tokens[:n_contexts]).long()
 
 
-def _reconstruction(saes: list[SAE], firsts: list[int], model: HookedModel, tokens: Tensor,
-                    batch_contexts: int) -> list[ReconstructionStats]:
-    """Reconstruction statistics of each SAE on tokens [n_contexts pos], positions from its first on."""
+def _reconstruction(saes: list[SAE], firsts: list[int], model: HookedModel, tokens: Tensor, batch_contexts: int,
+                    readers: dict[str, HookActivations]) -> list[ReconstructionStats]:
+    """Reconstruction statistics of each SAE on tokens [n_contexts pos], positions from its first
+    on; the hooks whose reader holds the rows read them, the others share one model pass."""
     device = next(model.parameters()).device
-    hooks = sorted({sae.cfg.hook_name for sae in saes})
     stats = [ReconstructionStats(sae.cfg.d_sae) for sae in saes]
     for b in tqdm(range(0, len(tokens), batch_contexts), desc="evaluate: reconstruction"):
-        acts = run_to_hooks(model, tokens[b:b + batch_contexts].to(device), hooks)
+        batch = tokens[b:b + batch_contexts].to(device)
+        stored = [hook for hook, r in readers.items() if r.store is not None and r.held(b + len(batch)) == b + len(batch)]
+        computed = [hook for hook in readers if hook not in stored]
+        acts = {hook: readers[hook](batch, b) for hook in stored} | (run_to_hooks(model, batch, computed) if computed else {})
         for sae, first, st in zip(saes, firsts, stats, strict=True):
             x = acts[sae.cfg.hook_name]
             x = x.reshape(*x.shape[:2], -1)
@@ -194,7 +217,7 @@ def _ce_losses(saes: list[SAE], firsts: list[int], model: HookedModel, tokens: T
                            torch.cat(kl[n])) for n, first in enumerate(firsts)]
 
 
-def _result(st: ReconstructionStats, losses: CrossEntropies, cfg: EvalConfig) -> EvalResult:
+def _result(st: ReconstructionStats, losses: CrossEntropies, cfg: EvalConfig, inputs: str) -> EvalResult:
     """One SAE's `EvalResult` from its reconstruction statistics and losses."""
     clean, spliced, zero = float(losses.clean.mean()), float(losses.spliced.mean()), float(losses.zero.mean())
     density = (st.fire_counts.double() / st.n).clamp_min(1e-10).log10()
@@ -204,7 +227,7 @@ def _result(st: ReconstructionStats, losses: CrossEntropies, cfg: EvalConfig) ->
         ce_clean=clean, ce_spliced=spliced, ce_zero_ablated=zero, ce_loss_recovered=ce_loss_recovered(clean, spliced, zero),
         delta_ce=spliced - clean, kl_per_token=float(losses.kl.mean()),
         log10_feature_density=[round(float(v), 4) for v in density], corpus=asdict(cfg.corpus),
-        metrics={name: fn(st) for name, fn in HELD_OUT_METRICS.items()},
+        metrics={name: fn(st) for name, fn in HELD_OUT_METRICS.items()}, reconstruction_inputs=inputs,
     )
 
 

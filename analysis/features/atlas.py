@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 from activations.corpus import CorpusConfig, contexts_for_tokens, load_contexts
 from activations.io import atomic_save_safetensors, atomic_write_json
 from activations.model import HookedModel, resolve_device, token_strings, validate_hook
-from activations.precision import resolve_autocast
+from activations.store import ActivationStore
 from sae.base import SAE
 
-from ..encoding import encode_contexts, first_position
+from ..encoding import HookActivations, encode_activations, first_position
 from .accumulator import Accumulator
 from .static_properties import coactivation_neighbours, decoder_neighbours, density_clusters, logit_effects
 
@@ -302,11 +302,14 @@ def load_atlas(path: str | Path) -> Atlas:
 
 @torch.no_grad()
 def build_atlas(sae: SAE, model: HookedModel, cfg: AtlasConfig | None = None, sae_path: str | None = None,
-                scratch: str | Path | None = None, tokens: np.ndarray | Tensor | None = None) -> Atlas:
+                scratch: str | Path | None = None, tokens: np.ndarray | Tensor | None = None,
+                heldout: ActivationStore | None = None) -> Atlas:
     """Stream `cfg.n_tokens` held-out tokens through `model` and `sae` and summarise every
     feature. `tokens`: the held-out rows to read, int [n_contexts context_len], for a caller
     that tokenised the text already (the first `contexts_for_tokens(cfg.n_tokens)` rows are
     read); default: those rows of `cfg.corpus` after its first `cfg.first_context`.
+    `heldout`: a held-out store holding those rows' activations (`activations.store.heldout_store`):
+    the contexts it holds are read from it, not run through the model.
     `scratch`: folder for the temporary code buffer (default: a temp dir)."""
     cfg = cfg or AtlasConfig()
     validate_hook(model, sae.cfg.hook_name)
@@ -314,18 +317,20 @@ def build_atlas(sae: SAE, model: HookedModel, cfg: AtlasConfig | None = None, sa
     sae = sae.to(device).eval()
     tokens = _atlas_rows(cfg, model.tokenizer, tokens)
     ctx_len = tokens.shape[1]
-    cfg = replace(cfg, autocast=resolve_autocast(cfg.autocast, model, tokens[:cfg.batch_contexts].to(device), [sae.cfg.hook_name],
-                                                 first_position(sae)))
+    reader = HookActivations(model, sae.cfg.hook_name, heldout, cfg.first_context, first_position=first_position(sae))
+    cfg = replace(cfg, autocast=reader.resolve_precision(cfg.autocast, tokens[:cfg.batch_contexts].to(device), len(tokens)))
     vocab_size = max(len(model.tokenizer), int(tokens.max()) + 1)
     scratch_dir = Path(tempfile.mkdtemp(prefix="atlas_codes_", dir=scratch))
     try:  # codes of sae.max_active_latents features per token go to the example buffer
         acc = Accumulator(sae.cfg.d_sae, cfg, vocab_size, len(tokens), ctx_len, sae.max_active_latents, scratch_dir)
         for start in tqdm(range(0, len(tokens), cfg.batch_contexts), desc="atlas", unit="batch"):
             batch = tokens[start:start + cfg.batch_contexts].to(device)
-            acc.update(encode_contexts(model, sae, batch, cfg.autocast).f, batch, start)
+            acc.update(encode_activations(sae, reader(batch, start)).f, batch, start)
         acc.coalesce_tokens()
         acc.merge_candidates()
-        return _finish(acc, sae, model, cfg, tokens, len(tokens) * (ctx_len - 1), sae_path)
+        atlas = _finish(acc, sae, model, cfg, tokens, len(tokens) * (ctx_len - 1), sae_path)
+        atlas.meta["contexts_read_from_store"] = reader.read_from_store
+        return atlas
     finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
 

@@ -24,7 +24,7 @@ from activations.model import HookedModel, ModelLoader
 from sae import load_sae
 from sae.base import SAE
 
-from ..command import add_corpus, heldout_tokens, sae_paths, too_small
+from ..command import add_corpus, heldout_activations, heldout_tokens, sae_paths, too_small
 from .atlas import Atlas, AtlasConfig, build_atlas, load_atlas
 from .labels import LabelConfig, Labels, label_features, load_labels, save_labels, write_coverage_report
 from .labels.score import MIN_SCORE_CONTEXTS
@@ -166,16 +166,20 @@ def analyze_one(args: argparse.Namespace, models: ModelLoader, path: Path, llm: 
     corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
     split = split_heldout(corpus, model.tokenizer, args.atlas_tokens, args.label_contexts)
     started = time.perf_counter()
+    heldout = heldout_activations(sae, corpus, len(split.atlas) + len(split.labels), "analyze")
     atlas = build_atlas(sae, model, AtlasConfig(n_tokens=split.atlas_tokens, corpus=corpus, device=args.device), sae_path=str(path),
-                        tokens=split.atlas)
+                        tokens=split.atlas, heldout=heldout)
     atlas_dir = atlas.save(path / "atlas")
     s = atlas.summary()
-    print(f"atlas: {atlas_dir} ({atlas.n_tokens:,} tokens of {describe(corpus)}, {time.perf_counter() - started:.0f} s): "
+    stored = atlas.meta.get("contexts_read_from_store", 0)
+    source = f"read from {heldout.path}" if stored == atlas.n_contexts else "run through the model" if not stored else \
+        f"{stored} contexts read from {heldout.path}"
+    print(f"atlas: {atlas_dir} ({atlas.n_tokens:,} tokens of {describe(corpus)}, {source}, {time.perf_counter() - started:.0f} s): "
           f"{s['dead']} dead, {s['dense']} dense, ultralow-density mode: {_ultralow_text(s['ultralow'])}")
     started = time.perf_counter()
     label_cfg = LabelConfig(n_score_contexts=len(split.labels), llm=llm.llm, allow_insecure_endpoint=llm.allow_insecure,
                             **({"namer": args.namer} if args.namer else {}))
-    labels = label_features(atlas, sae, model, label_cfg, tokens=split.labels)
+    labels = label_features(atlas, sae, model, label_cfg, tokens=split.labels, heldout=heldout)
     _print_labels(labels, save_labels(labels, atlas_dir / "labels.json"), write_coverage_report(labels, atlas_dir / "labels_coverage.html"),
                   time.perf_counter() - started)
     if getattr(args, "neuronpedia", False):  # `run` has no --neuronpedia

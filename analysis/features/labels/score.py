@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from activations.corpus import load_contexts
 from activations.model import HookedModel
 from activations.precision import resolve_autocast
+from activations.store import ActivationStore
 from sae.base import SAE
 
-from ...encoding import encode_contexts, first_position
+from ...encoding import HookActivations, encode_activations, first_position
 from ..atlas import Atlas
 from .base import KINDS, STRONG_SHARE, Label, LabelContext, Scores, token_membership
 from .config import LabelConfig, saved_config
@@ -171,12 +172,14 @@ def choose(candidates: list[Label], held_out_fires: int | None = None) -> Featur
 # ---------------------------------------------------------------------------- the whole job
 @torch.no_grad()
 def label_features(atlas: Atlas, sae: SAE, model: HookedModel, cfg: LabelConfig | None = None,
-                   tokens: np.ndarray | Tensor | None = None) -> Labels:
+                   tokens: np.ndarray | Tensor | None = None, heldout: ActivationStore | None = None) -> Labels:
     """Make every registered kind of label for every live feature from `atlas`, score them on
     held-out contexts that follow the atlas's, and return the `Labels` (save them with
     `save_labels`). `tokens`: those contexts, int [n_contexts context_len], for a caller that
     tokenised the held-out text already (the rows right after the atlas's; the first
-    `cfg.n_score_contexts` are read); default: loaded from the atlas's corpus."""
+    `cfg.n_score_contexts` are read); default: loaded from the atlas's corpus. `heldout`: a
+    held-out store holding their activations (`activations.store.heldout_store`), read instead
+    of running the model on the contexts it holds."""
     cfg = cfg or LabelConfig()
     if sae.cfg.d_sae != atlas.d_sae or sae.cfg.hook_name != atlas.hook_name:
         raise ValueError(f"atlas is of a {atlas.d_sae}-feature SAE at {atlas.hook_name}, "
@@ -192,14 +195,16 @@ def label_features(atlas: Atlas, sae: SAE, model: HookedModel, cfg: LabelConfig 
         raise ValueError(f"only {len(tokens)} held-out contexts follow the atlas's {first}: labels need unseen text to be scored on; "
                          "build the atlas on fewer tokens")
 
+    # the pattern labels re-run the model whatever the store holds: the precision is resolved for them too
     cfg = replace(cfg, autocast=resolve_autocast(cfg.autocast, model, tokens[:cfg.batch_contexts].to(device), [sae.cfg.hook_name],
                                                  first_position(sae)))
+    reader = HookActivations(model, sae.cfg.hook_name, heldout, first, cfg.autocast, first_position(sae))
     context = LabelContext(sae, model, cfg)
     candidates = [label for kind in KINDS.values() for label in kind.candidates(atlas, context)]
     scorer = Scorer(candidates, atlas, model.tokenizer, first=first_position(sae))
     for n, start in enumerate(tqdm(range(0, len(tokens), cfg.batch_contexts), desc="labels: scoring", unit="batch")):
         batch = tokens[start:start + cfg.batch_contexts]
-        scorer.update(encode_contexts(model, sae, batch.to(device), cfg.autocast).f.cpu(), batch, part=n % len(PARTS))
+        scorer.update(encode_activations(sae, reader(batch.to(device), start)).f.cpu(), batch, part=n % len(PARTS))
     features = scorer.results()
     name_features(features, atlas, model, cfg.namer)
     return Labels(features, summarize(features, scorer.n_positions, atlas), saved_config(cfg), ScoredOn(corpus, first, len(tokens)))
