@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -67,7 +68,7 @@ class HarvestConfig:
     """Re-harvest the shards whose checksum does not match the manifest (else: an error)."""
     compile: Literal["auto", "yes", "no"] = "auto"
     """torch.compile the decoder layers up to the last hook (`activations.model.compiled_blocks`: residual hooks of a
-    Hugging Face model): "auto" compiles when the shards still to harvest hold >= 1M tokens, where the ~3 s per layer pays."""
+    Hugging Face model): "auto" compiles a harvest of >= 1M tokens on a CPU with a C++ compiler, where the ~3 s per layer pays."""
     up_to: bool = False
     """Harvest at most n_tokens: what the corpus holds when it holds fewer (else: an error). The held-out store uses it."""
 
@@ -136,12 +137,13 @@ def _autocast(cfg: HarvestConfig, model: HookedModel, tokens: np.ndarray, device
 
 def _compiles(cfg: HarvestConfig, model: HookedModel, n_contexts: int) -> bool:
     """Whether the harvest runs compiled decoder layers: "yes", or "auto" for a harvest of at least
-    COMPILE_MIN_TOKENS, where the hooks allow it (`compiled_blocks`). A function of the settings,
+    COMPILE_MIN_TOKENS on a CPU with a C++ compiler (what was measured), where the hooks allow it (`compiled_blocks`). A function of the settings,
     so a resumed harvest decides as the first run did (the manifest records it)."""
     if cfg.compile == "no":
         return False
     rows = tokens_in_contexts(n_contexts, cfg.corpus.context_len, 1 if cfg.exclude_bos else 0)
-    if cfg.compile == "auto" and rows < COMPILE_MIN_TOKENS:
+    on_cpu_with_compiler = next(model.parameters()).device.type == "cpu" and shutil.which("g++") is not None  # inductor's C++ backend
+    if cfg.compile == "auto" and (rows < COMPILE_MIN_TOKENS or not on_cpu_with_compiler):
         return False
     with compiled_blocks(model, cfg.hooks, dry_run=True) as possible:
         if cfg.compile == "yes" and not possible:

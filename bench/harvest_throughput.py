@@ -16,7 +16,9 @@ the attention scores and the weighted sum over the causal prefix (on average (ct
 positions); norms, rotary embeddings and softmax are left out. The matmul peak is the best of
 `--peak-repeats` [n, n] @ [n, n] products in that precision with the same threads. The last
 line is what `autocast="auto"` (`activations.precision`) picks on this machine, and bf16's
-relative error against fp32 on the same batch.
+relative error against fp32 on the same batch. Then the harvest's compiled path
+(`HarvestConfig.compile`, `activations.model.compiled_blocks`) at the largest batch: its
+speed, its share of the bound, and its difference to the eager activations.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ import torch
 
 from activations import CorpusConfig, load_contexts, load_model, run_to_hooks
 from activations.hooks import act_name
-from activations.model import hf_model_of
-from activations.precision import probe_precision
+from activations.model import compiled_blocks, hf_model_of
+from activations.precision import probe_precision, relative_error
 
 
 def bare_hf_truncated(model, tokens: torch.Tensor, layer: int) -> torch.Tensor:
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--n-contexts", type=int, default=64, help="contexts timed per setting")
     parser.add_argument("--peak-n", type=int, default=2048, help="matrix size of the peak measurement (default: %(default)s)")
     parser.add_argument("--peak-repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled rows (torch.compile of the decoder layers)")
     args = parser.parse_args()
     model = load_model("smollm2", device="cpu")
     tokens = torch.from_numpy(load_contexts(CorpusConfig(), model.tokenizer, max_contexts=args.n_contexts)).long()
@@ -104,6 +107,24 @@ def main() -> None:
             print(f"{bc:>6} {autocast:>9} {ours:>16,.0f} {bare:>14,.0f} {ours / bare:>6.2f} {bound:>12,.0f} {ours / bound:>9.0%}")
     probe = probe_precision(model, tokens[:args.batch_contexts[-1]], [hook])
     print(f"autocast='auto' picks: {probe.describe()}")
+    if args.no_compile:
+        return
+    # the harvest's compiled path (HarvestConfig.compile): decoder layers through torch.compile
+    bc = args.batch_contexts[-1]
+    batches = list(tokens.split(bc))
+    eager = {a: run_to_hooks(model, batches[0], [hook], a)[hook] for a in args.autocast}
+    started = time.perf_counter()
+    with compiled_blocks(model, [hook]):
+        for autocast in args.autocast:
+            run_to_hooks(model, batches[0], [hook], autocast)
+        compile_s = time.perf_counter() - started
+        print(f"compiled decoder layers (first calls, compiling included: {compile_s:.0f} s):")
+        for autocast in args.autocast:
+            ours = timed(lambda b, a=autocast: run_to_hooks(model, b, [hook], a), batches, autocast)
+            got = run_to_hooks(model, batches[0], [hook], autocast)[hook]
+            bound = peaks[autocast] / flops
+            print(f"{bc:>6} {autocast:>9} {ours:>16,.0f} {'':>14} {'':>6} {bound:>12,.0f} {ours / bound:>9.0%}   vs eager: max abs diff "
+                  f"{float((got - eager[autocast]).abs().max()):.2e}, relative error {relative_error(got, eager[autocast]):.1e}")
 
 
 if __name__ == "__main__":
