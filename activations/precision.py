@@ -86,4 +86,44 @@ def resolve_autocast(setting: str, model: HookedModel, tokens: torch.Tensor, hoo
     return probe.choice
 
 
-__all__ = ["AUTOCASTS", "MAX_BF16_ERROR", "Autocast", "PrecisionProbe", "probe_precision", "relative_error", "resolve_autocast", "check_autocast"]
+MIN_TRAINING_PROBE_WEIGHTS = 2**20
+"""Encoders with fewer weights than this train in fp32 without a probe: at that size bf16's casts cost what its matmuls save."""
+SAE_MATMUL_SPEEDUP = 1.2
+"""bf16 autocast trains an SAE only when its encoder matmul is at least this much faster than fp32."""
+_TRAINING_CHOICES: dict[tuple, Autocast] = {}
+
+
+def training_autocast(batch: int, d_in: int, d_sae: int, device: torch.device, repeats: int = 3) -> Autocast:
+    """The precision an SAE of `d_in` x `d_sae` trains in on `device`: bf16 autocast when the
+    encoder's matmul [batch d_in] @ [d_in d_sae] runs at least SAE_MATMUL_SPEEDUP x faster under
+    it than in fp32 (best of `repeats` after a warm-up), else fp32; fp32 for small encoders.
+    Measured once per shape and device in a process. The accuracy check is the training's own:
+    held-out FVU of bf16 and fp32 runs on the same batches (bench/train_throughput.py: equal to
+    4 digits at 1M tokens)."""
+    if d_in * d_sae < MIN_TRAINING_PROBE_WEIGHTS:
+        return "none"
+    key = (batch, d_in, d_sae, str(device))
+    if key not in _TRAINING_CHOICES:
+        x, w = torch.randn(batch, d_in, device=device), torch.randn(d_in, d_sae, device=device)
+        seconds = {}
+        for setting in AUTOCASTS:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting == "bf16"):
+                x @ w  # warm-up
+                best = float("inf")
+                for _ in range(repeats):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    x @ w
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    best = min(best, time.perf_counter() - started)
+            seconds[setting] = best
+        _TRAINING_CHOICES[key] = "bf16" if seconds["none"] >= SAE_MATMUL_SPEEDUP * seconds["bf16"] else "none"
+        log.info("training precision: %s (encoder matmul fp32 %.1f ms, bf16 autocast %.1f ms)",
+                 "bf16 autocast" if _TRAINING_CHOICES[key] == "bf16" else "fp32", 1e3 * seconds["none"], 1e3 * seconds["bf16"])
+    return _TRAINING_CHOICES[key]
+
+
+__all__ = ["AUTOCASTS", "MAX_BF16_ERROR", "Autocast", "PrecisionProbe", "probe_precision", "relative_error", "resolve_autocast", "check_autocast",
+           "training_autocast"]

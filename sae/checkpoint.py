@@ -123,6 +123,14 @@ def _load_sae_state(trainer: Trainer, folder: Path, i: int) -> None:
                 opt.state[param][name] = torch.empty_like(param).copy_(value)
 
 
+def checkpoint_setting(out: Path, key: str) -> object:
+    """The TrainConfig value `key` the complete checkpoint in `out` was written with (None: no checkpoint, or no such key)."""
+    for folder in (out / "checkpoint", out / ".checkpoint.old"):
+        if is_complete(folder):
+            return json.loads((folder / "state.json").read_text())["config"].get(key)
+    return None
+
+
 def load_checkpoint(trainer: Trainer) -> bool:
     """Resume `trainer` from <out>/checkpoint (or the previous one, if a run was killed between
     the two renames); False when there is no complete checkpoint."""
@@ -142,4 +150,4 @@ def load_checkpoint(trainer: Trainer) -> bool:
     return True
 
 
-__all__ = ["RESUME_MAY_CHANGE", "is_complete", "load_checkpoint", "resume_differences", "save_checkpoint", "source_identity"]
+__all__ = ["RESUME_MAY_CHANGE", "checkpoint_setting", "is_complete", "load_checkpoint", "resume_differences", "save_checkpoint", "source_identity"]

@@ -120,8 +120,8 @@ def test_batchtopk_selection_equals_a_top_k_over_the_whole_batch(spread):
     assert float(sae.threshold) == pytest.approx(float(acts.flatten().topk(4 * 64).values[-1]))
 
 
-def test_gradient_clipping_bounds_each_step_and_is_off_by_default(tmp_path, monkeypatch):
-    """`TrainConfig.max_grad_norm` clips each SAE's whole gradient before Adam (SAE Lens clips at 1.0)."""
+def test_gradient_clipping_bounds_each_step_and_none_turns_it_off(tmp_path, monkeypatch):
+    """`TrainConfig.max_grad_norm` (default 1.0, as SAE Lens) clips each SAE's whole gradient before Adam; None: off."""
     source, _ = synthetic_batches()
     norms = []
     real = torch.nn.utils.clip_grad_norm_
@@ -142,9 +142,9 @@ def test_gradient_clipping_bounds_each_step_and_is_off_by_default(tmp_path, monk
         trainer.train()
         return trainer.saes[0].W_enc.detach().clone()
 
-    assert TrainConfig.max_grad_norm is None
+    assert TrainConfig.max_grad_norm == 1.0
     unclipped = run(None)
-    assert norms == []  # off by default
+    assert norms == []  # off
     clipped = run(1e-3)
     assert len(norms) == 6 and all(before > 1e-3 and after <= 1e-3 * 1.01 for before, after in norms)
     assert not torch.allclose(clipped, unclipped)

@@ -62,3 +62,26 @@ def test_a_resumed_auto_harvest_keeps_the_recorded_precision(tiny_model, text_co
     resumed = harvest(cfg, tiny_model)[HOOK]
     assert resumed.manifest["autocast"] == "bf16" and resumed.n_tokens == store.n_tokens
     assert HarvestConfig().autocast == "auto"  # the default measures, it does not guess
+
+
+def test_training_precision_is_measured_for_large_encoders_and_kept_by_a_resume(tmp_path, monkeypatch):
+    """TrainConfig.autocast="auto": fp32 below MIN_TRAINING_PROBE_WEIGHTS without timing; else the
+    faster encoder matmul; a resumed run keeps what its checkpoint recorded."""
+    from activations import precision
+    from sae import SAEConfig
+    from sae.trainer import TrainConfig, Trainer
+    from tests.test_sae import synthetic_batches
+
+    assert precision.training_autocast(256, 24, 96, torch.device("cpu")) == "none"  # small: no probe
+    choice = precision.training_autocast(512, 256, 4096, torch.device("cpu"), repeats=1)
+    assert choice in ("none", "bf16") and precision.training_autocast(512, 256, 4096, torch.device("cpu")) == choice  # measured once
+    source, _ = synthetic_batches()
+    cfg = TrainConfig(out_dir=str(tmp_path), saes=[SAEConfig(architecture="topk", d_in=24, d_sae=96, k=3)], n_tokens=256 * 4,
+                      batch_size=256, checkpoint_every=2, max_steps=2, device="cpu", autocast="bf16")
+    Trainer(cfg, source).train()
+    from dataclasses import replace
+
+    resumed = Trainer(replace(cfg, autocast="auto", max_steps=None), source)  # the checkpoint says bf16: no probe, no switch
+    assert resumed.cfg.autocast == "bf16"
+    resumed.train()
+    assert Trainer(replace(cfg, out_dir=str(tmp_path / "new"), autocast="auto"), source).cfg.autocast == "none"
