@@ -83,8 +83,9 @@ HELDOUT_FOLDER = "heldout"
 def heldout_store(training_store: str | Path | None, corpus: dict, model: str, hook: str) -> ActivationStore | None:
     """The held-out activations harvested beside the training store `training_store` (one hook's
     folder, as an SAE's `training_data["store"]` records it), if they are of `corpus` (a
-    CorpusConfig as a dict), `model` and `hook` and complete; None otherwise. Readers still
-    compare each context's tokens with the text they analyse (`ActivationStore.contexts`)."""
+    CorpusConfig as a dict), `model` and `hook` and complete; None otherwise. Found by its place,
+    trusted for its content: readers compare each context's tokens with the text they analyse
+    (`analysis.encoding.HookActivations`), so a corpus edited since the harvest is not misread."""
     if not training_store:
         return None
     folder = hook_dir(Path(training_store).parent / HELDOUT_FOLDER, hook)
@@ -122,6 +123,7 @@ class ActivationStore:
         if require_complete and not self.manifest.get("complete"):
             raise StoreError(f"{self.path}: harvest did not finish; rerun the same harvest command to resume it")
         self.shards = [ShardInfo(**s) for s in self.manifest["shards"]]
+        self._last_shard: tuple[int | None, dict[str, Tensor]] = (None, {})
         for shard in self.shards:
             if not (self.path / shard.file).exists():
                 raise StoreError(f"{self.path}: shard {shard.file} listed in the manifest is missing; "
@@ -276,7 +278,7 @@ class ActivationStore:
 
     def _cached_shard(self, index: int) -> dict[str, Tensor]:
         """`load_shard(index)`, keeping the last one read (sequential readers ask for it again)."""
-        if getattr(self, "_last_shard", (None, None))[0] != index:
+        if self._last_shard[0] != index:
             self._last_shard = (index, self.load_shard(index))
         return self._last_shard[1]
 

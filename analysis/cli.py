@@ -82,11 +82,11 @@ def heldout_tokens_needed(args: argparse.Namespace) -> int:
     """The held-out tokens `run` harvests beside the training store (--heldout-tokens when given):
     what evaluation's reconstruction metrics, the atlas and label scoring read, so each held-out
     token goes through the model once."""
-    from activations.corpus import contexts_for_tokens, tokens_in_contexts
+    from activations.corpus import CorpusConfig, contexts_for_tokens, tokens_in_contexts
 
     if args.heldout_tokens is not None:
         return args.heldout_tokens
-    ctx_len = args.context_len
+    ctx_len = args.context_len or CorpusConfig.context_len
     contexts = contexts_for_tokens(args.eval_tokens, ctx_len)
     if not args.skip_analysis:
         contexts = max(contexts, contexts_for_tokens(args.atlas_tokens, ctx_len) + args.label_contexts)

@@ -119,6 +119,8 @@ def test_contexts_past_the_store_or_other_text_run_through_the_model(stores, tin
 def test_run_harvests_the_heldout_text_once_and_the_stages_read_it(tiny_llama_dir, tmp_path, capsys):
     """`saewb run` writes the held-out store; evaluation, the atlas and labels read it (no second pass)."""
     from analysis import cli
+
+    assert cli.heldout_tokens_needed(cli.parse(["run"])) == 127 * (7875 + 2048)  # the default: atlas + label contexts
     from tests.test_user_corpus import write_user_corpus
 
     corpus = write_user_corpus(tmp_path / "docs.jsonl")
