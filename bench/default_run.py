@@ -2,7 +2,8 @@
 
 Runs the command in a subprocess and timestamps the first appearance of each stage's own
 output (its progress bar or its summary line), so the same script times any version of the
-workbench without instrumenting it. Prints the table and writes it as JSON.
+workbench without instrumenting it. Prints the table and writes it as JSON, and the run's
+output as <out>/run.log.
 
     python bench/default_run.py --out /tmp/default_run                  # the default preset
     python bench/default_run.py --out /tmp/small -- --n-tokens 262144   # extra flags for `saewb run`
@@ -61,6 +62,8 @@ def time_run(extra: list[str], out: Path) -> dict:
         raise SystemExit(f"saewb run failed ({code}):\n{full[-3000:]}")
     order = sorted(seen.items(), key=lambda kv: kv[1])
     stages = {name: round(order[i + 1][1] - t, 1) for i, (name, t) in enumerate(order[:-1])}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.log").write_text(full)  # the run's own output, progress bars included
     rss = re.search(r"maxrss_kb (\d+)", full)
     return {"stages": stages, "total_s": round(total, 1), "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None,
             "command": " ".join(command[1:])}
