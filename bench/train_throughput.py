@@ -165,8 +165,8 @@ def part_arch(args, train, heldout, peaks: dict) -> list[dict]:
     return rows
 
 
-LENS_VARIANTS = [("fp32", "none", None), ("fp32, clip 1", "none", 1.0), ("bf16", "bf16", None), ("bf16, clip 1", "bf16", 1.0)]
-"""The workbench's TopK recipes set against SAE Lens's: (name, autocast, max_grad_norm). SAE Lens clips gradients at 1.0."""
+LENS_VARIANTS = [("fp32", "none", 0.0), ("fp32, clip 1", "none", 1.0), ("bf16", "bf16", 0.0), ("bf16, clip 1", "bf16", 1.0)]
+"""The workbench's TopK recipes set against SAE Lens's: (name, autocast, max_grad_norm; 0: no clipping). SAE Lens clips at 1.0."""
 
 
 def part_lens(args, train, heldout, arch_rows: list[dict]) -> list[dict]:

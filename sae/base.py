@@ -47,6 +47,9 @@ class SAE(nn.Module):
     """Registered name, set by `register` from `config_class`."""
     is_default: ClassVar[bool] = False
     """Built when no architecture is named (set by `@register(default=True)`; one class only)."""
+    max_grad_norm: ClassVar[float | None] = None
+    """Gradient clipping norm the trainer uses for this architecture unless `TrainConfig.max_grad_norm` says otherwise
+    (None: no clipping; set where it was measured to help)."""
     sweep_fields: ClassVar[tuple[str, ...]] = ()
     """Config fields a sweep over several values trains one SAE per value of (e.g. ("k",))."""
     sae_lens_architecture: ClassVar[str] = ""

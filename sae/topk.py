@@ -35,6 +35,7 @@ class TopKSAE(SAE):
     cfg: TopKConfig
     sweep_fields = ("k",)
     sae_lens_architecture = "topk"
+    max_grad_norm = 1.0  # as SAE Lens: held-out FVU 0.0815 against 0.0863 unclipped at 1M tokens (docs/results.md)
     sae_lens_loads = ("topk",)
 
     @property

@@ -121,7 +121,8 @@ def test_batchtopk_selection_equals_a_top_k_over_the_whole_batch(spread):
 
 
 def test_gradient_clipping_bounds_each_step_and_none_turns_it_off(tmp_path, monkeypatch):
-    """`TrainConfig.max_grad_norm` (default 1.0, as SAE Lens) clips each SAE's whole gradient before Adam; None: off."""
+    """`TrainConfig.max_grad_norm` clips each SAE's whole gradient before Adam; 0: off; None (the default): the
+    architecture's own (TopK 1.0, as SAE Lens; JumpReLU none)."""
     source, _ = synthetic_batches()
     norms = []
     real = torch.nn.utils.clip_grad_norm_
@@ -142,9 +143,12 @@ def test_gradient_clipping_bounds_each_step_and_none_turns_it_off(tmp_path, monk
         trainer.train()
         return trainer.saes[0].W_enc.detach().clone()
 
-    assert TrainConfig.max_grad_norm == 1.0
-    unclipped = run(None)
+    assert TrainConfig.max_grad_norm is None and ARCHITECTURES["topk"].max_grad_norm == 1.0 and ARCHITECTURES["jumprelu"].max_grad_norm is None
+    unclipped = run(0)
     assert norms == []  # off
+    run(None)
+    assert len(norms) == 6  # TopK's own: 1.0
+    norms.clear()
     clipped = run(1e-3)
     assert len(norms) == 6 and all(before > 1e-3 and after <= 1e-3 * 1.01 for before, after in norms)
     assert not torch.allclose(clipped, unclipped)
