@@ -137,8 +137,11 @@ def _autocast(cfg: HarvestConfig, model: HookedModel, tokens: np.ndarray, device
 
 def _compiles(cfg: HarvestConfig, model: HookedModel, n_contexts: int) -> bool:
     """Whether the harvest runs compiled decoder layers: "yes", or "auto" for a harvest of at least
-    COMPILE_MIN_TOKENS on a CPU with a C++ compiler (what was measured), where the hooks allow it (`compiled_blocks`). A function of the settings,
-    so a resumed harvest decides as the first run did (the manifest records it)."""
+    COMPILE_MIN_TOKENS on a CPU with a C++ compiler (what was measured), where the hooks allow it (`compiled_blocks`).
+    The manifest records it, and a resumed "auto" harvest keeps what it recorded."""
+    manifest = hook_dir(Path(cfg.out_dir), cfg.hooks[0]) / "manifest.json"
+    if cfg.compile == "auto" and manifest.exists():  # a resume decides as the first run did (eager before the key existed)
+        return bool(json.loads(manifest.read_text()).get("compiled", False))
     if cfg.compile == "no":
         return False
     rows = tokens_in_contexts(n_contexts, cfg.corpus.context_len, 1 if cfg.exclude_bos else 0)
@@ -164,8 +167,7 @@ def _resumed(cfg: HarvestConfig, hook: str, header: dict) -> dict:
     path = folder / "manifest.json"
     if path.exists():
         old = json.loads(path.read_text())
-        mismatched = [k for k in header if k != "d_in" and old.get(k) != header[k]
-                      and not (k == "compiled" and old.get(k) is None and not header[k])]  # stores from before the key
+        mismatched = [k for k in header if k != "d_in" and old.get(k, False if k == "compiled" else None) != header[k]]
         if mismatched:
             raise ValueError(f"{folder} holds a different harvest (differs in {mismatched}); choose another --out or delete it")
         return {**header, "d_in": old["d_in"], "shards": list(_verified_shards(folder, old, cfg.repair).values()), "complete": False}

@@ -159,3 +159,25 @@ def test_a_compiled_harvest_stores_what_the_eager_one_does(tiny_bridge, tiny_lla
     assert harvest(small, tiny_bridge)[hook].manifest["compiled"] is False
     with pytest.raises(ValueError, match="residual hooks of a Hugging Face model only"):
         harvest(HarvestConfig(out_dir=str(tmp_path / "mlp"), compile="yes", **{**base, "hooks": ["blocks.1.hook_mlp_out"]}), tiny_bridge)
+
+
+def test_a_store_from_before_the_compiled_key_still_resumes(tiny_bridge, tiny_llama_dir, text_corpus, tmp_path, monkeypatch):
+    """A manifest without "compiled" was harvested eagerly: rerunning the harvest (as `saewb run` does) keeps it, no mismatch."""
+    import importlib
+    import json
+
+    harvest_module = importlib.import_module("activations.harvest")  # (the package's `harvest` is the function)
+
+    monkeypatch.setattr(harvest_module, "COMPILE_MIN_TOKENS", 0)  # "auto" would compile this small harvest
+    hook = "blocks.1.hook_resid_post"
+    cfg = HarvestConfig(out_dir=str(tmp_path), model=tiny_llama_dir, hooks=[hook], corpus=CorpusConfig(source=str(text_corpus), context_len=32),
+                        n_tokens=31 * 8, batch_contexts=4, shard_contexts=8, dtype="float32", autocast="none", device="cpu")
+    manifest = tmp_path / hook / "manifest.json"
+    first = harvest(HarvestConfig(**{**cfg.__dict__, "compile": "no"}), tiny_bridge)[hook]
+    old = json.loads(manifest.read_text())
+    del old["compiled"]
+    manifest.write_text(json.dumps(old))
+    again = harvest(cfg, tiny_bridge)[hook]
+    assert again.fingerprint == first.fingerprint and json.loads(manifest.read_text())["compiled"] is False
+    new = harvest(HarvestConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "new")}), tiny_bridge)[hook]
+    assert new.manifest["compiled"] is True  # a new "auto" harvest over the threshold compiles
