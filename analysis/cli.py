@@ -46,7 +46,7 @@ PRESETS = {
     # ~2 min: checks the whole pipeline, numbers are not meaningful
     "smoke": dict(n_tokens=40_000, train_tokens=40_000, d_sae=1152, k=32, batch_size=1024, eval_tokens=8_192, ce_contexts=16,
                   atlas_tokens=16_384, label_contexts=64),
-    # ~45 min: a stack of SAEs for inference chains (`saewb trace`), one per hook, all harvested in one
+    # ~45 min (4 epochs per SAE): a stack of SAEs for inference chains (`saewb trace`), one per hook, all harvested in one
     # pass. Every third layer's residual stream from 2 to 29: 3 blocks between neighbours, the default
     # layer 8 among them, and the last SAE on the final residual, so the target reads it directly.
     # Each SAE trains 4 epochs over its 500k tokens (488 steps): one epoch left them undertrained.

@@ -57,7 +57,7 @@ class HookActivations:
         """The precision of the activations of the text's first `n_contexts` rows: the store's, when it
         holds them all (no model pass, no probe), else `autocast` resolved on tokens [batch pos], the first rows
         (`activations.precision.resolve_autocast`); kept for the model's passes."""
-        if self.store is not None and self.held(n_contexts) == n_contexts:
+        if self.holds(0, n_contexts):
             self.autocast = str(self.store.manifest.get("autocast", "none"))
         else:
             from activations.precision import resolve_autocast
@@ -69,11 +69,15 @@ class HookActivations:
         """How many of the first `n_contexts` rows the store holds."""
         return 0 if self.store is None else max(0, min(n_contexts, self.store.n_contexts - self.first_context))
 
+    def holds(self, start: int, n: int) -> bool:
+        """Whether the store holds rows `start` .. `start + n` of the text."""
+        return self.store is not None and self.held(start + n) == start + n
+
     @torch.no_grad()
     def __call__(self, tokens: Tensor, start: int) -> Tensor:
         """Activations [batch pos d_in] float32 of rows `start` .. of the text, tokens [batch pos]."""
         device = tokens.device
-        if self.store is not None and self.held(start + len(tokens)) == start + len(tokens):
+        if self.holds(start, len(tokens)):
             stored_tokens, acts = self.store.contexts(self.first_context + start, len(tokens))
             if torch.equal(stored_tokens.to(device), tokens.to(stored_tokens.dtype)):
                 self.read_from_store += len(tokens)

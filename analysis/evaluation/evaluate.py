@@ -151,7 +151,7 @@ def _reconstruction(saes: list[SAE], firsts: list[int], model: HookedModel, toke
     stats = [ReconstructionStats(sae.cfg.d_sae) for sae in saes]
     for b in tqdm(range(0, len(tokens), batch_contexts), desc="evaluate: reconstruction"):
         batch = tokens[b:b + batch_contexts].to(device)
-        stored = [hook for hook, r in readers.items() if r.store is not None and r.held(b + len(batch)) == b + len(batch)]
+        stored = [hook for hook, r in readers.items() if r.holds(b, len(batch))]
         computed = [hook for hook in readers if hook not in stored]
         acts = {hook: readers[hook](batch, b) for hook in stored} | (run_to_hooks(model, batch, computed) if computed else {})
         for sae, first, st in zip(saes, firsts, stats, strict=True):
