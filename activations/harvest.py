@@ -122,14 +122,20 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
     return {hook: ActivationStore(hook_dir(Path(cfg.out_dir), hook)) for hook in cfg.hooks}
 
 
+def _recorded(cfg: HarvestConfig) -> dict | None:
+    """The manifest an earlier run of this harvest left (its first hook's), or None: what an "auto" choice is resumed from."""
+    manifest = hook_dir(Path(cfg.out_dir), cfg.hooks[0]) / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.exists() else None
+
+
 def _autocast(cfg: HarvestConfig, model: HookedModel, tokens: np.ndarray, device: torch.device) -> str:
     """The precision to harvest with: as set, or for "auto" the one an earlier run of this
     harvest recorded (a resume must not mix precisions), else the faster one on the first batch."""
     if cfg.autocast != "auto":
         return cfg.autocast
-    manifest = hook_dir(Path(cfg.out_dir), cfg.hooks[0]) / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("autocast") in AUTOCASTS:
-        return json.loads(manifest.read_text())["autocast"]
+    recorded = _recorded(cfg)
+    if recorded is not None and recorded.get("autocast") in AUTOCASTS:
+        return recorded["autocast"]
     choice = resolve_autocast("auto", model, torch.from_numpy(tokens[:cfg.batch_contexts]).long().to(device), cfg.hooks,
                               first=1 if cfg.exclude_bos else 0)
     return distributed.broadcast_object(choice)  # every rank harvests in rank 0's precision
@@ -139,9 +145,9 @@ def _compiles(cfg: HarvestConfig, model: HookedModel, n_contexts: int) -> bool:
     """Whether the harvest runs compiled decoder layers: "yes", or "auto" for a harvest of at least
     COMPILE_MIN_TOKENS on a CPU with a C++ compiler (what was measured), where the hooks allow it (`compiled_blocks`).
     The manifest records it, and a resumed "auto" harvest keeps what it recorded."""
-    manifest = hook_dir(Path(cfg.out_dir), cfg.hooks[0]) / "manifest.json"
-    if cfg.compile == "auto" and manifest.exists():  # a resume decides as the first run did (eager before the key existed)
-        return bool(json.loads(manifest.read_text()).get("compiled", False))
+    recorded = _recorded(cfg)
+    if cfg.compile == "auto" and recorded is not None:  # a resume decides as the first run did (eager before the key existed)
+        return bool(recorded.get("compiled", False))
     if cfg.compile == "no":
         return False
     rows = tokens_in_contexts(n_contexts, cfg.corpus.context_len, 1 if cfg.exclude_bos else 0)
