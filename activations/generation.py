@@ -5,7 +5,7 @@ for the whole generation, so every forward pass, generated tokens included, sees
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 
 class Edit(Protocol):
-    """Something that edits one hook's activations while attached (`analysis.steering.Steering`)."""
+    """Something that edits one hook's activations while attached (`analysis.steering.Steering`).
+    If it has `generating(prompt_lengths)`, a context manager, each batch is decoded inside it,
+    so the edit can tell prompt positions from generated ones."""
 
     hook_name: str
 
@@ -227,6 +229,8 @@ def generate_tokens(model: HookedModel, prompts: Sequence[Tensor], cfg: Generati
             stack.enter_context(edit.attached(model))
         for batch in batches:
             decoder = (_HFDecoder(hf_model_of(model), cfg, generator, stop, pad) if hf else _TLDecoder(model, cfg, generator, stop, pad))
-            for i, tokens in zip(batch, decoder.run([prompts[i] for i in batch])):
-                results[i] = tokens
+            lengths = [len(prompts[i]) for i in batch]
+            with edit.generating(lengths) if hasattr(edit, "generating") else nullcontext():
+                for i, tokens in zip(batch, decoder.run([prompts[i] for i in batch])):
+                    results[i] = tokens
     return results

@@ -94,6 +94,77 @@ def test_strengths_in_units_of_max_activation():
     assert torch.allclose(steering(x), absolute(x), atol=1e-6)
 
 
+def test_clamp_at_least_raises_a_feature_to_the_target_and_never_lowers_it():
+    sae = make_sae()
+    x = torch.randn(2, 7, 32) * 3
+    f = sae.encode(x)
+    feature = int((f[:, 1:] > 0).float().sum((0, 1)).argmax())
+    firing = f[:, 1:, feature][f[:, 1:, feature] > 0]
+    target = float(firing.detach().median())  # some positions above it, some below
+    out = Steering(sae, Intervention(feature, "clamp_at_least", target, unit="absolute"))(x)
+    by_hand = x + (target - f[..., feature, None]).clamp_min(0) * sae.W_dec.detach()[feature]
+    assert torch.allclose(out[:, 1:], by_hand[:, 1:], atol=1e-5) and torch.equal(out[:, 0], x[:, 0])
+    above = f[..., feature] >= target
+    assert above[:, 1:].any() and torch.equal(out[above], x[above])  # where it already fires above the target: untouched
+    clamped = Steering(sae, Intervention(feature, "clamp", target, unit="absolute"))(x)
+    assert not torch.allclose(clamped[:, 1:][above[:, 1:]], x[:, 1:][above[:, 1:]])  # a plain clamp pulls those down
+
+
+def test_strengths_in_units_of_the_residual_norm():
+    sae = make_sae()
+    with torch.no_grad():
+        sae.W_dec[4] *= 3.0  # not unit norm: the unit must divide it out
+    x = torch.randn(1, 4, 32)
+    steering = Steering(sae, [Intervention(4, "add", 0.5, "norm")], residual_norm=10.0)
+    delta = steering(x)[:, 1:] - x[:, 1:]
+    assert torch.allclose(delta.norm(dim=-1), torch.full((3,), 5.0), atol=1e-4)  # 0.5 x the residual norm
+    assert steering.values[4] == pytest.approx(5.0 / float(sae.W_dec[4].norm()))
+    with pytest.raises(ValueError, match="needs residual_norm"):
+        Steering(sae, Intervention(4, "add", 0.5, "norm"))
+
+
+def test_residual_norm_is_the_median_norm_past_position_0(tiny_model):
+    from activations.model import run_to_hooks
+    from analysis.steering.measure import residual_norm
+
+    batch = prompts(2, 6) + prompts(1, 3, seed=5)
+    norms = torch.cat([run_to_hooks(tiny_model, p[None], [HOOK])[HOOK][0, 1:].norm(dim=-1) for p in batch])
+    assert residual_norm(tiny_model, HOOK, batch, batch_size=2) == pytest.approx(float(norms.median()), rel=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_positions_prompt_or_generated_match_a_hand_computation(tiny_model, positions):
+    """Greedy generation steered at prompt (or generated) positions only is the argmax, step
+    by step, of a full forward pass whose hook edits exactly those positions."""
+    sae = make_sae()
+    direction = sae.W_dec[2].detach() * 6.0
+    steering = Steering(sae, Intervention(2, "add", 6.0, "absolute"), positions=positions)
+    batch = prompts(2, 5)
+    cfg = dict(max_new_tokens=8, stop_at_eos=False)
+    cached = generate_tokens(tiny_model, batch, GenerationConfig(**cfg), steering)
+    assert [t.tolist() for t in cached] == [t.tolist() for t in generate_tokens(tiny_model, batch, GenerationConfig(**cfg, use_cache=False),
+                                                                                  steering)]
+    for prompt, new in zip(batch, cached):
+        n = len(prompt)
+
+        def by_hand(act, hook, n=n):
+            act = act.clone()
+            if positions == "prompt":
+                act[:, 1:n] += direction
+            else:
+                act[:, n:] += direction
+            return act
+
+        full = torch.cat([prompt, new])[None]
+        logits = tiny_model.run_with_hooks(full, fwd_hooks=[(HOOK, by_hand)])
+        assert logits[0, n - 1:-1].argmax(-1).tolist() == new.tolist()
+    unsteered = generate_tokens(tiny_model, batch, GenerationConfig(**cfg))
+    if positions == "generated":  # the first answer token is predicted unsteered
+        assert all(a[0] == b[0] for a, b in zip(cached, unsteered))
+    assert any(a.tolist() != b.tolist() for a, b in zip(cached, unsteered))
+    assert steering.prompt_lengths is None  # only set while generating
+
+
 def test_bad_requests_get_clear_errors(tiny_model):
     sae = make_sae()
     with pytest.raises(ValueError, match="out of range.*64 features"):
@@ -108,6 +179,8 @@ def test_bad_requests_get_clear_errors(tiny_model):
         Steering(sae, [Intervention(3, "ablate"), Intervention(3, "add", 1.0, "absolute")])
     with pytest.raises(ValueError, match="unknown steering mode"):
         Intervention(3, "boost", 1.0)
+    with pytest.raises(ValueError, match="unknown steering positions"):
+        Steering(sae, Intervention(3, "ablate"), positions="answer")
     with pytest.raises(KeyError, match="no hook point"):
         with steer(tiny_model, Steering(make_sae(hook="blocks.7.hook_resid_post"), Intervention(3, "ablate"))):
             pass
@@ -175,7 +248,7 @@ def test_hooks_are_removed_even_when_an_exception_is_raised(tiny_model):
         with steer(tiny_model, steering):
             assert hooks_attached(tiny_model) > 0
             raise RuntimeError("boom")
-    assert hooks_attached(tiny_model) == 0 and steering.positions is None
+    assert hooks_attached(tiny_model) == 0 and steering.pass_positions is None
 
     class FailsOnThirdCall(Steering):
         calls = 0
@@ -228,8 +301,9 @@ def test_generation_fluency_is_the_one_fluency_of_sweeps_and_concept_steering(ti
     fluency = generation_fluency(tiny_model, p, g)
     nll, n = generation_nll(tiny_model, p, g)
     assert fluency.perplexity == pytest.approx(math.exp(float(nll.sum()) / int(n.sum())))
-    assert fluency.repetition == pytest.approx(repetition_rate(g[0].tolist()))  # the 1-token answer has no trigram to judge
-    assert fluency.repetition == pytest.approx(0.25)  # (1, 2, 3, 1, 2, 3): 1 of its 4 trigrams repeats an earlier one
+    # (1, 2, 3, 1, 2, 3): 1 of its 4 trigrams repeats an earlier one; the 1-token answer is too short to judge and counts as 1
+    assert repetition_rate(g[0].tolist()) == pytest.approx(0.25)
+    assert fluency.repetition == pytest.approx((0.25 + 1.0) / 2)
     point = score_condition(tiny_model, make_sae(), "add", 1.0, p, g, [2], None, 0.0, None)
     assert (point.perplexity, point.repetition) == (fluency.perplexity, fluency.repetition)
     assert ConceptFluency is Fluency
@@ -242,7 +316,8 @@ def test_modes_and_units_are_their_literals():
 
     from analysis.steering import MODES, UNITS, Mode, Unit
 
-    assert MODES == get_args(Mode) == ("clamp", "add", "ablate") and UNITS == get_args(Unit) == ("max", "absolute")
+    assert MODES == get_args(Mode) == ("clamp", "clamp_at_least", "add", "ablate")
+    assert UNITS == get_args(Unit) == ("max", "absolute", "norm")
 
 
 def test_kl_on_neutral_text(tiny_model):
@@ -345,6 +420,11 @@ def check_hf_generation(model, sae, tokens, hf_prompt, strength):
     unsteered_recomputed = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg, use_cache=False)))
     assert batched == recomputed == one_by_one
     assert unsteered == unsteered_recomputed
+    for positions in ("prompt", "generated"):  # each row's own prompt length, under left padding
+        only = Steering(sae, Intervention(7, "add", strength, "absolute"), positions=positions)
+        rows = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg), only))
+        assert rows == [generate_tokens(model, [p], GenerationConfig(**cfg), only)[0].tolist() for p in prompts]
+        assert rows == as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg, use_cache=False), only))
     assert batched != unsteered
     with steer(model, steering):  # Hugging Face's own generate sees the same steering
         hf = model.original_model.generate(hf_prompt[None], max_new_tokens=6, min_new_tokens=6, do_sample=False,

@@ -13,6 +13,8 @@ Definitions, as in the papers that use them:
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterable
 
 import torch
@@ -74,6 +76,14 @@ def repetition_rate(tokens: Iterable[int], n: int = 3) -> float:
     if not grams:
         return float("nan")
     return 1.0 - len(set(grams)) / len(grams)
+
+
+def answer_repetition(tokens: Iterable[int], n: int = 3) -> float:
+    """`repetition_rate` of a generated answer, with an answer too short to judge (fewer than
+    `n` tokens: often an edit that makes the model stop at once) counted as 1, a failure, so
+    that no answer escapes the repetition check."""
+    rate = repetition_rate(tokens, n)
+    return 1.0 if math.isnan(rate) else rate
 
 
 class ReconstructionStats:

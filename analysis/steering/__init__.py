@@ -15,7 +15,20 @@ is the edit it attaches to every forward pass.
 from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens, stop_token_ids
 
 from .causal import CausalCheck, causal_check
-from .interventions import MODES, UNITS, Intervention, Mode, Steering, TokenPredicate, Unit, check_compatible, check_features, steer
+from .interventions import (
+    MODES,
+    POSITIONS,
+    UNITS,
+    Intervention,
+    Mode,
+    Positions,
+    Steering,
+    TokenPredicate,
+    Unit,
+    check_compatible,
+    check_features,
+    steer,
+)
 from .measure import (
     FeatureReadout,
     FeatureStats,
@@ -32,7 +45,7 @@ from .measure import (
 from .sweep import NEUTRAL_PROMPTS, SweepConfig, SweepPoint, SweepResult, score_condition, summarize, sweep, write_sweep
 
 __all__ = [
-    "CausalCheck", "FeatureReadout", "FeatureStats", "Fluency", "GenerationConfig", "Intervention", "MODES", "Mode", "NEUTRAL_PROMPTS",
+    "POSITIONS", "Positions", "CausalCheck", "FeatureReadout", "FeatureStats", "Fluency", "GenerationConfig", "Intervention", "MODES", "Mode", "NEUTRAL_PROMPTS",
     "SideBySide", "Steering", "SweepConfig", "SweepPoint", "SweepResult", "TokenPredicate", "UNITS", "Unit", "causal_check",
     "check_compatible", "check_features", "compare", "decode", "encode_prompts", "feature_readout", "feature_stats", "format_side_by_side",
     "generate_tokens", "generation_fluency", "generation_nll", "kl_on_text", "score_condition", "steer", "stop_token_ids", "summarize",

@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuning-prompts", nargs="+", default=None, help="--concept: held-out prompts the features and the dose are chosen on "
                    "(default: analysis.steering.concept.TUNING_PROMPTS, none of them a report prompt)")
     add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "doses", "budget"))
-    add_flags(p, SweepConfig, only=("mode", "strengths", "unit", "threshold"))
+    add_flags(p, SweepConfig, only=("mode", "strengths", "unit", "positions", "threshold"))
     add_flags(p, GenerationConfig, only=("max_new_tokens", "temperature", "top_p", "seed", "chat"))
     p.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the first 6 of analysis.steering.NEUTRAL_PROMPTS)")
     p.add_argument("--prompts-file", type=Path, default=None, help="a .json list of prompts, or a text file with one prompt per line")
@@ -183,7 +183,7 @@ def _print_sweep(result: SweepResult, cfg: SweepConfig, prompts: list[str]) -> N
 
     base = result.points[0]
     for point in result.points[1:]:
-        strength = "" if cfg.mode == "ablate" else f" = {point.strength:g}" + (" x max activation" if cfg.unit == "max" else "")
+        strength = "" if cfg.mode == "ablate" else f" = {point.strength:g}" + {"max": " x max activation", "norm": " x residual norm"}.get(cfg.unit, "")
         print(f"\n{cfg.mode} features {cfg.features}{strength}")
         print(format_side_by_side([SideBySide(p, b, s) for p, b, s in zip(prompts, base.examples, point.examples)]))
     print(f"\n{'condition':<16} {'feature act':>11} {'feature freq':>12} {'label freq':>10} {'perplexity':>10} {'repetition':>10} "

@@ -3,22 +3,35 @@
 Interventions act at the SAE's hook (`sae.cfg.hook_name`) on activations x [batch, pos, d_in],
 with f = sae.encode(x) and W_dec[i] the decoder row of feature i:
 
-    clamp   f_i <- v     x' = decode(f') + (x - decode(f)) = x + (v - f_i) W_dec[i]
-    ablate  f_i <- 0     x' = x - f_i W_dec[i]
-    add                  x' = x + alpha W_dec[i]
+    clamp           f_i <- v            x' = decode(f') + (x - decode(f)) = x + (v - f_i) W_dec[i]
+    clamp_at_least  f_i <- max(f_i, v)  x' = x + relu(v - f_i) W_dec[i]   (never lowers a feature)
+    ablate          f_i <- 0            x' = x - f_i W_dec[i]
+    add                                 x' = x + alpha W_dec[i]
 
 so the SAE's error term x - decode(f) always passes through: only the named features change,
 and clamping a feature to its own current value returns x exactly. Several interventions (on
-distinct features) apply together; their changes add up.
+distinct features) apply together; their changes add up. A plain clamp pulls a feature *down*
+wherever it already fires above v (say, once the concept's word is in the text); clamp_at_least
+is the clamp for steering toward something.
 
 Semantics, checked by tests/test_steering.py:
 
 * **Strengths** are in units of the feature's max observed activation (`unit="max"`, the
-  default: `v = strength * max_activation[i]`, likewise `alpha`) or absolute (`unit="absolute"`).
-  Max activations come from the feature atlas (`analysis.features.atlas.load_atlas(path).max_activation`)
-  or from `feature_stats` below.
-* **Every position** of every forward pass is edited, the generated tokens included, with or
-  without the KV cache (the two give the same tokens) — **except absolute position 0**, the
+  default: `v = strength * max_activation[i]`, likewise `alpha`), absolute (`unit="absolute"`),
+  or of the residual stream's typical norm at the hook (`unit="norm"`: `v` or `alpha` is
+  `strength * residual_norm / ||W_dec[i]||`, so the feature's decoded vector has norm
+  `strength * residual_norm`; `measure.residual_norm` measures it). Max activations come
+  from the feature atlas (`analysis.features.atlas.load_atlas(path).max_activation`) or from
+  `feature_stats`.
+* **Positions** (`Steering(..., positions=...)`): "all" edits every position of every forward
+  pass, the prompt and the generated tokens, with or without the KV cache (the two give the
+  same tokens); "prompt" only the prompt's positions (the last of them predicts the first
+  answer token; with the KV cache the generated tokens then read the edited prompt only
+  through attention, as in SAE Lens' steering tutorial); "generated" only the positions of
+  generated tokens (the first answer token is predicted unsteered). `generate_tokens` tells
+  the steering each row's prompt length; in a pass with no prompt length given (e.g.
+  `logits_with_edit` on a prompt) every position counts as prompt. In every case **absolute
+  position 0 is left alone**, the
   BOS / attention sink (`<|endoftext|>` before plain prompts, `<|im_start|>` opening the chat
   template). Its norm is far above the rest, the SAE never saw it in training (the workbench
   excludes it from the store, training and metrics), so its encoding means nothing and an edit
@@ -43,12 +56,16 @@ from torch import Tensor
 from activations.model import HookedModel, hf_hooks, hf_model_of, hook_module, hook_width, kv_cache_of, validate_hook
 from sae.base import SAE
 
-Mode = Literal["clamp", "add", "ablate"]
+Mode = Literal["clamp", "clamp_at_least", "add", "ablate"]
 """How an intervention changes its feature (the table above)."""
 MODES: tuple[Mode, ...] = get_args(Mode)
-Unit = Literal["max", "absolute"]
-"""What a strength is measured in: multiples of the feature's max activation, or raw values."""
+Unit = Literal["max", "absolute", "norm"]
+"""What a strength is measured in: multiples of the feature's max activation, raw values, or
+shares of the residual stream's typical norm (the decoded vector's norm)."""
 UNITS: tuple[Unit, ...] = get_args(Unit)
+Positions = Literal["all", "prompt", "generated"]
+"""Which positions a steering edits (position 0 never)."""
+POSITIONS: tuple[Positions, ...] = get_args(Positions)
 TokenPredicate = Callable[[Tensor], Tensor]
 """One label's predicate: token ids [batch pos] -> bool [batch pos], true where the label says
 the feature should fire (`analysis.features.labels.label_predicate`)."""
@@ -78,11 +95,13 @@ class Intervention:
     feature: int
     """Feature (latent) id in the SAE."""
     mode: Mode = "clamp"
-    """clamp: f_i <- v; add: x += alpha W_dec[i]; ablate: f_i <- 0 (strength ignored)."""
+    """clamp: f_i <- v; clamp_at_least: f_i <- max(f_i, v); add: x += alpha W_dec[i]; ablate:
+    f_i <- 0 (strength ignored)."""
     strength: float = 1.0
-    """v for clamp, alpha for add, in `unit`s."""
+    """v for the clamps, alpha for add, in `unit`s."""
     unit: Unit = "max"
-    """"max": multiples of the feature's max observed activation; "absolute": raw values."""
+    """"max": multiples of the feature's max observed activation; "absolute": raw values;
+    "norm": shares of the residual stream's typical norm (the decoded vector's norm)."""
 
     def __post_init__(self):
         object.__setattr__(self, "feature", _feature_id(self.feature))
@@ -91,7 +110,7 @@ class Intervention:
         if self.mode not in MODES:
             raise ValueError(f"unknown steering mode {self.mode!r}: choose one of {MODES}")
         if self.unit not in UNITS:
-            raise ValueError(f"unknown strength unit {self.unit!r}: choose 'max' or 'absolute'")
+            raise ValueError(f"unknown strength unit {self.unit!r}: choose one of {UNITS}")
         if not math.isfinite(self.strength):
             raise ValueError(f"steering strength must be finite, got {self.strength}")
 
@@ -101,7 +120,10 @@ class Steering:
     SAE's hook. Attach it to a model with `steer`, or pass it as the edit of
     `activations.model.logits_with_edit` (a full forward pass from position 0)."""
 
-    def __init__(self, sae: SAE, interventions: Intervention | Sequence[Intervention], max_activation: Tensor | None = None):
+    def __init__(self, sae: SAE, interventions: Intervention | Sequence[Intervention], max_activation: Tensor | None = None,
+                 residual_norm: float | None = None, positions: Positions = "all"):
+        if positions not in POSITIONS:
+            raise ValueError(f"unknown steering positions {positions!r}: choose one of {POSITIONS}")
         interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions)
         if not interventions:
             raise ValueError("no interventions given")
@@ -128,10 +150,17 @@ class Steering:
             never = [f for f in needs_max if not float(max_activation[f]) > 0]
             if never:
                 raise ValueError(f"feature(s) {never} never fired where max_activation was measured; use unit='absolute'")
+        needs_norm = [iv.feature for iv in interventions if iv.unit == "norm" and iv.mode != "ablate"]
+        if needs_norm and not (residual_norm is not None and math.isfinite(residual_norm) and residual_norm > 0):
+            raise ValueError(f"unit='norm' for feature(s) {needs_norm} needs residual_norm > 0, the residual stream's typical norm at "
+                             f"{sae.cfg.hook_name} (`analysis.steering.measure.residual_norm`); got {residual_norm}")
+        decoder_norms = sae.W_dec.detach().float().norm(dim=-1).cpu()
 
         def value(iv: Intervention) -> float:
             if iv.mode == "ablate":
                 return 0.0
+            if iv.unit == "norm":
+                return iv.strength * float(residual_norm) / max(float(decoder_norms[iv.feature]), 1e-12)
             return iv.strength * (float(max_activation[iv.feature]) if iv.unit == "max" else 1.0)
 
         self.sae = sae
@@ -139,20 +168,29 @@ class Steering:
         self.interventions = tuple(interventions)
         self.values = {iv.feature: value(iv) for iv in interventions}
         """Absolute value per feature: the clamp target, the added alpha, or 0 for ablation."""
-        sets = [iv for iv in interventions if iv.mode != "add"]
+        self.positions: Positions = positions
+        """Which positions are edited: "all", "prompt" or "generated" (position 0 never)."""
+        self.residual_norm = residual_norm
+        sets = [iv for iv in interventions if iv.mode in ("clamp", "ablate")]
+        at_least = [iv for iv in interventions if iv.mode == "clamp_at_least"]
         adds = [iv for iv in interventions if iv.mode == "add"]
-        self._set_ids = torch.tensor([iv.feature for iv in sets], dtype=torch.long)
-        self._set_values = torch.tensor([self.values[iv.feature] for iv in sets])
-        self._add_ids = torch.tensor([iv.feature for iv in adds], dtype=torch.long)
-        self._add_values = torch.tensor([self.values[iv.feature] for iv in adds])
-        self.positions: Tensor | None = None
+        ids = lambda ivs: torch.tensor([iv.feature for iv in ivs], dtype=torch.long)  # noqa: E731
+        values = lambda ivs: torch.tensor([self.values[iv.feature] for iv in ivs])  # noqa: E731
+        self._set_ids, self._set_values = ids(sets), values(sets)
+        self._floor_ids, self._floor_values = ids(at_least), values(at_least)
+        self._add_ids, self._add_values = ids(adds), values(adds)
+        self.pass_positions: Tensor | None = None
         """Absolute positions [batch or 1, pos] of the current forward pass, set by `steer`;
         None means the pass starts at position 0."""
+        self.prompt_lengths: Tensor | None = None
+        """Each row's prompt length [batch] in the generation under way (set by
+        `activations.generation.generate_tokens`); None: every position is prompt."""
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{iv.mode} {iv.feature}" + ("" if iv.mode == "ablate" else f" = {self.values[iv.feature]:.3g}")
                           for iv in self.interventions)
-        return f"Steering({self.hook_name}: {parts})"
+        where = "" if self.positions == "all" else f", {self.positions} positions"
+        return f"Steering({self.hook_name}: {parts}{where})"
 
     def attached(self, model: HookedModel) -> AbstractContextManager[Steering]:
         """`steer(model, self)`: the edit applied to every forward pass inside the block."""
@@ -164,10 +202,14 @@ class Steering:
         h = x.reshape(shape[0], shape[1], -1).float()
         w_dec = self.sae.W_dec
         delta = torch.zeros((), device=h.device)
-        if len(self._set_ids):
-            ids = self._set_ids.to(h.device)
-            current = self.sae.encode(h)[..., ids]  # [batch, pos, n_set]
-            delta = (self._set_values.to(h.device) - current) @ w_dec[ids].float()
+        if len(self._set_ids) or len(self._floor_ids):
+            f = self.sae.encode(h)
+            if len(self._set_ids):
+                ids = self._set_ids.to(h.device)
+                delta = delta + (self._set_values.to(h.device) - f[..., ids]) @ w_dec[ids].float()  # [batch, pos, d_in]
+            if len(self._floor_ids):
+                ids = self._floor_ids.to(h.device)
+                delta = delta + (self._floor_values.to(h.device) - f[..., ids]).clamp_min(0) @ w_dec[ids].float()
         if len(self._add_ids):
             ids = self._add_ids.to(h.device)
             delta = delta + self._add_values.to(h.device) @ w_dec[ids].float()
@@ -175,10 +217,32 @@ class Steering:
         return torch.where(steered[..., None], h + delta, h).to(x.dtype).reshape(shape)
 
     def _steered_positions(self, batch: int, n_pos: int, device: torch.device) -> Tensor:
-        pos = self.positions
+        """bool [batch or 1, pos]: which positions of this pass are edited."""
+        pos = self.pass_positions
         if pos is None or pos.shape[-1] != n_pos or pos.shape[0] not in (1, batch):
             pos = torch.arange(n_pos, device=device)[None]
-        return pos.to(device) > 0
+        pos = pos.to(device)
+        steered = pos > 0
+        if self.positions == "all":
+            return steered
+        lengths = self.prompt_lengths
+        if lengths is None:
+            is_prompt = torch.ones_like(steered)
+        elif len(lengths) != batch:
+            raise ValueError(f"a pass of {batch} rows while generating from {len(lengths)} prompts")
+        else:
+            is_prompt = pos < lengths.to(device)[:, None]  # [batch, pos]
+        return steered & (is_prompt if self.positions == "prompt" else ~is_prompt)
+
+    @contextmanager
+    def generating(self, prompt_lengths: Sequence[int]) -> Iterator[Steering]:
+        """Within the block, the rows of every pass are prompts of these lengths followed by
+        generated tokens (their positions counted from each row's first real token)."""
+        self.prompt_lengths = torch.tensor(list(prompt_lengths), dtype=torch.long)
+        try:
+            yield self
+        finally:
+            self.prompt_lengths = None
 
 
 def check_compatible(model: HookedModel, sae: SAE) -> None:
@@ -244,13 +308,13 @@ def steer(model: HookedModel, steering: Steering) -> Iterator[Steering]:
     module, read = _position_reader(model)
 
     def pre(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        steering.positions = read(args, kwargs)
+        steering.pass_positions = read(args, kwargs)
 
     def post(_module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        steering.positions = None
+        steering.pass_positions = None
 
     with ExitStack() as stack:
-        stack.callback(setattr, steering, "positions", None)
+        stack.callback(setattr, steering, "pass_positions", None)
         for handle in (module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post, with_kwargs=True)):
             stack.callback(handle.remove)
         if hook_module(model, steering.hook_name) is not None:
@@ -261,5 +325,5 @@ def steer(model: HookedModel, steering: Steering) -> Iterator[Steering]:
 
 
 __all__ = [
-    "MODES", "UNITS", "Intervention", "Mode", "Steering", "TokenPredicate", "Unit", "check_compatible", "check_features", "steer",
+    "MODES", "POSITIONS", "UNITS", "Intervention", "Mode", "Positions", "Steering", "TokenPredicate", "Unit", "check_compatible", "check_features", "steer",
 ]

@@ -25,7 +25,7 @@ from activations.model import HookedModel, logits_with_edit
 from sae.base import SAE
 
 from ..encoding import encode_contexts, first_position
-from ..evaluation.metrics import cross_entropy, kl_per_token, repetition_rate
+from ..evaluation.metrics import answer_repetition, cross_entropy, kl_per_token
 from .interventions import Steering, TokenPredicate, check_compatible, check_features
 
 
@@ -86,6 +86,26 @@ def feature_stats(sae: SAE, model: HookedModel, tokens: Tensor, batch_size: int 
         fires += (f > 0).sum(0)
         n += len(f)
     return FeatureStats(top.cpu(), (fires.double() / max(n, 1)).float().cpu(), n)
+
+
+@torch.no_grad()
+def residual_norm(model: HookedModel, hook_name: str, prompts: Sequence[Tensor], batch_size: int = 16) -> float:
+    """The residual stream's typical norm at `hook_name`: the median L2 norm of its activation
+    [d] over every real position of `prompts` (token ids [len] each) but position 0, the
+    attention sink whose norm is far above the rest. The unit of `unit="norm"` strengths."""
+    from activations.model import run_to_hooks
+
+    device = next(model.parameters()).device
+    norms = []
+    for b in range(0, len(prompts), batch_size):
+        tokens, real = right_pad(prompts[b:b + batch_size], boundary_token_id(model.tokenizer))
+        real[:, 0] = False
+        acts = run_to_hooks(model, tokens.to(device), [hook_name])[hook_name].cpu()  # [b, pos, d]
+        norms.append(acts.norm(dim=-1)[real])
+    norms = torch.cat(norms) if norms else torch.zeros(0)
+    if not len(norms):
+        raise ValueError("residual_norm needs prompts with at least two tokens")
+    return float(norms.median())
 
 
 class Padded(NamedTuple):
@@ -176,7 +196,8 @@ class Fluency(NamedTuple):
     """exp(mean NLL per generated token) under the unsteered model, given the prompts; NaN
     when nothing was generated."""
     repetition: float
-    """Mean repeated-trigram rate of the generations (`repetition_rate`); NaN without any."""
+    """Mean repeated-trigram rate of the generations, every answer counted: one too short to
+    judge (under 3 tokens) counts as 1 (`answer_repetition`); NaN without any generation."""
 
 
 @torch.no_grad()
@@ -185,9 +206,9 @@ def generation_fluency(model: HookedModel, prompts: Sequence[Tensor], generated:
     the fluency cost of steering, read the same way by sweeps and concept steering."""
     nll, n_tokens = generation_nll(model, prompts, generated, batch_size)
     total = int(n_tokens.sum())
-    repetition = torch.tensor([repetition_rate(g.tolist()) for g in generated])
+    repetition = torch.tensor([answer_repetition(g.tolist()) for g in generated])
     return Fluency(math.exp(float(nll.sum()) / total) if total else float("nan"),
-                   float(repetition.nanmean()) if len(repetition) else float("nan"))
+                   float(repetition.mean()) if len(repetition) else float("nan"))
 
 
 @torch.no_grad()
@@ -208,5 +229,5 @@ def kl_on_text(model: HookedModel, steering: Steering, tokens: Tensor, batch_siz
 
 __all__ = [
     "FeatureReadout", "FeatureStats", "Fluency", "GenerationNLL", "Padded", "SideBySide", "compare", "feature_readout", "feature_stats",
-    "format_side_by_side", "generation_fluency", "generation_nll", "kl_on_text", "right_pad",
+    "format_side_by_side", "generation_fluency", "generation_nll", "kl_on_text", "residual_norm", "right_pad",
 ]

@@ -20,8 +20,8 @@ from activations.io import atomic_write_bytes, atomic_write_json
 from activations.model import HookedModel
 from sae.base import SAE
 
-from .interventions import MODES, Intervention, Mode, Steering, TokenPredicate, Unit, check_compatible, check_features
-from .measure import FeatureReadout, Fluency, feature_readout, generation_fluency, kl_on_text
+from .interventions import MODES, POSITIONS, Intervention, Mode, Positions, Steering, TokenPredicate, Unit, check_compatible, check_features
+from .measure import FeatureReadout, Fluency, feature_readout, generation_fluency, kl_on_text, residual_norm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,11 +45,15 @@ class SweepConfig:
     features: list[int]
     """Features steered together at every strength."""
     mode: Mode = "clamp"
-    """clamp: f_i = v | add: alpha * W_dec[i] added | ablate: f_i = 0 (the SAE's error term kept in every mode)."""
+    """clamp: f_i = v | clamp_at_least: f_i = max(f_i, v) | add: alpha * W_dec[i] added | ablate: f_i = 0
+    (the SAE's error term kept in every mode)."""
     strengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     """v or alpha, one sweep point each (ablate has none)."""
     unit: Unit = "max"
-    """Strengths in multiples of each feature's max activation ("max"), or raw ("absolute")."""
+    """Strengths in multiples of each feature's max activation ("max"), raw ("absolute"), or
+    shares of the residual stream's typical norm at the hook ("norm", measured on the prompts)."""
+    positions: Positions = "all"
+    """Positions edited: "all", "prompt" or "generated" (position 0 never)."""
     threshold: float = 0.25
     """A generation shows the steered features when one exceeds this (in `unit`s) on a generated token."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -61,6 +65,8 @@ class SweepConfig:
             self.generation = GenerationConfig(**self.generation)
         if self.mode not in MODES:
             raise ValueError(f"unknown steering mode {self.mode!r}: choose one of {MODES}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown steering positions {self.positions!r}: choose one of {POSITIONS}")
         if not self.features or not self.strengths:
             raise ValueError("a sweep needs at least one feature and one strength")
 
@@ -145,9 +151,11 @@ def sweep(model: HookedModel, sae: SAE, prompts: Sequence[str], neutral_tokens: 
     prompt_tokens = encode_prompts(model.tokenizer, prompts, cfg.generation.chat)
     score = lambda series, strength, generated, kl: score_condition(  # noqa: E731
         model, sae, series, strength, prompt_tokens, generated, cfg.features, readout_max, cfg.threshold, kl, predicate, cfg.n_examples)
+    norm = residual_norm(model, sae.cfg.hook_name, prompt_tokens) if cfg.unit == "norm" else None
     points = [score("unsteered", None, generate_tokens(model, prompt_tokens, cfg.generation), 0.0)]
     for strength in tqdm(cfg.strengths, desc=f"steering sweep ({cfg.mode})"):
-        steering = Steering(sae, [Intervention(f, cfg.mode, strength, cfg.unit) for f in cfg.features], max_activation)
+        steering = Steering(sae, [Intervention(f, cfg.mode, strength, cfg.unit) for f in cfg.features], max_activation, norm,
+                            cfg.positions)
         generated = generate_tokens(model, prompt_tokens, cfg.generation, steering)
         points.append(score(cfg.mode, strength, generated, kl_on_text(model, steering, neutral_tokens)))
     return SweepResult(list(cfg.features), cfg.mode, cfg.unit, list(prompts), points, neutral_text)

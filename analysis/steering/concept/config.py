@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from activations.generation import GenerationConfig
 
+from ..interventions import POSITIONS, Positions
+
+ConceptMode = Literal["add", "clamp_at_least", "clamp"]
+"""How the steered features are pushed: "add" their weighted decoder directions, the sum scaled
+to dose x the residual stream's typical norm at the hook; "clamp_at_least" each feature to at
+least dose x weight x its max activation; "clamp" to exactly that (which also lowers it where
+it already fires above)."""
+CONCEPT_MODES: tuple[ConceptMode, ...] = get_args(ConceptMode)
 TUNING_PROMPTS = [
     # Neutral prompts for the dose search and the output score, kept apart from
     # `analysis.steering.NEUTRAL_PROMPTS`, on which steering is then reported.
@@ -14,7 +23,10 @@ TUNING_PROMPTS = [
     "What would you do with a day off?", "Describe a typical Monday.", "Give me an idea for a weekend project.",
 ]
 
-PROMPTING = "{prompt} (In your answer, talk about {concept}.)"
+REQUEST = "(In your answer, talk about {concept}.)"
+"""What the prompting baseline adds to a neutral prompt. Its words are never counted by the
+lexicon score (`Lexicon.without_request`), in any condition."""
+PROMPTING = "{prompt} " + REQUEST
 """The prompting baseline: the neutral prompt asking for the concept."""
 
 
@@ -33,8 +45,13 @@ class ConceptConfig:
     """Output score: the feature's promoted tokens counted (logit lens)."""
     max_density: float = 0.02
     """Features firing on more of the atlas' tokens than this are left out (not concept-specific)."""
+    mode: ConceptMode = "clamp"
+    """add | clamp_at_least | clamp (`ConceptMode`)."""
+    positions: Positions = "all"
+    """Positions steered: "all", "prompt" (the chat template and question) or "generated" (the answer's tokens)."""
     doses: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0])
-    """Rising ladder of doses tried by the search (x weight x max activation per feature)."""
+    """Rising ladder of doses tried by the search: x weight x max activation per feature for the
+    clamps; for add, the added vector's norm over the residual stream's typical norm."""
     refine: int = 1
     """Bisection steps between the last dose that passed and the first that failed."""
     budget: float = 2.0
@@ -50,6 +67,10 @@ class ConceptConfig:
     def __post_init__(self):
         if isinstance(self.generation, dict):
             self.generation = GenerationConfig(**self.generation)
+        if self.mode not in CONCEPT_MODES:
+            raise ValueError(f"unknown concept steering mode {self.mode!r}: choose one of {CONCEPT_MODES}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown steering positions {self.positions!r}: choose one of {POSITIONS}")
         if self.n_features < 1 or self.n_candidates < 1 or not self.doses:
             raise ValueError("need n_features >= 1, n_candidates >= 1 and at least one dose")
         if sorted(self.doses) != list(self.doses) or min(self.doses) <= 0:
@@ -60,4 +81,4 @@ class ConceptConfig:
             raise ValueError(f"margin must be in (0, 1] and leave budget x margin above 1, got {self.margin}")
 
 
-__all__ = ["PROMPTING", "TUNING_PROMPTS", "ConceptConfig"]
+__all__ = ["CONCEPT_MODES", "ConceptMode", "PROMPTING", "REQUEST", "TUNING_PROMPTS", "ConceptConfig"]

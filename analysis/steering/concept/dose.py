@@ -1,6 +1,8 @@
 """The dose of concept steering: the largest on a rising ladder whose answers to held-out
-tuning prompts keep perplexity (under the unsteered model) and repetition within a budget of
-the unsteered answers', refined by bisection."""
+tuning prompts keep perplexity and repetition within a budget of the unsteered answers',
+refined by bisection. Perplexity is the fair one of the report: every answer under the
+unsteered model given the prompt that asks for the concept, so no answer is charged for being
+on topic."""
 from __future__ import annotations
 
 import math
@@ -16,7 +18,7 @@ from activations.model import HookedModel
 from sae.base import SAE
 
 from ..measure import Fluency, generation_fluency
-from .config import TUNING_PROMPTS, ConceptConfig
+from .config import PROMPTING, TUNING_PROMPTS, ConceptConfig
 from .search import ConceptFeature, ConceptSearch, concept_steering
 
 
@@ -78,18 +80,21 @@ def search_dose(measure: Callable[[float], Fluency], base: Fluency, doses: Seque
 def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activation: Tensor, prompts: Sequence[str] | None = None,
                 cfg: ConceptConfig | None = None, features: Sequence[ConceptFeature] | None = None,
                 base: Fluency | None = None) -> DoseSearch:
-    """`search_dose` for the search's steered features (or `features`) on held-out tuning prompts (default `TUNING_PROMPTS`).
-    `base`: the unsteered answers' fluency on those prompts, when an earlier search measured it (`DoseSearch.base`)."""
+    """`search_dose` for the search's steered features (or `features`) on held-out tuning prompts (default `TUNING_PROMPTS`),
+    answers scored given the prompts that ask for the concept. `base`: the unsteered answers' fluency, scored the same way,
+    when an earlier search measured it (`DoseSearch.base`)."""
     cfg = cfg or ConceptConfig()
     features = list(features if features is not None else search.steered)
-    tokens = encode_prompts(model.tokenizer, list(prompts or TUNING_PROMPTS), cfg.generation.chat)
-    base = base or generation_fluency(model, tokens, generate_tokens(model, tokens, cfg.generation))
+    prompts = list(prompts or TUNING_PROMPTS)
+    tokens = encode_prompts(model.tokenizer, prompts, cfg.generation.chat)
+    asked = encode_prompts(model.tokenizer, [PROMPTING.format(prompt=p, concept=search.concept) for p in prompts], cfg.generation.chat)
+    base = base or generation_fluency(model, asked, generate_tokens(model, tokens, cfg.generation))
 
     bar = tqdm(total=len(cfg.doses) + cfg.refine, desc="dose search", leave=False)
 
     def measure(dose: float) -> Fluency:
-        steering = concept_steering(sae, features, dose, max_activation)
-        result = generation_fluency(model, tokens, generate_tokens(model, tokens, cfg.generation, steering))
+        steering = concept_steering(sae, features, dose, max_activation, cfg, search.residual_norm)
+        result = generation_fluency(model, asked, generate_tokens(model, tokens, cfg.generation, steering))
         bar.update()
         bar.set_postfix(dose=f"{dose:.2g}", ppl=f"{result.perplexity:.2f}", rep=f"{result.repetition:.3f}")
         return result

@@ -71,6 +71,18 @@ class Lexicon:
         forms = self._forms  # type: ignore[attr-defined]
         return [forms[w] for w in (m.group().lower().strip("'") for m in _WORD.finditer(text)) if w in forms]
 
+    def without_request(self, request: str) -> Lexicon:
+        """This lexicon less every word the request itself uses (in any of the word's
+        inflections), so that an answer echoing the request ("Sure, let's talk about the sea")
+        scores nothing: the echo rule, applied to every condition alike. A ValueError when the
+        request uses every word."""
+        asked = {w.lower().strip("'") for w in _WORD.findall(request)}
+        kept = tuple(w for w in self.words if not (_word_forms(w) & asked))
+        if not kept:
+            raise ValueError(f"every word of the lexicon of {self.concept!r} is in the request {request!r}: add words that show the "
+                             "concept without naming it")
+        return Lexicon(self.concept, kept, self.source)
+
     def token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """First token of each word as it starts a word mid-text (" love", " Love") or a text ("love", "Love")."""
         ids: set[int] = set()

@@ -1,6 +1,17 @@
 """The report of concept steering: answers to neutral prompts unsteered, prompted, steered and
 both, each scored by the lexicon, the steered features' readout and fluency, all under the
-unsteered model."""
+unsteered model, and all the same way:
+
+* **concept score**: the share of answers with a lexicon word, never counting the words of the
+  request itself (`Lexicon.without_request`), so a prompted answer that only echoes "talk
+  about the sea" scores nothing; the share with any lexicon word is kept beside it;
+* **fluency (fair)**: perplexity of every condition's answers given the prompt that *asks* for
+  the concept, so an on-topic answer is not charged for its topic and an off-topic one is; and
+  the repetition of every answer (one too short to judge counts as 1), held to the budget from
+  `repetition_floor`;
+* **today's verdict**, beside it: perplexity given each condition's own prompt (steered answers
+  after the neutral prompt), without the repetition floor.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,8 +27,8 @@ from activations.model import HookedModel
 from sae.base import SAE
 
 from ..interventions import Steering
-from ..measure import feature_readout, generation_fluency
-from .config import PROMPTING, ConceptConfig
+from ..measure import Fluency, feature_readout, generation_fluency
+from .config import PROMPTING, REQUEST, ConceptConfig
 from .dose import within_budget
 from .lexicon import lexicon_scores
 from .search import ConceptFeature, ConceptSearch, concept_steering
@@ -29,18 +40,24 @@ class ConceptPoint:
     """"unsteered", "prompting", "steering", "prompting + steering", or another named condition."""
     dose: float | None
     lexicon_frequency: float
-    """Share of answers with a lexicon word: the concept score."""
+    """Share of answers with a lexicon word other than the request's own words: the concept score."""
+    lexicon_frequency_any_word: float
+    """Share of answers with any lexicon word, the request's words included (echoes count)."""
     lexicon_rate: float
-    """Mean lexicon words per word."""
+    """Mean lexicon words (request's words excluded) per word."""
     feature_frequency: float
     """Share of answers on which a steered feature, re-read by the unsteered model, exceeds 0.25x its max."""
     perplexity: float
-    """Under the unsteered model, given the neutral prompt."""
-    perplexity_given_concept_prompt: float
-    """The same answers given the prompt that asks for the concept: fluency without charging for the topic change."""
+    """Under the unsteered model, given the prompt that asks for the concept (every condition alike)."""
+    perplexity_given_own_prompt: float
+    """Given the prompt the answer was generated from (the neutral one unless prompted): today's verdict's figure."""
     repetition: float
+    """Mean repeated-trigram rate, every answer counted (too short to judge: 1)."""
     within_budget: bool
-    """Perplexity and repetition both within the budget of the unsteered answers'."""
+    """The fair verdict: perplexity given the concept prompt and repetition (from the floor) both
+    within the budget of the unsteered answers', scored the same way."""
+    within_budget_own_prompt: bool
+    """Today's verdict: perplexity given the condition's own prompt and repetition, without the floor."""
     ratio: float
     """lexicon_frequency over the unsteered one (a zero counted as one answer: a lower bound)."""
     texts: list[str]
@@ -61,15 +78,15 @@ class _Run(NamedTuple):
 
 
 def _runs(sae: SAE, search: ConceptSearch, neutral: list[Tensor], asked: list[Tensor], max_activation: Tensor, dose: float | None,
-          extra: dict[str, ExtraCondition]) -> dict[str, _Run]:
+          cfg: ConceptConfig, extra: dict[str, ExtraCondition]) -> dict[str, _Run]:
     """The conditions of a report by name, in the order they are reported."""
     runs = {"unsteered": _Run(neutral, None, None), "prompting": _Run(asked, None, None)}
     if dose is not None and search.steered:
-        steering = concept_steering(sae, search.steered, dose, max_activation)
+        steering = concept_steering(sae, search.steered, dose, max_activation, cfg, search.residual_norm)
         runs["steering"] = _Run(neutral, steering, dose)
         runs["prompting + steering"] = _Run(asked, steering, dose)
     for name, (features, extra_dose) in extra.items():
-        runs[name] = _Run(neutral, concept_steering(sae, features, extra_dose, max_activation), extra_dose)
+        runs[name] = _Run(neutral, concept_steering(sae, features, extra_dose, max_activation, cfg, search.residual_norm), extra_dose)
     return runs
 
 
@@ -83,22 +100,28 @@ def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts
     tok = model.tokenizer
     neutral = encode_prompts(tok, list(prompts), cfg.generation.chat)
     asked = encode_prompts(tok, [PROMPTING.format(prompt=p, concept=search.concept) for p in prompts], cfg.generation.chat)
-    runs = _runs(sae, search, neutral, asked, max_activation, dose, extra or {})
+    echo_free = search.lexicon.without_request(REQUEST.format(concept=search.concept))
+    runs = _runs(sae, search, neutral, asked, max_activation, dose, cfg, extra or {})
     feature_ids = [c.feature for c in search.steered] or [search.top_input.feature]
-    points, base, base_frequency = [], None, 0.0
+    points: list[ConceptPoint] = []
+    base: Fluency | None = None
+    base_own: Fluency | None = None
+    base_frequency = 0.0
     for name, (tokens, steering, d) in tqdm(runs.items(), desc=f"conditions ({search.concept})", leave=False):
         generated = generate_tokens(model, tokens, cfg.generation, steering)
         texts = [decode(tok, g) for g in generated]
-        lex = lexicon_scores(texts, search.lexicon)
-        fluency = generation_fluency(model, tokens, generated)
-        base = base or fluency
+        lex = lexicon_scores(texts, echo_free)
+        fluency = generation_fluency(model, asked, generated)
+        own = fluency if tokens is asked else generation_fluency(model, tokens, generated)
+        base, base_own = base or fluency, base_own or own
         frequency = float(lex.present.float().mean())
         base_frequency = frequency if name == "unsteered" else base_frequency
         points.append(ConceptPoint(
-            name, d, frequency, float(lex.rate.mean()),
+            name, d, frequency, float(lexicon_scores(texts, search.lexicon).present.float().mean()), float(lex.rate.mean()),
             float(feature_readout(model, sae, feature_ids, generated, max_activation, threshold=0.25).present.float().mean()),
-            fluency.perplexity, generation_fluency(model, asked, generated).perplexity, fluency.repetition,
-            within_budget(fluency, base, cfg.budget), frequency / max(base_frequency, 1 / len(prompts)), texts))
+            fluency.perplexity, own.perplexity, fluency.repetition,
+            within_budget(fluency, base, cfg.budget, cfg.repetition_floor), within_budget(own, base_own, cfg.budget),
+            frequency / max(base_frequency, 1 / len(prompts)), texts))
     return points
 
 

@@ -13,7 +13,10 @@ from torch import Tensor
 from activations.model import HookedModel
 from sae.base import SAE
 
+from activations.generation import encode_prompts
+
 from ..interventions import Intervention, Steering
+from ..measure import residual_norm
 from .config import TUNING_PROMPTS, ConceptConfig
 from .lexicon import Lexicon, derive_lexicon
 from .scores import SCORES, CandidateInputs
@@ -62,6 +65,8 @@ class ConceptSearch:
     lexicon: Lexicon
     ranked: list[ConceptFeature]
     """Every candidate, best first."""
+    residual_norm: float = float("nan")
+    """The residual stream's typical norm at the SAE's hook on the search's prompts (the unit of "add" doses)."""
 
     @property
     def steered(self) -> list[ConceptFeature]:
@@ -74,7 +79,7 @@ class ConceptSearch:
 
     def to_dict(self) -> dict:
         return {"concept": self.concept, "lexicon": {"words": list(self.lexicon.words), "source": self.lexicon.source},
-                "ranked": [c.to_dict() for c in self.ranked]}
+                "residual_norm": self.residual_norm, "ranked": [c.to_dict() for c in self.ranked]}
 
 
 def _best(score: Tensor, usable: Tensor, n: int) -> Tensor:
@@ -130,16 +135,31 @@ def search_concept(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, lab
     usable = (atlas.max_activation > 0) & (atlas.density <= cfg.max_density)
     if lexicon is None:
         lexicon = derive_lexicon(concept, model.tokenizer, _best(selectivity.score, usable, cfg.n_candidates)[:3].tolist(), atlas, labels)
-    inputs = CandidateInputs(concept, model, sae, atlas, lexicon.token_ids(model.tokenizer), list(prompts or TUNING_PROMPTS), cfg,
-                             selectivity)
-    return ConceptSearch(concept, lexicon, _rank(_score_candidates(inputs, usable), atlas, labels, cfg.n_features))
+    prompts = list(prompts or TUNING_PROMPTS)
+    inputs = CandidateInputs(concept, model, sae, atlas, lexicon.token_ids(model.tokenizer), prompts, cfg, selectivity)
+    norm = residual_norm(model, sae.cfg.hook_name, encode_prompts(model.tokenizer, prompts, cfg.generation.chat))
+    return ConceptSearch(concept, lexicon, _rank(_score_candidates(inputs, usable), atlas, labels, cfg.n_features), norm)
 
 
-def concept_steering(sae: SAE, features: Sequence[ConceptFeature], dose: float, max_activation: Tensor) -> Steering:
-    """Clamp each feature to dose x its weight x its max activation [d_sae]."""
+def concept_steering(sae: SAE, features: Sequence[ConceptFeature], dose: float, max_activation: Tensor, cfg: ConceptConfig | None = None,
+                     residual_norm: float | None = None) -> Steering:
+    """The steering of `features` at `dose`, by `cfg.mode` at `cfg.positions`:
+
+    * clamp / clamp_at_least: each feature to (at least) dose x its weight x its max activation [d_sae];
+    * add: the weighted sum of the features' unit decoder directions, scaled to a vector of norm
+      dose x `residual_norm` (each feature's alpha in "norm" units: dose x weight / |sum|)."""
+    cfg = cfg or ConceptConfig()
     if not features:
         raise ValueError("no feature to steer: no candidate raised the concept's tokens (try other lexicon words)")
-    return Steering(sae, [Intervention(c.feature, "clamp", dose * c.weight) for c in features], max_activation)
+    if cfg.mode != "add":
+        return Steering(sae, [Intervention(c.feature, cfg.mode, dose * c.weight) for c in features], max_activation,
+                        positions=cfg.positions)
+    ids = torch.tensor([c.feature for c in features])
+    weights = torch.tensor([c.weight for c in features])
+    directions = sae.W_dec.detach()[ids].float().cpu()
+    combined = float((weights @ (directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12))).norm())
+    return Steering(sae, [Intervention(c.feature, "add", dose * c.weight / max(combined, 1e-12), "norm") for c in features],
+                    max_activation, residual_norm, cfg.positions)
 
 
 def ranking_table(features: Sequence[ConceptFeature]) -> str:
