@@ -63,6 +63,22 @@ def test_lexicon_matches_whole_words_and_inflections():
         assert rate == pytest.approx(hits / n_words if n_words else 0.0)
 
 
+def test_the_echo_rule_an_answer_that_only_repeats_the_request_scores_zero():
+    from analysis.steering.concept import PROMPTING, REQUEST
+
+    lex = Lexicon("sea", ("sea", "ocean", "wave", "answer"))
+    request = REQUEST.format(concept="sea")
+    assert PROMPTING.format(prompt="Describe your day.", concept="sea").endswith(request)
+    echo_free = lex.without_request(request)
+    assert echo_free.words == ("ocean", "wave")  # the request's own words ("sea", "answer") are never counted
+    echoes = ["Sure! In my answer I will talk about the sea.", "Let's talk about seas.", "The sea, the sea."]
+    assert not lexicon_scores(echoes, echo_free).present.any()
+    assert lexicon_scores(echoes, lex).present.all()  # the plain lexicon would have counted every echo
+    assert lexicon_scores(["The waves broke on the shore."], echo_free).present.all()
+    with pytest.raises(ValueError, match="every word of the lexicon"):
+        Lexicon("sea", ("sea", "seas")).without_request(request)
+
+
 def test_lexicon_refuses_empty_and_multi_word_entries():
     with pytest.raises(ValueError, match="has no words"):
         Lexicon("x", ("", "  "))
@@ -162,10 +178,20 @@ def test_output_score_and_logit_lens_find_the_feature_that_pushes_the_concept(ti
     max_activation = torch.full((64,), 20.0)
     out = output_scores(tiny_model, sae, [feature, 3, 11], prompts, max_activation, [token], amplify=1.0, top_k=5)
     assert out.concept_gain[0] > 1.0 and out.concept_gain[0] > out.concept_gain[1:].max() + 1.0
-    assert out.output_score[0] > 0  # its own logit-lens tokens (q first) gain probability
+    assert out.output_score[0] > out.output_score[1:].max()  # its own logit-lens token (q) becomes likely
     # the gain is measured against control tokens: no edit at all gains nothing
     unamplified = output_scores(tiny_model, sae, [feature], prompts, max_activation, [token], amplify=0.0)
     assert abs(float(unamplified.concept_gain[0])) < 0.5
+
+
+def test_arad_output_score_is_rank_weighted_probability_of_the_best_promoted_token():
+    from analysis.steering.concept.scores.output import arad_output_score
+
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]])
+    promoted = torch.tensor([2, 3])
+    # row 0: token 2 is the best promoted one, p 0.15 at rank 2 of 5; row 1: token 3, p 0.2 at rank 1
+    expected = torch.tensor([(1 - 2 / 5) * 0.15, (1 - 1 / 5) * 0.2])
+    assert torch.allclose(arad_output_score(probs.log(), promoted), expected)
 
 
 def test_search_concept_ranks_the_pushing_feature_and_steers_it(tiny_model, text_corpus):
@@ -197,6 +223,22 @@ def test_search_concept_ranks_the_pushing_feature_and_steers_it(tiny_model, text
     again = choose_dose(tiny_model, sae, search, atlas.max_activation, prompts=["the cat", "a mat"], cfg=cfg, base=result.base)
     assert again.base == result.base and [p.dose for p in again.points] == [p.dose for p in result.points]
     assert all(math.isfinite(p.fluency.perplexity) for p in result.points)
+
+
+def test_concept_steering_by_adding_scales_the_sum_to_the_residual_norm():
+    sae = make_sae()
+    features = [ConceptFeature(3, {}, 1.0, weight=1.0), ConceptFeature(8, {}, 0.5, weight=0.5)]
+    x = torch.randn(1, 3, 32)
+    later = concept_steering(sae, features, 0.4, torch.ones(64), ConceptConfig(mode="add", positions="generated"), residual_norm=10.0)
+    assert later.positions == "generated" and torch.equal(later(x), x)  # outside a generation every position is prompt
+    steering = concept_steering(sae, features, 0.4, torch.ones(64), ConceptConfig(mode="add"), residual_norm=10.0)
+    added = steering(x)[0, 1:] - x[0, 1:]
+    assert torch.allclose(added.norm(dim=-1), torch.full((2,), 4.0), atol=1e-4)  # dose x residual norm, whatever the weights
+    unit = sae.W_dec.detach()[[3, 8]] / sae.W_dec.detach()[[3, 8]].norm(dim=-1, keepdim=True)
+    direction = torch.tensor([1.0, 0.5]) @ unit
+    assert torch.allclose(added[0] / added[0].norm(), direction / direction.norm(), atol=1e-5)
+    at_least = concept_steering(sae, features, 0.4, torch.full((64,), 5.0), ConceptConfig(mode="clamp_at_least"))
+    assert {iv.mode for iv in at_least.interventions} == {"clamp_at_least"} and at_least.values == {3: pytest.approx(2.0), 8: pytest.approx(1.0)}
 
 
 def test_concept_steering_needs_a_feature():
@@ -287,8 +329,39 @@ def test_cli_steer_concept_prints_the_table_and_saves_it(tiny_model, text_corpus
     assert "lexicon (given): q" in printed and "dose search:" in printed and "prompting" in printed
     saved = json.loads((tmp_path / "out" / "steer" / "concept_cat.json").read_text())
     assert [p["condition"] for p in saved["points"]][:2] == ["unsteered", "prompting"]
+    assert {"perplexity", "perplexity_given_own_prompt", "within_budget", "within_budget_own_prompt", "lexicon_frequency_any_word"} \
+        <= set(saved["points"][0])
+    assert [p["dose"] for p in saved["dose_search"]["points"]] and saved["dose_search"]["prompting"]["dose"] == 0.0
+    figure = (tmp_path / "out" / "steer" / "concept_cat.html").read_text()
+    assert "dose-response" in figure and "plotly" in figure.lower() and "<script src=" not in figure  # standalone
     assert saved["search"]["lexicon"]["words"] == ["q"]
     with pytest.raises(SystemExit, match="not both"):
         cli.main(argv + ["--features", "3"])
     with pytest.raises(SystemExit, match="single words"):
         cli.main(["steer", "--sae", str(tmp_path / "sae"), "--concept", "cat", "--lexicon", "ice cream", "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.slow
+def test_the_fair_fluency_charges_no_answer_for_its_topic_and_catches_a_loop(smollm2):
+    """Every answer is scored given the prompt that asks for the concept: a fluent answer about
+    the sea written by hand passes the budget against the model's own (off-topic) answers to the
+    neutral prompts; a looping one fails on repetition."""
+    from activations.generation import GenerationConfig, encode_prompts, generate_tokens
+    from analysis.steering import generation_fluency
+    from analysis.steering.concept import PROMPTING
+
+    tok = smollm2.tokenizer
+    prompts = ["Tell me about your weekend.", "What should I do this afternoon?", "Describe your ideal day."]
+    neutral = encode_prompts(tok, prompts, chat=True)
+    asked = encode_prompts(tok, [PROMPTING.format(prompt=p, concept="sea") for p in prompts], chat=True)
+    base = generation_fluency(smollm2, asked, generate_tokens(smollm2, neutral, GenerationConfig(max_new_tokens=40, chat=True)))
+    ids = lambda text: torch.tensor(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    on_topic = [ids("I spent Saturday at the beach with my family. We swam in the ocean, watched the waves roll in and walked along "
+                    "the shore until the sun went down."),
+                ids("You could take a walk by the sea this afternoon. The fresh air, the sound of the waves and the boats in the "
+                    "harbour make it a calm way to spend a few hours."),
+                ids("My ideal day starts with a swim in the ocean, then breakfast by the harbour, an afternoon sailing along the "
+                    "coast and a quiet evening on the beach.")]
+    looping = [ids("The sea is the sea and the sea is the sea and the sea is the sea and the sea is the sea.")] * 3
+    assert within_budget(generation_fluency(smollm2, asked, on_topic), base, 2.0, repetition_floor=0.02)
+    assert not within_budget(generation_fluency(smollm2, asked, looping), base, 2.0, repetition_floor=0.02)

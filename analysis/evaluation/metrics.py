@@ -14,7 +14,6 @@ Definitions, as in the papers that use them:
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Iterable
 
 import torch

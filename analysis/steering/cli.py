@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "from the features' labels and logit effects, and printed)")
     p.add_argument("--tuning-prompts", nargs="+", default=None, help="--concept: held-out prompts the features and the dose are chosen on "
                    "(default: analysis.steering.concept.TUNING_PROMPTS, none of them a report prompt)")
-    add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "doses", "budget"))
+    add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "mode", "positions", "doses", "budget"))
     add_flags(p, SweepConfig, only=("mode", "strengths", "unit", "positions", "threshold"))
     add_flags(p, GenerationConfig, only=("max_new_tokens", "temperature", "top_p", "seed", "chat"))
     p.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the first 6 of analysis.steering.NEUTRAL_PROMPTS)")
@@ -265,11 +265,14 @@ def _print_concept(points: list[ConceptPoint], prompts: list[str], budget: float
     rows = {p.condition: p for p in points}
     if "steering" in rows:
         print(format_side_by_side([SideBySide(q, b, s) for q, b, s in zip(prompts, rows["unsteered"].texts, rows["steering"].texts)]))
-    print(f"\n{'condition':<22} {'lexicon freq':>12} {'x':>5} {'feature freq':>12} {'perplexity':>10} {'repetition':>10}  "
-          f"within {budget:g}x")
+    print(f"\n{'condition':<22} {'concept freq':>12} {'x':>5} {'any word':>8} {'feature freq':>12} {'perplexity':>10} {'repetition':>10}  "
+          f"{'within ' + format(budget, 'g') + 'x':>9}  {'own prompt':>10}")
     for p in points:
-        print(f"{p.condition:<22} {p.lexicon_frequency:>12.2f} {p.ratio:>5.1f} {p.feature_frequency:>12.2f} {p.perplexity:>10.2f} "
-              f"{p.repetition:>10.3f}  {'yes' if p.within_budget else 'no'}")
+        print(f"{p.condition:<22} {p.lexicon_frequency:>12.2f} {p.ratio:>5.1f} {p.lexicon_frequency_any_word:>8.2f} {p.feature_frequency:>12.2f} "
+              f"{p.perplexity:>10.2f} {p.repetition:>10.3f}  {'yes' if p.within_budget else 'no':>9}  "
+              f"{'yes' if p.within_budget_own_prompt else 'no':>10}")
+    print("  concept freq: answers with a lexicon word, the request's words not counted; perplexity: given the prompt that asks for "
+          "the concept (every condition); own prompt: the verdict with perplexity given each condition's own prompt")
 
 
 def run_concept(args: argparse.Namespace, models: ModelLoader) -> list[ConceptPoint]:
@@ -278,7 +281,7 @@ def run_concept(args: argparse.Namespace, models: ModelLoader) -> list[ConceptPo
     from activations.io import atomic_write_json
     from sae import load_sae
 
-    from .concept import choose_dose, compare_concept, ranking_table, search_concept
+    from .concept import choose_dose, compare_concept, ranking_table, search_concept, write_dose_response
 
     sae = load_sae(args.sae)
     given = _concept_inputs(args, sae)
@@ -293,14 +296,18 @@ def run_concept(args: argparse.Namespace, models: ModelLoader) -> list[ConceptPo
     if not search.steered:
         raise SystemExit(f"no feature raises the lexicon's tokens for {args.concept!r}; try other --lexicon words")
     dose = choose_dose(model, sae, search, given.atlas.max_activation, prompts=args.tuning_prompts, cfg=cfg)
-    print("dose search: " + ", ".join(f"{p.dose:.2g}{'' if p.within_budget else ' (over)'}" for p in dose.points) + f" -> {dose.dose}")
+    print("dose search: " + ", ".join(f"{p.dose:.2g}{'' if p.within_budget else ' (over)'} ({p.concept_frequency:.2f})" for p in dose.points)
+          + f" -> {dose.dose}")
     prompts = steer_prompts(args)
     points = compare_concept(model, sae, search, prompts, given.atlas.max_activation, dose.dose, cfg)
     _print_concept(points, prompts, cfg.budget)
-    out = args.out / "steer" / f"concept_{''.join(ch if ch.isalnum() else '_' for ch in args.concept)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, {"search": search.to_dict(), "dose": dose.dose, "points": [asdict(p) for p in points]})
-    print(f"  {out}")
+    stem = args.out / "steer" / f"concept_{''.join(ch if ch.isalnum() else '_' for ch in args.concept)}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stem.with_suffix(".json"), {"search": search.to_dict(), "config": {"mode": cfg.mode, "positions": cfg.positions},
+                                                  "dose": dose.dose, "dose_search": dose.to_dict(), "points": [asdict(p) for p in points]})
+    unit = "share of the residual norm" if cfg.mode == "add" else "x weight x max activation"
+    figure = write_dose_response(dose, args.concept, unit, stem.with_suffix(".html"))
+    print(f"  {stem.with_suffix('.json')}\n  dose-response figure: {figure}")
     return points
 
 

@@ -35,8 +35,9 @@ depend on the steered features.
    scored the same way.
 """
 from ..measure import Fluency
-from .config import PROMPTING, TUNING_PROMPTS, ConceptConfig
+from .config import CONCEPT_MODES, PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
 from .dose import DosePoint, DoseSearch, choose_dose, search_dose, within_budget
+from .figure import dose_response_figure, write_dose_response
 from .lexicon import Lexicon, LexiconScores, derive_lexicon, lexicon_scores
 from .report import ConceptPoint, ExtraCondition, compare_concept
 from .scores import SCORES, CandidateInputs, CandidateScore, register
@@ -46,8 +47,9 @@ from .scores.output import OutputScores, matched_controls, output_scores
 from .search import STEERED_BY, ConceptFeature, ConceptSearch, concept_steering, ranking_table, search_concept
 
 __all__ = [
-    "PROMPTING", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
+    "CONCEPT_MODES", "ConceptMode", "PROMPTING", "REQUEST", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
     "ConceptPoint", "ConceptSearch", "DosePoint", "DoseSearch", "ExtraCondition", "Fluency", "Lexicon", "LexiconScores", "OutputScores",
     "answer_contrast", "choose_dose", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores",
     "matched_controls", "output_scores", "ranking_table", "register", "search_concept", "search_dose", "within_budget",
+    "dose_response_figure", "write_dose_response",
 ]

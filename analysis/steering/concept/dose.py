@@ -13,12 +13,13 @@ from typing import NamedTuple
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.generation import encode_prompts, generate_tokens
+from activations.generation import decode, encode_prompts, generate_tokens
 from activations.model import HookedModel
 from sae.base import SAE
 
 from ..measure import Fluency, generation_fluency
-from .config import PROMPTING, TUNING_PROMPTS, ConceptConfig
+from .config import PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig
+from .lexicon import lexicon_scores
 from .search import ConceptFeature, ConceptSearch, concept_steering
 
 
@@ -26,6 +27,8 @@ class DosePoint(NamedTuple):
     dose: float
     fluency: Fluency
     within_budget: bool
+    concept_frequency: float = float("nan")
+    """Share of the answers with a lexicon word, the request's words not counted (`choose_dose`)."""
 
 
 @dataclass
@@ -38,6 +41,17 @@ class DoseSearch:
     """Every dose tried, in the order tried."""
     budget: float
     repetition_floor: float
+    unsteered_frequency: float = float("nan")
+    """The unsteered answers' concept frequency on the same prompts (`choose_dose`)."""
+    prompting: DosePoint | None = None
+    """The prompted answers on the same prompts (dose 0), scored the same way (`choose_dose`)."""
+
+    def to_dict(self) -> dict:
+        point = lambda p: {"dose": p.dose, **p.fluency._asdict(), "within_budget": p.within_budget,  # noqa: E731
+                           "concept_frequency": p.concept_frequency}
+        return {"dose": self.dose, "base": self.base._asdict(), "budget": self.budget, "repetition_floor": self.repetition_floor,
+                "unsteered_frequency": self.unsteered_frequency, "prompting": None if self.prompting is None else point(self.prompting),
+                "points": [point(p) for p in self.points]}
 
 
 def within_budget(fluency: Fluency, base: Fluency, budget: float, repetition_floor: float = 0.0) -> bool:
@@ -86,23 +100,39 @@ def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activat
     cfg = cfg or ConceptConfig()
     features = list(features if features is not None else search.steered)
     prompts = list(prompts or TUNING_PROMPTS)
-    tokens = encode_prompts(model.tokenizer, prompts, cfg.generation.chat)
-    asked = encode_prompts(model.tokenizer, [PROMPTING.format(prompt=p, concept=search.concept) for p in prompts], cfg.generation.chat)
-    base = base or generation_fluency(model, asked, generate_tokens(model, tokens, cfg.generation))
+    tok = model.tokenizer
+    tokens = encode_prompts(tok, prompts, cfg.generation.chat)
+    asked = encode_prompts(tok, [PROMPTING.format(prompt=p, concept=search.concept) for p in prompts], cfg.generation.chat)
+    lexicon = search.lexicon.without_request(REQUEST.format(concept=search.concept))
 
+    def concept_frequency(generated: list[Tensor]) -> float:
+        return float(lexicon_scores([decode(tok, g) for g in generated], lexicon).present.float().mean())
+
+    unsteered = generate_tokens(model, tokens, cfg.generation)
+    base = base or generation_fluency(model, asked, unsteered)
+    frequencies: dict[float, float] = {}
     bar = tqdm(total=len(cfg.doses) + cfg.refine, desc="dose search", leave=False)
 
     def measure(dose: float) -> Fluency:
         steering = concept_steering(sae, features, dose, max_activation, cfg, search.residual_norm)
-        result = generation_fluency(model, asked, generate_tokens(model, tokens, cfg.generation, steering))
+        generated = generate_tokens(model, tokens, cfg.generation, steering)
+        result = generation_fluency(model, asked, generated)
+        frequencies[dose] = concept_frequency(generated)
         bar.update()
-        bar.set_postfix(dose=f"{dose:.2g}", ppl=f"{result.perplexity:.2f}", rep=f"{result.repetition:.3f}")
+        bar.set_postfix(dose=f"{dose:.2g}", ppl=f"{result.perplexity:.2f}", rep=f"{result.repetition:.3f}", concept=f"{frequencies[dose]:.2f}")
         return result
 
     try:
-        return search_dose(measure, base, cfg.doses, cfg.budget * cfg.margin, cfg.refine, cfg.repetition_floor)
+        found = search_dose(measure, base, cfg.doses, cfg.budget * cfg.margin, cfg.refine, cfg.repetition_floor)
     finally:
         bar.close()
+    prompted = generate_tokens(model, asked, cfg.generation)
+    prompted_fluency = generation_fluency(model, asked, prompted)
+    found.points = [p._replace(concept_frequency=frequencies[p.dose]) for p in found.points]
+    found.unsteered_frequency = concept_frequency(unsteered)
+    found.prompting = DosePoint(0.0, prompted_fluency, within_budget(prompted_fluency, base, cfg.budget * cfg.margin, cfg.repetition_floor),
+                                concept_frequency(prompted))
+    return found
 
 
 __all__ = ["DosePoint", "DoseSearch", "choose_dose", "search_dose", "within_budget"]

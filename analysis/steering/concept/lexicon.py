@@ -77,7 +77,8 @@ class Lexicon:
         scores nothing: the echo rule, applied to every condition alike. A ValueError when the
         request uses every word."""
         asked = {w.lower().strip("'") for w in _WORD.findall(request)}
-        kept = tuple(w for w in self.words if not (_word_forms(w) & asked))
+        asked_forms = set().union(*(_word_forms(w) for w in asked)) if asked else set()
+        kept = tuple(w for w in self.words if not (_word_forms(w) & asked) and w not in asked_forms)
         if not kept:
             raise ValueError(f"every word of the lexicon of {self.concept!r} is in the request {request!r}: add words that show the "
                              "concept without naming it")

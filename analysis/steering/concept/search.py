@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from activations.generation import encode_prompts
 from activations.model import HookedModel
 from sae.base import SAE
-
-from activations.generation import encode_prompts
 
 from ..interventions import Intervention, Steering
 from ..measure import residual_norm

@@ -26,12 +26,22 @@ from .base import CandidateInputs, CandidateScore, register
 
 class OutputScores(NamedTuple):
     output_score: Tensor
-    """[n] probability mass the feature's own top logit-lens tokens gain at the answer's first
-    position when the feature is amplified (Arad et al. 2025's output score, in spirit)."""
+    """[n] Arad et al. 2025's output score at the answer's first position, the feature
+    amplified: of its own top logit-lens tokens, the most probable one's probability times
+    (1 - its rank / |V|), averaged over the prompts (`arad_output_score`)."""
     concept_gain: Tensor
     """[n] gain in log P(next token is a lexicon token), nats, under the same amplification,
     less the gain of control tokens as likely as the lexicon's before it (any large edit
     flattens the distribution and lifts every unlikely token; that is not the concept)."""
+
+
+def arad_output_score(logprobs: Tensor, promoted: Tensor) -> Tensor:
+    """Output score [batch] from next-token log-probabilities [batch, d_vocab] under the
+    amplified feature and its promoted (top logit-lens) tokens [top_k]: for the most probable
+    of those tokens, (1 - rank / |V|) x its probability, rank 0 being the most likely token."""
+    best = logprobs[:, promoted].max(-1)  # [batch]
+    rank = (logprobs > best.values[:, None]).sum(-1)  # tokens strictly more likely
+    return (1 - rank.float() / logprobs.shape[-1]) * best.values.exp()
 
 
 def matched_controls(logprobs: Tensor, token_ids: Tensor) -> Tensor:
@@ -83,7 +93,7 @@ def output_scores(model: HookedModel, sae: SAE, features: Sequence[int], prompts
     out, gain = [], []
     for f, top in zip(tqdm(features, desc="output scores", leave=False), promoted):
         lp = next_logprobs(Steering(sae, Intervention(f, "clamp", amplify), max_activation))
-        out.append(float((lp[:, top].exp().sum(-1) - clean[:, top].exp().sum(-1)).mean()))
+        out.append(float(arad_output_score(lp, top).mean()))
         gain.append(float((lexicon_margin(lp) - clean_margin).mean()))
     return OutputScores(torch.tensor(out), torch.tensor(gain))
 
@@ -102,7 +112,7 @@ def amplified(inputs: CandidateInputs, features: Sequence[int] | None) -> Output
 
 @register
 class OutputScore(CandidateScore):
-    """Probability mass its own top logit-lens tokens gain when the feature is amplified (shown)."""
+    """Arad et al.'s output score: its own top logit-lens token's rank-weighted probability when the feature is amplified (shown)."""
 
     name = "output_score"
     rank = 50
@@ -127,4 +137,4 @@ class ConceptGain(CandidateScore):
         return amplified(inputs, features).concept_gain
 
 
-__all__ = ["ConceptGain", "OutputScore", "OutputScores", "amplified", "matched_controls", "output_scores"]
+__all__ = ["ConceptGain", "arad_output_score", "OutputScore", "OutputScores", "amplified", "matched_controls", "output_scores"]
