@@ -58,7 +58,8 @@ def layer_output_scores(model, sae, atlas, prompts, n_features: int, amplify: fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stack", required=True, help="folder of one SAE per hook, each with its atlas and labels (saewb run --preset chain)")
-    p.add_argument("--features-per-layer", type=int, default=192, help="features sampled per SAE for the output scores")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="only the SAEs at these layers (default: all)")
+    p.add_argument("--features-per-layer", type=int, default=96, help="features sampled per SAE for the output scores (0: skip them)")
     p.add_argument("--amplify", type=float, default=10.0, help="output score: clamp value in multiples of the feature's max activation")
     p.add_argument("--concepts", nargs="*", default=list(CONCEPTS), help=f"a subset of {list(CONCEPTS)} (none: output scores only)")
     p.add_argument("--concept-layers", type=int, nargs="+", default=None, help="layers of the concept part (default: every SAE's)")
@@ -83,16 +84,20 @@ def main() -> None:
     for path in stack_paths(args.stack):
         sae = load_sae(path).eval()
         hook = sae.cfg.hook_name
+        layer = int(hook.split(".")[1])
+        if args.layers is not None and layer not in args.layers:
+            continue
         depth = int(residual_depth(hook))
         atlas = load_atlas(path / "atlas")
         t0 = time.perf_counter()
-        scores = layer_output_scores(model, sae, atlas, chat[:4], args.features_per_layer, args.amplify, args.seed)
-        row = {"hook": hook, "depth": depth, "n_features": len(scores), "output_score_median": float(scores.median()),
-               "output_score_mean": float(scores.mean()), "output_features": float((scores > 0.01).float().mean()),
-               "output_scores": scores.tolist(), "concepts": {}}
-        print(f"{hook}: output score median {row['output_score_median']:.4f}, mean {row['output_score_mean']:.4f}, "
-              f"share > 0.01 {row['output_features']:.2f}  [{time.perf_counter() - t0:.0f} s]", flush=True)
-        layer = int(hook.split(".")[1])
+        row = {"hook": hook, "depth": depth, "n_features": 0, "output_score_median": float("nan"), "output_score_mean": float("nan"),
+               "output_features": float("nan"), "output_scores": [], "concepts": {}}
+        if args.features_per_layer > 0:
+            scores = layer_output_scores(model, sae, atlas, chat[:4], args.features_per_layer, args.amplify, args.seed)
+            row.update({"n_features": len(scores), "output_score_median": float(scores.median()), "output_score_mean": float(scores.mean()),
+                        "output_features": float((scores > 0.01).float().mean()), "output_scores": scores.tolist()})
+            print(f"{hook}: output score median {row['output_score_median']:.4f}, mean {row['output_score_mean']:.4f}, "
+                  f"share > 0.01 {row['output_features']:.2f}  [{time.perf_counter() - t0:.0f} s]", flush=True)
         if args.concepts and (args.concept_layers is None or layer in args.concept_layers):
             labels = load_labels(path / "atlas" / "labels.json") if (path / "atlas" / "labels.json").exists() else None
             for concept in args.concepts:
@@ -143,8 +148,8 @@ def page(rows: list[dict], args) -> str:
     fig.update_xaxes(title_text="depth (blocks before the hook)", row=1, col=2)
     fig.update_yaxes(title_text="best share of answers within budget", range=[0, 1.05], row=1, col=2)
     fig.update_layout(title="Where SmolLM2 steers", height=520, width=1200, template="plotly_white")
-    med = statistics.median([r["output_score_median"] for r in rows]) if rows else 0
-    note = f"<p>Median of the per-layer median output scores: {med:.4f}.</p>"
+    scored = [r["output_score_median"] for r in rows if r["n_features"]]
+    note = f"<p>Median of the per-layer median output scores: {statistics.median(scored):.4f}.</p>" if scored else ""
     return ("<!doctype html><html><head><meta charset='utf-8'><title>Where SmolLM2 steers</title></head><body>"
             + fig.to_html(full_html=False, include_plotlyjs="inline") + note + "</body></html>")
 

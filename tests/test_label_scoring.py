@@ -94,3 +94,66 @@ def test_labelling_names_every_labelled_feature_and_writes_the_coverage_page(set
     page = write_coverage_report(labels, tmp_path / "coverage.html").read_text()
     assert "plotly" in page and "Unexplained features" in page
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)" in page
+
+
+def test_the_split_keeps_every_document_in_one_part():
+    from analysis.features.labels.score import document_parts
+
+    boundary = 0
+    lengths = [5, 30, 3, 12, 40, 7, 9, 2, 25]  # tokens per document, each closed by the boundary token
+    stream = torch.cat([torch.cat([torch.arange(1, n + 1), torch.tensor([boundary])]) for n in lengths])
+    body = 15
+    stream = stream[:len(stream) // body * body]
+    tokens = torch.cat([torch.zeros(len(stream) // body, 1, dtype=torch.long), stream.view(-1, body)], dim=1)  # packed contexts
+    parts = document_parts(tokens, boundary)
+    document = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths) + 1)[:len(stream)].view(-1, body)
+    for d in document.unique():
+        assert len(parts[:, 1:][document == d].unique()) == 1  # a document spanning contexts stays in one part
+    assert torch.equal(parts[:, 1:], document % 2)  # documents alternate
+    assert torch.equal(parts[:, 0], parts[:, 1])
+
+
+def test_scoring_by_document_parts_equals_scoring_each_part_alone(setup):  # noqa: F811
+    _, atlas, _ = setup
+    f, tokens = synthetic(atlas, n=6)
+    labels = [token_label(i, list(range(i % 5, 40, 4))) for i in atlas.live_features[:6]]
+    parts = (torch.arange(tokens.shape[1]) >= 9).long().expand_as(tokens).clone()  # a split inside every context
+    split = Scorer(labels, atlas)
+    split.update(f, tokens, part=parts)
+    for index in (0, 1):  # the same counts as zeroing out the other part by hand
+        keep = parts == index
+        by_hand = Scorer(labels, atlas)
+        g = f.clone()
+        g[~keep] = 0
+        by_hand.update(g, torch.where(keep, tokens, 10_000), part=index)
+        assert [s.f1 for s in split.scores(index)] == [s.f1 for s in by_hand.scores(index)]
+        assert [s.strong_f1 for s in split.scores(index)] == [s.strong_f1 for s in by_hand.scores(index)]
+    assert split.n_positions == parts[:, 1:].numel()
+
+
+def test_a_semantic_label_is_compact_only_when_its_ball_is_small_enough_to_read():
+    from analysis.features.labels.base import KINDS
+    from analysis.features.labels.semantic import SemanticKind, SemanticLabel
+
+    kind = KINDS["semantic"]
+    small = SemanticLabel(kind="semantic", feature=0, prototype_tokens=[1, 2], radius=0.5, tokens=list(range(SemanticKind.MAX_COMPACT_BALL)))
+    large = SemanticLabel(kind="semantic", feature=0, prototype_tokens=[1, 2], radius=0.4,
+                          tokens=list(range(SemanticKind.MAX_COMPACT_BALL + 1)))
+    assert SemanticKind.MAX_COMPACT_BALL == 64 and kind.is_compact(small) and not kind.is_compact(large)
+
+
+def test_the_headline_is_shown_both_ways_when_semantic_balls_are_large(setup):  # noqa: F811
+    from analysis.features.labels.semantic import SemanticLabel
+
+    _, atlas, _ = setup
+    feature = atlas.live_features[0]
+    f, tokens = synthetic(atlas)
+    f[..., feature] = torch.where(tokens < 30, atlas.max_activation[feature], 0.0)
+    ball = SemanticLabel(kind="semantic", feature=feature, prototype_tokens=[0, 1], radius=0.3, tokens=list(range(30)) + list(range(40, 80)))
+    assert not ball.compact  # 70 tokens: past the readable size
+    scorer = Scorer([ball, token_label(feature, [0, 1])], atlas)
+    scorer.update(f[:3], tokens[:3], part=0)
+    scorer.update(f[3:], tokens[3:], part=1)
+    summary = summarize(scorer.results(), scorer.n_positions, atlas)
+    assert summary.any_ball_share_strong > summary.share_strong_f1_at_least_half
+    assert summary.semantic_ball_sizes["count"] == 1 and summary.semantic_ball_sizes["over_64"] == 1

@@ -193,14 +193,27 @@ def analyze_one(args: argparse.Namespace, models: ModelLoader, path: Path, llm: 
 
 def _print_labels(labels: Labels, labels_path: Path, coverage_path: Path, seconds: float) -> None:
     ls, n = labels.summary, labels.scored_on.n_contexts
-    print(f"labels: {labels_path} (chosen on {n // 2} later contexts, reported on the other {n - n // 2}, {seconds:.0f} s), "
+    by_part = ls.positions_by_part or {}
+    split = (f"{by_part['selection']:,} and {by_part['report']:,} positions" if by_part else f"{n} later contexts")
+    print(f"labels: {labels_path} (chosen on every other document of {n} later contexts, reported on the rest: {split}; {seconds:.0f} s), "
           f"of {ls.live_features:,} live features:\n"
           f"  {ls.share_strong_f1_at_least_half:.1%} have a compact label with strong-firing F1 >= 0.5 "
           f"({ls.selection_share_strong:.1%} on the part it was chosen on; median {ls.median_best_strong_f1:.2f})\n"
           f"  {ls.share_of_live_with_f1_at_least_half:.1%} with all-firing F1 >= 0.5 "
           f"({ls.selection_share_all:.1%} on the selection part; median {ls.median_best_f1:.2f})\n"
           f"  apart, not counted: {ls.lookup_share_strong:.1%} have a lookup table (> 16 tokens) with strong F1 >= 0.5; "
-          f"{ls.unexplained:,} features unexplained\n  coverage: {coverage_path}")
+          f"{ls.unexplained:,} features unexplained\n{_ball_text(ls)}  coverage: {coverage_path}")
+
+
+def _ball_text(ls) -> str:
+    """The headline were every semantic ball compact, and the ball sizes (summaries from before they were recorded: nothing)."""
+    if ls.any_ball_share_strong is None:
+        return ""
+    balls = ls.semantic_ball_sizes or {}
+    sizes = (f"; balls of the {balls['count']:,} semantic labels at strong F1 >= 0.5: median {balls['median']:.0f} tokens, "
+             f"{balls['over_64']:,} over 64, {balls['over_200']:,} over 200") if balls.get("count") else ""
+    return (f"  counting every semantic ball as compact (not only <= 64 tokens): {ls.any_ball_share_strong:.1%} strong, "
+            f"{ls.any_ball_share_all:.1%} all-firing{sizes}\n")
 
 
 def _ultralow_text(ultralow: dict | None) -> str:

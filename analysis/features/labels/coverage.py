@@ -62,7 +62,9 @@ def coverage_report(labels: Labels, title: str = "Label coverage") -> str:
         f"<li>compact label with all-firing F1 &ge; 0.5: <b>{pct(s.share_of_live_with_f1_at_least_half)}</b> "
         f"(selection part: {pct(s.selection_share_all)})</li>"
         f"<li>reported apart, never counted: a lookup table (&gt; 16 tokens) with strong F1 &ge; 0.5: {pct(s.lookup_share_strong)}</li>"
-        f"<li>unexplained (no compact label with strong F1 &ge; 0.5): {s.unexplained:,}</li></ul>"
+        + (f"<li>were every semantic ball compact, not only those of &le; 64 tokens: {pct(s.any_ball_share_strong)} strong, "
+           f"{pct(s.any_ball_share_all)} all-firing</li>" if s.any_ball_share_strong is not None else "")
+        + f"<li>unexplained (no compact label with strong F1 &ge; 0.5): {s.unexplained:,}</li></ul>"
     )
     by_count = sorted((s.strong_kind_counts or {}).items(), key=lambda kv: -kv[1])
     counts = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>" for k, v in by_count)

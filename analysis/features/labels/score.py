@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.corpus import load_contexts
+from activations.corpus import boundary_token_id, load_contexts
 from activations.model import HookedModel
 from activations.precision import resolve_autocast
 from activations.store import ActivationStore
@@ -43,9 +43,22 @@ MIN_SCORE_CONTEXTS = 16
 """The fewest held-out contexts labels are scored on (unless `LabelConfig.n_score_contexts` asks for fewer)."""
 
 PARTS = ("selection", "report")
-"""The scoring text is dealt out in alternating batches to two parts: each feature's label is
-chosen on the first and reported on the second, so the reported score is not inflated by
-the choice among candidates."""
+"""The scoring text is dealt out to two parts by document, alternately (`document_parts`):
+each feature's label is chosen on the first and reported on the second, so the reported score
+is not inflated by the choice among candidates, nor by text of the same document."""
+
+
+def document_parts(tokens: Tensor, boundary: int) -> Tensor:
+    """The part (0: selection, 1: report) of every position of packed contexts `tokens` [n pos]
+    (`activations.corpus.pack_contexts`: each context is the boundary token, then the next
+    `pos - 1` tokens of one stream whose documents end with the boundary token): documents
+    alternate between the parts, in stream order, each document wholly in one part (a context's
+    position 0 goes with its position 1)."""
+    stream = tokens[:, 1:].reshape(-1)
+    ends = (stream == boundary).long()
+    document = ends.cumsum(0) - ends  # a document's closing boundary token is still its own
+    parts = (document % len(PARTS)).view(len(tokens), -1)
+    return torch.cat([parts[:, :1], parts], dim=1)
 
 
 class _Counts:
@@ -114,25 +127,40 @@ class Scorer:
     def n_positions(self) -> int:
         return sum(part.n_positions for part in self.parts)
 
-    def update(self, f: Tensor, tokens: Tensor, part: int = 1) -> None:
-        """Count one batch into part `part` (0: selection, 1: report): activations `f`
-        [batch pos d_sae] of token ids `tokens` [batch pos]."""
-        counts, first = self.parts[part], self.first
+    def update(self, f: Tensor, tokens: Tensor, part: int | Tensor = 1) -> None:
+        """Count one batch: activations `f` [batch pos d_sae] of token ids `tokens` [batch pos],
+        into part `part` (0: selection, 1: report), or position by position when `part` is a
+        tensor [batch pos] of part indices (`document_parts`)."""
+        if isinstance(part, int):
+            self._count(self.parts[part], f, tokens, None)
+        else:
+            for index, counts in enumerate(self.parts):
+                self._count(counts, f, tokens, part[:, self.first:] == index)
+
+    def _count(self, counts: _Counts, f: Tensor, tokens: Tensor, where: Tensor | None) -> None:
+        """Count the positions of `where` [batch pos - first] (every position when None) into `counts`."""
+        first = self.first
         fires = f[:, first:] > 0
+        if where is not None:
+            fires = fires & where[..., None]
         quartile = torch.bucketize(f[:, first:] / self.atlas.max_activation.clamp_min(1e-8), torch.tensor(QUARTILE_EDGES))
         code = torch.where(fires, quartile, 4).to(torch.int8)  # activation quartile of each firing; 4: not firing
         hard = self.hard(tokens[:, first:]) & ~fires
+        not_firing = ~fires
+        if where is not None:
+            hard, not_firing = hard & where[..., None], not_firing & where[..., None]
         n_fires = fires.sum((0, 1))
-        counts.n_positions += fires.shape[0] * fires.shape[1]
+        counts.n_positions += fires.shape[0] * fires.shape[1] if where is None else int(where.sum())
         counts.fires += n_fires
-        counts.negatives += (~fires).sum((0, 1))
+        counts.negatives += not_firing.sum((0, 1))
         counts.hard_negatives += hard.sum((0, 1))
         for q in range(4):
             counts.fires_quartile[q] += (code == q).sum((0, 1))
         for predicate, index, features in self.groups:
             # Most predicates hold at few positions: count over the (position, label) pairs where
             # they hold, not over the dense [batch pos label] block (several times faster)
-            b, p, label = predicate(tokens)[:, first:].nonzero(as_tuple=True)
+            held = predicate(tokens)[:, first:]
+            b, p, label = (held if where is None else held & where[..., None]).nonzero(as_tuple=True)
             feature = features[label]
             by_code = torch.bincount(label * 5 + code[b, p, feature].long(), minlength=5 * len(index)).view(len(index), 5)
             tp_quartile = by_code[:, :4].T  # [4 label]
@@ -159,11 +187,12 @@ class Scorer:
         return [choose(scored, fires[i]) if scored else None for i, scored in enumerate(per_feature)]
 
 
-def choose(candidates: list[Label], held_out_fires: int | None = None) -> FeatureLabels:
+def choose(candidates: list[Label], held_out_fires: int | None = None,
+           compact: Callable[[Label], bool] = lambda label: label.compact) -> FeatureLabels:
     """A feature's labels from its scored candidates: best first by selection-part strong F1
-    (compact ones before the rest; equals keep their kinds' rank order)."""
+    (`compact` ones before the rest; equals keep their kinds' rank order)."""
     def key(metric: str) -> Callable[[Label], tuple[bool, float]]:
-        return lambda label: (not label.compact, -(getattr(label.selection or label.scores, metric) or 0.0))
+        return lambda label: (not compact(label), -(getattr(label.selection or label.scores, metric) or 0.0))
     ordered = sorted(candidates, key=key("strong_f1"))
     best_all = min(candidates, key=key("f1"))
     return FeatureLabels(ordered[0], ordered, held_out_fires, best_all=best_all)
@@ -202,12 +231,15 @@ def label_features(atlas: Atlas, sae: SAE, model: HookedModel, cfg: LabelConfig 
     context = LabelContext(sae, model, cfg)
     candidates = [label for kind in KINDS.values() for label in kind.candidates(atlas, context)]
     scorer = Scorer(candidates, atlas, model.tokenizer, first=first_position(sae))
-    for n, start in enumerate(tqdm(range(0, len(tokens), cfg.batch_contexts), desc="labels: scoring", unit="batch")):
+    parts = document_parts(tokens, boundary_token_id(model.tokenizer))
+    for start in tqdm(range(0, len(tokens), cfg.batch_contexts), desc="labels: scoring", unit="batch"):
         batch = tokens[start:start + cfg.batch_contexts]
-        scorer.update(encode_activations(sae, reader(batch.to(device), start)).f.cpu(), batch, part=n % len(PARTS))
+        scorer.update(encode_activations(sae, reader(batch.to(device), start)).f.cpu(), batch, part=parts[start:start + cfg.batch_contexts])
     features = scorer.results()
     name_features(features, atlas, model, cfg.namer)
-    return Labels(features, summarize(features, scorer.n_positions, atlas), saved_config(cfg), ScoredOn(corpus, first, len(tokens)))
+    summary = replace(summarize(features, scorer.n_positions, atlas),
+                      positions_by_part={name: counts.n_positions for name, counts in zip(PARTS, scorer.parts, strict=True)})
+    return Labels(features, summary, saved_config(cfg), ScoredOn(corpus, first, len(tokens)))
 
 
 def summarize(features: list[FeatureLabels | None], n_positions: int, atlas: Atlas) -> LabelSummary:
@@ -232,6 +264,11 @@ def summarize(features: list[FeatureLabels | None], n_positions: int, atlas: Atl
 
     strong_ok = [at_least_half(f.best, "strong_f1") and f.best.compact for f in live]
     all_ok = [at_least_half(f.best_all_firings, "f1") and f.best_all_firings.compact for f in live]
+    any_ball = lambda label: label.compact or label.kind == "semantic"  # noqa: E731  the rule before ball sizes counted
+    rechosen = [choose(f.candidates, f.held_out_fires, any_ball) for f in live]
+    semantic_best = [min((c for c in f.candidates if c.kind == "semantic"),
+                         key=lambda c: -((c.selection or c.scores).strong_f1 or 0.0), default=None) for f in live]
+    balls = np.array([len(c.tokens) for c in semantic_best if at_least_half(c, "strong_f1")])
     unexplained = [f.feature for f, ok in zip(live, strong_ok, strict=True) if not ok]
     median = lambda values: round(float(np.median(values)), 4) if values else 0.0  # noqa: E731
     return LabelSummary(
@@ -245,8 +282,20 @@ def summarize(features: list[FeatureLabels | None], n_positions: int, atlas: Atl
         selection_share_strong=round(sum(at_least_half(f.best, "strong_f1", "selection") for f in live) / n_live, 4),
         selection_share_all=round(sum(at_least_half(f.best_all_firings, "f1", "selection") for f in live) / n_live, 4),
         lookup_share_strong=round(sum(at_least_half(lookup(f), "strong_f1") for f in live) / n_live, 4),
+        any_ball_share_strong=round(sum(at_least_half(f.best, "strong_f1") and any_ball(f.best) for f in rechosen) / n_live, 4),
+        any_ball_share_all=round(sum(at_least_half(f.best_all_firings, "f1") and any_ball(f.best_all_firings) for f in rechosen) / n_live, 4),
+        semantic_ball_sizes=ball_sizes(balls),
         unexplained=len(unexplained), unexplained_examples=unexplained[:: max(1, len(unexplained) // 12)][:12],
     )
 
 
-__all__ = ["MIN_SCORE_CONTEXTS", "PARTS", "QUARTILE_EDGES", "Scorer", "choose", "label_features", "summarize"]
+def ball_sizes(sizes: np.ndarray) -> dict[str, float]:
+    """Count, median, quartiles and the number above 64 and 200 tokens of ball sizes [n]."""
+    if not len(sizes):
+        return {"count": 0}
+    q1, median, q3 = (float(v) for v in np.percentile(sizes, [25, 50, 75]))
+    return {"count": int(len(sizes)), "median": median, "q1": q1, "q3": q3, "max": int(sizes.max()),
+            "over_64": int((sizes > 64).sum()), "over_200": int((sizes > 200).sum())}
+
+
+__all__ = ["MIN_SCORE_CONTEXTS", "ball_sizes", "document_parts", "PARTS", "QUARTILE_EDGES", "Scorer", "choose", "label_features", "summarize"]

@@ -249,6 +249,10 @@ class SemanticKind(LabelKind):
     UNSEEN_SLACK: ClassVar[float] = 0.05
     """... or when it reaches unseen tokens and loses at most this much to it: the atlas cannot show their gain,
     and the token set's atlas F1 is the more optimistic one (it picks each token on the atlas, the ball only a radius)."""
+    MAX_COMPACT_BALL: ClassVar[int] = 64
+    """A semantic label counts as compact (readable) only when its ball holds at most this many
+    tokens: past it the prototypes shown no longer tell a reader what the predicate covers.
+    Larger balls are stored, shown and scored, but reported apart, like lookup tables."""
     CHUNK_FEATURES: ClassVar[int] = 256
     """Features per cosine matmul: a [chunk, d_vocab] matrix (256 x 49,152 fp32 is 50 MB)."""
 
@@ -282,7 +286,7 @@ class SemanticKind(LabelKind):
         return f"tokens near {near} ({label.space} cos >= {label.radius:.2f}; {len(label.tokens)} tokens)"
 
     def is_compact(self, label: SemanticLabel) -> bool:
-        return len(label.prototype_tokens) <= MAX_LISTED_TOKENS  # a short rendering however many tokens it covers
+        return len(label.prototype_tokens) <= MAX_LISTED_TOKENS and len(label.tokens) <= self.MAX_COMPACT_BALL
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

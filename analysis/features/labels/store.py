@@ -75,6 +75,8 @@ class LabelSummary:
 
     held_out_positions: int | None = None
     """Positions scored (position 0 of each context excluded)."""
+    positions_by_part: dict[str, int] | None = None
+    """Of those, the positions of the selection part and of the report part (split by document)."""
     live_features: int | None = None
     """Features with a label (they fire in the atlas)."""
     scored_features: int | None = None
@@ -102,6 +104,15 @@ class LabelSummary:
     lookup_share_strong: float | None = None
     """Reported apart, never counted: the share whose best non-compact candidate (a large
     lookup table) reaches report strong F1 >= 0.5."""
+    any_ball_share_strong: float | None = None
+    """The headline share were every semantic label compact whatever its ball's size (the rule
+    before balls were capped at `SemanticKind.MAX_COMPACT_BALL` tokens), beside the headline."""
+    any_ball_share_all: float | None = None
+    """The same for the all-firing share."""
+    semantic_ball_sizes: dict[str, float] | None = None
+    """Tokens in the ball of each feature's best semantic candidate (by selection strong F1),
+    over features where it reaches report strong F1 >= 0.5: count, median, quartiles, and how
+    many hold more than 64 and 200 tokens."""
     unexplained: int | None = None
     """Live features with no compact label of report strong F1 >= 0.5."""
     unexplained_examples: list[int] | None = None
