@@ -251,7 +251,7 @@ def test_concept_steering_needs_a_feature():
 
 # ---------------------------------------------------------------------------- pluggable scores
 def test_the_registered_scores_and_their_roles():
-    assert list(SCORES) == ["input_score", "fire_rate", "contrast", "logit_z", "output_score", "concept_gain"]
+    assert list(SCORES) == ["input_score", "fire_rate", "contrast", "logit_z", "output_score", "concept_gain", "trial"]
     assert [n for n, s in SCORES.items() if s.proposes] == ["input_score", "contrast", "logit_z"]
     assert [n for n, s in SCORES.items() if s.in_ranking] == ["input_score", "contrast", "concept_gain"]
     with pytest.raises(ValueError, match="new, non-empty `name`"):
@@ -307,7 +307,7 @@ def test_a_registered_score_proposes_ranks_and_shows(tiny_model, text_corpus, pl
         expected = sum(max(c.scores[n], 0.0) / max(best[n], 1e-12) for n in ranking) / len(ranking)
         assert c.combined == pytest.approx(expected, rel=1e-5, abs=1e-7)
     table = ranking_table(search.ranked).splitlines()
-    assert table[0].split()[:len(SCORES) + 3] == ["feature", "input", "fires", "contrast", "logit", "z", "planted", "output", "gain", "weight"]
+    assert table[0].split()[:len(SCORES) + 3] == ["feature", "input", "fires", "contrast", "logit", "z", "planted", "output", "gain", "trial", "weight"]
     assert len(table) == len(search.ranked) + 1 and any(line.split()[0] == "11" and " 5.0 " in line for line in table[1:])
 
 
@@ -365,3 +365,22 @@ def test_the_fair_fluency_charges_no_answer_for_its_topic_and_catches_a_loop(smo
     looping = [ids("The sea is the sea and the sea is the sea and the sea is the sea and the sea is the sea.")] * 3
     assert within_budget(generation_fluency(smollm2, asked, on_topic), base, 2.0, repetition_floor=0.02)
     assert not within_budget(generation_fluency(smollm2, asked, looping), base, 2.0, repetition_floor=0.02)
+
+
+def test_the_trial_score_decides_the_steered_features_and_the_concept_gain_is_the_fallback(tiny_model, text_corpus):
+    from analysis.steering.concept.scores.trial import trial_order
+    from analysis.steering.concept.search import Candidates, _rank
+
+    assert trial_order(torch.tensor([0.1, 0.9, 0.5, -1.0]), torch.tensor([3.0, 0.0, 2.0, 5.0]), 3) == [1, 3, 0]
+    sae = make_sae()
+    atlas = build_atlas(sae, tiny_model, AtlasConfig(corpus=CorpusConfig(source=str(text_corpus), context_len=32), n_tokens=31 * 10,
+                                                     batch_contexts=8, autocast="none", device="cpu"))
+    nan = float("nan")
+    scores = {name: torch.zeros(4) for name in SCORES}
+    scores["concept_gain"] = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    scores["trial"] = torch.tensor([nan, 0.5, 0.0, 1.0])
+    ranked = _rank(Candidates([10, 11, 12, 13], scores), atlas, None, n_features=8)
+    assert {c.feature: c.weight for c in ranked if c.weight > 0} == {13: 1.0, 11: 0.5}  # measured where used, not the gain
+    scores["trial"] = torch.tensor([nan, 0.0, 0.0, nan])
+    ranked = _rank(Candidates([10, 11, 12, 13], scores), atlas, None, n_features=8)
+    assert {c.feature: c.weight for c in ranked if c.weight > 0} == {10: 1.0, 11: 0.5, 12: 0.25}  # no trial shows it: the gain decides

@@ -43,8 +43,18 @@ class ConceptConfig:
     """Output score: clamp value in multiples of the feature's max activation."""
     top_k: int = 20
     """Output score: the feature's promoted tokens counted (logit lens)."""
-    max_density: float = 0.02
-    """Features firing on more of the atlas' tokens than this are left out (not concept-specific)."""
+    max_density: float = 0.1
+    """Features firing on more of the atlas' tokens than this are left out (not concept-specific).
+    An output feature may fire often: SmolLM2's layer-23 "sea / ocean / shore" writer fires on 2.9%."""
+    n_trials: int = 12
+    """Candidates steered alone in a short generation each (the trial score): half the best by
+    concept gain, half by logit-lens push, the rest of the union in ranking order."""
+    trial_dose: float | None = None
+    """The dose of a trial (None: 0.25 of the residual norm for add, 1.0 x max activation for the clamps)."""
+    trial_prompts: int = 4
+    """Tuning prompts answered in each trial."""
+    trial_tokens: int = 24
+    """Tokens generated per trial answer."""
     mode: ConceptMode = "clamp"
     """add | clamp_at_least | clamp (`ConceptMode`)."""
     positions: Positions = "all"
@@ -63,6 +73,11 @@ class ConceptConfig:
     """The unsteered repetition counted in the budget is at least this (so 0 repetition on a
     few short answers does not make every repeat a failure)."""
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=40, chat=True))
+
+    @property
+    def dose_of_trial(self) -> float:
+        """The dose a trial steers each candidate at (`trial_dose`, or the mode's default)."""
+        return self.trial_dose if self.trial_dose is not None else (0.25 if self.mode == "add" else 1.0)
 
     def __post_init__(self):
         if isinstance(self.generation, dict):

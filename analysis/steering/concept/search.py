@@ -24,9 +24,11 @@ if TYPE_CHECKING:
     from ...features.atlas import Atlas
     from ...features.labels import Labels
 
-STEERED_BY = "concept_gain"
+STEERED_BY = "trial"
 """The score that decides which ranked candidates are steered (a positive value) and their
-weights (the value over the best steered one's)."""
+weights (the value over the best steered one's): the trial score, measured the way the
+features are used. When no trial shows the concept, the concept gain decides instead."""
+FALLBACK = "concept_gain"
 
 
 @dataclass
@@ -114,10 +116,11 @@ def _rank(candidates: Candidates, atlas: Atlas, labels: Labels | None, n_feature
                              density=float(atlas.density[f]))
               for n, f in enumerate(candidates.features)]
     ranked.sort(key=lambda c: -c.combined)
-    chosen = [c for c in ranked if c.scores[STEERED_BY] > 0][:n_features]
-    top = max((c.scores[STEERED_BY] for c in chosen), default=0.0)
+    by = STEERED_BY if any(c.scores.get(STEERED_BY, 0.0) > 0 for c in ranked) else FALLBACK
+    chosen = sorted((c for c in ranked if c.scores.get(by, 0.0) > 0), key=lambda c: -c.scores[by])[:n_features]
+    top = max((c.scores[by] for c in chosen), default=0.0)
     for c in chosen:
-        c.weight = c.scores[STEERED_BY] / top
+        c.weight = c.scores[by] / top
     return ranked
 
 
@@ -135,8 +138,8 @@ def search_concept(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, lab
     if lexicon is None:
         lexicon = derive_lexicon(concept, model.tokenizer, _best(selectivity.score, usable, cfg.n_candidates)[:3].tolist(), atlas, labels)
     prompts = list(prompts or TUNING_PROMPTS)
-    inputs = CandidateInputs(concept, model, sae, atlas, lexicon.token_ids(model.tokenizer), prompts, cfg, selectivity)
     norm = residual_norm(model, sae.cfg.hook_name, encode_prompts(model.tokenizer, prompts, cfg.generation.chat))
+    inputs = CandidateInputs(concept, model, sae, atlas, lexicon.token_ids(model.tokenizer), prompts, cfg, selectivity, lexicon, norm)
     return ConceptSearch(concept, lexicon, _rank(_score_candidates(inputs, usable), atlas, labels, cfg.n_features), norm)
 
 

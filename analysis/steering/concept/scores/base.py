@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ....features.atlas import Atlas
     from ....features.monitor import InputSelectivity
     from ..config import ConceptConfig
+    from ..lexicon import Lexicon
 
 T = TypeVar("T")
 
@@ -45,6 +46,10 @@ class CandidateInputs:
     selectivity: InputSelectivity
     """`analysis.features.monitor.input_selectivity` of the concept, measured first: a derived
     lexicon starts from its best features."""
+    lexicon: Lexicon | None = None
+    """The concept's lexicon (the trial score counts its words in steered answers)."""
+    residual_norm: float | None = None
+    """The residual stream's typical norm at the SAE's hook on the prompts (the unit of "add" doses)."""
     _shared: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
 
     def shared(self, key: Hashable, compute: Callable[[], T]) -> T:
