@@ -33,7 +33,7 @@ from activations.model import ModelLoader
 from sae import cli as train_cli
 
 from .circuits import cli as circuits_cli
-from .command import add_common
+from .command import STEERING_FOLDER, add_common
 from .dashboard import cli as dashboard_cli
 from .evaluation import cli as evaluation_cli
 from .features import cli as features_cli
@@ -42,7 +42,7 @@ from .steering import cli as steering_cli
 PRESETS = {
     # ~30 min on a 2-core CPU: 2M training tokens at layer 8, 8x expansion, k=32
     "default": dict(n_tokens=2_000_000, train_tokens=2_000_000, d_sae=4608, k=32, batch_size=4096, eval_tokens=131_072, ce_contexts=128,
-                    atlas_tokens=1_000_000, label_contexts=2048),
+                    atlas_tokens=1_000_000, label_contexts=2048, steering_hook=act_name("resid_post", 23)),
     # ~2 min: checks the whole pipeline, numbers are not meaningful
     "smoke": dict(n_tokens=40_000, train_tokens=40_000, d_sae=1152, k=32, batch_size=1024, eval_tokens=8_192, ce_contexts=16,
                   atlas_tokens=16_384, label_contexts=64),
@@ -55,6 +55,14 @@ PRESETS = {
 }
 
 
+STEERING = dict(n_tokens=300_000, train_tokens=1_200_000, d_sae=2304, k=32, eval_tokens=32_768, ce_contexts=32, atlas_tokens=65_536,
+                label_contexts=256)
+"""The sizes of a run's steering SAE (`--steering-hook`), trained after the main one into
+<out>/steering: SAEs steer a concept where the model keeps its output features, at layers
+23-29 of SmolLM2's 30 (bench/steering_depth.py), while the main SAE's layer 8 mostly holds
+input features. 300k tokens, 4 epochs, 2,304 latents: what steers, for a quarter of the run."""
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """`saewb run` takes every stage's flags."""
     harvest_cli.add_corpus(p)
@@ -62,6 +70,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     train_cli.add_arguments(p)
     evaluation_cli.add_arguments(p)
     features_cli.add_run_arguments(p)
+    p.add_argument("--steering-hook", default=None,
+                   help="also train a steering SAE at this hook, after the main one, into <out>/steering (the default preset: "
+                        "blocks.23.hook_resid_post; 'none': no steering SAE). `saewb steer --concept` finds it by itself")
 
 
 def run(args: argparse.Namespace, models: ModelLoader) -> None:
@@ -69,13 +80,33 @@ def run(args: argparse.Namespace, models: ModelLoader) -> None:
     from activations import distributed
 
     started = time.perf_counter()
-    harvest_cli.run(args, models, heldout_tokens=heldout_tokens_needed(args))
-    paths = train_cli.run(args, models)
-    if distributed.current().is_main:
-        evaluation_cli.evaluate_saes(args, models, paths)
-        if not args.skip_analysis:
-            features_cli.analyze_saes(args, models, paths, dashboard=True)
+    stages = [args]
+    if args.steering_hook and args.steering_hook.lower() != "none":
+        stages.append(steering_args(args))
+    for stage in stages:
+        if stage is not args:
+            print(f"--- the steering SAE at {stage.hook}: {stage.n_tokens:,} tokens into {stage.out}")
+        harvest_cli.run(stage, models, heldout_tokens=heldout_tokens_needed(stage))
+        paths = train_cli.run(stage, models)
+        if distributed.current().is_main:
+            evaluation_cli.evaluate_saes(stage, models, paths)
+            if not stage.skip_analysis:
+                features_cli.analyze_saes(stage, models, paths, dashboard=True)
     print(f"outputs in {Path(args.out).resolve()} (total {time.perf_counter() - started:.0f} s)")
+
+
+def steering_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags of the run's steering-SAE stage: `args` at `--steering-hook`, with the
+    `STEERING` sizes (none above the main stage's: a smaller preset gets a smaller steering
+    SAE), into <out>/steering."""
+    stage = argparse.Namespace(**vars(args))
+    stage.hook, stage.hooks, stage.heldout_tokens = args.steering_hook, None, None
+    for key, value in STEERING.items():
+        main = getattr(args, key, None)
+        main = main[0] if isinstance(main, list) and len(main) == 1 else main  # a sweepable flag given once
+        setattr(stage, key, min(value, main) if isinstance(main, int) else value)
+    stage.out = Path(args.out) / STEERING_FOLDER
+    return stage
 
 
 def heldout_tokens_needed(args: argparse.Namespace) -> int:

@@ -37,6 +37,18 @@ def add_common(p: argparse.ArgumentParser, presets: list[str]) -> None:
     p.add_argument("--hook", default=DEFAULT_HOOK, help="TransformerLens hook name (default: %(default)s)")
 
 
+STEERING_FOLDER = "steering"
+"""Where `saewb run` trains its steering SAE: <out>/steering (`analysis.cli.STEERING`)."""
+
+
+def steering_sae(out: Path) -> Path | None:
+    """The steering SAE `saewb run` trained into `out` (None when it trained none)."""
+    summary = Path(out) / STEERING_FOLDER / "sae" / "train_summary.json"
+    if not summary.exists():
+        return None
+    return Path(next(iter(json.loads(summary.read_text())["saes"].values())))
+
+
 def trained_saes(out: Path) -> list[Path]:
     """The SAE folders the train stage wrote into `out`/sae (a stack's, when it trained one)."""
     summary = out / "sae" / "train_summary.json"
@@ -93,4 +105,4 @@ def heldout_tokens(corpus: CorpusConfig, tokenizer, wanted: int) -> np.ndarray:
         return np.zeros((0, corpus.context_len), dtype=np.int32)
 
 
-__all__ = ["Command", "add_common", "add_corpus", "heldout_activations", "heldout_tokens", "sae_paths", "too_small", "trained_saes"]
+__all__ = ["STEERING_FOLDER", "Command", "add_common", "add_corpus", "heldout_activations", "heldout_tokens", "sae_paths", "steering_sae", "too_small", "trained_saes"]

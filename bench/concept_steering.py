@@ -1,25 +1,30 @@
 """Concept steering against prompting, judged by a lexicon the steered features do not define.
 
-    python bench/concept_steering.py --sae runs/default/sae/topk_k32_4608 --out runs/bench_concepts
+    python bench/concept_steering.py --sae runs/default/sae/<steering SAE> --out runs/bench_concepts
 
 The concepts and their lexicons (`CONCEPTS` below) were fixed before any measurement. For
 each concept (`analysis.steering.concept`):
 
-1. `search_concept` ranks features by input selectivity and output score (one amplified
-   forward pass each) and picks the top few that raise the lexicon's tokens, weighted;
+1. `search_concept` proposes candidates (input selectivity, answer contrast, logit lens),
+   scores them (output score, concept gain), and steers the most promising ones alone in short
+   answers to tuning prompts (the trial score); those that show the concept are steered
+   together, weighted by their trial score;
 2. `choose_dose` finds the largest dose whose answers to the 12 tuning prompts
    (`TUNING_PROMPTS`) keep perplexity and repetition within 2x the unsteered answers';
-3. the 24 report prompts (`NEUTRAL_PROMPTS`, chat template, greedy, 40 new tokens) are
-   answered unsteered, prompted ("... (In your answer, talk about <concept>.)"), steered at that
-   dose, prompted and steered, and steered with the search's top *input* feature alone at its
-   own chosen dose (what choosing by activations alone gives).
+3. the 24 report prompts (`NEUTRAL_PROMPTS`, none of them a tuning prompt; chat template,
+   greedy, 40 new tokens) are answered unsteered, prompted ("... (In your answer, talk about
+   <concept>.)"), steered at that dose, and prompted and steered.
 
-Scores, all under the unsteered model: lexicon frequency (share of answers with a lexicon
-word; the concept score), the steered features' own re-read frequency (one exceeds 0.25x its
-max on some token), perplexity of the answer given its prompt, repeated-trigram rate. A point
-counts only if perplexity and repetition are both <= 2x the unsteered answers'. Ratios count a
-zero unsteered frequency as one answer in 24 (a lower bound). Writes <out>/summary.json and
-<out>/concept_steering.html (every answer, HTML-escaped).
+Scores, all under the unsteered model: the concept frequency (share of answers with a lexicon
+word, the request's own words never counted, so an echo of the request scores nothing; the
+share with any lexicon word beside it), the steered features' own re-read frequency, the fair
+perplexity (every condition's answers given the prompt that asks for the concept), the
+perplexity given each condition's own prompt (today's verdict), and the repeated-trigram rate
+(every answer counted; one under 3 tokens counts as 1). A point is within budget when its
+fair perplexity and its repetition (from the 0.02 floor) are both <= 2x the unsteered
+answers'. Ratios count a zero unsteered frequency as one answer in 24 (a lower bound). Writes
+<out>/summary.json, <out>/concept_steering.html (every answer, HTML-escaped) and one
+dose-response figure per concept.
 """
 from __future__ import annotations
 
@@ -37,12 +42,16 @@ from analysis.features.atlas import load_atlas
 from analysis.features.labels import load_labels
 from analysis.steering import NEUTRAL_PROMPTS
 from analysis.steering.concept import (
+    CONCEPT_MODES,
+    TUNING_PROMPTS,
     ConceptConfig,
     Lexicon,
     choose_dose,
     compare_concept,
     search_concept,
+    write_dose_response,
 )
+from analysis.steering.interventions import POSITIONS
 from sae import load_sae
 
 CONCEPTS = {  # fixed in advance: the concept word (searched) and the words that show it in an answer
@@ -66,6 +75,9 @@ def main() -> None:
     p.add_argument("--n-features", type=int, default=ConceptConfig.n_features, help="features steered together")
     p.add_argument("--budget", type=float, default=ConceptConfig.budget, help="fluency budget (x unsteered)")
     p.add_argument("--margin", type=float, default=ConceptConfig.margin, help="the dose search holds tuning answers to budget x margin")
+    p.add_argument("--mode", choices=CONCEPT_MODES, default=ConceptConfig.mode)
+    p.add_argument("--positions", choices=POSITIONS, default=ConceptConfig.positions)
+    p.add_argument("--top-input", action="store_true", help="also steer the search's top input feature alone at its own dose")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--model", default="smollm2")
@@ -81,10 +93,12 @@ def main() -> None:
     sae = load_sae(args.sae)
     atlas_dir = Path(args.sae) / "atlas"
     atlas, labels = load_atlas(atlas_dir), load_labels(atlas_dir / "labels.json")
-    cfg = ConceptConfig(n_features=args.n_features, budget=args.budget, margin=args.margin)
+    cfg = ConceptConfig(n_features=args.n_features, budget=args.budget, margin=args.margin, mode=args.mode, positions=args.positions)
     cfg.generation.max_new_tokens, cfg.generation.batch_size = args.max_new_tokens, args.batch_size
     prompts = list(NEUTRAL_PROMPTS)
     n = len(prompts)
+    if set(prompts) & set(TUNING_PROMPTS):
+        raise SystemExit("the report prompts must be disjoint from the tuning prompts")
     print(f"model and atlas: {time.perf_counter() - started:.0f} s")
 
     summary, pages = [], []
@@ -101,31 +115,46 @@ def main() -> None:
         for c in steered:
             print(f"    f{c.feature}: {c.label[:90]}")
         dose = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg)
-        alone = [replace(top_input, weight=1.0)]
-        dose_input = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg, features=alone, base=dose.base)
-        for name, d in (("concept", dose), ("top input", dose_input)):
+        searches = {"concept": dose}
+        extra = {}
+        if args.top_input:
+            alone = [replace(top_input, weight=1.0)]
+            searches["top input"] = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg, features=alone, base=dose.base)
+            if searches["top input"].dose is not None:
+                extra["top input feature"] = (alone, searches["top input"].dose)
+        for name, d in searches.items():
             print(f"  dose search ({name}): base ppl {d.base.perplexity:.2f} rep {d.base.repetition:.3f}; "
-                  + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f})"
-                              for pt in d.points) + f" -> {d.dose}")
-        extra = {"top input feature": (alone, dose_input.dose)} if dose_input.dose is not None else {}
+                  + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f}, "
+                              f"concept {pt.concept_frequency:.2f})" for pt in d.points) + f" -> {d.dose}")
         points = compare_concept(model, sae, search, prompts, atlas.max_activation, dose.dose, cfg, extra)
+        seconds = time.perf_counter() - t0
         rows = {pt.condition: asdict(pt) for pt in points}
-        print(f"  {'condition':<22} {'dose':>5} {'lexicon freq':>12} {'x unsteered':>11} {'feature freq':>12} {'perplexity':>10} {'x':>5} "
-              f"{'repetition':>10} {'x':>5}  counts  {'ppl | asked':>11}")
+        print(f"  {'condition':<22} {'dose':>5} {'concept':>7} {'x':>5} {'any word':>8} {'feature':>7} {'ppl':>7} {'x':>5} {'rep':>6} {'x':>5}"
+              f"  {'fair':>4}  {'ppl own':>7} {'own':>4}")
         b = rows["unsteered"]
         for name, r in rows.items():
-            print(f"  {name:<22} {'' if r['dose'] is None else format(r['dose'], '.2g'):>5} {r['lexicon_frequency']:>12.2f} {r['ratio']:>11.1f} "
-                  f"{r['feature_frequency']:>12.2f} {r['perplexity']:>10.2f} {r['perplexity'] / b['perplexity']:>5.2f} {r['repetition']:>10.3f} "
-                  f"{r['repetition'] / max(b['repetition'], 1e-9):>5.2f}  {'yes' if r['within_budget'] else 'no ':<6}  "
-                  f"{r['perplexity_given_concept_prompt']:>11.2f}")
+            print(f"  {name:<22} {'' if r['dose'] is None else format(r['dose'], '.2g'):>5} {r['lexicon_frequency']:>7.2f} {r['ratio']:>5.1f} "
+                  f"{r['lexicon_frequency_any_word']:>8.2f} {r['feature_frequency']:>7.2f} {r['perplexity']:>7.2f} "
+                  f"{r['perplexity'] / b['perplexity']:>5.2f} {r['repetition']:>6.3f} {r['repetition'] / max(b['repetition'], 0.02):>5.2f}"
+                  f"  {'yes' if r['within_budget'] else 'no':>4}  {r['perplexity_given_own_prompt']:>7.2f} "
+                  f"{'yes' if r['within_budget_own_prompt'] else 'no':>4}")
         for name in ("steering", "prompting + steering"):
             if name in rows:
                 for q, t in list(zip(prompts, rows[name]["texts"]))[:3]:
                     print(f"    [{name}] {q} -> {' '.join(t.split())[:150]}")
-        met = "steering" in rows and rows["steering"]["within_budget"] and rows["steering"]["ratio"] >= 5
-        print(f"  {concept}: steering {'reaches' if met else 'does not reach'} 5x within budget  [{time.perf_counter() - t0:.0f} s]")
-        summary.append({"concept": concept, "search": search.to_dict(), "dose_search": {"concept": _dose_dict(dose), "top_input": _dose_dict(dose_input)},
-                        "conditions": rows, "meets_5x": met})
+        steer_row, prompt_row = rows.get("steering"), rows["prompting"]
+        met = steer_row is not None and steer_row["within_budget"] and steer_row["ratio"] >= 5
+        met_own = steer_row is not None and steer_row["within_budget_own_prompt"] and steer_row["ratio"] >= 5
+        matches = (steer_row is not None and steer_row["within_budget"] and prompt_row["within_budget"]
+                   and steer_row["lexicon_frequency"] >= prompt_row["lexicon_frequency"])
+        print(f"  {concept}: steering {'reaches' if met else 'does not reach'} 5x within the fair budget "
+              f"(today's verdict: {'reaches' if met_own else 'does not'}); {'matches' if matches else 'does not match'} prompting  "
+              f"[{seconds:.0f} s]")
+        figure = write_dose_response(dose, concept, "share of the residual norm" if cfg.mode == "add" else "x weight x max activation",
+                                     args.out / f"dose_{concept}.html")
+        summary.append({"concept": concept, "search": search.to_dict(), "dose_search": {k: v.to_dict() for k, v in searches.items()},
+                        "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own, "matches_prompting": matches,
+                        "seconds": seconds, "figure": str(figure)})
         pages.append(_section(concept, lexicon, search, rows, prompts))
 
     print(f"\nsummary ({n} report prompts; lexicon frequency, its ratio to unsteered, and whether the point is within the 2x fluency budget)")
@@ -137,21 +166,24 @@ def main() -> None:
             r = e["conditions"].get(s)
             cells.append("-" if r is None else f"{r['lexicon_frequency']:.2f} ({r['ratio']:.1f}x){'' if r['within_budget'] else ' over'}")
         print(f"{e['concept']:<10} {e['conditions']['unsteered']['lexicon_frequency']:>9.2f} " + " ".join(f"{c:>24}" for c in cells))
-    print(f"concepts reaching >= 5x within budget by steering: {[e['concept'] for e in summary if e['meets_5x']] or 'none'}")
+    print(f"concepts reaching >= 5x within the fair budget by steering: {[e['concept'] for e in summary if e['meets_5x']] or 'none'} "
+          f"({sum(e['meets_5x'] for e in summary)} of {len(summary)}; today's verdict: "
+          f"{sum(e['meets_5x_todays_verdict'] for e in summary)})")
+    print(f"concepts where steering matches prompting's frequency, both within budget: "
+          f"{[e['concept'] for e in summary if e['matches_prompting']] or 'none'}")
+    print("seconds per concept (search, dose search, report): " + ", ".join(f"{e['concept']} {e['seconds']:.0f}" for e in summary))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "summary.json", {"args": {k: str(v) for k, v in vars(args).items()}, "concepts": summary})
     atomic_write_bytes(args.out / "concept_steering.html", _page(pages).encode())
     print(f"{args.out / 'summary.json'}\n{args.out / 'concept_steering.html'}\ntotal {time.perf_counter() - started:.0f} s")
 
 
-def _dose_dict(d) -> dict:
-    return {"dose": d.dose, "base": d.base._asdict(), "points": [{"dose": p.dose, **p.fluency._asdict(), "within_budget": p.within_budget} for p in d.points]}
-
 
 def _section(concept, lexicon, search, rows, prompts) -> str:
     feats = "".join(f"<li>f{c.feature} (weight {c.weight:.2f}): {html.escape(c.label)}</li>" for c in search.steered)
     head = "".join(f"<th>{html.escape(n)}</th>" for n in rows)
-    stats = "".join(f"<td>lexicon {r['lexicon_frequency']:.2f} ({r['ratio']:.1f}x), ppl {r['perplexity']:.2f}, rep {r['repetition']:.3f}</td>" for r in rows.values())
+    stats = "".join(f"<td>concept {r['lexicon_frequency']:.2f} ({r['ratio']:.1f}x), ppl {r['perplexity']:.2f}, rep {r['repetition']:.3f}, "
+                    f"{'within budget' if r['within_budget'] else 'over budget'}</td>" for r in rows.values())
     body = "".join("<tr><td>" + html.escape(q) + "</td>" + "".join(f"<td>{html.escape(r['texts'][i])}</td>" for r in rows.values()) + "</tr>"
                    for i, q in enumerate(prompts))
     return (f"<h2>{html.escape(concept)}</h2><p>lexicon: {html.escape(', '.join(lexicon.words))}</p><ul>{feats}</ul>"

@@ -500,3 +500,31 @@ def test_a_retrained_sae_invalidates_the_atlas_cache(full_graph, tmp_path, monke
     os.utime(labels, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     feature_cards(graph)
     assert reads == ["atlas", "labels"] * 3
+
+
+def test_run_trains_a_steering_sae_that_saewb_steer_finds(tiny_llama_dir, tmp_path, capsys):
+    """`saewb run --steering-hook H` trains a second SAE at H into <out>/steering, no larger than
+    the main one; `saewb steer --concept` without --sae steers with it (else with the main SAE, saying so)."""
+    from analysis import cli
+    from analysis.steering.cli import _run_sae_for_concepts
+    from sae import load_sae
+    from tests.test_user_corpus import write_user_corpus
+
+    corpus = write_user_corpus(tmp_path / "docs.jsonl")
+    out = tmp_path / "run"
+    common = ["--preset", "smoke", "--model", tiny_llama_dir, "--device", "cpu", "--corpus", str(corpus), "--context-len", "32",
+              "--n-tokens", "3000", "--train-tokens", "3000", "--d-sae", "64", "--k", "4", "--batch-size", "256", "--eval-tokens", "2000",
+              "--ce-contexts", "4", "--skip-analysis"]
+    args = cli.parse(["run", *common, "--out", str(out), "--hook", HOOKS[0], "--steering-hook", HOOKS[1]])
+    stage = cli.steering_args(args)
+    assert (stage.hook, stage.out, stage.n_tokens, stage.d_sae) == (HOOKS[1], out / "steering", 3000, 64)  # capped by the main stage
+    assert cli.parse(["run"]).steering_hook == "blocks.23.hook_resid_post"  # the default preset's
+    cli.main(["run", *common, "--out", str(out), "--hook", HOOKS[0], "--steering-hook", HOOKS[1]])
+    found = _run_sae_for_concepts(out)
+    assert load_sae(found).cfg.hook_name == HOOKS[1] and (out / "sae").exists()
+    assert "steering SAE of" in capsys.readouterr().out
+    alone = tmp_path / "alone"
+    cli.main(["run", *common, "--out", str(alone), "--hook", HOOKS[0], "--steering-hook", "none"])
+    assert not (alone / "steering").exists()
+    assert load_sae(_run_sae_for_concepts(alone)).cfg.hook_name == HOOKS[0]
+    assert "has no steering SAE" in capsys.readouterr().out

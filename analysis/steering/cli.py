@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .sweep import SweepConfig
 
     add_corpus(p)
-    p.add_argument("--sae", default=None, help="SAE folder (SAE Lens format; required); it names the hook to steer")
+    p.add_argument("--sae", default=None, help="SAE folder (SAE Lens format); it names the hook to steer. Default with --concept: "
+                   "the steering SAE `saewb run` trained into --out (<out>/steering), else the run's main SAE")
     p.add_argument("--features", type=int, nargs="+", default=None, help="feature ids, steered together (this or --concept)")
     p.add_argument("--concept", default=None, help="a concept (word) to steer toward: its features are found by what they read and "
                    "what they write, steered together at an automatically chosen dose, and compared with prompting")
@@ -62,11 +63,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, models: ModelLoader) -> SweepResult | list[ConceptPoint]:
     """`saewb steer`: a sweep of --features, or concept steering toward --concept."""
+    if args.concept and not args.sae:
+        args.sae = _run_sae_for_concepts(Path(args.out))
     if not args.sae or not (args.features or args.concept):
-        raise SystemExit("saewb steer needs --sae and --features or --concept (as flags or in --config)")
+        raise SystemExit("saewb steer needs --sae and --features, or --concept (as flags or in --config)")
     if args.features and args.concept:
         raise SystemExit("saewb steer takes --features or --concept, not both")
     return run_concept(args, models) if args.concept else run_sweep(args, models)
+
+
+def _run_sae_for_concepts(out: Path) -> str:
+    """The SAE `saewb steer --concept` steers when no --sae is given: the run's steering SAE
+    (<out>/steering), else its main SAE, with a note when that one sits early in the model."""
+    from ..command import steering_sae, trained_saes
+
+    found = steering_sae(out)
+    if found is not None:
+        print(f"steering SAE of {out}: {found}")
+        return str(found)
+    if not (out / "sae").exists():
+        raise SystemExit(f"saewb steer --concept needs --sae, or an --out that `saewb run` wrote ({out} has no sae/ folder)")
+    main = trained_saes(out)[-1]
+    print(f"{out} has no steering SAE (saewb run --steering-hook); steering with {main}. An SAE in the first half of the model mostly "
+          "holds input features, which rarely steer (bench/steering_depth.py)")
+    return str(main)
 
 
 def steer_prompts(args: argparse.Namespace) -> list[str]:
