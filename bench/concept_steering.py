@@ -64,6 +64,24 @@ CONCEPTS = {  # fixed in advance: the concept word (searched) and the words that
 }
 
 
+PREDICTORS = ("output_score", "delta_confidence", "concept_gain", "logit_z")
+"""Single-pass scores compared by how well they predict the trial score (the candidate steered alone, measured where it is used)."""
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 pairs or a constant side."""
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+
+    def ranks(x: list[float]) -> torch.Tensor:
+        t = torch.tensor(x, dtype=torch.float64)
+        return torch.tensor([float((t < v).sum()) + (float((t == v).sum()) - 1) / 2 for v in t.tolist()], dtype=torch.float64)
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
 def ratio(value: float, base: float, n: int) -> float:
     return value / max(base, 1 / n)
 
@@ -114,6 +132,10 @@ def main() -> None:
               + f"; top input feature f{top_input.feature} (gain {top_input.concept_gain:+.2f})")
         for c in steered:
             print(f"    f{c.feature}: {c.label[:90]}")
+        tried = [c for c in search.ranked if c.trial == c.trial]  # measured (not NaN)
+        print(f"  trials: {len(tried)} candidates steered alone, {sum(c.trial > 0 for c in tried)} showing the concept; "
+              "rank correlation with the trial score: " + ", ".join(f"{name} {_spearman([c.scores[name] for c in tried], [c.trial for c in tried]):+.2f}"
+                                                                    for name in PREDICTORS))
         dose = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg)
         searches = {"concept": dose}
         extra = {}
@@ -152,7 +174,8 @@ def main() -> None:
               f"[{seconds:.0f} s]")
         figure = write_dose_response(dose, concept, "share of the residual norm" if cfg.mode == "add" else "x weight x max activation",
                                      args.out / f"dose_{concept}.html")
-        summary.append({"concept": concept, "search": search.to_dict(), "dose_search": {k: v.to_dict() for k, v in searches.items()},
+        summary.append({"concept": concept, "predictors": {name: _spearman([c.scores[name] for c in tried], [c.trial for c in tried])
+                                                           for name in PREDICTORS}, "search": search.to_dict(), "dose_search": {k: v.to_dict() for k, v in searches.items()},
                         "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own, "matches_prompting": matches,
                         "seconds": seconds, "figure": str(figure)})
         pages.append(_section(concept, lexicon, search, rows, prompts))
@@ -171,6 +194,9 @@ def main() -> None:
           f"{sum(e['meets_5x_todays_verdict'] for e in summary)})")
     print(f"concepts where steering matches prompting's frequency, both within budget: "
           f"{[e['concept'] for e in summary if e['matches_prompting']] or 'none'}")
+    for name in PREDICTORS:
+        values = [e["predictors"][name] for e in summary if e["predictors"][name] == e["predictors"][name]]
+        print(f"rank correlation of {name} with the trial score: mean {sum(values) / max(len(values), 1):+.2f} over {len(values)} concepts")
     print("seconds per concept (search, dose search, report): " + ", ".join(f"{e['concept']} {e['seconds']:.0f}" for e in summary))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "summary.json", {"args": {k: str(v) for k, v in vars(args).items()}, "concepts": summary})

@@ -194,6 +194,15 @@ def test_arad_output_score_is_rank_weighted_probability_of_the_best_promoted_tok
     assert torch.allclose(arad_output_score(probs.log(), promoted), expected)
 
 
+def test_delta_token_confidence_is_the_gain_of_the_steered_top_token():
+    from analysis.steering.concept.scores.output import delta_token_confidence
+
+    clean = torch.tensor([[0.6, 0.3, 0.1]]).log()
+    steered = torch.tensor([[0.2, 0.7, 0.1]]).log()
+    assert torch.allclose(delta_token_confidence(clean, steered), torch.tensor([0.4]))  # token 1: 0.3 -> 0.7
+    assert torch.allclose(delta_token_confidence(clean, clean), torch.tensor([0.0]))
+
+
 def test_search_concept_ranks_the_pushing_feature_and_steers_it(tiny_model, text_corpus):
     token, feature = ord("q"), 7
     sae = pushing_sae(tiny_model, token, feature)
@@ -251,7 +260,7 @@ def test_concept_steering_needs_a_feature():
 
 # ---------------------------------------------------------------------------- pluggable scores
 def test_the_registered_scores_and_their_roles():
-    assert list(SCORES) == ["input_score", "fire_rate", "contrast", "logit_z", "output_score", "concept_gain", "trial"]
+    assert list(SCORES) == ["input_score", "fire_rate", "contrast", "logit_z", "output_score", "delta_confidence", "concept_gain", "trial"]
     assert [n for n, s in SCORES.items() if s.proposes] == ["input_score", "contrast", "logit_z"]
     assert [n for n, s in SCORES.items() if s.in_ranking] == ["input_score", "contrast", "concept_gain"]
     with pytest.raises(ValueError, match="new, non-empty `name`"):
@@ -307,7 +316,7 @@ def test_a_registered_score_proposes_ranks_and_shows(tiny_model, text_corpus, pl
         expected = sum(max(c.scores[n], 0.0) / max(best[n], 1e-12) for n in ranking) / len(ranking)
         assert c.combined == pytest.approx(expected, rel=1e-5, abs=1e-7)
     table = ranking_table(search.ranked).splitlines()
-    assert table[0].split()[:len(SCORES) + 3] == ["feature", "input", "fires", "contrast", "logit", "z", "planted", "output", "gain", "trial", "weight"]
+    assert table[0].split()[:len(SCORES) + 3] == ["feature", "input", "fires", "contrast", "logit", "z", "planted", "output", "dconf", "gain", "trial", "weight"]
     assert len(table) == len(search.ranked) + 1 and any(line.split()[0] == "11" and " 5.0 " in line for line in table[1:])
 
 

@@ -33,6 +33,10 @@ class OutputScores(NamedTuple):
     """[n] gain in log P(next token is a lexicon token), nats, under the same amplification,
     less the gain of control tokens as likely as the lexicon's before it (any large edit
     flattens the distribution and lifts every unlikely token; that is not the concept)."""
+    delta_confidence: Tensor
+    """[n] Δ token confidence (after Wang et al. 2025, arXiv 2510.03659): how much more probable
+    the amplified model's most likely next token becomes than it was unamplified, averaged
+    over the prompts: how much the feature moves what the model is about to say."""
 
 
 def arad_output_score(logprobs: Tensor, promoted: Tensor) -> Tensor:
@@ -90,12 +94,20 @@ def output_scores(model: HookedModel, sae: SAE, features: Sequence[int], prompts
         return lp[:, concept].logsumexp(-1) - lp[:, control].logsumexp(-1)
 
     clean_margin = lexicon_margin(clean)
-    out, gain = [], []
+    out, gain, confidence = [], [], []
     for f, top in zip(tqdm(features, desc="output scores", leave=False), promoted):
         lp = next_logprobs(Steering(sae, Intervention(f, "clamp", amplify), max_activation))
         out.append(float(arad_output_score(lp, top).mean()))
         gain.append(float((lexicon_margin(lp) - clean_margin).mean()))
-    return OutputScores(torch.tensor(out), torch.tensor(gain))
+        confidence.append(float(delta_token_confidence(clean, lp).mean()))
+    return OutputScores(torch.tensor(out), torch.tensor(gain), torch.tensor(confidence))
+
+
+def delta_token_confidence(clean: Tensor, steered: Tensor) -> Tensor:
+    """[batch] P_steered(t) - P_clean(t) for t the steered model's most likely next token, from
+    log-probabilities [batch, d_vocab] without and with the edit."""
+    top = steered.argmax(-1, keepdim=True)
+    return (steered.gather(-1, top).exp() - clean.gather(-1, top).exp()).squeeze(-1)
 
 
 def amplified(inputs: CandidateInputs, features: Sequence[int] | None) -> OutputScores:
@@ -124,6 +136,19 @@ class OutputScore(CandidateScore):
 
 
 @register
+class DeltaConfidence(CandidateScore):
+    """Δ token confidence: how much more probable the amplified model's top next token becomes (shown)."""
+
+    name = "delta_confidence"
+    rank = 55
+    header = "dconf"
+    spec = "+.3f"
+
+    def score(self, inputs: CandidateInputs, features: Sequence[int] | None) -> Tensor:
+        return amplified(inputs, features).delta_confidence
+
+
+@register
 class ConceptGain(CandidateScore):
     """Nats of lexicon probability gained when amplified, against matched controls."""
 
@@ -137,4 +162,4 @@ class ConceptGain(CandidateScore):
         return amplified(inputs, features).concept_gain
 
 
-__all__ = ["ConceptGain", "arad_output_score", "OutputScore", "OutputScores", "amplified", "matched_controls", "output_scores"]
+__all__ = ["ConceptGain", "DeltaConfidence", "arad_output_score", "delta_token_confidence", "OutputScore", "OutputScores", "amplified", "matched_controls", "output_scores"]
