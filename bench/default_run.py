@@ -31,6 +31,7 @@ MARKERS = [  # (stage, regex of the first output that belongs to it)
     ("atlas", r"\batlas:\s|\batlas\s+\d+%|atlas: \d"),
     ("labels", r"labels: "),
     ("dashboard", r"dashboard pages"),
+    ("steering SAE", r"--- the steering SAE at"),  # harvest to train to labels of the second SAE, as one stage
 ]
 END = r"outputs in "
 

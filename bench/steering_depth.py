@@ -23,6 +23,7 @@ Writes <out>/depth.json and <out>/steering_depth.html (standalone plotly).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -69,7 +70,15 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/bench_depth"))
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DEPTH_JSON",
+                   help="no measuring: merge the layers of earlier runs' depth.json (e.g. output scores from one, concepts from "
+                        "another) into <out>/depth.json and the figure")
     args = p.parse_args()
+    if args.merge:
+        rows = merge([json.loads(path.read_text())["layers"] for path in args.merge])
+        args.concepts = list(dict.fromkeys(c for r in rows for c in r["concepts"]))
+        write(rows, args)
+        return
     unknown = [c for c in args.concepts if c not in CONCEPTS]
     if unknown:
         raise SystemExit(f"unknown concept(s) {unknown}: choose from {list(CONCEPTS)}")
@@ -120,6 +129,24 @@ def main() -> None:
                       + f"  [{time.perf_counter() - t1:.0f} s]", flush=True)
         rows.append(row)
 
+    write(rows, args)
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+def merge(runs: list[list[dict]]) -> list[dict]:
+    """One row per hook from several runs' rows: output scores from the run that measured them,
+    the concepts of all."""
+    by_hook: dict[str, dict] = {}
+    for rows in runs:
+        for r in rows:
+            row = by_hook.setdefault(r["hook"], {**r, "concepts": {}})
+            if r["n_features"] and not row["n_features"]:
+                row.update({k: r[k] for k in ("n_features", "output_score_median", "output_score_mean", "output_features", "output_scores")})
+            row["concepts"].update(r["concepts"])
+    return sorted(by_hook.values(), key=lambda r: r["depth"])
+
+
+def write(rows: list[dict], args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "depth.json", {"args": {k: str(v) for k, v in vars(args).items()}, "layers": rows})
     atomic_write_bytes(args.out / "steering_depth.html", page(rows, args).encode())
@@ -129,7 +156,7 @@ def main() -> None:
                  else ("none" if c in r["concepts"] else "-") for c in args.concepts]
         print(f"{r['depth']:>5} {r['hook']:<26} {r['output_score_median']:>8.4f} {r['output_features']:>7.2f}  "
               + " ".join(f"{c:>8}" for c in cells))
-    print(f"{args.out / 'depth.json'}\n{args.out / 'steering_depth.html'}\ntotal {time.perf_counter() - started:.0f} s")
+    print(f"{args.out / 'depth.json'}\n{args.out / 'steering_depth.html'}")
 
 
 def page(rows: list[dict], args) -> str:

@@ -55,7 +55,7 @@ class ConceptConfig:
     """Tuning prompts answered in each trial."""
     trial_tokens: int = 24
     """Tokens generated per trial answer."""
-    mode: ConceptMode = "clamp"
+    mode: ConceptMode = "add"
     """add | clamp_at_least | clamp (`ConceptMode`)."""
     positions: Positions = "all"
     """Positions steered: "all", "prompt" (the chat template and question) or "generated" (the answer's tokens)."""
