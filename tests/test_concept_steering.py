@@ -221,7 +221,7 @@ def test_search_concept_ranks_the_pushing_feature_and_steers_it(tiny_model, text
     assert 1 <= len(steered) <= 20 and max(c.weight for c in steered) == 1.0
     assert all(c.concept_gain > 0 for c in steered)
     assert [c.combined for c in search.ranked] == sorted((c.combined for c in search.ranked), reverse=True)
-    steering = concept_steering(sae, steered, 2.0, atlas.max_activation)
+    steering = concept_steering(sae, steered, 2.0, atlas.max_activation, ConceptConfig(mode="clamp"))
     for c in steered:
         assert steering.values[c.feature] == pytest.approx(2.0 * c.weight * float(atlas.max_activation[c.feature]))
     result = choose_dose(tiny_model, sae, search, atlas.max_activation, prompts=["the cat", "a mat"], cfg=cfg)
@@ -255,7 +255,7 @@ def test_concept_steering_needs_a_feature():
         concept_steering(make_sae(), [], 1.0, torch.ones(64))
     f = ConceptFeature(3, {"input_score": 1.0, "fire_rate": 1.0, "contrast": 0.0, "logit_z": 0.0, "output_score": 0.0, "concept_gain": 1.0},
                        combined=1.0, weight=0.5)
-    assert concept_steering(make_sae(), [f], 2.0, torch.full((64,), 4.0)).values == {3: pytest.approx(4.0)}
+    assert concept_steering(make_sae(), [f], 2.0, torch.full((64,), 4.0), ConceptConfig(mode="clamp")).values == {3: pytest.approx(4.0)}
 
 
 # ---------------------------------------------------------------------------- pluggable scores
