@@ -1,7 +1,8 @@
 """Steering: change what a model says by editing SAE features while it generates, and
 measure the effect without a judge model.
 
-    interventions.py   Intervention (clamp / add / ablate), Steering, steer(): the semantics
+    interventions.py   Intervention (clamp / clamp_at_least / add / ablate; units max, absolute, norm),
+                       Steering (positions all / prompt / generated), steer(): the semantics
     measure.py         side-by-side text, feature stats, feature readout, fluency, KL
     sweep.py           dose-response sweeps -> JSON + standalone plotly figure
     causal.py          does ablating a feature lower the tokens its logit effects promote?

@@ -19,20 +19,30 @@ depend on the steered features.
    * output side, after Arad, Mueller & Belinkov 2025 ("SAEs are good for steering if you select
      the right features"): the feature is clamped to `amplify` x its max activation in one
      forward pass over short chat prompts, and we read the next-token distribution at the start
-     of the answer. `output_score` is the probability mass its own logit-lens tokens (W_dec[i]
-     @ W_U, top `top_k`) gain; `concept_gain` is the gain in log P(lexicon tokens), in nats,
-     against control tokens that were as likely before.
+     of the answer. `output_score` is Arad et al.'s: for the most probable of its own top
+     `top_k` logit-lens tokens (W_dec[i] @ W_U), (1 - rank / |V|) x its probability;
+     `delta_confidence` how much more probable the amplified model's top token becomes
+     (Δ token confidence, arXiv 2510.03659); `concept_gain` the gain in log P(lexicon tokens),
+     in nats, against control tokens that were as likely before.
    Candidates are the best `n_candidates` of each proposing score (input selectivity, answer
    contrast, logit lens); they are ranked by the mean of the ranking scores (input selectivity,
-   answer contrast, concept gain), each scaled to its best candidate, and the top `n_features`
-   with a positive concept gain are steered, weighted by that gain.
-3. **Dose** (`dose.py`, `search_dose`): the steered features are clamped to dose x weight x their
-   max activation (error term kept, every position but 0: `analysis.steering.interventions`). The
-   dose is the largest on a rising ladder whose answers to held-out tuning prompts keep perplexity
-   (under the unsteered model) and repetition within `budget` x the unsteered answers', refined
-   by bisection between the last dose that passed and the first that failed.
+   answer contrast, concept gain), each scaled to its best candidate. Then the **trial score**
+   (`scores/trial.py`): the best `n_trials` by concept gain and logit lens are each steered
+   alone, the way they will be used (mode, positions, a trial dose), in short answers to a few
+   tuning prompts; the share of answers showing the concept without looping decides which
+   candidates are steered together and their weights (the concept gain decides when no trial
+   shows the concept).
+3. **Dose** (`dose.py`, `search_dose`): by `ConceptConfig.mode`, the weighted decoder
+   directions are added, their sum scaled to dose x the residual stream's typical norm ("add"),
+   or each feature is clamped (at least) to dose x weight x its max activation (error term
+   kept, at `positions`, never position 0: `analysis.steering.interventions`). The dose is the
+   largest on a rising ladder whose answers to held-out tuning prompts keep perplexity and
+   repetition within `budget` x the unsteered answers' (the report's fair measures), refined by
+   bisection between the last dose that passed and the first that failed; each dose's concept
+   frequency is kept for the dose-response figure (`figure.py`).
 4. **Report** (`report.py`, `compare_concept`): answers unsteered, prompted, steered and both,
-   scored the same way.
+   scored the same way: the concept frequency without the request's words, perplexity given
+   the prompt that asks for the concept, and the repetition of every answer.
 """
 from ..measure import Fluency
 from .config import CONCEPT_MODES, PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
