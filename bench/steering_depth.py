@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -166,17 +165,28 @@ def page(rows: list[dict], args) -> str:
     for r in rows:
         fig.add_trace(go.Box(y=r["output_scores"], x=[f"{r['depth']}/{n_layers}"] * len(r["output_scores"]), name=r["hook"],
                              showlegend=False, boxpoints=False), row=1, col=1)
-    for concept in args.concepts:
-        pts = [(r["depth"], r["concepts"][concept].get("best_within_budget", 0.0)) for r in rows if concept in r["concepts"]]
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for n, concept in enumerate(args.concepts):
+        color = palette[n % len(palette)]
+        measured = [r for r in rows if concept in r["concepts"]]
+        pts = [(r["depth"], r["concepts"][concept].get("best_within_budget", 0.0)) for r in measured]
         if pts:
-            fig.add_trace(go.Scatter(x=[d for d, _ in pts], y=[v for _, v in pts], mode="lines+markers", name=concept), row=1, col=2)
+            fig.add_trace(go.Scatter(x=[d for d, _ in pts], y=[v for _, v in pts], mode="lines+markers", name=f"{concept}: steering",
+                                     line=dict(color=color)), row=1, col=2)
+            prompted = [r["concepts"][concept]["prompting"] for r in measured if "prompting" in r["concepts"][concept]]
+            if prompted:
+                fig.add_trace(go.Scatter(x=[pts[0][0], pts[-1][0]], y=[prompted[0]] * 2, mode="lines", name=f"{concept}: prompting",
+                                         line=dict(color=color, dash="dash", width=1)), row=1, col=2)
     fig.update_yaxes(type="log", title_text="output score", row=1, col=1)
     fig.update_xaxes(title_text="depth (blocks before the hook / 30)", row=1, col=1)
     fig.update_xaxes(title_text="depth (blocks before the hook)", row=1, col=2)
     fig.update_yaxes(title_text="best share of answers within budget", range=[0, 1.05], row=1, col=2)
     fig.update_layout(title="Where SmolLM2 steers", height=520, width=1200, template="plotly_white")
-    scored = [r["output_score_median"] for r in rows if r["n_features"]]
-    note = f"<p>Median of the per-layer median output scores: {statistics.median(scored):.4f}.</p>" if scored else ""
+    scored = [r for r in rows if r["n_features"]]
+    note = ("<p>Left: each SAE's sampled features amplified to 10x their max activation; share of output features (score above 0.01) "
+            + ", ".join(f"layer {r['hook'].split('.')[1]} {r['output_features']:.0%}" for r in scored)
+            + ". Right: the best share of tuning answers showing the concept among the doses within the fair fluency budget; dashed: "
+            "prompting on the same prompts.</p>") if scored else ""
     return ("<!doctype html><html><head><meta charset='utf-8'><title>Where SmolLM2 steers</title></head><body>"
             + fig.to_html(full_html=False, include_plotlyjs="inline") + note + "</body></html>")
 
