@@ -51,8 +51,8 @@ class ConceptConfig:
     concept gain, half by logit-lens push, the rest of the union in ranking order."""
     trial_dose: float | None = None
     """The dose of a trial (None: 0.25 of the residual norm for add, 1.0 x max activation for the clamps)."""
-    trial_prompts: int = 4
-    """Tuning prompts answered in each trial."""
+    trial_prompts: int = 6
+    """Tuning prompts answered in each trial (and unsteered once, the trial's baseline)."""
     trial_tokens: int = 24
     """Tokens generated per trial answer."""
     mode: ConceptMode = "add"

@@ -49,8 +49,8 @@ def trial_steering(inputs: CandidateInputs, feature: int) -> Steering:
 
 @register
 class TrialScore(CandidateScore):
-    """Share of short steered answers that show the concept without looping (the best few
-    candidates only; NaN for the others). Decides the steered features."""
+    """Share of short steered answers that show the concept without looping, over the unsteered
+    answers' share (the best few candidates only; NaN for the others). Decides the steered features."""
 
     name = "trial"
     rank = 70
@@ -71,11 +71,15 @@ class TrialScore(CandidateScore):
         prompts = encode_prompts(tok, inputs.prompts[:cfg.trial_prompts], cfg.generation.chat)
         generation = GenerationConfig(**{**vars(cfg.generation), "max_new_tokens": cfg.trial_tokens})
         lexicon = inputs.lexicon.without_request(REQUEST.format(concept=inputs.concept))
-        for i in tqdm(trial_order(gain, logit_z, cfg.n_trials), desc="trials", leave=False):
-            generated = generate_tokens(inputs.model, prompts, generation, trial_steering(inputs, features[i]))
+
+        def shows_concept(generated: list[Tensor]) -> float:
             shows = lexicon_scores([decode(tok, g) for g in generated], lexicon).present
             fluent = torch.tensor([answer_repetition(g.tolist()) <= LOOPING for g in generated])
-            out[i] = float((shows & fluent).float().mean())
+            return float((shows & fluent).float().mean())
+
+        unsteered = shows_concept(generate_tokens(inputs.model, prompts, generation))
+        for i in tqdm(trial_order(gain, logit_z, cfg.n_trials), desc="trials", leave=False):
+            out[i] = shows_concept(generate_tokens(inputs.model, prompts, generation, trial_steering(inputs, features[i]))) - unsteered
         return out
 
 
