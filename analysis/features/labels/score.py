@@ -130,22 +130,28 @@ class Scorer:
     def update(self, f: Tensor, tokens: Tensor, part: int | Tensor = 1) -> None:
         """Count one batch: activations `f` [batch pos d_sae] of token ids `tokens` [batch pos],
         into part `part` (0: selection, 1: report), or position by position when `part` is a
-        tensor [batch pos] of part indices (`document_parts`)."""
+        tensor [batch pos] of part indices (`document_parts`). The predicates, quartiles and
+        hard negatives are worked out once per batch, whatever the parts."""
+        first = self.first
+        f = f[:, first:]
+        quartile = torch.bucketize(f / self.atlas.max_activation.clamp_min(1e-8), torch.tensor(QUARTILE_EDGES))
+        hard_token = self.hard(tokens[:, first:])
+        held = [predicate(tokens)[:, first:] for predicate, _, _ in self.groups]
         if isinstance(part, int):
-            self._count(self.parts[part], f, tokens, None)
+            self._count(self.parts[part], f, quartile, hard_token, held, None)
         else:
             for index, counts in enumerate(self.parts):
-                self._count(counts, f, tokens, part[:, self.first:] == index)
+                self._count(counts, f, quartile, hard_token, held, part[:, first:] == index)
 
-    def _count(self, counts: _Counts, f: Tensor, tokens: Tensor, where: Tensor | None) -> None:
-        """Count the positions of `where` [batch pos - first] (every position when None) into `counts`."""
-        first = self.first
-        fires = f[:, first:] > 0
+    def _count(self, counts: _Counts, f: Tensor, quartile: Tensor, hard_token: Tensor, held: list[Tensor], where: Tensor | None) -> None:
+        """Count the positions of `where` [batch pos] (every position when None) into `counts`:
+        activations `f` [batch pos d_sae] and their `quartile`s, `hard_token` [batch pos d_sae]
+        (the position's token is one of the feature's), and each group's predicate `held` [batch pos n]."""
+        fires = f > 0
         if where is not None:
             fires = fires & where[..., None]
-        quartile = torch.bucketize(f[:, first:] / self.atlas.max_activation.clamp_min(1e-8), torch.tensor(QUARTILE_EDGES))
         code = torch.where(fires, quartile, 4).to(torch.int8)  # activation quartile of each firing; 4: not firing
-        hard = self.hard(tokens[:, first:]) & ~fires
+        hard = hard_token & ~fires
         not_firing = ~fires
         if where is not None:
             hard, not_firing = hard & where[..., None], not_firing & where[..., None]
@@ -156,11 +162,10 @@ class Scorer:
         counts.hard_negatives += hard.sum((0, 1))
         for q in range(4):
             counts.fires_quartile[q] += (code == q).sum((0, 1))
-        for predicate, index, features in self.groups:
+        for (_, index, features), holds in zip(self.groups, held, strict=True):
             # Most predicates hold at few positions: count over the (position, label) pairs where
             # they hold, not over the dense [batch pos label] block (several times faster)
-            held = predicate(tokens)[:, first:]
-            b, p, label = (held if where is None else held & where[..., None]).nonzero(as_tuple=True)
+            b, p, label = (holds if where is None else holds & where[..., None]).nonzero(as_tuple=True)
             feature = features[label]
             by_code = torch.bincount(label * 5 + code[b, p, feature].long(), minlength=5 * len(index)).view(len(index), 5)
             tp_quartile = by_code[:, :4].T  # [4 label]
