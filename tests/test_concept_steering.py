@@ -352,9 +352,10 @@ def test_cli_steer_concept_prints_the_table_and_saves_it(tiny_model, text_corpus
 
 @pytest.mark.slow
 def test_the_fair_fluency_charges_no_answer_for_its_topic_and_catches_a_loop(smollm2):
-    """Every answer is scored given the prompt that asks for the concept: a fluent answer about
-    the sea written by hand passes the budget against the model's own (off-topic) answers to the
-    neutral prompts; a looping one fails on repetition."""
+    """Every answer is scored given the prompt that asks for the concept: the model's own fluent
+    answers about the sea pass the budget against its (off-topic) answers to the neutral prompts;
+    a looping answer fails on repetition. (Text written by hand is far from the model's own:
+    perplexity 13.5 against 2.8, so a planted answer must be the model's.)"""
     from activations.generation import GenerationConfig, encode_prompts, generate_tokens
     from analysis.steering import generation_fluency
     from analysis.steering.concept import PROMPTING
@@ -363,33 +364,10 @@ def test_the_fair_fluency_charges_no_answer_for_its_topic_and_catches_a_loop(smo
     prompts = ["Tell me about your weekend.", "What should I do this afternoon?", "Describe your ideal day."]
     neutral = encode_prompts(tok, prompts, chat=True)
     asked = encode_prompts(tok, [PROMPTING.format(prompt=p, concept="sea") for p in prompts], chat=True)
-    base = generation_fluency(smollm2, asked, generate_tokens(smollm2, neutral, GenerationConfig(max_new_tokens=40, chat=True)))
-    ids = lambda text: torch.tensor(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    on_topic = [ids("I spent Saturday at the beach with my family. We swam in the ocean, watched the waves roll in and walked along "
-                    "the shore until the sun went down."),
-                ids("You could take a walk by the sea this afternoon. The fresh air, the sound of the waves and the boats in the "
-                    "harbour make it a calm way to spend a few hours."),
-                ids("My ideal day starts with a swim in the ocean, then breakfast by the harbour, an afternoon sailing along the "
-                    "coast and a quiet evening on the beach.")]
-    looping = [ids("The sea is the sea and the sea is the sea and the sea is the sea and the sea is the sea.")] * 3
+    cfg = GenerationConfig(max_new_tokens=40, chat=True)
+    base = generation_fluency(smollm2, asked, generate_tokens(smollm2, neutral, cfg))
+    on_topic = generate_tokens(smollm2, asked, cfg)
     assert within_budget(generation_fluency(smollm2, asked, on_topic), base, 2.0, repetition_floor=0.02)
+    ids = lambda text: torch.tensor(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    looping = [ids("The sea is the sea and the sea is the sea and the sea is the sea and the sea is the sea.")] * 3
     assert not within_budget(generation_fluency(smollm2, asked, looping), base, 2.0, repetition_floor=0.02)
-
-
-def test_the_trial_score_decides_the_steered_features_and_the_concept_gain_is_the_fallback(tiny_model, text_corpus):
-    from analysis.steering.concept.scores.trial import trial_order
-    from analysis.steering.concept.search import Candidates, _rank
-
-    assert trial_order(torch.tensor([0.1, 0.9, 0.5, -1.0]), torch.tensor([3.0, 0.0, 2.0, 5.0]), 3) == [1, 3, 0]
-    sae = make_sae()
-    atlas = build_atlas(sae, tiny_model, AtlasConfig(corpus=CorpusConfig(source=str(text_corpus), context_len=32), n_tokens=31 * 10,
-                                                     batch_contexts=8, autocast="none", device="cpu"))
-    nan = float("nan")
-    scores = {name: torch.zeros(4) for name in SCORES}
-    scores["concept_gain"] = torch.tensor([2.0, 1.0, 0.5, -1.0])
-    scores["trial"] = torch.tensor([nan, 0.5, 0.0, 1.0])
-    ranked = _rank(Candidates([10, 11, 12, 13], scores), atlas, None, n_features=8)
-    assert {c.feature: c.weight for c in ranked if c.weight > 0} == {13: 1.0, 11: 0.5}  # measured where used, not the gain
-    scores["trial"] = torch.tensor([nan, 0.0, 0.0, nan])
-    ranked = _rank(Candidates([10, 11, 12, 13], scores), atlas, None, n_features=8)
-    assert {c.feature: c.weight for c in ranked if c.weight > 0} == {10: 1.0, 11: 0.5, 12: 0.25}  # no trial shows it: the gain decides
