@@ -371,3 +371,22 @@ def test_the_fair_fluency_charges_no_answer_for_its_topic_and_catches_a_loop(smo
     ids = lambda text: torch.tensor(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     looping = [ids("The sea is the sea and the sea is the sea and the sea is the sea and the sea is the sea.")] * 3
     assert not within_budget(generation_fluency(smollm2, asked, looping), base, 2.0, repetition_floor=0.02)
+
+
+def test_the_trial_score_decides_the_steered_features_and_the_concept_gain_is_the_fallback(tiny_model, text_corpus):
+    from analysis.steering.concept.scores.trial import trial_order
+    from analysis.steering.concept.search import Candidates, _rank
+
+    assert trial_order(torch.tensor([0.1, 0.9, 0.5, -1.0]), torch.tensor([3.0, 0.0, 2.0, 5.0]), 3) == [1, 3, 0]
+    sae = make_sae()
+    atlas = build_atlas(sae, tiny_model, AtlasConfig(corpus=CorpusConfig(source=str(text_corpus), context_len=32), n_tokens=31 * 10,
+                                                     batch_contexts=8, autocast="none", device="cpu"))
+    nan = float("nan")
+    scores = {name: torch.zeros(4) for name in SCORES}
+    scores["concept_gain"] = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    scores["trial"] = torch.tensor([nan, 0.5, 0.0, 1.0])
+    ranked = _rank(Candidates([10, 11, 12, 13], scores), atlas, None, n_features=8)
+    assert {c.feature: c.weight for c in ranked if c.weight > 0} == {13: 1.0, 11: 0.5}  # measured where used, not the gain
+    scores["trial"] = torch.tensor([nan, 0.0, 0.0, nan])
+    ranked = _rank(Candidates([10, 11, 12, 13], scores), atlas, None, n_features=8)
+    assert {c.feature: c.weight for c in ranked if c.weight > 0} == {10: 1.0, 11: 0.5, 12: 0.25}  # no trial shows it: the gain decides
