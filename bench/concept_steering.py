@@ -35,6 +35,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 from activations import load_model
 from activations.io import atomic_write_bytes, atomic_write_json
@@ -69,17 +70,10 @@ PREDICTORS = ("output_score", "delta_confidence", "concept_gain", "logit_z")
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 pairs or a constant side."""
+    """Spearman's rank correlation; NaN for fewer than 3 pairs or a constant side."""
     if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
         return float("nan")
-
-    def ranks(x: list[float]) -> torch.Tensor:
-        t = torch.tensor(x, dtype=torch.float64)
-        return torch.tensor([float((t < v).sum()) + (float((t == v).sum()) - 1) / 2 for v in t.tolist()], dtype=torch.float64)
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+    return float(spearmanr(a, b).statistic)
 
 
 def ratio(value: float, base: float, n: int) -> float:

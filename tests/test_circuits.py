@@ -21,7 +21,7 @@ from sae import ARCHITECTURES, SAEConfig
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 PROMPT = "the cat sat on"
-EVERYTHING = GraphConfig(max_nodes=100_000, min_node_share=0.0, edge_share=1.0, max_edges=10 ** 7, n_check_edges=6, budgets=[],
+EVERYTHING = GraphConfig(max_feature_nodes=100_000, min_node_share=0.0, edge_share=1.0, max_edges=10 ** 7, n_check_edges=6, budgets=[],
                          ig_steps=0)  # plain grad x term: the finite differences below check it exactly
 
 
@@ -227,27 +227,31 @@ def test_ablation_matches_a_hand_written_mean_ablation(tiny_model, tiny_stack, m
 
 
 def test_pruned_graph_budget_and_interventions(tiny_model, tiny_stack, means):
-    cfg = GraphConfig(max_nodes=40, n_check_edges=5, budgets=[15, 25])
+    cfg = GraphConfig(max_feature_nodes=25, n_check_edges=5, budgets=[10, 20])
     graph = trace(tiny_model, tiny_stack, PROMPT, logit_target(tiny_model.tokenizer, " ", contrast="a"), cfg, means=means)
-    assert graph.n_nodes <= 40 and graph.target.kind == "logit_diff"
+    assert graph.counts()["feature"] == 25 and graph.target.kind == "logit_diff"  # the budget counts feature nodes only
     ids = {n.id for n in graph.nodes}
     assert 0 < len(graph.edges) and all(e.source in ids and e.target in ids for e in graph.edges)
     positions = {n.id: n.position for n in graph.nodes}
     assert all(positions[e.source] <= positions[e.target] for e in graph.edges)  # causal: no edge from a later position
     # the graph alone, ablated by hand: at each hook, the held-out mean plus the kept features (re-encoded
-    # from this run's residual) plus the kept error nodes' clean values, positions >= 1
+    # from this run's residual) plus the kept error nodes, recomputed from this run's residual or frozen
+    # at their clean values, positions >= 1
     kept = {(n.stack_index, n.position, n.feature) for n in graph.nodes if n.kind in ("feature", "error")}
+    assert any(f is None for _, _, f in kept)  # error nodes are kept beside the 25 features
     tokens = tokens_of(tiny_model)
     clean = {h: x[0] for h, x in tiny_model.run_with_cache(tokens, names_filter=HOOKS)[1].items()}
 
-    def graph_only(i):
+    def graph_only(i, recompute: bool):
         sae = tiny_stack.saes[i]
+
+        def error_of(x):
+            acts = sae.encode(x)
+            return x - means.resid[i] - ((acts - means.features[i]) * (acts > 0)) @ sae.W_dec
 
         def edit(act, hook):
             acts = sae.encode(act[0])
-            x0 = clean[HOOKS[i]]
-            clean_acts = sae.encode(x0)
-            error = x0 - means.resid[i] - ((clean_acts - means.features[i]) * (clean_acts > 0)) @ sae.W_dec
+            error = error_of(act[0]) if recompute else error_of(clean[HOOKS[i]])
             out = act.clone()
             for p in range(1, act.shape[1]):
                 mask = torch.tensor([(i, p, j) in kept for j in range(sae.cfg.d_sae)])
@@ -256,37 +260,137 @@ def test_pruned_graph_budget_and_interventions(tiny_model, tiny_stack, means):
             return out
         return edit
 
-    with torch.no_grad():
-        logits = tiny_model.run_with_hooks(tokens, fwd_hooks=[(h, graph_only(i)) for i, h in enumerate(HOOKS)])
-    last = logits[0, -1]
-    assert graph.metric["graph"] == pytest.approx(float(last[graph.target.token] - last[graph.target.contrast]), abs=1e-4)
-    assert set(graph.metric["nodes_top"]) == {"top15", "top25"} and "faithfulness_top15" in graph.metric
-    rows = graph.interventions.edges
-    assert len(rows) == 2 * len({(r["source"], r["target"]) for r in rows}) and 0 < len(rows) <= 10
-    assert {r["intervention"] for r in rows} == {"ablate", "clamp"}
-    for r in rows:  # predicted = -direct when ablating, +direct when doubling the term
+    for key, recompute in (("graph", True), ("graph_frozen", False)):
+        with torch.no_grad():
+            logits = tiny_model.run_with_hooks(tokens, fwd_hooks=[(h, graph_only(i, recompute)) for i, h in enumerate(HOOKS)])
+        last = logits[0, -1]
+        assert graph.metric[key] == pytest.approx(float(last[graph.target.token] - last[graph.target.contrast]), abs=1e-4), key
+    assert graph.metric["graph"] != pytest.approx(graph.metric["graph_frozen"], abs=1e-4)  # the two definitions differ here
+    assert set(graph.metric["nodes_top"]) == {"top10", "top20"} and graph.metric["nodes_top"]["top10"] == 10
+    assert "faithfulness_top10" in graph.metric and "faithfulness_graph_no_errors" in graph.metric
+    # the intervention check: each distinct edge once per dose, predicted = (dose - 1) x direct
+    rows, doses = graph.interventions.edges, cfg.check_doses
+    distinct = {(r["source"], r["target"]) for r in rows}
+    assert len(rows) == len(doses) * len(distinct) and {r["dose"] for r in rows} == set(doses)
+    types = {r["edge_type"] for r in rows}
+    assert {"feature->feature", "feature->target", "token->feature"} <= types
+    assert all(sum(kind == t for _, _, kind in {(r["source"], r["target"], r["edge_type"]) for r in rows}) <= 5 for t in types)
+    for r in rows:
         edge = next(e for e in graph.edges if (e.source, e.target) == (r["source"], r["target"]))
-        assert r["predicted"] == pytest.approx(edge.direct if r["intervention"] == "clamp" else -edge.direct)
-    # one ablation measured by hand: the upstream term removed at its hook, the downstream value read
-    r = next(r for r in rows if r["intervention"] == "ablate" and not r["target"].startswith("E"))
-    tokens = tokens_of(tiny_model)
+        assert r["predicted"] == pytest.approx((r["dose"] - 1) * edge.direct)
+    # one feature -> feature ablation measured by hand: the upstream term removed at its hook, the downstream
+    # feature's activation (after its nonlinearity) read at the next hook
+    r = next(r for r in rows if r["dose"] == 0 and r["edge_type"] == "feature->feature")
     hook, p, term = term_of(graph.nodes, r["source"], tiny_model, tokens, tiny_stack, means)
-    if r["target"] == "target":
-        logits = run_with_added(tiny_model, tokens, hook, p, -term)[0]
-        after = float(logits[0, -1, graph.target.token] - logits[0, -1, graph.target.contrast])
-        measured = after - graph.metric["clean"]
-    else:
-        read = tiny_stack.hooks[parse(r["target"])[0]]
-        _, clean_x = run_with_added(tiny_model, tokens, hook, p, 0 * term, read)
-        measured = downstream_value(r["target"], run_with_added(tiny_model, tokens, hook, p, -term, read)[1], tiny_stack) - \
-            downstream_value(r["target"], clean_x, tiny_stack)
+    layer, q, j = parse(r["target"])
+    read = tiny_stack.hooks[layer]
+    before = run_with_added(tiny_model, tokens, hook, p, 0 * term, read)[1]
+    after = run_with_added(tiny_model, tokens, hook, p, -term, read)[1]
+    with torch.no_grad():
+        measured = float(tiny_stack.saes[layer].encode(after[0, q])[j] - tiny_stack.saes[layer].encode(before[0, q])[j])
     assert r["measured"] == pytest.approx(measured, rel=1e-3, abs=1e-5)
-    assert 0 <= graph.interventions.sign_agreement <= 1
+    headline = graph.interventions.by_type["feature->feature"]["x0"]
+    assert graph.interventions.sign_agreement == headline["sign_agreement"] and 0 <= headline["sign_agreement"] <= 1
+    assert "replacement score" in graph.summary() and 0 <= graph.scores["replacement"] <= 1
+
+
+def test_recomputed_error_nodes_follow_an_upstream_ablation(tiny_model, tiny_stack, means):
+    """Ablate one feature at the first hook and keep every other node. With error nodes
+    recomputed, the second hook's error node is the edited run's own: the residual there is what
+    the model computes from the edited first hook, less the departures of features that only the
+    edit switched on (they are not nodes of the graph, so they sit at their means). With error
+    nodes frozen, the second hook gets its clean error back instead."""
+    from analysis.circuits.decompose import clean_run, frozen
+    from analysis.circuits.faithfulness import ablated_metrics
+    from analysis.circuits.pruning import rank_nodes
+
+    target = logit_target(tiny_model.tokenizer, " ")
+    tokens = tokens_of(tiny_model)
+    with frozen(tiny_model, *tiny_stack.saes):
+        run = clean_run(ResidualRunner(tiny_model), tiny_stack, target, tokens[0], means)
+        ranking = rank_nodes(run, run.gradients, EVERYTHING)
+        dropped = next(c for c in ranking.candidates if c.stack_index == 0 and c.feature is not None)
+        keep = [c for c in ranking.candidates if c != dropped]
+        everything, recomputed, frozen_errors = ablated_metrics(run, [ranking.candidates, keep, keep], 8,
+                                                                ["recomputed", "recomputed", "frozen"])
+    assert everything == pytest.approx(run.metric, abs=1e-4)  # every node kept: the clean run
+    hook, p, term = term_of([], f"F0_{dropped.feature}_{dropped.position}", tiny_model, tokens, tiny_stack, means)
+    sae, mean_x, mean_f = tiny_stack.saes[1], means.resid[1], means.features[1]
+    clean_x1 = run.terms[1].x
+
+    def departures(x):
+        acts = sae.encode(x)
+        return (acts - mean_f) * (acts > 0)
+
+    def second_hook(recompute: bool):
+        def edit(act, hook):
+            dep, clean_dep = departures(act[0]), departures(clean_x1)
+            error = act[0] - mean_x - dep @ sae.W_dec if recompute else clean_x1 - mean_x - clean_dep @ sae.W_dec
+            out = act.clone()
+            out[0, 1:] = (mean_x + (dep * (clean_dep != 0)) @ sae.W_dec + error)[1:]  # clean_dep != 0: the clean run's active features
+            return out
+        return edit
+
+    def remove_term(act, hook):
+        act = act.clone()
+        act[0, p] -= term
+        return act
+
+    for value, recompute in ((recomputed, True), (frozen_errors, False)):
+        with torch.no_grad():
+            logits = tiny_model.run_with_hooks(tokens, fwd_hooks=[(hook, remove_term), (HOOKS[1], second_hook(recompute))])
+        assert value == pytest.approx(metric_of(logits, target.token), abs=1e-4), recompute
+    assert abs(frozen_errors - recomputed) > 1e-3
+
+
+def test_faithfulness_is_undefined_when_ablation_barely_moves_the_target():
+    from analysis.circuits.faithfulness import faithfulness_share, passes
+
+    assert faithfulness_share({"clean": 3.00, "empty": 2.98}, 2.0, min_span=0.1) != faithfulness_share({"clean": 3.0, "empty": 2.98}, 2.0, 0.1)
+    assert faithfulness_share({"clean": 10.0, "empty": 2.0}, 8.0, min_span=0.1) == pytest.approx(0.75)
+    assert not passes(float("nan")) and passes(1.15) and not passes(1.38) and not passes(0.71)
+
+
+def test_replacement_and_completeness_scores_on_a_hand_built_graph():
+    """Token t -> feature a and error e at hook 0; a and e -> feature b at hook 1; b -> target.
+    Shares into b: a 3/4, e 1/4. Influence on the target: b 1, a 3/4, e 1/4, t 3/4 (through a only).
+    Replacement = 0.75 / (0.75 + 0.25). Completeness, each node weighted by its influence (the
+    target by 1): b (weight 1) takes 1/4 of its input from e; the target, a, and the sources t and
+    e none -> (1 + 3/4 + 3/4 + 1/4 + 3/4) / (1 + 1 + 3/4 + 1/4 + 3/4)."""
+    from analysis.circuits.nodes import Edge, Node
+    from analysis.circuits.scores import graph_scores
+
+    nodes = [Node("token", -1, 1, None, 1, 1), Node("feature", 0, 1, 5, 1, 1), Node("error", 0, 1, None, 1, 1),
+             Node("feature", 1, 1, 7, 1, 1), Node("target", 2, 1, None, 1, 1)]
+    t, a, e, b, target = (n.id for n in nodes)
+    edges = [Edge(t, a, 0, 2.0), Edge(t, e, 0, 9.0), Edge(a, b, 0, -3.0), Edge(e, b, 0, 1.0), Edge(b, target, 0, 0.5)]
+    scores = graph_scores(nodes, edges)
+    assert scores.replacement == pytest.approx(0.75)
+    assert scores.completeness == pytest.approx((1 + 0.75 + 0.75 + 0.25 + 0.75) / 3.75)
+    assert graph_scores(nodes, [Edge(t, a, 0, 2.0), Edge(a, b, 0, 1.0), Edge(b, target, 0, 1.0)]).replacement == 1.0
+
+
+def test_the_post_activation_edge_check_catches_a_planted_wrong_sign(tiny_model, tiny_stack, means, full_graph):
+    from analysis.circuits.decompose import clean_run, frozen
+    from analysis.circuits.interventions import check_edges
+
+    cfg = dataclasses.replace(EVERYTHING, n_check_edges=10)
+    nodes = {n.id: n for n in full_graph.nodes}
+    with frozen(tiny_model, *tiny_stack.saes):
+        run = clean_run(ResidualRunner(tiny_model), tiny_stack, full_graph.target, tokens_of(tiny_model)[0], means)
+        honest = check_edges(run, full_graph.edges, nodes, cfg)
+        planted = [dataclasses.replace(e, direct=-e.direct) if (nodes[e.source].kind, nodes[e.target].kind) == ("feature", "feature") else e
+                   for e in full_graph.edges]
+        caught = check_edges(run, planted, nodes, cfg)
+    assert honest.sign_agreement >= 0.8
+    assert caught.sign_agreement == pytest.approx(1 - honest.sign_agreement)
+    assert caught.correlation == pytest.approx(-honest.correlation)
+    assert caught.by_type["feature->target"] == honest.by_type["feature->target"]  # only the planted type changes
 
 
 def test_feature_target_and_chain(tiny_model, tiny_stack, means, full_graph):
     target = feature_target(tiny_stack, HOOKS[1], int(full_graph.nodes[-2].feature or 0))
-    graph = trace(tiny_model, tiny_stack, PROMPT, target, GraphConfig(max_nodes=60, n_check_edges=3, budgets=[]), means=means)
+    graph = trace(tiny_model, tiny_stack, PROMPT, target, GraphConfig(max_feature_nodes=60, n_check_edges=3, budgets=[]), means=means)
     assert graph.hooks == HOOKS[:1] and {n.stack_index for n in graph.nodes if n.kind == "feature"} <= {0}
     chain = full_graph.chain()
     assert chain[-1].kind == "target" and chain[0].kind == "token"
@@ -325,7 +429,7 @@ def test_bad_input_gets_a_clear_error(tiny_model, tiny_stack, tiny_bridge, means
 
 def test_exports_escape_model_text(tiny_model, tiny_stack, means, tmp_path):
     prompt = "a</script><b>x"
-    graph = trace(tiny_model, tiny_stack, prompt, logit_target(tiny_model.tokenizer, " "), GraphConfig(max_nodes=30, budgets=[]), means=means)
+    graph = trace(tiny_model, tiny_stack, prompt, logit_target(tiny_model.tokenizer, " "), GraphConfig(max_feature_nodes=30, budgets=[]), means=means)
     page = graph_html(graph)
     assert "</script><b>" not in page and "<b>x" not in page
     paths = write_graph(graph, tmp_path / "g")
@@ -382,11 +486,11 @@ def test_stack_manifest_and_the_trace_cli(tiny_llama_dir, tmp_path, capsys):
     assert "| blocks.1.hook_resid_post |" in printed  # the per-layer table
 
     cli.main(["trace", "--model", tiny_llama_dir, "--device", "cpu", "--sae", str(out / "sae"), "--prompt", "qwx zq",
-              "--target", "w", "--max-nodes", "40", "--name", "demo"])
+              "--target", "w", "--max-feature-nodes", "30", "--name", "demo"])
     printed = capsys.readouterr().out
     assert "faithfulness" in printed and "strongest chain" in printed
     graph = json.loads((out / "sae" / "traces" / "demo.graph.json").read_text())
-    assert len(graph["nodes"]) <= 40
+    assert 0 < sum(n["kind"] == "feature" for n in graph["nodes"]) <= 30
     page = (out / "sae" / "traces" / "demo.html").read_text()
     assert '"examples"' in page and '"dashboard"' in page  # node cards from the atlas, linked to the dashboard
     assert (out / "sae" / "means.safetensors").exists()
@@ -427,7 +531,7 @@ def test_attribution_methods_are_registered_and_ig_steps_0_is_gradient_x_activat
 
     assert {"gradient_x_activation", "integrated_gradients"} <= set(ATTRIBUTIONS)
     target = logit_target(tiny_model.tokenizer, " ")
-    small = GraphConfig(max_nodes=30, n_check_edges=3, budgets=[])
+    small = GraphConfig(max_feature_nodes=30, n_check_edges=3, budgets=[])
     by_steps = trace(tiny_model, tiny_stack, PROMPT, target, dataclasses.replace(small, ig_steps=0), means=means)
     by_name = trace(tiny_model, tiny_stack, PROMPT, target, dataclasses.replace(small, attribution="gradient_x_activation"), means=means)
     assert by_name.nodes == by_steps.nodes and by_name.edges == by_steps.edges
@@ -441,7 +545,7 @@ def test_targets_are_registered_and_round_trip_through_json(tiny_model, tiny_sta
     from analysis.circuits.targets import TARGETS, LogitTarget, target_from_json
 
     assert {"logit", "logit_diff", "feature"} <= set(TARGETS)
-    graph = trace(tiny_model, tiny_stack, PROMPT, feature_target(tiny_stack, HOOKS[1], 3), GraphConfig(max_nodes=20, budgets=[]), means=means)
+    graph = trace(tiny_model, tiny_stack, PROMPT, feature_target(tiny_stack, HOOKS[1], 3), GraphConfig(max_feature_nodes=20, budgets=[]), means=means)
     again = FeatureGraph.from_dict(json.loads(json.dumps(graph.to_dict())))
     assert again.target == graph.target and again.nodes == graph.nodes
     assert neuronpedia_json(graph)["nodes"][-1]["layer"] == "1"  # the block of the target feature's hook

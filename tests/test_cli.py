@@ -40,7 +40,7 @@ def _default(cls, name):
     ("analyze", LabelConfig, "n_score_contexts", "--label-contexts"),
     ("steer", SweepConfig, "strengths", "--strengths"),
     ("steer", GenerationConfig, "top_p", "--top-p"),
-    ("trace", GraphConfig, "max_nodes", "--max-nodes"),
+    ("trace", GraphConfig, "max_feature_nodes", "--max-feature-nodes"),
     ("trace", GraphConfig, "edge_share", "--edge-share"),
 ])
 def test_flag_help_is_the_fields_docstring_and_default(command, cls, field, flag):

@@ -10,8 +10,9 @@
     decompose.py      the prompt's clean run split into nodes at every hook, with the target's gradients (CleanRun)
     pruning.py        node ranking and the graph's nodes; edge pruning
     edges.py          the edges between kept nodes of neighbouring hooks
-    faithfulness.py   the target with everything outside the graph mean-ablated
-    interventions.py  ablate / clamp the upstream feature of the top edges: measured against predicted
+    faithfulness.py   the target with everything outside the graph mean-ablated (error nodes recomputed, and frozen)
+    scores.py         circuit-tracer's replacement and completeness scores
+    interventions.py  scale the upstream node of the top edges of each type: measured (post-activation) against predicted
     nodes.py          the records: Node, Edge, EdgeCheck, InterventionCheck
     feature_graph.py  FeatureGraph: the result, its summary, strongest chain and JSON
     export.py         the graph as typed JSON, Neuronpedia graph JSON and a standalone offline HTML view

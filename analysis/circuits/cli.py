@@ -98,7 +98,7 @@ def run_trace(args: argparse.Namespace, models: ModelLoader) -> FeatureGraph:
     name = args.name or (re.sub(r"[^A-Za-z0-9]+", "_", args.prompt).strip("_")[:48] or "graph")
     paths = write_graph(graph, where.folder / "traces" / name, model_name=stack.model_name, cards=cards)
     print(graph.summary())
-    print("faithfulness at smaller budgets: " + ", ".join(f"{graph.metric['nodes_top'][k]} nodes {graph.metric['faithfulness_' + k]:.1%}"
+    print("faithfulness at smaller budgets: " + ", ".join(f"{graph.metric['nodes_top'][k]} features {graph.metric['faithfulness_' + k]:.1%}"
                                                         for k in graph.metric["nodes_top"]))
     print("strongest chain:\n  " + graph.chain_text())
     for path in paths:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class GraphConfig:
-    max_nodes: int = 200
-    """Most nodes in the graph, prompt tokens and the target included."""
+    max_feature_nodes: int = 200
+    """Most feature nodes in the graph. Error nodes, the prompt's tokens and the target are counted
+    apart (as circuit-tracer counts): an error node is kept when it ranks above the last kept feature."""
     min_node_share: float = 0.002
     """Drop nodes carrying less than this share of their hook's total |attribution|."""
     edge_share: float = 0.98
@@ -18,13 +19,19 @@ class GraphConfig:
     max_prompt_tokens: int = 64
     """Longest prompt accepted (tokens, BOS included)."""
     n_check_edges: int = 20
-    """Top edges out of features checked by intervention (ablate, clamp up)."""
+    """Distinct edges of each type (token / feature / error -> feature / error / target) checked by
+    intervention, strongest first; the headline is the feature -> feature edges."""
+    check_doses: list[float] = field(default_factory=lambda: [0.0, 0.5, 2.0])
+    """Multiples of the upstream node's term an intervention leaves (0: ablated to its mean; 2: doubled)."""
+    min_span: float = 0.1
+    """Faithfulness is undefined (NaN) when |clean - all ablated| < min_span x max(|clean|, |all ablated|):
+    mean-ablating everything barely moves the target, and the ratio would divide by noise."""
     mean_tokens: int = 16_384
     """Held-out tokens for the means that ablation uses."""
     batch_rows: int = 64
     """Rows per batched pass through a span of blocks (memory bound)."""
     budgets: list[int] = field(default_factory=lambda: [25, 50, 100])
-    """Smaller node budgets whose faithfulness is also reported (same ranking)."""
+    """Smaller feature-node budgets whose faithfulness is also reported (same ranking)."""
     attribution: str = "integrated_gradients"
     """How node attributions are computed, a registered method (analysis.circuits.attribution):
     integrated_gradients (from the held-out mean to the prompt, `ig_steps` steps) or

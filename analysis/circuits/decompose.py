@@ -43,19 +43,22 @@ class HookTerms:
         self.W_dec = sae.W_dec.detach().float()  # [d_sae d]
         self.mean_x, self.mean_f = mean_x, mean_f  # [d], [d_sae]
         self.x = x  # [P d]
-        acts = sae.encode(x)
-        acts[:first] = 0
-        self.active = acts > 0  # [P d_sae]
-        self.acts = acts
-        self.delta = (acts - mean_f) * self.active  # [P d_sae]
-        self.error = x - mean_x - self.delta @ self.W_dec  # [P d]
+        self.acts, self.delta, self.error = self.split(x)  # [P d_sae], [P d_sae], [P d]
+        self.acts[:first] = 0
+        self.delta[:first] = 0
         self.error[:first] = 0
+        self.active = self.acts > 0  # [P d_sae]
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Residuals x [..., P, d] -> (activations, departures of the active features from their
+        means [..., P, d_sae], the error term [..., P, d]): x = mean + departures @ W_dec + error."""
+        acts = self.sae.encode(x)
+        delta = (acts - self.mean_f) * (acts > 0)
+        return acts, delta, x - self.mean_x - delta @ self.W_dec
 
     def error_of(self, x: Tensor) -> Tensor:
         """The error term of residuals x [..., P, d] (active sets recomputed)."""
-        acts = self.sae.encode(x)
-        delta = (acts - self.mean_f) * (acts > 0)
-        return x - self.mean_x - delta @ self.W_dec
+        return self.split(x)[2]
 
 
 class Gradients(NamedTuple):

@@ -18,7 +18,7 @@ from torch import Tensor
 from .config import GraphConfig
 from .decompose import CleanRun
 from .nodes import TARGET_ID, Edge, node_id
-from .pruning import Candidate, prune_edges
+from .pruning import Candidate
 
 
 class Effect(NamedTuple):
@@ -30,7 +30,7 @@ class Effect(NamedTuple):
 
 
 def graph_edges(run: CleanRun, kept: list[Candidate], cfg: GraphConfig) -> list[Edge]:
-    """The pruned edges between the kept nodes, the prompt's tokens and the target."""
+    """Every edge between the kept nodes, the prompt's tokens and the target (`prune_edges` cuts them)."""
     by_hook: dict[int, list[Candidate]] = {}
     for c in kept:
         by_hook.setdefault(c.stack_index, []).append(c)
@@ -44,7 +44,7 @@ def graph_edges(run: CleanRun, kept: list[Candidate], cfg: GraphConfig) -> list[
             gain = 1.0 if d.feature is None else float(grads[i][d.position] @ run.terms[i].W_dec[d.feature])  # d's gradient on the target
             for effect in _upstream_effects(run, G[row], d.position, i, by_hook.get(i - 1, [])):
                 edges.append(Edge(effect.source, d.id, effect.direct * gain, effect.direct))
-    return prune_edges(edges + _target_edges(run, kept), cfg)
+    return edges + _target_edges(run, kept)
 
 
 def _target_edges(run: CleanRun, kept: list[Candidate]) -> list[Edge]:

@@ -124,9 +124,10 @@ def neuronpedia_json(graph: FeatureGraph, model_name: str | None = None, slug: s
               "is_target_logit": n.kind == "target", "token": n.token} for n in graph.nodes]
     return _finite({
         "metadata": {"slug": slug, "scan": model_name, "prompt": graph.prompt, "prompt_tokens": graph.tokens, "hooks": graph.hooks,
-                     "target": graph.target.text, "node_threshold": graph.config.get("max_nodes"),
+                     "target": graph.target.text, "node_threshold": graph.config.get("max_feature_nodes"),
                      "info": {"generator": "saewb trace", "faithfulness": graph.faithfulness, "metric": graph.metric,
-                              "sign_agreement": graph.interventions.sign_agreement, "correlation": graph.interventions.correlation}},
+                              "sign_agreement": graph.interventions.sign_agreement, "correlation": graph.interventions.correlation,
+                              "replacement_score": graph.scores.get("replacement"), "completeness_score": graph.scores.get("completeness")}},
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": ""},
         "nodes": nodes,
         "links": [{"source": e.source, "target": e.target, "weight": e.weight, "direct": e.direct} for e in graph.edges],
@@ -161,7 +162,7 @@ def graph_html(graph: FeatureGraph, cards: dict[str, dict[str, Any]] | None = No
 
 
 _CSS = """
-body{font:14px system-ui,sans-serif;margin:16px;color:#222}header p{color:#444;max-width:1100px}
+body{font:14px system-ui,sans-serif;margin:16px;color:#222}header p{color:#444;max-width:1100px;white-space:pre-line}
 #wrap{display:flex;gap:16px;align-items:flex-start}#canvas{overflow:auto;border:1px solid #ddd;max-width:75vw}
 #card{width:360px;min-width:300px;border:1px solid #ddd;padding:10px;position:sticky;top:8px;font-size:13px}
 .hint{color:#888}.tok{font-family:monospace;white-space:pre;padding:0 1px;border-radius:2px}
@@ -178,23 +179,29 @@ const el = (tag, attrs = {}, text) => { const e = document.createElement(tag); f
 const sv = (tag, attrs = {}) => { const e = document.createElementNS(NS, tag); for (const k in attrs) e.setAttribute(k, attrs[k]); return e; };
 document.getElementById('title').textContent = 'Feature graph: ' + JSON.stringify(G.prompt) + ' \u2192 ' + G.target.text;
 document.getElementById('summary').textContent = D.summary;
-const nPos = G.tokens.length, nCols = G.hooks.length + 2, colW = 120, rowH = 56, padLeft = 150, padTop = 40;
+const nPos = G.tokens.length, nCols = G.hooks.length + 2, colW = 120, rowH = 56, padLeft = 150, padTop = 40, perRow = 8, dot = 12;
 const col = n => n.kind === 'token' ? 0 : n.kind === 'target' ? nCols - 1 : n.layer + 1;
 const cells = {}, place = {};
 for (const n of G.nodes) { const key = col(n) + ':' + n.position; (cells[key] = cells[key] || []).push(n); }
+// each position's row is as tall as its fullest cell needs (rows of `perRow` dots), so no cell spills into the next
+const lines8 = new Array(nPos).fill(1);
+for (const key in cells) { const p = Number(key.split(':')[1]); lines8[p] = Math.max(lines8[p], Math.ceil(cells[key].length / perRow)); }
+const rowTop = [], rowHeight = lines8.map(k => Math.max(rowH, k * dot + 32));
+let yAt = padTop; for (let p = 0; p < nPos; p++) { rowTop.push(yAt); yAt += rowHeight[p]; }
 for (const key in cells) {
   const list = cells[key].sort((a, b) => Math.abs(b.attribution) - Math.abs(a.attribution));
   list.forEach((n, k) => { const [c, p] = key.split(':').map(Number);
-    place[n.id] = [padLeft + c * colW + (k % 8) * 12 - 42, padTop + p * rowH + Math.floor(k / 8) * 12 - 12]; });
+    place[n.id] = [padLeft + c * colW + (k % perRow) * dot - 42, rowTop[p] + Math.floor(k / perRow) * dot - 12]; });
 }
 const num = v => Number.isFinite(v) ? v : 0, fmt = (v, n) => Number.isFinite(v) ? v.toPrecision(n) : 'n/a';
 const maxAttr = G.nodes.filter(n => n.kind !== 'target').reduce((m, n) => Math.max(m, Math.abs(num(n.attribution))), 1e-12);
 const maxW = G.edges.reduce((m, e) => Math.max(m, Math.abs(num(e.weight))), 1e-12);
-const svg = sv('svg', {width: padLeft + nCols * colW, height: padTop + nPos * rowH + 20});
+const svg = sv('svg', {width: padLeft + nCols * colW, height: yAt + 20});
 const heads = ['tokens', ...G.hooks.map(h => h.replace('.hook_resid_', ' ').replace('blocks.', 'L')), 'target'];
 heads.forEach((h, c) => { const t = sv('text', {x: padLeft + c * colW - 40, y: 16}); t.textContent = h; svg.appendChild(t); });
-G.tokens.forEach((tok, p) => { const t = sv('text', {x: 4, y: padTop + p * rowH + 4}); t.textContent = p + ' ' + JSON.stringify(tok); svg.appendChild(t);
-  svg.appendChild(sv('line', {x1: padLeft - 50, x2: padLeft + nCols * colW, y1: padTop + p * rowH + 20, y2: padTop + p * rowH + 20, stroke: '#f0f0f0'})); });
+G.tokens.forEach((tok, p) => { const t = sv('text', {x: 4, y: rowTop[p] + 4}); t.textContent = p + ' ' + JSON.stringify(tok); svg.appendChild(t);
+  const below = rowTop[p] + rowHeight[p] - 24;
+  svg.appendChild(sv('line', {x1: padLeft - 50, x2: padLeft + nCols * colW, y1: below, y2: below, stroke: '#f0f0f0'})); });
 const lines = [];
 for (const e of G.edges) {
   const a = place[e.source], b = place[e.target]; if (!a || !b) continue;
@@ -224,7 +231,7 @@ function select(n) {
   card.appendChild(el('p', {}, 'position ' + n.position + ' ' + JSON.stringify(n.token) + ' | activation ' + fmt(n.activation, 3) + ' | attribution ' + fmt(n.attribution, 3)));
   const info = cards[n.id];
   if (n.kind === 'target') card.appendChild(el('p', {}, 'target ' + G.target.text + '; metric: ' + JSON.stringify(G.metric)));
-  if (!info) { if (n.kind === 'error') card.appendChild(el('p', {}, 'What the SAE at this hook does not explain at this position.')); return; }
+  if (!info) { if (n.kind === 'error') card.appendChild(el('p', {}, 'The error node: what the SAE at this hook does not reconstruct here, plus the departure from their held-out means of the features that are not active here.')); return; }
   card.appendChild(el('p', {}, 'label: ' + (info.label || '(none)')));
   if (info.density !== undefined) card.appendChild(el('p', {}, 'density ' + (100 * info.density).toFixed(3) + '% | max activation ' + fmt(info.max_activation, 3)));
   if (info.dashboard) { const a = el('a', {href: info.dashboard, target: '_blank'}, 'open the dashboard page'); card.appendChild(el('p')).appendChild(a); }

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .faithfulness import passes
 from .nodes import Edge, InterventionCheck, Node
 from .targets import GraphTarget, target_from_json
 
@@ -18,13 +19,19 @@ class FeatureGraph:
     nodes: list[Node]
     edges: list[Edge]
     metric: dict[str, Any]
-    """clean, all ablated (empty), graph alone, every node kept (full), and per smaller budget."""
+    """The target metric: clean, all ablated (empty), the graph alone with its error nodes
+    recomputed (graph) or frozen (graph_frozen), its features with no / every error node, every
+    node kept (full), each smaller budget; and the faithfulness of each (`faithfulness.py`)."""
     faithfulness: float
-    """(graph - empty) / (clean - empty): the share of the target metric the graph alone keeps."""
+    """(graph - empty) / (clean - empty) with error nodes recomputed in the ablated run: the
+    share of the target metric the graph alone keeps; NaN when the span is within noise."""
     interventions: InterventionCheck
     seconds: float
+    """The time `trace` took (not the model's load or the held-out means)."""
     config: dict[str, Any]
     sae_paths: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    """circuit-tracer's replacement and completeness scores (`scores.py`)."""
 
     def node(self, node_id: str) -> Node:
         return self._by_id()[node_id]
@@ -36,15 +43,39 @@ class FeatureGraph:
     def n_nodes(self) -> int:
         return len(self.nodes)
 
+    def counts(self) -> dict[str, int]:
+        """Nodes of each kind."""
+        return {k: sum(n.kind == k for n in self.nodes) for k in ("token", "feature", "error", "target")}
+
+    @property
+    def passes(self) -> bool:
+        """|1 - faithfulness| <= 0.2 (errors recomputed; False when undefined)."""
+        return passes(self.faithfulness)
+
+    def error_share(self) -> float:
+        """The error nodes' share of the kept feature and error nodes' total |attribution|."""
+        inner = [n for n in self.nodes if n.kind in ("feature", "error")]
+        total = sum(abs(n.attribution) for n in inner)
+        return sum(abs(n.attribution) for n in inner if n.kind == "error") / total if total > 0 else float("nan")
+
     def summary(self) -> str:
-        kinds = {k: sum(n.kind == k for n in self.nodes) for k in ("token", "feature", "error", "target")}
-        m = self.metric
-        checked = len({(r["source"], r["target"]) for r in self.interventions.edges})
-        return (f"{self.n_nodes} nodes ({kinds['feature']} features, {kinds['error']} errors, {kinds['token']} tokens, 1 target), "
-                f"{len(self.edges)} edges, {self.seconds:.1f} s | target {self.target.text!r}: clean {m['clean']:.3f}, "
-                f"all ablated {m['empty']:.3f}, graph alone {m['graph']:.3f} -> faithfulness {self.faithfulness:.1%} | "
-                f"top-{checked} edges (ablate and clamp each): sign agreement {self.interventions.sign_agreement:.0%}, "
-                f"correlation {self.interventions.correlation:.3f}")
+        kinds, m = self.counts(), self.metric
+        def faithful(key: str) -> str:
+            return f"{m[key]:.1%}" if key in m and m[key] == m[key] else "undefined"
+
+        checks = self.interventions
+        checked = len({(r["source"], r["target"]) for r in checks.edges})
+        lines = [
+            f"{kinds['feature']} feature nodes, {kinds['error']} error nodes ({self.error_share():.0%} of the kept |attribution|), "
+            f"{kinds['token']} tokens, 1 target; {len(self.edges)} edges; traced in {self.seconds:.1f} s",
+            f"target {self.target.text!r}: clean {m['clean']:.3f}, all ablated {m['empty']:.3f}, graph alone {m['graph']:.3f}",
+            f"faithfulness {faithful('faithfulness_graph')} with error nodes recomputed ({'passes' if self.passes else 'fails'} "
+            f"|1 - F| <= 0.2); {faithful('faithfulness_graph_frozen')} with them frozen at their clean values; features with no "
+            f"error node {faithful('faithfulness_graph_no_errors')}, with every error node {faithful('faithfulness_graph_all_errors')}",
+            f"replacement score {self.scores.get('replacement', float('nan')):.2f}, completeness {self.scores.get('completeness', float('nan')):.2f}",
+            f"{checked} distinct edges checked: feature -> feature, upstream ablated: sign agreement {checks.sign_agreement:.0%}, "
+            f"rank correlation {checks.correlation:.2f}"]
+        return "\n".join(lines)
 
     def chain(self, through_features: bool = True, readable_share: float = 0.25) -> list[Node]:
         """The strongest path into the target: from the target, the incoming edge of largest
@@ -86,13 +117,13 @@ class FeatureGraph:
         return {"prompt": self.prompt, "tokens": self.tokens, "target": self.target.to_json(), "hooks": self.hooks,
                 "nodes": [n.to_json() for n in self.nodes], "edges": [asdict(e) for e in self.edges], "metric": self.metric,
                 "faithfulness": self.faithfulness, "interventions": asdict(self.interventions), "seconds": self.seconds,
-                "config": self.config, "sae_paths": self.sae_paths}
+                "config": self.config, "sae_paths": self.sae_paths, "scores": self.scores}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureGraph:
         return cls(d["prompt"], d["tokens"], target_from_json(d["target"]), d["hooks"], [Node.from_json(n) for n in d["nodes"]],
                    [Edge(**e) for e in d["edges"]], d["metric"], d["faithfulness"], InterventionCheck(**d["interventions"]),
-                   d["seconds"], d["config"], d.get("sae_paths", []))
+                   d["seconds"], d["config"], d.get("sae_paths", []), d.get("scores", {}))
 
 
 __all__ = ["FeatureGraph"]

@@ -12,10 +12,11 @@ nodes that sum to it exactly:
     x_i[p] = mean_i + sum_{j active at (i, p)} (a_j - mean_j) W_dec[j] + error_i[p]
 
 `mean_i` is the residual's mean over held-out text, `mean_j` the feature's mean activation there.
-A feature node's term is its departure from its mean; the error node holds the rest (what the
-SAE does not reconstruct, and the inactive features' departure from their means). Removing a
-node's term is mean-ablating it; removing all of them puts the held-out mean in the residual.
-Token nodes are the prompt's embeddings (less the mean embedding).
+A feature node's term is its departure from its mean; the error node holds the rest: what the
+SAE does not reconstruct, less its held-out mean, and minus the held-out mean activation of
+every feature not active there (x_hat's inactive features sit at 0, not at their mean). Removing a node's term is mean-ablating it;
+removing all of them puts the held-out mean in the residual. Token nodes are the prompt's
+embeddings (less the mean embedding).
 
 **Attribution (with the SAEs spliced in and their errors kept).** A node's attribution to the
 target is its term dotted with the target's gradient at that hook (the real model's gradient,
@@ -37,15 +38,21 @@ activations.
 
 **Pruning.** Nodes are ranked by their share of their hook's total |attribution| (each hook
 is a full cut of the stream, so every hook needs its carriers), and the best are kept up to
-`max_nodes`, tokens and target included. Edges between kept nodes are kept, strongest first,
-until they carry `edge_share` of the total |weight|.
+`max_feature_nodes` features; error nodes ranked above the last kept feature are kept and
+counted apart, like the tokens and the target. Edges between kept nodes are kept, strongest
+first, until they carry `edge_share` of the total |weight|.
 
-**Checks.** `faithfulness`: the target metric with every node outside the graph mean-ablated
-at every hook, as a share of the way from everything ablated to the clean prompt. The kept
-features are recomputed by their SAE from the ablated run's residual; kept error nodes keep
-their clean value. `interventions`: for the top edges out of features, the upstream feature is
-ablated to its mean and clamped up (its term doubled), the model runs to the next hook, and the
-measured change of the downstream value is compared with the predicted one (-direct, +direct).
+**Checks** (`faithfulness.py`, `scores.py`, `interventions.py`).
+- Faithfulness: the target metric with every node outside the graph mean-ablated at every
+  hook, as a share of the way from everything ablated to the clean prompt. Kept features are
+  recomputed by their SAE from the ablated run's residual, and so are kept error nodes (the
+  headline; Marks et al.); beside it, error nodes frozen at their clean values, and the
+  graph's features with no error node and with every one. Undefined when ablating everything
+  barely moves the target; a graph passes when |1 - F| <= 0.2.
+- circuit-tracer's replacement and completeness scores on the graph's nodes and edges.
+- Interventions: for the strongest edges of each type, the upstream node is ablated, halved
+  and doubled, the model runs to the next hook, and the change of the downstream value (a
+  feature's activation after its nonlinearity) is compared with the predicted one.
 
 **Known failure modes.**
 - The blocks between hooks are nonlinear (attention patterns, MLPs, norms). Gradients describe
@@ -60,7 +67,7 @@ measured change of the downstream value is compared with the predicted one (-dir
 
 Where each step lives: `decompose.py` (the clean run split into nodes), `attribution/` (node
 attribution methods), `pruning.py` (ranking, nodes, edge pruning), `edges.py`,
-`faithfulness.py`, `interventions.py`; the records in `nodes.py` and `feature_graph.py`,
+`faithfulness.py`, `scores.py`, `interventions.py`; the records in `nodes.py` and `feature_graph.py`,
 targets in `targets/`, the held-out means in `means.py`, the settings in `config.py`.
 """
 from __future__ import annotations
@@ -82,8 +89,9 @@ from .feature_graph import FeatureGraph
 from .interventions import check_edges
 from .means import StackMeans, stack_means
 from .nodes import Edge, InterventionCheck, Node
-from .pruning import graph_nodes, rank_nodes
+from .pruning import graph_nodes, prune_edges, rank_nodes
 from .runner import ResidualRunner
+from .scores import graph_scores
 from .stack import SAEStack
 from .targets import FeatureTarget, GraphTarget, LogitDiffTarget, LogitTarget, feature_target, logit_target
 
@@ -118,12 +126,14 @@ def trace(model: HookedModel, stack: SAEStack, prompt: str, target: GraphTarget,
         grads = method.gradients(run, cfg)
         ranking = rank_nodes(run, grads, cfg)
         nodes = graph_nodes(run, ranking.kept, grads, strings)
-        edges = graph_edges(run, ranking.kept, cfg)
+        every_edge = graph_edges(run, ranking.kept, cfg)
+        edges = prune_edges(every_edge, cfg)
         faithful = faithfulness(run, ranking, cfg)
         checks = check_edges(run, edges, {n.id: n for n in nodes}, cfg)
+    scores = graph_scores(nodes, every_edge)
     return FeatureGraph(prompt, strings, target, stack.hooks[:run.n_hooks], nodes, edges,
                         faithful.metric, faithful.faithfulness, checks, time.perf_counter() - started, asdict(cfg),
-                        [str(p) if p is not None else "" for p in stack.paths])
+                        [str(p) if p is not None else "" for p in stack.paths], scores._asdict())
 
 
 __all__ = ["Edge", "FeatureGraph", "FeatureTarget", "GraphConfig", "GraphTarget", "InterventionCheck", "LogitDiffTarget", "LogitTarget",

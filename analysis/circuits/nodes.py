@@ -5,7 +5,7 @@ them (`node_id`) and is only ever an identifier, never parsed back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 NodeKind = Literal["token", "feature", "error", "target"]
@@ -69,24 +69,30 @@ class Edge:
 
 
 class EdgeCheck(TypedDict):
-    """One intervention on the upstream feature of a checked edge (a JSON object in the graph's file)."""
+    """One intervention on the upstream node of a checked edge (a JSON object in the graph's file)."""
 
     source: str
     target: str
-    intervention: Literal["ablate", "clamp"]
-    """ablate: the feature's term removed (to its mean); clamp: the term doubled."""
+    edge_type: str
+    """"<upstream kind>-><downstream kind>", e.g. feature->feature."""
+    dose: float
+    """The multiple of the upstream node's term left in the residual (0: ablated to its mean; 2: doubled)."""
     predicted: float
-    """The change of the downstream value attribution predicts: -direct (ablate), +direct (clamp)."""
+    """The change of the downstream value the edge predicts: (dose - 1) x direct."""
     measured: float
-    """The change measured by running the model on from the upstream hook."""
+    """The change measured by running the model on from the upstream hook (a feature: after its nonlinearity)."""
 
 
 @dataclass
 class InterventionCheck:
     edges: list[EdgeCheck]
-    """Per checked edge, ablate then clamp."""
+    """Every checked edge at every dose."""
     sign_agreement: float
+    """The headline: the share of the feature -> feature edges, upstream ablated, whose measured change has the predicted sign."""
     correlation: float
+    """The headline: Spearman's rank correlation of predicted and measured changes on those edges."""
+    by_type: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """{edge type: {"x<dose>": {n_edges, sign_agreement, rank_correlation}}}."""
 
 
 __all__ = ["TARGET_ID", "Edge", "EdgeCheck", "InterventionCheck", "Node", "NodeKind", "node_id"]

@@ -1,9 +1,10 @@
 """Which nodes and edges a graph keeps.
 
 Nodes are ranked by their share of their hook's total |attribution| (each hook is a full cut
-of the stream, so every hook needs its carriers), and the best are kept up to `max_nodes`,
-tokens and target included. Edges between kept nodes are kept, strongest first, until they
-carry `edge_share` of the total |weight|.
+of the stream, so every hook needs its carriers), and the best are kept up to
+`max_feature_nodes` feature nodes; an error node ranked above the last kept feature is kept
+too, and counted apart (as circuit-tracer counts), like the prompt's tokens and the target.
+Edges between kept nodes are kept, strongest first, until they carry `edge_share` of the total |weight|.
 """
 from __future__ import annotations
 
@@ -57,12 +58,21 @@ def rank_nodes(run: CleanRun, grads: Gradients, cfg: GraphConfig) -> Ranking:
             candidates.append(Candidate(abs(float(error_attr[p])) / total, i, p, None, float(error_attr[p])))
     candidates.sort(key=lambda c: -c.share)
     ranked = [c for c in candidates if c.share >= cfg.min_node_share]
-    return Ranking(candidates, ranked, ranked[:budget_of(run, cfg.max_nodes)])
+    return Ranking(candidates, ranked, ranked[:budget_of(ranked, cfg.max_feature_nodes)])
 
 
-def budget_of(run: CleanRun, max_nodes: int) -> int:
-    """Feature and error nodes that fit in `max_nodes` beside the prompt's tokens and the target."""
-    return max(0, max_nodes - (run.n_pos - run.first) - 1)
+def budget_of(ranked: list[Candidate], max_feature_nodes: int) -> int:
+    """How many of `ranked`, from the first, hold at most `max_feature_nodes` features (and no
+    error node after the last of them)."""
+    if max_feature_nodes <= 0:
+        return 0
+    n_features = 0
+    for k, c in enumerate(ranked):
+        if c.feature is not None:
+            n_features += 1
+            if n_features == max_feature_nodes:
+                return k + 1
+    return len(ranked)
 
 
 def graph_nodes(run: CleanRun, kept: list[Candidate], grads: Gradients, strings: list[str]) -> list[Node]:

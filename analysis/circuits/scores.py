@@ -1,0 +1,65 @@
+"""circuit-tracer's two graph scores (Ameisen et al. 2025), on a graph's nodes and every edge
+between them (before edge pruning).
+
+Each node's inputs are normalised to shares of its total |direct effect|; error nodes and
+tokens are sources (their inputs are not followed). A node's influence on the target is the
+sum over every path from it to the target of the product of the shares along the path.
+
+- **Replacement score**: the tokens' influence / (the tokens' + the error nodes' influence):
+  the share of the way from the prompt to the target that does not pass through an error node.
+- **Completeness score**: over every node, weighted by its influence on the target (the target
+  itself weighs 1), the share of its input that comes from features or tokens rather than errors.
+
+In a graph whose hooks are residual SAEs, every path crosses every hook, so an error node at
+any hook cuts the tokens' influence: the replacement score of a residual-basis graph is
+expected to be low.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .nodes import Edge, Node
+
+
+class GraphScores(NamedTuple):
+    replacement: float
+    completeness: float
+
+
+def graph_scores(nodes: list[Node], edges: list[Edge]) -> GraphScores:
+    """The replacement and completeness scores of the graph `nodes` + `edges` (NaN when the
+    target has no inputs)."""
+    index = {n.id: k for k, n in enumerate(nodes)}
+    n = len(nodes)
+    adjacency = torch.zeros(n, n, dtype=torch.float64)  # [downstream upstream] |direct effect|
+    sources = {k for k, node in enumerate(nodes) if node.kind in ("token", "error")}
+    for e in edges:
+        down, up = index.get(e.target), index.get(e.source)
+        if down is None or up is None or down in sources:
+            continue
+        adjacency[down, up] += abs(e.direct)
+    totals = adjacency.sum(1, keepdim=True)
+    shares = torch.where(totals > 0, adjacency / totals.clamp_min(1e-300), torch.zeros_like(adjacency))
+    target = torch.zeros(n, dtype=torch.float64)
+    target[[k for k, node in enumerate(nodes) if node.kind == "target"]] = 1.0
+    influence, step = torch.zeros(n, dtype=torch.float64), target
+    for _ in range(n + 1):  # a path visits each node at most once (the graph is acyclic)
+        step = step @ shares
+        if not bool(step.any()):
+            break
+        influence += step
+    kinds = [node.kind for node in nodes]
+    token = float(sum(influence[k] for k in range(n) if kinds[k] == "token"))
+    error = float(sum(influence[k] for k in range(n) if kinds[k] == "error"))
+    replacement = token / (token + error) if token + error > 0 else float("nan")
+    error_columns = torch.tensor([kind == "error" for kind in kinds])
+    from_errors = shares[:, error_columns].sum(1)  # [n]
+    weight = influence + target
+    completeness = float(((1 - from_errors) * weight).sum() / weight.sum()) if token + error > 0 else float("nan")
+    return GraphScores(replacement, completeness if math.isfinite(completeness) else float("nan"))
+
+
+__all__ = ["GraphScores", "graph_scores"]
