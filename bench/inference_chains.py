@@ -1,22 +1,32 @@
-"""Feature graphs on SmolLM2 through the chain preset's stack (`saewb run --preset chain`):
-per prompt family, the time per graph, its faithfulness under mean ablation of everything
-outside it, and how often an intervention on a top edge's upstream feature moves the
-downstream node the way attribution predicts. Then features across layers (decoder cosine
-and co-activation), across widths (a wider SAE at the same hook) and across seeds (the same
-SAE retrained from the same store with another seed; without --width-sae, a twice-as-wide SAE
-is trained from that store too).
+"""Feature graphs on SmolLM2 through the chain preset's stack (`saewb run --preset chain`), on a
+tuning prompt set (where method choices are made) and a separate report prompt set (what the
+README quotes), each of several families. A prompt counts only when its target is the model's
+top next token; the others are listed and left out.
 
-    python bench/inference_chains.py --stack runs/chain/sae --out runs/bench_chains \\
-        --width-sae runs/default/sae/topk_k32_4608      # optional: the default run's 4608-latent layer-8 SAE
+Per graph: faithfulness with error nodes recomputed in the ablated run (the headline), with them
+frozen at their clean values, and the graph's features with no / every error node; whether it
+passes |1 - F| <= 0.2 (undefined when ablating everything barely moves the target);
+circuit-tracer's replacement and completeness scores; the post-activation edge check (sign
+agreement and rank correlation on the strongest distinct feature -> feature edges, upstream
+ablated, and every edge type apart); the nodes by kind; and the times: `trace` alone, the
+feature cards and files, the model load and the held-out means, each apart.
 
-Targets: a graph of a prompt of up to 32 tokens in <= 60 s; graphs of <= 200 nodes keep
->= 80% of the target metric; sign agreement >= 90% on each graph's top-20 edges.
-Writes <out>/chains.json, and each family's first graph as JSON + HTML into <out>/graphs/.
+Then, with --matching: features across layers (decoder cosine and co-activation), across widths
+(a wider SAE at the same hook) and across seeds (the same SAE retrained from the same store with
+another seed; without --width-sae, a twice-as-wide SAE is trained from that store too).
+
+    python bench/inference_chains.py --stack runs/chain/sae --out runs/bench_chains --sets tuning report
+
+Targets (report set): median faithfulness >= 0.8 with error nodes recomputed at <= 200 feature
+nodes; sign agreement >= 90% and rank correlation >= 0.7 on each graph's top-20 distinct edges;
+a graph of <= 32 tokens in <= 60 s.
+Writes <out>/chains.json, and each family's first graph as JSON + HTML into <out>/graphs/<set>/.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,6 +42,7 @@ from analysis import cli
 from analysis.circuits.config import MatchConfig
 from analysis.circuits.export import feature_cards, write_graph
 from analysis.circuits.graph import GraphConfig, logit_target, stack_means, trace
+from analysis.circuits.interventions import headline
 from analysis.circuits.matching import layer_matches, live_features, match_saes
 from analysis.circuits.stack import load_stack
 from sae import load_sae
@@ -44,9 +55,9 @@ class Prompt:
     contrast: str | None = None
 
 
-# Prompts SmolLM2-135M-Instruct completes with the target as its top next token (the bench
-# prints the rank, so a prompt that stops holding shows up).
-FAMILIES: dict[str, list[Prompt]] = {
+# Where method choices were made (the attribution method, integrated gradients' steps, the
+# per-hook ranking). Most of these prompts were in the bench when those choices were made.
+TUNING: dict[str, list[Prompt]] = {
     "capital": [Prompt("The capital of France is", " Paris"), Prompt("The capital of Japan is", " Tokyo"),
                 Prompt("The capital of Italy is", " Rome")],
     "agreement": [Prompt("The keys to the old cabinet", " are", " is"), Prompt("The girl with the red shoes", " is", " are"),
@@ -54,21 +65,46 @@ FAMILIES: dict[str, list[Prompt]] = {
     "brackets": [Prompt("x = (a + b", ")"), Prompt('She said "hello', '"'), Prompt("values = [1, 2, 3", "]")],
     "python": [Prompt("import numpy as", " np"), Prompt("def add(a, b):\n    return a", " +"),
                Prompt("for i in range(len(items", "))")],
+    "names": [Prompt("When Alice and Bob went to the park, Bob gave a ball to", " Alice", " Bob"),
+              Prompt("Sarah and David were talking. David passed the phone to", " Sarah", " David")],
+    "sequence": [Prompt("1, 2, 3, 4,", " 5"), Prompt("Monday, Tuesday, Wednesday,", " Thursday")],
     "long": [Prompt("The Eiffel Tower was finished in 1889 and millions of people visit it every year. "
                     "It stands in the middle of the city of", " Paris")],
 }
+
+# What the README reports: prompts written for this set, none of them looked at while choosing methods.
+REPORT: dict[str, list[Prompt]] = {
+    "capital": [Prompt("The capital of Germany is", " Berlin"), Prompt("The capital of Spain is", " Madrid"),
+                Prompt("The capital of Egypt is", " Cairo"), Prompt("The capital of Russia is", " Moscow")],
+    "agreement": [Prompt("The books on the shelf", " are", " is"), Prompt("The teacher of the students", " is", " are"),
+                  Prompt("The cars near the house", " are", " is"), Prompt("The man with the dogs", " is", " are")],
+    "names": [Prompt("When Mary and John went to the store, John gave a drink to", " Mary", " John"),
+              Prompt("After Lisa and Mark had lunch, Mark gave the book to", " Lisa", " Mark"),
+              Prompt("Tom and Anna cooked dinner. Then Anna handed the plate to", " Tom", " Anna")],
+    "brackets": [Prompt("y = [a, b, c", "]"), Prompt("result = max(a, b", ")"), Prompt("print('done", "')")],
+    "python": [Prompt("import pandas as", " pd"), Prompt("import matplotlib.pyplot as", " plt"),
+               Prompt("for key, value in data.", "items")],
+    "opposites": [Prompt("The opposite of hot is", " cold"), Prompt("The opposite of up is", " down"),
+                  Prompt("The opposite of big is", " small")],
+    "sequence": [Prompt("January, February, March,", " April"), Prompt("one, two, three, four,", " five"),
+                 Prompt("a, b, c, d,", " e")],
+}
+SETS = {"tuning": TUNING, "report": REPORT}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stack", type=Path, required=True, help="the stack folder (<out>/sae of `saewb run --preset chain`)")
     p.add_argument("--out", type=Path, required=True, help="results folder")
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), help="prompt families (default: all)")
-    p.add_argument("--max-nodes", type=int, default=GraphConfig.max_nodes, help="default: %(default)s")
-    p.add_argument("--width-sae", type=Path, default=None, help="a wider SAE at one of the stack's hooks, to match against "
-                   "(default: train one of twice the width from the stack's store)")
-    p.add_argument("--retrain-tokens", type=int, default=None, help="tokens for the wider and the other-seed SAE trained from the "
-                   "stack's store (default: as many as the stack's; 0 skips both comparisons)")
+    p.add_argument("--sets", nargs="+", default=["tuning", "report"], choices=list(SETS), help="prompt sets (default: both)")
+    p.add_argument("--families", nargs="+", default=None, help="only these families (default: every family of each set)")
+    p.add_argument("--max-feature-nodes", type=int, default=GraphConfig.max_feature_nodes, help="default: %(default)s")
+    p.add_argument("--ig-steps", type=int, default=GraphConfig.ig_steps, help="default: %(default)s (0: gradient x activation)")
+    p.add_argument("--matching", action="store_true", help="also match features across layers, widths and seeds")
+    p.add_argument("--width-sae", type=Path, default=None, help="with --matching: a wider SAE at one of the stack's hooks, to match "
+                   "against (default: train one of twice the width from the stack's store)")
+    p.add_argument("--retrain-tokens", type=int, default=None, help="with --matching: tokens for the wider and the other-seed SAE "
+                   "trained from the stack's store (default: as many as the stack's; 0 skips both comparisons)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
 
@@ -83,46 +119,82 @@ def rank_of(model, prompt: Prompt) -> tuple[int, float, str]:
     return rank, float(probs[target]), model.tokenizer.decode([int(logits.argmax())])
 
 
-def trace_families(model, stack, means, args) -> dict:
-    cfg = GraphConfig(max_nodes=args.max_nodes)
-    results = {}
-    for family in args.families:
+def graph_row(graph, prompt: Prompt, rank: int, prob: float, cards_s: float) -> dict:
+    m, checks = graph.metric, headline(graph.interventions)
+    return {"prompt": prompt.text, "target": graph.target.text, "n_tokens": len(graph.tokens), "rank": rank, "p_target": prob,
+            "trace_seconds": graph.seconds, "cards_and_files_seconds": cards_s, "nodes": graph.counts(), "n_edges": len(graph.edges),
+            "error_share": graph.error_share(), "faithfulness": graph.faithfulness, "passes": graph.passes,
+            "faithfulness_frozen": m["faithfulness_graph_frozen"], "faithfulness_no_errors": m["faithfulness_graph_no_errors"],
+            "faithfulness_all_errors": m["faithfulness_graph_all_errors"],
+            "faithfulness_by_budget": {str(m["nodes_top"][k]): m["faithfulness_" + k] for k in m["nodes_top"]},
+            "replacement": graph.scores["replacement"], "completeness": graph.scores["completeness"],
+            "sign_agreement": checks["sign_agreement"], "rank_correlation": checks["rank_correlation"], "edges_by_type": checks["by_type"],
+            "metric": m, "chain": graph.chain_text()}
+
+
+def trace_set(model, stack, means, args, name: str) -> tuple[dict, list[dict]]:
+    """Every prompt of the set whose target is the model's top token, traced: ({family: rows}, the prompts left out)."""
+    cfg = GraphConfig(max_feature_nodes=args.max_feature_nodes, ig_steps=args.ig_steps)
+    results, left_out = {}, []
+    for family, prompts in SETS[name].items():
+        if args.families and family not in args.families:
+            continue
         rows = []
-        for k, prompt in enumerate(FAMILIES[family]):
+        for prompt in prompts:
             rank, prob, top = rank_of(model, prompt)
+            if rank != 1:
+                left_out.append({"family": family, "prompt": prompt.text, "target": prompt.target, "rank": rank, "top_token": top})
+                print(f"[{name}/{family}] left out: {prompt.text!r} -> {prompt.target!r} is rank {rank}; the model's top token is {top!r}")
+                continue
             target = logit_target(model.tokenizer, prompt.target, prompt.contrast)
             graph = trace(model, stack, prompt.text, target, cfg, means=means)
+            started = time.perf_counter()
             cards = feature_cards(graph)  # fills the node labels the chain is read out with
-            if k == 0:
-                write_graph(graph, args.out / "graphs" / family, model_name=stack.model_name, cards=cards)
-            row = {"prompt": prompt.text, "target": target.text, "n_tokens": len(graph.tokens), "rank": rank, "p_target": prob,
-                   "top_token": top, "seconds": graph.seconds, "n_nodes": graph.n_nodes, "n_edges": len(graph.edges),
-                   "faithfulness": graph.faithfulness, "sign_agreement": graph.interventions.sign_agreement,
-                   "correlation": graph.interventions.correlation, "metric": graph.metric,
-                   "n_features": sum(n.kind == "feature" for n in graph.nodes), "chain": graph.chain_text()}
+            if not rows:
+                write_graph(graph, args.out / "graphs" / name / family, model_name=stack.model_name, cards=cards)
+            row = graph_row(graph, prompt, rank, prob, time.perf_counter() - started)
             rows.append(row)
-            print(f"[{family}] {prompt.text!r} -> {target.text!r} (rank {rank}, p {prob:.2f}, top {top!r}): {graph.summary()}")
-            print("  faithfulness by node budget: " + ", ".join(
-                f"{graph.metric['nodes_top'][b]} nodes {graph.metric['faithfulness_' + b]:.1%}" for b in graph.metric["nodes_top"]))
+            print(f"[{name}/{family}] {prompt.text!r} -> {target.text!r} (p {prob:.2f}):\n  " + graph.summary().replace("\n", "\n  "))
+            print("  by edge type, upstream ablated: " + "; ".join(
+                f"{kind} {v['sign_agreement']:.0%} / {v['rank_correlation']:.2f} (n {v['n_edges']})" for kind, v in row["edges_by_type"].items()))
             print("  chain: " + row["chain"].replace("\n", "\n  "))
-        results[family] = rows
-    return results
+        if rows:
+            results[family] = rows
+    return results, left_out
 
 
-def family_table(results: dict) -> str:
-    lines = ["| family | graphs | tokens | seconds (max) | nodes | faithfulness min / median / max | sign agreement min / median | correlation median |",
-             "|---|---|---|---|---|---|---|---|"]
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else float("nan")
+
+
+def set_table(results: dict) -> str:
+    """Per family and over all: faithfulness (recomputed) min / median / max, passes and undefined,
+    the other definitions' medians, the graph scores, the edge check, nodes and time."""
+    lines = ["| family | graphs | F recomputed min / median / max | pass | undefined | F frozen | F no errors | F all errors | "
+             "replacement | completeness | sign agr. f->f (min / median) | rank corr. f->f (median) | features / errors | trace s (max) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     every = [r for rows in results.values() for r in rows]
     for name, rows in [*results.items(), ("all", every)]:
-        f = sorted(r["faithfulness"] for r in rows)
-        s = sorted(r["sign_agreement"] for r in rows)
-        c = [r["correlation"] for r in rows if r["correlation"] == r["correlation"]]
-        lines.append(f"| {name} | {len(rows)} | {max(r['n_tokens'] for r in rows)} | {max(r['seconds'] for r in rows):.1f} | "
-                     f"{max(r['n_nodes'] for r in rows)} | {f[0]:.1%} / {statistics.median(f):.1%} / {f[-1]:.1%} | "
-                     f"{s[0]:.0%} / {statistics.median(s):.0%} | {statistics.median(c) if c else float('nan'):.3f} |")
-    lines.append(f"graphs meeting faithfulness >= 80%: {sum(r['faithfulness'] >= 0.8 for r in every)}/{len(every)}; "
-                 f"sign agreement >= 90%: {sum(r['sign_agreement'] >= 0.9 for r in every)}/{len(every)}; "
-                 f"<= 60 s: {sum(r['seconds'] <= 60 for r in every)}/{len(every)}")
+        f = sorted(r["faithfulness"] for r in rows if math.isfinite(r["faithfulness"]))
+        span = f"{f[0]:.2f} / {statistics.median(f):.2f} / {f[-1]:.2f}" if f else "undefined"
+        signs = [r["sign_agreement"] for r in rows if math.isfinite(r["sign_agreement"])]
+        lines.append(
+            f"| {name} | {len(rows)} | {span} | {sum(r['passes'] for r in rows)} | {sum(not math.isfinite(r['faithfulness']) for r in rows)} | "
+            f"{_median([r['faithfulness_frozen'] for r in rows]):.2f} | {_median([r['faithfulness_no_errors'] for r in rows]):.2f} | "
+            f"{_median([r['faithfulness_all_errors'] for r in rows]):.2f} | {_median([r['replacement'] for r in rows]):.3f} | "
+            f"{_median([r['completeness'] for r in rows]):.2f} | "
+            f"{(min(signs) if signs else float('nan')):.0%} / {_median(signs):.0%} | {_median([r['rank_correlation'] for r in rows]):.2f} | "
+            f"{_median([r['nodes']['feature'] for r in rows]):.0f} / {_median([r['nodes']['error'] for r in rows]):.0f} | "
+            f"{max(r['trace_seconds'] for r in rows):.1f} |")
+    types = sorted({t for r in every for t in r["edges_by_type"]})
+    lines.append("edge check by type, upstream ablated (median over graphs of sign agreement / rank correlation): " + "; ".join(
+        f"{t} {_median([r['edges_by_type'][t]['sign_agreement'] for r in every if t in r['edges_by_type']]):.0%} / "
+        f"{_median([r['edges_by_type'][t]['rank_correlation'] for r in every if t in r['edges_by_type']]):.2f}" for t in types))
+    lines.append(f"graphs passing |1 - F| <= 0.2 (recomputed): {sum(r['passes'] for r in every)}/{len(every)}; frozen: "
+                 f"{sum(math.isfinite(r['faithfulness_frozen']) and abs(1 - r['faithfulness_frozen']) <= 0.2 for r in every)}/{len(every)}; "
+                 f"sign agreement >= 90%: {sum(r['sign_agreement'] >= 0.9 for r in every)}/{len(every)}; rank correlation >= 0.7: "
+                 f"{sum(r['rank_correlation'] >= 0.7 for r in every)}/{len(every)}; <= 60 s: {sum(r['trace_seconds'] <= 60 for r in every)}/{len(every)}")
     return "\n".join(lines)
 
 
@@ -167,21 +239,39 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     stack = load_stack(args.stack)
+    started = time.perf_counter()
     model = load_model(stack.model_name or "smollm2", device=args.device)
+    load_s = time.perf_counter() - started
     stack.to(next(model.parameters()).device)
     torch.set_grad_enabled(True)
+    cache = args.stack / "means.safetensors"
+    cached = cache.exists()
     started = time.perf_counter()
-    means = stack_means(model, stack, n_tokens=GraphConfig.mean_tokens, cache=args.stack / "means.safetensors")
+    means = stack_means(model, stack, n_tokens=GraphConfig.mean_tokens, cache=cache)
     means_s = time.perf_counter() - started
-    print(f"held-out means over {means.n_tokens:,} tokens: {means_s:.0f} s (cached in {args.stack / 'means.safetensors'})")
-    results = trace_families(model, stack, means, args)
-    print(family_table(results))
+    print(f"model load {load_s:.0f} s; held-out means over {means.n_tokens:,} tokens {means_s:.1f} s "
+          f"({'read from' if cached else 'computed, cached in'} {cache})")
+    sets, tables = {}, {}
+    for name in args.sets:
+        results, left_out = trace_set(model, stack, means, args, name)
+        tables[name] = set_table(results)
+        sets[name] = {"families": results, "left_out": left_out}
+        print(f"\n{name} set ({sum(len(r) for r in results.values())} graphs in {len(results)} families; "
+              f"{len(left_out)} prompts left out, their target not the top token):\n{tables[name]}")
+    record = {"sets": sets, "tables": tables, "model_load_seconds": load_s, "means_seconds": means_s, "means_cached": cached,
+              "settings": {k: str(v) for k, v in vars(args).items()}}
+    if args.matching:
+        record |= matching(model, stack, args)
+    atomic_write_json(args.out / "chains.json", record)
+    print(f"results: {args.out / 'chains.json'}; graphs: {args.out / 'graphs'}")
 
+
+def matching(model, stack, args) -> dict:
+    """Features matched across the stack's layers, and at one hook across widths and seeds."""
     started = time.perf_counter()
     layers = layer_matches(model, stack)
     layers_s = time.perf_counter() - started
     print(layers.table() + f"\n(layer matching {layers_s:.0f} s)")
-
     width = seeds = None
     if args.width_sae:  # a wider SAE trained before, at one of the stack's hooks
         wide = load_sae(args.width_sae)
@@ -192,10 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.retrain_tokens != 0:
         index, other, seconds = _retrained(stack, args, "seed", stack.saes[0].cfg.d_sae, 100)
         seeds = compare(stack, index, other, "seeds", seconds) if other is not None else None
-    atomic_write_json(args.out / "chains.json", {"families": results, "layers": layers.to_dict(), "layers_seconds": layers_s,
-                                                 "widths": width, "seeds": seeds, "means_seconds": means_s,
-                                                 "settings": {k: str(v) for k, v in vars(args).items()}})
-    print(f"results: {args.out / 'chains.json'}; graphs: {args.out / 'graphs'}")
+    return {"layers": layers.to_dict(), "layers_seconds": layers_s, "widths": width, "seeds": seeds}
 
 
 if __name__ == "__main__":
