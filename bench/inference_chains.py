@@ -99,6 +99,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sets", nargs="+", default=["tuning", "report"], choices=list(SETS), help="prompt sets (default: both)")
     p.add_argument("--families", nargs="+", default=None, help="only these families (default: every family of each set)")
     p.add_argument("--max-feature-nodes", type=int, default=GraphConfig.max_feature_nodes, help="default: %(default)s")
+    p.add_argument("--n-hooks", type=int, nargs="+", default=[GraphConfig.n_hooks], help="hooks each graph cuts at, evenly spaced "
+                   "(0: every hook of the stack); several values trace every prompt once per value (default: %(default)s)")
     p.add_argument("--ig-steps", type=int, default=GraphConfig.ig_steps, help="default: %(default)s (0: gradient x activation)")
     p.add_argument("--matching", action="store_true", help="also match features across layers, widths and seeds")
     p.add_argument("--width-sae", type=Path, default=None, help="with --matching: a wider SAE at one of the stack's hooks, to match "
@@ -123,6 +125,7 @@ def graph_row(graph, prompt: Prompt, rank: int, prob: float, cards_s: float) -> 
     m, checks = graph.metric, headline(graph.interventions)
     return {"prompt": prompt.text, "target": graph.target.text, "n_tokens": len(graph.tokens), "rank": rank, "p_target": prob,
             "trace_seconds": graph.seconds, "cards_and_files_seconds": cards_s, "nodes": graph.counts(), "n_edges": len(graph.edges),
+            "kept_share_of_active": graph.counts()["feature"] / max(1, m["active_features"]),
             "error_share": graph.error_share(), "faithfulness": graph.faithfulness, "passes": graph.passes,
             "faithfulness_frozen": m["faithfulness_graph_frozen"], "faithfulness_no_errors": m["faithfulness_graph_no_errors"],
             "faithfulness_all_errors": m["faithfulness_graph_all_errors"],
@@ -132,9 +135,9 @@ def graph_row(graph, prompt: Prompt, rank: int, prob: float, cards_s: float) -> 
             "metric": m, "chain": graph.chain_text()}
 
 
-def trace_set(model, stack, means, args, name: str) -> tuple[dict, list[dict]]:
+def trace_set(model, stack, means, args, name: str, n_hooks: int) -> tuple[dict, list[dict]]:
     """Every prompt of the set whose target is the model's top token, traced: ({family: rows}, the prompts left out)."""
-    cfg = GraphConfig(max_feature_nodes=args.max_feature_nodes, ig_steps=args.ig_steps)
+    cfg = GraphConfig(max_feature_nodes=args.max_feature_nodes, ig_steps=args.ig_steps, n_hooks=n_hooks)
     results, left_out = {}, []
     for family, prompts in SETS[name].items():
         if args.families and family not in args.families:
@@ -151,10 +154,10 @@ def trace_set(model, stack, means, args, name: str) -> tuple[dict, list[dict]]:
             started = time.perf_counter()
             cards = feature_cards(graph)  # fills the node labels the chain is read out with
             if not rows:
-                write_graph(graph, args.out / "graphs" / name / family, model_name=stack.model_name, cards=cards)
+                write_graph(graph, args.out / "graphs" / f"{name}_{n_hooks}hooks" / family, model_name=stack.model_name, cards=cards)
             row = graph_row(graph, prompt, rank, prob, time.perf_counter() - started)
             rows.append(row)
-            print(f"[{name}/{family}] {prompt.text!r} -> {target.text!r} (p {prob:.2f}):\n  " + graph.summary().replace("\n", "\n  "))
+            print(f"[{name}/{family}/{n_hooks} hooks] {prompt.text!r} -> {target.text!r} (p {prob:.2f}):\n  " + graph.summary().replace("\n", "\n  "))
             print("  by edge type, upstream ablated: " + "; ".join(
                 f"{kind} {v['sign_agreement']:.0%} / {v['rank_correlation']:.2f} (n {v['n_edges']})" for kind, v in row["edges_by_type"].items()))
             print("  chain: " + row["chain"].replace("\n", "\n  "))
@@ -172,8 +175,8 @@ def set_table(results: dict) -> str:
     """Per family and over all: faithfulness (recomputed) min / median / max, passes and undefined,
     the other definitions' medians, the graph scores, the edge check, nodes and time."""
     lines = ["| family | graphs | F recomputed min / median / max | pass | undefined | F frozen | F no errors | F all errors | "
-             "replacement | completeness | sign agr. f->f (min / median) | rank corr. f->f (median) | features / errors | trace s (max) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "replacement | completeness | sign agr. f->f (min / median) | rank corr. f->f (median) | features / errors | share of active kept | "
+             "trace s (max) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     every = [r for rows in results.values() for r in rows]
     for name, rows in [*results.items(), ("all", every)]:
         f = sorted(r["faithfulness"] for r in rows if math.isfinite(r["faithfulness"]))
@@ -186,7 +189,7 @@ def set_table(results: dict) -> str:
             f"{_median([r['completeness'] for r in rows]):.2f} | "
             f"{(min(signs) if signs else float('nan')):.0%} / {_median(signs):.0%} | {_median([r['rank_correlation'] for r in rows]):.2f} | "
             f"{_median([r['nodes']['feature'] for r in rows]):.0f} / {_median([r['nodes']['error'] for r in rows]):.0f} | "
-            f"{max(r['trace_seconds'] for r in rows):.1f} |")
+            f"{_median([r['kept_share_of_active'] for r in rows]):.0%} | {max(r['trace_seconds'] for r in rows):.1f} |")
     types = sorted({t for r in every for t in r["edges_by_type"]})
     lines.append("edge check by type, upstream ablated (median over graphs of sign agreement / rank correlation): " + "; ".join(
         f"{t} {_median([r['edges_by_type'][t]['sign_agreement'] for r in every if t in r['edges_by_type']]):.0%} / "
@@ -253,11 +256,15 @@ def main(argv: list[str] | None = None) -> None:
           f"({'read from' if cached else 'computed, cached in'} {cache})")
     sets, tables = {}, {}
     for name in args.sets:
-        results, left_out = trace_set(model, stack, means, args, name)
-        tables[name] = set_table(results)
-        sets[name] = {"families": results, "left_out": left_out}
-        print(f"\n{name} set ({sum(len(r) for r in results.values())} graphs in {len(results)} families; "
-              f"{len(left_out)} prompts left out, their target not the top token):\n{tables[name]}")
+        for n_hooks in args.n_hooks:
+            key = f"{name}, {n_hooks or len(stack)} hooks"
+            results, left_out = trace_set(model, stack, means, args, name, n_hooks)
+            tables[key] = set_table(results)
+            sets[key] = {"families": results, "left_out": left_out, "n_hooks": n_hooks or len(stack)}
+    for key, table in tables.items():
+        results, left_out = sets[key]["families"], sets[key]["left_out"]
+        print(f"\n{key} ({sum(len(r) for r in results.values())} graphs in {len(results)} families; "
+              f"{len(left_out)} prompts left out, their target not the top token):\n{table}")
     record = {"sets": sets, "tables": tables, "model_load_seconds": load_s, "means_seconds": means_s, "means_cached": cached,
               "settings": {k: str(v) for k, v in vars(args).items()}}
     if args.matching:

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 
 @dataclass
 class GraphConfig:
+    n_hooks: int = 3
+    """Hooks of the stack the graph cuts the residual stream at, evenly spaced (0: every hook). Each
+    cut is a full cut of the stream: with every node outside the graph mean-ablated at each,
+    more cuts compound the loss, and a fixed feature budget spreads thinner (3 chosen on the
+    tuning prompts: bench/inference_chains.py)."""
     max_feature_nodes: int = 200
     """Most feature nodes in the graph. Error nodes, the prompt's tokens and the target are counted
     apart (as circuit-tracer counts): an error node is kept when it ranks above the last kept feature."""

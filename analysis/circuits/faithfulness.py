@@ -40,7 +40,8 @@ class Faithfulness(NamedTuple):
     """The target metric: clean, all ablated (empty), graph (errors recomputed), graph_frozen,
     graph_no_errors, graph_all_errors, every node kept (full), each smaller feature budget
     (topN), and the faithfulness of each (faithfulness_<key>); nodes_top: the feature nodes of
-    each budget; span_defined: whether the ratio is defined."""
+    each budget; span_defined: whether the ratio is defined; active_features: the features
+    active at the graph's hooks and positions, every one a candidate node."""
     faithfulness: float
     """(graph - empty) / (clean - empty), error nodes recomputed; NaN when undefined."""
 
@@ -74,6 +75,7 @@ def faithfulness(run: CleanRun, ranking: Ranking, cfg: GraphConfig) -> Faithfuln
     metric |= {f"faithfulness_{k}": faithfulness_share(metric, metric[k], cfg.min_span)
                for k in keep_sets if k not in ("full", "empty")}
     metric["span_defined"] = math.isfinite(metric["faithfulness_graph"])
+    metric["active_features"] = sum(c.feature is not None for c in ranking.candidates)  # what a feature budget is a share of
     metric["nodes_top"] = {f"top{b}": sum(c.feature is not None for c in ranking.ranked[:budget_of(ranking.ranked, b)])
                            for b in cfg.budgets}
     return Faithfulness(metric, metric["faithfulness_graph"])

@@ -73,7 +73,7 @@ targets in `targets/`, the held-out means in `means.py`, the settings in `config
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from torch import Tensor
 
@@ -108,9 +108,29 @@ def check_prompt(model: HookedModel, tokens: Tensor, cfg: GraphConfig) -> None:
         raise ValueError("the prompt is empty: a graph needs at least one token after BOS")
 
 
+def graph_hooks(n_available: int, n_hooks: int) -> list[int]:
+    """`n_hooks` indices evenly spaced over `n_available` hooks (all of them for 0 or more than there are)."""
+    if n_hooks <= 0 or n_hooks >= n_available:
+        return list(range(n_available))
+    return [int((k + 0.5) * n_available / n_hooks) for k in range(n_hooks)]
+
+
+def cut_stack(stack: SAEStack, target: GraphTarget, means: StackMeans, n_hooks: int) -> tuple[SAEStack, GraphTarget, StackMeans]:
+    """The stack, target and means of the graph's hooks: `n_hooks` evenly spaced over the hooks
+    the target's graph has, and a feature target's own hook after them."""
+    available = target.n_hooks(stack)
+    indices = graph_hooks(available, n_hooks)
+    if isinstance(target, FeatureTarget):
+        indices.append(target.stack_index)
+        target = replace(target, stack_index=len(indices) - 1)
+    if len(indices) == len(stack):
+        return stack, target, means
+    return stack.subset(indices), target, means.subset(indices)
+
+
 def trace(model: HookedModel, stack: SAEStack, prompt: str, target: GraphTarget, cfg: GraphConfig | None = None,
           means: StackMeans | None = None) -> FeatureGraph:
-    """The pruned, checked feature graph of `prompt` for `target` through `stack`."""
+    """The pruned, checked feature graph of `prompt` for `target` through `cfg.n_hooks` hooks of `stack`."""
     cfg = cfg or GraphConfig()
     method = attribution_method(cfg)
     stack.check_model(model)
@@ -120,6 +140,7 @@ def trace(model: HookedModel, stack: SAEStack, prompt: str, target: GraphTarget,
     tokens = encode_prompts(model.tokenizer, [prompt])[0].to(device)
     check_prompt(model, tokens, cfg)
     means = means or stack_means(model, stack, n_tokens=cfg.mean_tokens)
+    stack, target, means = cut_stack(stack, target, means, cfg.n_hooks)
     strings = token_strings(model.tokenizer, tokens.tolist())
     with frozen(model, *stack.saes):
         run = clean_run(ResidualRunner(model), stack, target, tokens, means)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,10 @@ class StackMeans:
     """[d_model] mean token embedding."""
     n_tokens: int
     corpus: str
+
+    def subset(self, indices: list[int]) -> StackMeans:
+        """The means of the hooks at `indices` (`SAEStack.subset`)."""
+        return replace(self, resid=[self.resid[i] for i in indices], features=[self.features[i] for i in indices])
 
 
 def weights_sha256(sae: SAE) -> str:

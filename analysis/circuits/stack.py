@@ -68,6 +68,10 @@ class SAEStack:
     def __len__(self) -> int:
         return len(self.saes)
 
+    def subset(self, indices: list[int]) -> SAEStack:
+        """The stack of the SAEs at `indices` (in layer order)."""
+        return SAEStack([self.saes[i] for i in indices], [self.paths[i] for i in indices])
+
     def to(self, device: str | torch.device) -> SAEStack:
         self.saes = [s.to(device).eval() for s in self.saes]
         return self
