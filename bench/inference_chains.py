@@ -67,7 +67,7 @@ TUNING: dict[str, list[Prompt]] = {
                Prompt("for i in range(len(items", "))")],
     "names": [Prompt("When Alice and Bob went to the park, Bob gave a ball to", " Alice", " Bob"),
               Prompt("Sarah and David were talking. David passed the phone to", " Sarah", " David")],
-    "sequence": [Prompt("1, 2, 3, 4,", " 5"), Prompt("Monday, Tuesday, Wednesday,", " Thursday")],
+    "sequence": [Prompt("A, B, C, D,", " E"), Prompt("Monday, Tuesday, Wednesday,", " Thursday")],
     "long": [Prompt("The Eiffel Tower was finished in 1889 and millions of people visit it every year. "
                     "It stands in the middle of the city of", " Paris")],
 }
@@ -144,7 +144,12 @@ def trace_set(model, stack, means, args, name: str, n_hooks: int) -> tuple[dict,
             continue
         rows = []
         for prompt in prompts:
-            rank, prob, top = rank_of(model, prompt)
+            try:
+                rank, prob, top = rank_of(model, prompt)
+            except ValueError as error:  # a target of several tokens
+                left_out.append({"family": family, "prompt": prompt.text, "target": prompt.target, "why": str(error)})
+                print(f"[{name}/{family}] left out: {error}")
+                continue
             if rank != 1:
                 left_out.append({"family": family, "prompt": prompt.text, "target": prompt.target, "rank": rank, "top_token": top})
                 print(f"[{name}/{family}] left out: {prompt.text!r} -> {prompt.target!r} is rank {rank}; the model's top token is {top!r}")
