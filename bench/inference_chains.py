@@ -56,7 +56,8 @@ class Prompt:
 
 
 # Where method choices were made (the attribution method, integrated gradients' steps, the
-# per-hook ranking). Most of these prompts were in the bench when those choices were made.
+# per-hook ranking, the number of hooks a graph cuts at). Most of these prompts were in the
+# bench when the earlier choices were made.
 TUNING: dict[str, list[Prompt]] = {
     "capital": [Prompt("The capital of France is", " Paris"), Prompt("The capital of Japan is", " Tokyo"),
                 Prompt("The capital of Italy is", " Rome")],
@@ -88,6 +89,10 @@ REPORT: dict[str, list[Prompt]] = {
                   Prompt("The opposite of big is", " small")],
     "sequence": [Prompt("January, February, March,", " April"), Prompt("one, two, three, four,", " five"),
                  Prompt("a, b, c, d,", " e")],
+    "long": [Prompt("The Great Wall was built over many centuries to protect the northern border, and today it is one of the most "
+                    "famous sights in the country of", " China"),
+             Prompt("The Colosseum was completed in 80 AD and it could hold tens of thousands of people. Today tourists visit it "
+                    "in the city of", " Rome")],
 }
 SETS = {"tuning": TUNING, "report": REPORT}
 
