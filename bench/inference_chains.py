@@ -101,7 +101,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stack", type=Path, required=True, help="the stack folder (<out>/sae of `saewb run --preset chain`)")
     p.add_argument("--out", type=Path, required=True, help="results folder")
-    p.add_argument("--sets", nargs="+", default=["tuning", "report"], choices=list(SETS), help="prompt sets (default: both)")
+    p.add_argument("--sets", nargs="*", default=["tuning", "report"], choices=list(SETS), help="prompt sets (default: both; "
+                   "none with --matching: only the matching)")
     p.add_argument("--families", nargs="+", default=None, help="only these families (default: every family of each set)")
     p.add_argument("--max-feature-nodes", type=int, default=GraphConfig.max_feature_nodes, help="default: %(default)s")
     p.add_argument("--n-hooks", type=int, nargs="+", default=[GraphConfig.n_hooks], help="hooks each graph cuts at, evenly spaced "
@@ -164,10 +165,10 @@ def trace_set(model, stack, means, args, name: str, n_hooks: int) -> tuple[dict,
             started = time.perf_counter()
             cards = feature_cards(graph)  # fills the node labels the chain is read out with
             if not rows:
-                write_graph(graph, args.out / "graphs" / f"{name}_{n_hooks}hooks" / family, model_name=stack.model_name, cards=cards)
+                write_graph(graph, args.out / "graphs" / f"{name}_{n_hooks or len(stack)}hooks" / family, model_name=stack.model_name, cards=cards)
             row = graph_row(graph, prompt, rank, prob, time.perf_counter() - started)
             rows.append(row)
-            print(f"[{name}/{family}/{n_hooks} hooks] {prompt.text!r} -> {target.text!r} (p {prob:.2f}):\n  " + graph.summary().replace("\n", "\n  "))
+            print(f"[{name}/{family}/{n_hooks or len(stack)} hooks] {prompt.text!r} -> {target.text!r} (p {prob:.2f}):\n  " + graph.summary().replace("\n", "\n  "))
             print("  by edge type, upstream ablated: " + "; ".join(
                 f"{kind} {v['sign_agreement']:.0%} / {v['rank_correlation']:.2f} (n {v['n_edges']})" for kind, v in row["edges_by_type"].items()))
             print("  chain: " + row["chain"].replace("\n", "\n  "))

@@ -343,6 +343,13 @@ def test_recomputed_error_nodes_follow_an_upstream_ablation(tiny_model, tiny_sta
     assert abs(frozen_errors - recomputed) > 1e-3
 
 
+def test_bad_graph_settings_get_a_clear_error():
+    with pytest.raises(ValueError, match="check_doses"):
+        GraphConfig(check_doses=[0.0, 1.0])
+    with pytest.raises(ValueError, match="max_feature_nodes must be >= 1"):
+        GraphConfig(max_feature_nodes=0)
+
+
 def test_faithfulness_is_undefined_when_ablation_barely_moves_the_target():
     from analysis.circuits.faithfulness import faithfulness_share, passes
 

@@ -84,8 +84,11 @@ def run_trace(args: argparse.Namespace, models: ModelLoader) -> FeatureGraph:
 
     where = stack_source(args)
     stack = _load(where.source)
+    try:
+        cfg = from_flags(GraphConfig, args)
+    except ValueError as error:
+        raise SystemExit(f"trace: {error}") from None
     model = models.get(stack.model_name)
-    cfg = from_flags(GraphConfig, args)
     try:
         stack.check_model(model)
         target = trace_target(args, stack, model)

@@ -45,6 +45,16 @@ class GraphConfig:
     """Steps of integrated gradients, one hook at a time, from the held-out mean to the prompt's
     residual (0: gradient x activation at the prompt, whatever `attribution` names)."""
 
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be >= {low} (got {value})" for name, value, low in
+                    (("max_feature_nodes", self.max_feature_nodes, 1), ("n_check_edges", self.n_check_edges, 0),
+                     ("min_span", self.min_span, 0), ("ig_steps", self.ig_steps, 0), ("n_hooks", self.n_hooks, 0))
+                    if value < low]
+        if not self.check_doses or any(d < 0 or d == 1 for d in self.check_doses):
+            problems.append(f"check_doses must be multiples >= 0 of a node's term, none of them 1 (got {self.check_doses})")
+        if problems:
+            raise ValueError("GraphConfig: " + "; ".join(problems))
+
 
 @dataclass
 class MatchConfig:
