@@ -639,3 +639,16 @@ def test_run_trains_a_steering_sae_that_saewb_steer_finds(tiny_llama_dir, tmp_pa
     assert not (alone / "steering").exists()
     assert load_sae(_run_sae_for_concepts(alone)).cfg.hook_name == HOOKS[0]
     assert "has no steering SAE" in capsys.readouterr().out
+
+
+def test_trace_says_when_the_target_is_not_the_models_top_token(tiny_model):
+    from activations.model import logits_with_edit
+    from analysis.circuits.cli import top_token_note
+
+    with torch.no_grad():
+        logits = logits_with_edit(tiny_model, tokens_of(tiny_model))[0, -1]
+    top, other = int(logits.argmax()), int(logits.argmin())
+    decode = tiny_model.tokenizer.decode
+    assert top_token_note(tiny_model, PROMPT, logit_target(tiny_model.tokenizer, decode([top]))) is None
+    note = top_token_note(tiny_model, PROMPT, logit_target(tiny_model.tokenizer, decode([other])))
+    assert note is not None and f"number {tiny_model.cfg.d_vocab}" in note

@@ -101,12 +101,33 @@ def run_trace(args: argparse.Namespace, models: ModelLoader) -> FeatureGraph:
     name = args.name or (re.sub(r"[^A-Za-z0-9]+", "_", args.prompt).strip("_")[:48] or "graph")
     paths = write_graph(graph, where.folder / "traces" / name, model_name=stack.model_name, cards=cards)
     print(graph.summary())
+    if (note := top_token_note(model, args.prompt, graph.target)) is not None:
+        print(note)
     print("faithfulness at smaller budgets: " + ", ".join(f"{graph.metric['nodes_top'][k]} features {graph.metric['faithfulness_' + k]:.1%}"
                                                         for k in graph.metric["nodes_top"]))
     print("strongest chain:\n  " + graph.chain_text())
     for path in paths:
         print(f"  {path}")
     return graph
+
+
+def top_token_note(model: HookedModel, prompt: str, target: GraphTarget) -> str | None:
+    """A note when a logit target's token is not the model's top next token at its position (the
+    graph then explains a runner-up); None when it is, or for a feature target."""
+    from activations.generation import encode_prompts
+    from activations.model import logits_with_edit, token_strings
+
+    token = getattr(target, "token", None)
+    if token is None:
+        return None
+    tokens = encode_prompts(model.tokenizer, [prompt])[0][None].to(next(model.parameters()).device)
+    logits = logits_with_edit(model, tokens)[0, target.position % tokens.shape[1]]
+    rank = int((logits > logits[token]).sum()) + 1
+    if rank == 1:
+        return None
+    top = token_strings(model.tokenizer, [int(logits.argmax())])[0]
+    return (f"note: the target token is the model's number {rank} next token here, not its first ({top!r}); "
+            "the graph explains a runner-up")
 
 
 # ---------------------------------------------------------------------------- match
@@ -142,4 +163,4 @@ COMMANDS: dict[str, Command] = {
 }
 
 __all__ = ["COMMANDS", "StackSource", "add_match_arguments", "add_trace_arguments", "run_match", "run_trace", "stack_source",
-           "trace_target"]
+           "top_token_note", "trace_target"]
