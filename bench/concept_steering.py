@@ -35,10 +35,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from scipy.stats import spearmanr
 
 from activations import load_model
 from activations.io import atomic_write_bytes, atomic_write_json
+from analysis.circuits.interventions import rank_correlation
 from analysis.features.atlas import load_atlas
 from analysis.features.labels import load_labels
 from analysis.steering import NEUTRAL_PROMPTS
@@ -67,13 +67,6 @@ CONCEPTS = {  # fixed in advance: the concept word (searched) and the words that
 
 PREDICTORS = ("output_score", "delta_confidence", "concept_gain", "logit_z")
 """Single-pass scores compared by how well they predict the trial score (the candidate steered alone, measured where it is used)."""
-
-
-def _spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation; NaN for fewer than 3 pairs or a constant side."""
-    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
 
 
 def ratio(value: float, base: float, n: int) -> float:
@@ -128,7 +121,7 @@ def main() -> None:
             print(f"    f{c.feature}: {c.label[:90]}")
         tried = [c for c in search.ranked if c.trial == c.trial]  # measured (not NaN)
         print(f"  trials: {len(tried)} candidates steered alone, {sum(c.trial > 0 for c in tried)} showing the concept; "
-              "rank correlation with the trial score: " + ", ".join(f"{name} {_spearman([c.scores[name] for c in tried], [c.trial for c in tried]):+.2f}"
+              "rank correlation with the trial score: " + ", ".join(f"{name} {rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried]):+.2f}"
                                                                     for name in PREDICTORS))
         dose = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg)
         searches = {"concept": dose}
@@ -168,7 +161,7 @@ def main() -> None:
               f"[{seconds:.0f} s]")
         figure = write_dose_response(dose, concept, "share of the residual norm" if cfg.mode == "add" else "x weight x max activation",
                                      args.out / f"dose_{concept}.html")
-        summary.append({"concept": concept, "predictors": {name: _spearman([c.scores[name] for c in tried], [c.trial for c in tried])
+        summary.append({"concept": concept, "predictors": {name: rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried])
                                                            for name in PREDICTORS}, "search": search.to_dict(), "dose_search": {k: v.to_dict() for k, v in searches.items()},
                         "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own, "matches_prompting": matches,
                         "seconds": seconds, "figure": str(figure)})

@@ -35,9 +35,7 @@ from pathlib import Path
 import torch
 
 from activations import load_model
-from activations.generation import encode_prompts
 from activations.io import atomic_write_json
-from activations.model import logits_with_edit
 from analysis import cli
 from analysis.circuits.config import MatchConfig
 from analysis.circuits.export import feature_cards, write_graph
@@ -45,6 +43,7 @@ from analysis.circuits.graph import GraphConfig, logit_target, stack_means, trac
 from analysis.circuits.interventions import headline
 from analysis.circuits.matching import layer_matches, live_features, match_saes
 from analysis.circuits.stack import load_stack
+from analysis.circuits.targets.logit import next_token_rank
 from sae import load_sae
 
 
@@ -119,12 +118,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def rank_of(model, prompt: Prompt) -> tuple[int, float, str]:
     """(rank of the target among next tokens, its probability, the top token) on the clean model."""
-    tokens = encode_prompts(model.tokenizer, [prompt.text])[0][None].to(next(model.parameters()).device)
-    logits = logits_with_edit(model, tokens)[0, -1]  # the clean model, through the same path as evaluation
-    target = logit_target(model.tokenizer, prompt.target).token
-    probs = logits.float().softmax(-1)
-    rank = int((logits > logits[target]).sum()) + 1
-    return rank, float(probs[target]), model.tokenizer.decode([int(logits.argmax())])
+    return tuple(next_token_rank(model, prompt.text, logit_target(model.tokenizer, prompt.target).token))
 
 
 def graph_row(graph, prompt: Prompt, rank: int, prob: float, cards_s: float) -> dict:

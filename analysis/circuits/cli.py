@@ -114,19 +114,15 @@ def run_trace(args: argparse.Namespace, models: ModelLoader) -> FeatureGraph:
 def top_token_note(model: HookedModel, prompt: str, target: GraphTarget) -> str | None:
     """A note when a logit target's token is not the model's top next token at its position (the
     graph then explains a runner-up); None when it is, or for a feature target."""
-    from activations.generation import encode_prompts
-    from activations.model import logits_with_edit, token_strings
+    from .targets.logit import next_token_rank
 
     token = getattr(target, "token", None)
     if token is None:
         return None
-    tokens = encode_prompts(model.tokenizer, [prompt])[0][None].to(next(model.parameters()).device)
-    logits = logits_with_edit(model, tokens)[0, target.position % tokens.shape[1]]
-    rank = int((logits > logits[token]).sum()) + 1
-    if rank == 1:
+    ranked = next_token_rank(model, prompt, token, target.position)
+    if ranked.rank == 1:
         return None
-    top = token_strings(model.tokenizer, [int(logits.argmax())])[0]
-    return (f"note: the target token is the model's number {rank} next token here, not its first ({top!r}); "
+    return (f"note: the target token is the model's number {ranked.rank} next token here, not its first ({ranked.top!r}); "
             "the graph explains a runner-up")
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
 
@@ -13,6 +13,8 @@ from .logit_diff import LogitDiffTarget
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from activations.model import HookedModel
 
 
 @register
@@ -32,6 +34,25 @@ def single_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
         raise ValueError(f"target {text!r} is {len(ids)} tokens {pieces} for this tokenizer; a logit target must be one token "
                          f"(try {pieces[0]!r}, or mind the leading space)" if ids else f"target {text!r} is no token at all")
     return ids[0]
+
+
+class TokenRank(NamedTuple):
+    rank: int
+    """1 when the token is the model's top next token."""
+    probability: float
+    top: str
+    """The model's top next token."""
+
+
+def next_token_rank(model: HookedModel, prompt: str, token: int, position: int = -1) -> TokenRank:
+    """Where `token` ranks among the clean model's next tokens after `prompt` (BOS prepended) at `position`."""
+    from activations.generation import encode_prompts
+    from activations.model import logits_with_edit
+
+    tokens = encode_prompts(model.tokenizer, [prompt])[0][None].to(next(model.parameters()).device)
+    logits = logits_with_edit(model, tokens)[0, position % tokens.shape[1]].float()
+    rank = int((logits > logits[token]).sum()) + 1
+    return TokenRank(rank, float(logits.softmax(-1)[token]), token_strings(model.tokenizer, [int(logits.argmax())])[0])
 
 
 def logit_target(tokenizer: PreTrainedTokenizerBase, text: str, contrast: str | None = None,
