@@ -4,6 +4,8 @@ of TransformerLens' `utils.get_act_name`.
     act_name("resid_post", 8)              -> "blocks.8.hook_resid_post"
     parse_hook("blocks.8.hook_mlp_out")    -> HookName(layer=8, kind="mlp_out")
     residual_depth("blocks.8.hook_resid_post") -> 9.0 (the point resid_pre of block 9 reads)
+    parse_hook("blocks.8.mlp.hook_in")     -> HookName(layer=8, kind="mlp_input") (the MLP's own
+                                              input, after its norm: what a transcoder reads)
 """
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ import re
 from typing import NamedTuple
 
 BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
+MLP_INPUT_HOOK = re.compile(r"^blocks\.(\d+)\.mlp\.hook_in$")
+"""The MLP's input after the block's second norm (TransformerBridge's name; kind "mlp_input"). Not
+`blocks.L.hook_mlp_in`, which TransformerLens gives the residual before that norm."""
 RESIDUAL_KINDS = ("resid_pre", "resid_post")
 """Hooks that read the whole residual stream (what a feature graph's SAEs must read)."""
-FAST_KINDS = ("resid_pre", "resid_post", "mlp_out")
+FAST_KINDS = ("resid_pre", "resid_post", "mlp_out", "mlp_input")
 """Hooks with a verified fast path on a Hugging Face model (`activations.model.hook_module`)."""
 
 
@@ -33,9 +38,20 @@ def act_name(kind: str, layer: int) -> str:
 
 
 def parse_hook(name: str) -> HookName | None:
-    """(layer, kind) of a `blocks.L.hook_KIND` name; None for other names (hook_embed, ln_final...)."""
+    """(layer, kind) of a `blocks.L.hook_KIND` name (or of `blocks.L.mlp.hook_in`, kind "mlp_input");
+    None for other names (hook_embed, ln_final...)."""
     match = BLOCK_HOOK.match(name)
-    return None if match is None else HookName(int(match.group(1)), match.group(2))
+    if match is not None:
+        return HookName(int(match.group(1)), match.group(2))
+    match = MLP_INPUT_HOOK.match(name)
+    return None if match is None else HookName(int(match.group(1)), "mlp_input")
+
+
+def transcoder_hooks(layer: int) -> tuple[str, str]:
+    """The hooks a transcoder of block `layer`'s MLP maps between: (its input after the norm, its output)."""
+    if layer < 0:
+        raise ValueError(f"no block {layer}")
+    return f"blocks.{layer}.mlp.hook_in", act_name("mlp_out", layer)
 
 
 def hook_layer(name: str) -> int:
@@ -55,4 +71,4 @@ def residual_depth(name: str) -> float:
     return parsed.layer + (1.0 if parsed.kind == "resid_post" else 0.0)
 
 
-__all__ = ["FAST_KINDS", "RESIDUAL_KINDS", "HookName", "act_name", "hook_layer", "parse_hook", "residual_depth"]
+__all__ = ["FAST_KINDS", "RESIDUAL_KINDS", "HookName", "act_name", "hook_layer", "parse_hook", "residual_depth", "transcoder_hooks"]

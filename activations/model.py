@@ -282,7 +282,7 @@ class ModuleHook:
     """Where a TransformerLens hook lives in the underlying Hugging Face model."""
 
     module: nn.Module
-    on_input: bool  # True: the hook is the module's input (resid_pre, resid_mid)
+    on_input: bool  # True: the hook is the module's input (resid_pre, the MLP's input)
 
 
 def hook_module(model: HookedModel, hook_name: str) -> ModuleHook | None:
@@ -299,6 +299,8 @@ def hook_module(model: HookedModel, hook_name: str) -> ModuleHook | None:
             return ModuleHook(block.original_component, on_input=True)
         if parsed.kind == "mlp_out":
             return ModuleHook(block.mlp.original_component, on_input=False)
+        if parsed.kind == "mlp_input":
+            return ModuleHook(block.mlp.original_component, on_input=True)
     except AttributeError:
         return None
     return None

@@ -16,6 +16,7 @@ Then, with --matching: features across layers (decoder cosine and co-activation)
 another seed; without --width-sae, a twice-as-wide SAE is trained from that store too).
 
     python bench/inference_chains.py --stack runs/chain/sae --out runs/bench_chains --sets tuning report
+    python bench/inference_chains.py --transcoders runs/tc --out runs/bench_tc --sets report   # the transcoder basis
 
 Targets (report set): median faithfulness >= 0.8 with error nodes recomputed at <= 200 feature
 nodes; sign agreement >= 90% and rank correlation >= 0.7 on each graph's top-20 distinct edges;
@@ -42,8 +43,10 @@ from analysis.circuits.export import feature_cards, write_graph
 from analysis.circuits.graph import GraphConfig, logit_target, stack_means, trace
 from analysis.circuits.interventions import headline
 from analysis.circuits.matching import layer_matches, live_features, match_saes
+from analysis.circuits.replacement import TranscoderSet, load_transcoders
 from analysis.circuits.stack import load_stack
 from analysis.circuits.targets.logit import next_token_rank
+from analysis.circuits.transcoder_graph import trace_transcoders
 from sae import load_sae
 
 
@@ -98,7 +101,9 @@ SETS = {"tuning": TUNING, "report": REPORT}
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stack", type=Path, required=True, help="the stack folder (<out>/sae of `saewb run --preset chain`)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--stack", type=Path, help="the stack folder (<out>/sae of `saewb run --preset chain`): the residual basis")
+    where.add_argument("--transcoders", type=Path, help="the folder of `saewb transcoders`: the transcoder basis")
     p.add_argument("--out", type=Path, required=True, help="results folder")
     p.add_argument("--sets", nargs="*", default=["tuning", "report"], choices=list(SETS), help="prompt sets (default: both; "
                    "none with --matching: only the matching)")
@@ -136,7 +141,10 @@ def graph_row(graph, prompt: Prompt, rank: int, prob: float, cards_s: float) -> 
 
 
 def trace_set(model, stack, means, args, name: str, n_hooks: int) -> tuple[dict, list[dict]]:
-    """Every prompt of the set whose target is the model's top token, traced: ({family: rows}, the prompts left out)."""
+    """Every prompt of the set whose target is the model's top token, traced: ({family: rows}, the prompts left out).
+    `stack` is an SAE stack (the residual basis) or a `TranscoderSet` (the transcoder basis, `n_hooks` unused)."""
+    transcoder_basis = isinstance(stack, TranscoderSet)
+    basis = "transcoders" if transcoder_basis else f"{n_hooks or len(stack)}hooks"
     cfg = GraphConfig(max_feature_nodes=args.max_feature_nodes, ig_steps=args.ig_steps, n_hooks=n_hooks)
     results, left_out = {}, []
     for family, prompts in SETS[name].items():
@@ -155,14 +163,17 @@ def trace_set(model, stack, means, args, name: str, n_hooks: int) -> tuple[dict,
                 print(f"[{name}/{family}] left out: {prompt.text!r} -> {prompt.target!r} is rank {rank}; the model's top token is {top!r}")
                 continue
             target = logit_target(model.tokenizer, prompt.target, prompt.contrast)
-            graph = trace(model, stack, prompt.text, target, cfg, means=means)
+            if transcoder_basis:
+                graph = trace_transcoders(model, stack, prompt.text, target, cfg)
+            else:
+                graph = trace(model, stack, prompt.text, target, cfg, means=means)
             started = time.perf_counter()
             cards = feature_cards(graph)  # fills the node labels the chain is read out with
             if not rows:
-                write_graph(graph, args.out / "graphs" / f"{name}_{n_hooks or len(stack)}hooks" / family, model_name=stack.model_name, cards=cards)
+                write_graph(graph, args.out / "graphs" / f"{name}_{basis}" / family, model_name=stack.model_name, cards=cards)
             row = graph_row(graph, prompt, rank, prob, time.perf_counter() - started)
             rows.append(row)
-            print(f"[{name}/{family}/{n_hooks or len(stack)} hooks] {prompt.text!r} -> {target.text!r} (p {prob:.2f}):\n  " + graph.summary().replace("\n", "\n  "))
+            print(f"[{name}/{family}/{basis}] {prompt.text!r} -> {target.text!r} (p {prob:.2f}):\n  " + graph.summary().replace("\n", "\n  "))
             print("  by edge type, upstream ablated: " + "; ".join(
                 f"{kind} {v['sign_agreement']:.0%} / {v['rank_correlation']:.2f} (n {v['n_edges']})" for kind, v in row["edges_by_type"].items()))
             print("  chain: " + row["chain"].replace("\n", "\n  "))
@@ -246,6 +257,8 @@ def _pair(result) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.transcoders:
+        return main_transcoders(args)
     stack = load_stack(args.stack)
     started = time.perf_counter()
     model = load_model(stack.model_name or "smollm2", device=args.device)
@@ -266,15 +279,39 @@ def main(argv: list[str] | None = None) -> None:
             results, left_out = trace_set(model, stack, means, args, name, n_hooks)
             tables[key] = set_table(results)
             sets[key] = {"families": results, "left_out": left_out, "n_hooks": n_hooks or len(stack)}
-    for key, table in tables.items():
-        results, left_out = sets[key]["families"], sets[key]["left_out"]
-        print(f"\n{key} ({sum(len(r) for r in results.values())} graphs in {len(results)} families; "
-              f"{len(left_out)} prompts left out, their target not the top token):\n{table}")
+    print_tables(sets, tables)
     record = {"sets": sets, "tables": tables, "model_load_seconds": load_s, "means_seconds": means_s, "means_cached": cached,
               "settings": {k: str(v) for k, v in vars(args).items()}}
     if args.matching:
         record |= matching(model, stack, args)
     atomic_write_json(args.out / "chains.json", record)
+    print(f"results: {args.out / 'chains.json'}; graphs: {args.out / 'graphs'}")
+
+
+def print_tables(sets: dict, tables: dict) -> None:
+    for key, table in tables.items():
+        results, left_out = sets[key]["families"], sets[key]["left_out"]
+        print(f"\n{key} ({sum(len(r) for r in results.values())} graphs in {len(results)} families; "
+              f"{len(left_out)} prompts left out, their target not the top token):\n{table}")
+
+
+def main_transcoders(args: argparse.Namespace) -> None:
+    """The prompt sets on the transcoder basis (no held-out means: a removed transcoder feature is set to 0)."""
+    transcoders = load_transcoders(args.transcoders)
+    started = time.perf_counter()
+    model = load_model(transcoders.model_name or "smollm2", device=args.device)
+    load_s = time.perf_counter() - started
+    torch.set_grad_enabled(True)
+    print(f"model load {load_s:.0f} s; {len(transcoders)} transcoders from {args.transcoders}")
+    sets, tables = {}, {}
+    for name in args.sets:
+        key = f"{name}, transcoder basis"
+        results, left_out = trace_set(model, transcoders, None, args, name, 0)
+        tables[key] = set_table(results)
+        sets[key] = {"families": results, "left_out": left_out, "basis": "transcoder"}
+    print_tables(sets, tables)
+    atomic_write_json(args.out / "chains.json", {"sets": sets, "tables": tables, "model_load_seconds": load_s,
+                                                 "settings": {k: str(v) for k, v in vars(args).items()}})
     print(f"results: {args.out / 'chains.json'}; graphs: {args.out / 'graphs'}")
 
 

@@ -9,7 +9,7 @@ import pkgutil
 from .base import ARCHITECTURES, SAE, TrainOutput, load_sae, make_config
 from .config import SAEConfig
 
-_SHARED_MODULES = {"base", "checkpoint", "cli", "common", "config", "metrics_log", "on_the_fly", "stack_manifest", "trainer"}
+_SHARED_MODULES = {"base", "checkpoint", "cli", "common", "config", "metrics_log", "on_the_fly", "stack_manifest", "stream", "trainer"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SHARED_MODULES:
         importlib.import_module(f"{__name__}.{_module.name}")  # registers its architecture

@@ -56,6 +56,9 @@ class SAE(nn.Module):
     """The `architecture` string SAE Lens loads what `save` writes as."""
     sae_lens_loads: ClassVar[tuple[str, ...]] = ()
     """SAE Lens `architecture` strings of other tools' directories that `load_sae` loads as this class."""
+    is_transcoder: ClassVar[bool] = False
+    """Whether it maps one hook to another (input and target side by side in a training row, `split_batch`) rather
+    than reconstructing its input."""
     sae_lens_pre_6_default: ClassVar[bool] = False
     """Whether SAE Lens before 6.0 read a cfg.json without "architecture" as this class (named in load errors)."""
 
@@ -83,10 +86,20 @@ class SAE(nn.Module):
         return min(self.cfg.d_sae, 64)
 
     # ---------------------------------------------------------------- inference
+    @property
+    def input_offset(self) -> Tensor:
+        """(d_in): what is subtracted from the input before encoding, b_dec for an SAE (its input and output share a space)."""
+        return self.b_dec
+
+    def split_batch(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """A training batch (batch `cfg.batch_width`) -> (inputs (batch d_in), targets (batch d_out)): for an SAE both are
+        the batch itself; a transcoder's batch holds its input and target side by side."""
+        return batch, batch
+
     def pre_acts(self, x: Tensor, fast: bool = False) -> Tensor:
         """x (... d_in) -> (... d_sae), `...` any leading dims, e.g. (batch pos). `fast`: 2-D inputs
         with gradients on take the hand-written backward of `sae.common.encoder_pre_acts` (training)."""
-        return encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec, fast)
+        return encoder_pre_acts(x, self.W_enc, self.b_enc, self.input_offset, fast)
 
     def activation(self, pre: Tensor) -> Tensor:
         """Feature activations (... d_sae) from pre-activations (... d_sae), e.g. (batch pos d_sae)."""
@@ -124,8 +137,8 @@ class SAE(nn.Module):
     def aux_loss(self, x: Tensor, out: TrainOutput, dead: Tensor, k_aux: int, fast: bool = False,
                  mean_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """The architecture's auxiliary loss () (unweighted: the trainer adds
-        `aux_coefficient` times it), 0 for architectures without one. x (batch d_in), `out` of
-        `training_forward` on x, dead bool (d_sae): latents that have not fired for a while.
+        `aux_coefficient` times it), 0 for architectures without one. x the training batch (batch `cfg.batch_width`),
+        `out` of `training_forward` on x, dead bool (d_sae): latents that have not fired for a while.
         `mean_over_ranks` (data-parallel): turns a sum over this rank's batch into the mean over ranks."""
         return x.new_zeros(())
 
@@ -198,14 +211,17 @@ class SAE(nn.Module):
                 p.copy_(state[name].float())
         self.load_extra_tensors(state)
 
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """Name -> tensor, as `save` writes them: the parameters (fp32, CPU) and `extra_tensors`."""
+        return {n: p.detach().float().cpu() for n, p in self.named_parameters()} | self.extra_tensors()
+
     def save(self, path: str | Path) -> Path:
         """Write `cfg.json` + `sae_weights.safetensors` (SAE Lens format), atomically."""
         from activations.io import atomic_save_safetensors, atomic_write_json
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: p.detach().float().cpu() for n, p in self.named_parameters()} | self.extra_tensors()
-        atomic_save_safetensors(tensors, path / "sae_weights.safetensors")
+        atomic_save_safetensors(self.saved_tensors(), path / "sae_weights.safetensors")
         atomic_write_json(path / "cfg.json", self.sae_lens_config())
         return path
 
@@ -272,7 +288,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         # SAE Lens TopK checkpoints choose top-k on pre * ||W_dec[i]||: fold the norms in
         norms = state["W_dec"].norm(dim=1)
         state["W_enc"], state["b_enc"], state["W_dec"] = state["W_enc"] * norms, state["b_enc"] * norms, state["W_dec"] / norms[:, None]
-    if not raw.get("apply_b_dec_to_input", True):
+    if not raw.get("apply_b_dec_to_input", True) and state["b_dec"].shape == state["b_enc"].shape[:0] + state["W_enc"].shape[:1]:
         # other tools' SAEs may skip subtracting b_dec before encoding: fold that into b_enc
         state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
     sae.load_tensors(state)

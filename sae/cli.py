@@ -108,6 +108,62 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
-COMMANDS = {"train": Command("train SAEs on a store", add_train_arguments, run, sharded=True)}
+def add_transcoder_arguments(p: argparse.ArgumentParser) -> None:
+    """`saewb transcoders`' flags: the corpus, the blocks, the transcoder's own fields and the training flags."""
+    from .transcoder import SkipTranscoderConfig
+
+    add_corpus(p)
+    p.add_argument("--layers", nargs="+", type=int, default=None,
+                   help="blocks whose MLP gets a transcoder (default: every block, the full replacement model that "
+                        "`saewb trace --basis transcoder` needs)")
+    p.add_argument("--buffer-tokens", type=int, default=16_384,
+                   help="rows of the in-memory shuffle buffer; each row holds every layer's MLP input and output (fp32)")
+    add_flags(p, SkipTranscoderConfig, skip=SET_BY_THE_SOURCE | {"hook_name_out", "d_out"}, many=swept_fields())
+    add_flags(p, TrainConfig, skip=SET_HERE, rename=RENAMED)
+
+
+def run_transcoders(args: argparse.Namespace, models: ModelLoader) -> list[Path]:
+    """Skip transcoders for the MLPs of --layers, all trained from one pass of the model over the corpus (`sae.stream`),
+    into <out>/transcoders/layer_<L>/, listed in <out>/transcoders/transcoders.json."""
+    from activations import CorpusConfig
+    from activations.hooks import transcoder_hooks
+    from activations.io import atomic_write_json
+    from activations.model import n_layers
+
+    from .on_the_fly import OnTheFlySource
+    from .stream import column_views, train_together
+    from .transcoder import TRANSCODERS_FILE, SkipTranscoderConfig
+
+    model = models.get()
+    layers = sorted(set(args.layers)) if args.layers else list(range(n_layers(model)))
+    if any(not 0 <= layer < n_layers(model) for layer in layers):
+        raise SystemExit(f"--layers must be blocks 0..{n_layers(model) - 1}, got {layers}")
+    corpus = from_flags(CorpusConfig, args, source=args.corpus or "default")
+    hooks = [hook for layer in layers for hook in transcoder_hooks(layer)]
+    source = OnTheFlySource(model, hooks, corpus=corpus, buffer_tokens=args.buffer_tokens)
+    widths = [source.widths[2 * i] + source.widths[2 * i + 1] for i in range(len(layers))]
+    views = column_views(source, widths, [transcoder_hooks(layer)[0] for layer in layers])
+    fields = {name: (value[0] if isinstance(value, list) else value) for name in SkipTranscoderConfig.field_names()
+              if name not in SET_BY_THE_SOURCE | {"hook_name_out", "d_out"} and (value := getattr(args, name, None)) is not None}
+    out = Path(args.out) / "transcoders"
+    configs = []
+    for i, layer in enumerate(layers):
+        transcoder = SkipTranscoderConfig.for_layer(layer, d_in=source.widths[2 * i], d_out=source.widths[2 * i + 1],
+                                                    model_name=models.name(), context_size=corpus.context_len, **fields)
+        # one seed per layer for the weights (equal shapes from one seed would start from the same decoder); the stream's
+        # batches follow the first layer's seed
+        configs.append(from_flags(TrainConfig, args, rename=RENAMED, out_dir=str(out / f"layer_{layer}"), saes=[transcoder],
+                                  device=args.device, seed=(args.seed or 0) + layer))
+    trained = train_together(configs, views)
+    paths = {layer: p[0] for layer, p in zip(layers, trained) if p}
+    if paths:
+        atomic_write_json(out / TRANSCODERS_FILE, {"transcoders": {str(layer): str(p) for layer, p in paths.items()}})
+        print(f"transcoders: {out / TRANSCODERS_FILE}")
+    return list(paths.values())
+
+
+COMMANDS = {"train": Command("train SAEs on a store", add_train_arguments, run, sharded=True),
+            "transcoders": Command("train a skip transcoder per MLP from one pass over the corpus", add_transcoder_arguments,
+                                   run_transcoders, sharded=False)}
 
 __all__ = ["COMMANDS", "add_arguments", "run", "sae_configs", "swept_fields", "train_one"]

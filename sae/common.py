@@ -207,22 +207,22 @@ def sparse_decode(values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor 
 
 
 def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int, sae: SAE, fast: bool = False,
-              mean_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """AuxK (Gao et al. 2024), a scalar (): reconstruct the residual e = x - x_hat (batch d_in)
-    with the top `k_aux` pre-activations (batch d_sae) of dead latents (bool (d_sae)); loss
-    ||e - e_hat||^2 / ||e||^2 (batch sums), 0 when no latent is dead. `sae` gives the weights.
+              mean_over_ranks: Callable[[Tensor], Tensor] | None = None, target: Tensor | None = None) -> Tensor:
+    """AuxK (Gao et al. 2024), a scalar (): reconstruct the residual e = target - x_hat (batch d_out; the target is
+    the input x (batch d_in) itself for an SAE) with the top `k_aux` pre-activations (batch d_sae) of dead latents
+    (bool (d_sae)); loss ||e - e_hat||^2 / ||e||^2 (batch sums), 0 when no latent is dead. `sae` gives the weights.
     `mean_over_ranks` (data-parallel ranks) turns this rank's ||e||^2 into the mean over ranks,
     so the loss averaged over ranks equals the single-process loss of the global batch."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros(())
-    residual = (x - x_hat).detach()
+    residual = ((x if target is None else target) - x_hat).detach()
     residual_norm = residual.pow(2).sum()
     if mean_over_ranks is not None:
         residual_norm = mean_over_ranks(residual_norm)
     with torch.no_grad():
         dead_pre = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
         indices = dead_pre.topk(min(k_aux, n_dead), dim=1).indices
-    values = gather_pre_acts(pre, indices, x, sae.W_enc, sae.b_enc, sae.b_dec).relu()
+    values = gather_pre_acts(pre, indices, x, sae.W_enc, sae.b_enc, sae.input_offset).relu()
     e_hat = sparse_decode(values, indices, sae.W_dec, fast=fast)
     return (residual - e_hat).pow(2).sum() / residual_norm.clamp_min(1e-8)

@@ -45,6 +45,11 @@ class SAEConfig(metaclass=_BuiltByArchitecture):
         return [f.name for f in fields(cls)]
 
     @property
+    def batch_width(self) -> int:
+        """Width of one training row: d_in for an SAE; a transcoder's rows hold its input and its target."""
+        return self.d_in
+
+    @property
     def sparsity_tag(self) -> str:
         """What the run name says about the sparsity setting (e.g. "k32"); "" when nothing."""
         return ""

@@ -1,5 +1,8 @@
 """Train straight from the model, for runs too big to store: contexts are harvested as
-training goes and mixed in an in-memory shuffle buffer (`buffer_tokens` rows)."""
+training goes and mixed in an in-memory shuffle buffer (`buffer_tokens` rows).
+
+Several hooks make one row: their activations side by side (batch sum of widths), from one forward pass. A
+transcoder's rows are its input and output hooks; `sae.stream` trains many SAEs from column ranges of one such source."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,18 +18,24 @@ from activations.model import HookedModel, run_to_hooks, validate_hook
 class OnTheFlySource:
     n_tokens = None  # streaming: no epochs to count
 
-    def __init__(self, model: HookedModel, hook_name: str, corpus: CorpusConfig | None = None, context_len: int = 128,
+    def __init__(self, model: HookedModel, hook_name: str | list[str], corpus: CorpusConfig | None = None, context_len: int = 128,
                  buffer_tokens: int = 131_072, batch_contexts: int = 16, exclude_bos: bool = True, autocast: str = "bf16"):
-        validate_hook(model, hook_name)
-        self.model, self.hook_name = model, hook_name
+        self.hook_names = [hook_name] if isinstance(hook_name, str) else list(hook_name)
+        if not self.hook_names:
+            raise ValueError("OnTheFlySource needs at least one hook")
+        for name in self.hook_names:
+            validate_hook(model, name)
+        self.model, self.hook_name = model, "+".join(self.hook_names)
         self.corpus = corpus or CorpusConfig(context_len=context_len)
         self.buffer_tokens, self.batch_contexts = buffer_tokens, batch_contexts
         self.first_pos = 1 if exclude_bos else 0
         self.autocast = autocast
         self.device = next(model.parameters()).device
         self._tokens: np.ndarray | None = None
-        probe = run_to_hooks(model, torch.zeros(1, 2, dtype=torch.long, device=self.device), [hook_name])[hook_name]
-        self.d_in = int(probe.shape[-1])
+        probe = run_to_hooks(model, torch.zeros(1, 2, dtype=torch.long, device=self.device), self.hook_names)
+        self.widths = [int(probe[name].shape[-1]) for name in self.hook_names]
+        """Each hook's width, in the order its columns sit in a row."""
+        self.d_in = sum(self.widths)
 
     @property
     def training_data(self) -> dict:
@@ -42,8 +51,9 @@ class OnTheFlySource:
 
     def _activations(self, contexts: np.ndarray) -> torch.Tensor:
         batch = torch.from_numpy(contexts).long().to(self.device)
-        acts = run_to_hooks(self.model, batch, [self.hook_name], self.autocast)[self.hook_name][:, self.first_pos:]
-        return acts.flatten(0, 1).float().cpu()
+        acts = run_to_hooks(self.model, batch, self.hook_names, self.autocast)
+        row = torch.cat([acts[name][:, self.first_pos:] for name in self.hook_names], dim=-1)
+        return row.flatten(0, 1).float().cpu()
 
     def init_sample(self, n_tokens: int, seed: int = 0) -> torch.Tensor:
         """(n_tokens d_in) from random contexts, for the trainer's input scale and b_dec: only

@@ -66,11 +66,15 @@ class TopKSAE(SAE):
     def gather_pre_acts(self, x: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
         """pre.gather(1, indices) (batch k) with the encoder's gradient at those latents only;
         x (batch d_in), pre (batch d_sae) from `selective_pre_acts`."""
-        return gather_pre_acts(pre, indices, x, self.W_enc, self.b_enc, self.b_dec)
+        return gather_pre_acts(pre, indices, x, self.W_enc, self.b_enc, self.input_offset)
 
-    def sparse_training_output(self, x: Tensor, pre: Tensor, values: Tensor, indices: Tensor, fast: bool = False) -> TrainOutput:
-        """Training output decoded sparsely from (values, indices) (batch k); x (batch d_in), pre (batch d_sae)."""
+    def sparse_training_output(self, x: Tensor, pre: Tensor, values: Tensor, indices: Tensor, fast: bool = False,
+                               extra: Tensor | None = None) -> TrainOutput:
+        """Training output decoded sparsely from (values, indices) (batch k); x (batch d_in) the target, pre (batch d_sae);
+        `extra` (batch d_in) is added to the reconstruction (a transcoder's skip term)."""
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec, fast)
+        if extra is not None:
+            x_hat = x_hat + extra
         mse = (x - x_hat).pow(2).sum(-1).mean()
         active = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
         active[indices[values > 0]] = True

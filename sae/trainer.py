@@ -183,6 +183,38 @@ def _mean_over_ranks(t: Tensor) -> Tensor:
     return distributed.all_reduce_(t, "mean")
 
 
+def epoch_batches(source: BatchSource, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                  world_size: int = 1) -> Iterator[torch.Tensor]:
+    """`source`'s training batches (batch width; this rank's batch_size / world_size rows) from step `start_step` on,
+    over as many shuffled epochs as needed: the data order is a pure function of the seed, the epoch and the step."""
+    per_epoch = getattr(source, "n_tokens", None)
+    steps_per_epoch = (per_epoch // batch_size) if per_epoch else None
+    if steps_per_epoch == 0:
+        raise ValueError(f"the activation store holds {per_epoch} tokens, fewer than one batch of {batch_size}")
+    epoch = start_step // steps_per_epoch if steps_per_epoch else 0
+    skip = start_step - epoch * steps_per_epoch if steps_per_epoch else 0
+    while True:
+        for i, batch in enumerate(source.iter_batches(batch_size // world_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size)):
+            if i < skip:
+                continue
+            yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def init_sample_of(source: BatchSource, n_tokens: int, seed: int, batch_size: int) -> Tensor:
+    """The sample (about n_tokens rows, width) the input scale and b_dec are set from: the source's own `init_sample`
+    where it has one (optional, see BatchSource), else its first batches in an epoch no training epoch uses."""
+    if hasattr(source, "init_sample"):
+        return source.init_sample(n_tokens, seed=seed)
+    rows, batches = 0, []
+    for batch in source.iter_batches(min(batch_size, n_tokens), seed=seed, epoch=INIT_SAMPLE_EPOCH):
+        batches.append(batch)
+        rows += len(batch)
+        if rows >= n_tokens:
+            break
+    return torch.cat(batches)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, source: BatchSource):
         self.cfg = cfg
@@ -196,8 +228,9 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.rank.world_size} ranks")
         source_model = getattr(source, "model_name", None) or getattr(getattr(source, "model", None), MODEL_NAME_ATTR, None)
         for s in cfg.saes:
-            if s.d_in != source.d_in:
-                raise ValueError(f"SAE d_in={s.d_in} does not match the activations' d_in={source.d_in} at {source.hook_name}")
+            if s.batch_width != source.d_in:
+                raise ValueError(f"{s.architecture} reads rows of width {s.batch_width} (d_in={s.d_in}), which does not match the "
+                                 f"activations' width {source.d_in} at {source.hook_name}")
             if not same_model(s.model_name, source_model):
                 raise ValueError(f"SAEConfig.model_name={s.model_name!r} but the activations at {source.hook_name} come from model "
                                  f"{source_model!r}; set model_name to the store's model (saewb train: --model {source_model})")
@@ -231,38 +264,16 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def batches(self) -> Iterator[torch.Tensor]:
         """Training batches (batch d_in) from the current step on, over as many epochs as needed."""
-        per_epoch = getattr(self.source, "n_tokens", None)
-        steps_per_epoch = (per_epoch // self.cfg.batch_size) if per_epoch else None
-        if steps_per_epoch == 0:
-            raise ValueError(f"the activation store holds {per_epoch} tokens, fewer than one batch of {self.cfg.batch_size}")
-        epoch = self.step // steps_per_epoch if steps_per_epoch else 0
-        skip = self.step - epoch * steps_per_epoch if steps_per_epoch else 0
-        rank, world = self.rank.rank, self.rank.world_size
-        while True:
-            for i, batch in enumerate(self.source.iter_batches(self.cfg.batch_size // world, seed=self.cfg.seed, epoch=epoch, rank=rank, world_size=world)):
-                if i < skip:
-                    continue
-                yield batch
-            epoch, skip = epoch + 1, 0
+        return epoch_batches(self.source, self.cfg.batch_size, self.cfg.seed, self.step, self.rank.rank, self.rank.world_size)
 
     def init_from_sample(self) -> None:
-        if hasattr(self.source, "init_sample"):  # optional, see BatchSource
-            sample = self.source.init_sample(self.cfg.init_tokens, seed=self.cfg.seed)
-        else:
-            rows, batches = 0, []
-            for batch in self.source.iter_batches(min(self.cfg.batch_size, self.cfg.init_tokens), seed=self.cfg.seed, epoch=INIT_SAMPLE_EPOCH):
-                batches.append(batch)
-                rows += len(batch)
-                if rows >= self.cfg.init_tokens:
-                    break
-            sample = torch.cat(batches)
-        sample = sample.to(self.device)
+        sample = init_sample_of(self.source, self.cfg.init_tokens, self.cfg.seed, self.cfg.batch_size).to(self.device)
         check_init_sample(sample, self.source)  # NaN/inf here is broken data, not a learning-rate problem
         self.scale = input_scale(sample)
-        center = geometric_median(sample * self.scale) if self.cfg.b_dec_init == "geometric_median" else (sample * self.scale).mean(0)
         with torch.no_grad():
             for sae in self.saes:
-                sae.b_dec.copy_(center)
+                targets = sae.split_batch(sample * self.scale)[1]
+                sae.b_dec.copy_(geometric_median(targets) if self.cfg.b_dec_init == "geometric_median" else targets.mean(0))
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -289,36 +300,49 @@ class Trainer:
     def train(self) -> list[Path]:
         """Train (or resume) to the end of the schedule (or `max_steps`); the saved SAE folders,
         once the schedule is complete (none when `max_steps` stopped it earlier)."""
+        self.begin()
+        batches = self.batches() if self.step < self.end else iter(())
+        while self.step < self.end:
+            self.step_on(next(batches))
+        return self.finish()
+
+    def begin(self, progress: bool = True) -> None:
+        """Resume or initialise, and get ready for `step_on` up to `self.end` steps (`progress`: a tqdm bar)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        logger = self._start()
+        self.logger = self._start()
         # DDP broadcasts rank 0's weights here, after init/resume
-        objectives = [distributed.wrap_ddp(Objective(sae, cfg.aux_k or s.d_in // 2, cfg.aux_coefficient, cfg.fast_kernels), self.device)
-                      for sae, s in zip(self.saes, cfg.saes)]
-        end = cfg.total_steps if cfg.max_steps is None else min(cfg.total_steps, cfg.max_steps)
-        bar = tqdm(total=end * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok", unit_scale=True, desc="train",
-                   disable=not self.rank.is_main)
-        clock = (time.perf_counter(), self.step)
-        batches = self.batches() if self.step < end else iter(())
-        while self.step < end:
-            x_raw = next(batches).to(self.device, non_blocking=True)
-            if not torch.isfinite(x_raw).all():
-                raise FloatingPointError(f"non-finite activations in training batch {self.step}: the source holds NaN/inf (a store's "
-                                         "checksums passed, so the harvest wrote them); harvest again into a new --out, e.g. with "
-                                         "--harvest-autocast none")
-            x = x_raw * self.scale
-            log_now = self.step % cfg.log_every == 0 or self.step == end - 1
-            for i, objective in enumerate(objectives):
-                self._update(i, objective, x, logger if log_now else False, clock)
-            self.step += 1
-            bar.update(cfg.batch_size)
-            if log_now and self.last_record:
-                bar.set_postfix(fvu=f"{self.last_record['fvu']:.3f}", l0=f"{self.last_record['l0']:.1f}")
-            if self.rank.is_main and (self.step % cfg.checkpoint_every == 0 or self.step == end):
-                self.save_checkpoint()
-        bar.close()
+        self.objectives = [distributed.wrap_ddp(Objective(sae, cfg.aux_k or s.d_in // 2, cfg.aux_coefficient, cfg.fast_kernels), self.device)
+                           for sae, s in zip(self.saes, cfg.saes)]
+        self.end = cfg.total_steps if cfg.max_steps is None else min(cfg.total_steps, cfg.max_steps)
+        self.bar = tqdm(total=self.end * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok", unit_scale=True, desc="train",
+                        disable=not (self.rank.is_main and progress))
+        self.clock = (time.perf_counter(), self.step)
+
+    def step_on(self, x_raw: Tensor) -> None:
+        """One step of every SAE on the raw training batch x_raw (batch width), then the checkpoint when one is due."""
+        cfg = self.cfg
+        x_raw = x_raw.to(self.device, non_blocking=True)
+        if not torch.isfinite(x_raw).all():
+            raise FloatingPointError(f"non-finite activations in training batch {self.step}: the source holds NaN/inf (a store's "
+                                     "checksums passed, so the harvest wrote them); harvest again into a new --out, e.g. with "
+                                     "--harvest-autocast none")
+        x = x_raw * self.scale
+        log_now = self.step % cfg.log_every == 0 or self.step == self.end - 1
+        for i, objective in enumerate(self.objectives):
+            self._update(i, objective, x, self.logger if log_now else False, self.clock)
+        self.step += 1
+        self.bar.update(cfg.batch_size)
+        if log_now and self.last_record:
+            self.bar.set_postfix(fvu=f"{self.last_record['fvu']:.3f}", l0=f"{self.last_record['l0']:.1f}")
+        if self.rank.is_main and (self.step % cfg.checkpoint_every == 0 or self.step == self.end):
+            self.save_checkpoint()
+
+    def finish(self) -> list[Path]:
+        """The saved SAE folders once the schedule is complete (none when `max_steps` stopped it earlier)."""
+        self.bar.close()
         paths = []
-        if self.step >= cfg.total_steps:
+        if self.step >= self.cfg.total_steps:
             paths = self.save_final() if self.rank.is_main else [self.out / name for name in self.names]
         distributed.barrier()  # no rank returns before rank 0's checkpoint and SAEs are on disk
         return paths
@@ -357,8 +381,9 @@ class Trainer:
     def _log(self, logger: MetricsLog | None, i: int, sae: SAE, out: TrainOutput, aux: Tensor, loss: Tensor, dead: Tensor,
              x: Tensor, lr_mult: float, steps_per_s: float) -> None:
         """One metrics record for SAE i, averaged over ranks (all ranks call this; rank 0 writes)."""
-        mean = distributed.all_reduce_(x.mean(0), "mean")  # the global batch's mean, so FVU is the global one
-        variance = (x - mean).pow(2).sum(-1).mean()
+        target = sae.split_batch(x)[1]
+        mean = distributed.all_reduce_(target.mean(0), "mean")  # the global batch's mean, so FVU is the global one
+        variance = (target - mean).pow(2).sum(-1).mean()
         stats = torch.stack([loss, out.mse, variance, out.l0, aux, out.sparsity]).float()
         loss_v, mse, variance, l0, aux_v, sparsity = distributed.all_reduce_(stats, "mean").tolist()
         record = {

@@ -5,7 +5,7 @@ import torch
 from sae import ARCHITECTURES, SAEConfig, load_sae
 from sae.common import normalize_decoder_rows, project_out_parallel_grad, sparse_decode
 
-ARCHS = sorted(ARCHITECTURES)
+ARCHS = sorted(a for a, cls in ARCHITECTURES.items() if not cls.is_transcoder)  # transcoders: tests/test_transcoder.py
 
 ENCODING = {  # how each architecture encodes (the papers: Bricken et al. 2023, Gao et al. 2024, Bussmann et al. 2024, Rajamanoharan et al. 2024), written independently of sae/*.py: one line per architecture
     "topk": "topk",  # topk(relu(pre), k) per token

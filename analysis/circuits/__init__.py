@@ -3,6 +3,9 @@
     stack.py          SAEStack: SAEs on residual hooks of one model, in layer order; the per-layer report
     runner.py         ResidualRunner: the residual stream from one hook to the next (or to the logits), with gradients
     graph.py          trace(): the feature graph of a prompt for a target, pruned and checked (the method, in its docstring)
+    replacement.py    the transcoder basis: TranscoderSet (one skip transcoder per MLP) and the prompt's frozen local
+                      replacement model (attention patterns and norm scales frozen, errors kept: the model's logits)
+    transcoder_graph.py  trace_transcoders(): the graph on the transcoder basis, exact edges in the replacement
     config.py         GraphConfig (trace's settings) and MatchConfig (matching's), each a flag
     targets/          what a graph explains, one kind per file: logit, logit difference, feature (GraphTarget, TARGETS)
     attribution/      node attribution methods, one per file: integrated gradients, gradient x activation (ATTRIBUTIONS)

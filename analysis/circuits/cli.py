@@ -1,8 +1,8 @@
 """`saewb trace` and `saewb match`: the circuits stage's commands. `analysis.cli` collects
 `COMMANDS` into the `saewb` parser.
 
-trace: the feature graph of a prompt through a stack of SAEs, written as JSON, Neuronpedia
-JSON and an offline HTML page into <stack>/traces/.
+trace: the feature graph of a prompt through a stack of SAEs (or, `--basis transcoder`, through a skip transcoder per
+MLP), written as JSON, Neuronpedia JSON and an offline HTML page into <stack>/traces/ (<transcoders>/traces/).
 match: which features of two SAEs are the same (widths, seeds), or of neighbouring layers of a stack.
 """
 from __future__ import annotations
@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", nargs="+", default=None, help="the SAE stack: a folder with stack.json (`saewb run --preset chain` writes "
                    "<out>/sae/stack.json) or SAE folders in layer order (default: <out>/sae)")
+    p.add_argument("--basis", choices=("residual", "transcoder"), default="residual",
+                   help="residual: nodes are the features of a stack of residual SAEs (--sae); transcoder: the features of a "
+                        "skip transcoder per MLP (--transcoders) in the prompt's frozen local replacement model, exact edges")
+    p.add_argument("--transcoders", default=None, help="with --basis transcoder: the folder `saewb transcoders` wrote "
+                   "(default: <out>/transcoders)")
     p.add_argument("--prompt", required=True, help="the prompt (BOS is prepended)")
     p.add_argument("--target", default=None, help="the target token, e.g. ' Paris' (one token; mind the leading space); "
                    "the graph explains its logit less the mean logit")
@@ -82,24 +87,27 @@ def run_trace(args: argparse.Namespace, models: ModelLoader) -> FeatureGraph:
     from .export import feature_cards, write_graph
     from .graph import stack_means, trace
 
-    where = stack_source(args)
-    stack = _load(where.source)
     try:
         cfg = from_flags(GraphConfig, args)
     except ValueError as error:
         raise SystemExit(f"trace: {error}") from None
-    model = models.get(stack.model_name)
-    try:
-        stack.check_model(model)
-        target = trace_target(args, stack, model)
-        means = stack_means(model, stack.to(next(model.parameters()).device), n_tokens=cfg.mean_tokens,
-                            cache=where.folder / "means.safetensors")
-        graph = trace(model, stack, args.prompt, target, cfg, means=means)
-    except ValueError as error:
-        raise SystemExit(f"trace: {error}") from None
+    if args.basis == "transcoder":
+        model, graph, folder, model_name = _trace_on_transcoders(args, models, cfg)
+    else:
+        where = stack_source(args)
+        stack = _load(where.source)
+        model, folder, model_name = models.get(stack.model_name), where.folder, stack.model_name
+        try:
+            stack.check_model(model)
+            target = trace_target(args, stack, model)
+            means = stack_means(model, stack.to(next(model.parameters()).device), n_tokens=cfg.mean_tokens,
+                                cache=where.folder / "means.safetensors")
+            graph = trace(model, stack, args.prompt, target, cfg, means=means)
+        except ValueError as error:
+            raise SystemExit(f"trace: {error}") from None
     cards = feature_cards(graph)
     name = args.name or (re.sub(r"[^A-Za-z0-9]+", "_", args.prompt).strip("_")[:48] or "graph")
-    paths = write_graph(graph, where.folder / "traces" / name, model_name=stack.model_name, cards=cards)
+    paths = write_graph(graph, folder / "traces" / name, model_name=model_name, cards=cards)
     print(graph.summary())
     if (note := top_token_note(model, args.prompt, graph.target)) is not None:
         print(note)
@@ -109,6 +117,27 @@ def run_trace(args: argparse.Namespace, models: ModelLoader) -> FeatureGraph:
     for path in paths:
         print(f"  {path}")
     return graph
+
+
+def _trace_on_transcoders(args: argparse.Namespace, models: ModelLoader, cfg: GraphConfig) -> tuple[HookedModel, FeatureGraph, Path, str]:
+    """(model, graph, output folder, model name) of a trace on the transcoder basis."""
+    from .replacement import load_transcoders
+    from .targets import logit_target
+    from .transcoder_graph import trace_transcoders
+
+    if args.target_feature:
+        raise SystemExit("trace: --target-feature needs the residual basis; the transcoder basis explains --target (and --contrast)")
+    if not args.target:
+        raise SystemExit("trace: name what to explain: --target TOKEN (optionally --contrast TOKEN)")
+    folder = Path(args.transcoders or Path(args.out) / "transcoders")
+    try:
+        transcoders = load_transcoders(folder)
+        model = models.get(transcoders.model_name)
+        target = logit_target(model.tokenizer, args.target, args.contrast, position=args.position)
+        graph = trace_transcoders(model, transcoders, args.prompt, target, cfg)
+    except (FileNotFoundError, ValueError, NotImplementedError) as error:
+        raise SystemExit(f"trace: {error}") from None
+    return model, graph, folder, transcoders.model_name
 
 
 def top_token_note(model: HookedModel, prompt: str, target: GraphTarget) -> str | None:

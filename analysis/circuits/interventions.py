@@ -44,19 +44,29 @@ def check_edges(run: CleanRun, edges: list[Edge], nodes: dict[str, Node], cfg: G
     """Scale the upstream node of the strongest `cfg.n_check_edges` edges of each type by each
     of `cfg.check_doses` (`nodes`: the graph's, by id); compare the measured change of the
     downstream value with the predicted one."""
-    chosen: dict[str, list[Edge]] = {}
-    for e in sorted(edges, key=lambda e: -abs(e.weight)):
-        kind = edge_type(nodes[e.source], nodes[e.target])
-        if len(chosen.setdefault(kind, [])) < cfg.n_check_edges:
-            chosen[kind].append(e)
     doses = [float(d) for d in cfg.check_doses]
     rows: list[EdgeCheck] = []
-    for kind, picked in chosen.items():
+    for kind, picked in strongest_by_type(edges, nodes, cfg.n_check_edges).items():
         for e in picked:
             up, down = nodes[e.source], nodes[e.target]
             changes = _measured_changes(run, up, down, doses)
             rows += [EdgeCheck(source=e.source, target=e.target, edge_type=kind, dose=dose, predicted=(dose - 1.0) * e.direct,
                                measured=change) for dose, change in zip(doses, changes)]
+    return intervention_check(rows)
+
+
+def strongest_by_type(edges: list[Edge], nodes: dict[str, Node], n: int, types: set[str] | None = None) -> dict[str, list[Edge]]:
+    """{edge type: its `n` strongest edges by |weight|} (only `types`, when given)."""
+    chosen: dict[str, list[Edge]] = {}
+    for e in sorted(edges, key=lambda e: -abs(e.weight)):
+        kind = edge_type(nodes[e.source], nodes[e.target])
+        if (types is None or kind in types) and len(chosen.setdefault(kind, [])) < n:
+            chosen[kind].append(e)
+    return chosen
+
+
+def intervention_check(rows: list[EdgeCheck]) -> InterventionCheck:
+    """The check of the measured rows: every type summarised, the headline on feature -> feature edges, ablated."""
     by_type = summarize(rows)
     headline = by_type.get(HEADLINE_TYPE, {}).get(_dose_key(HEADLINE_DOSE), {})
     return InterventionCheck(rows, headline.get("sign_agreement", float("nan")), headline.get("rank_correlation", float("nan")), by_type)
@@ -135,4 +145,5 @@ def headline(check: InterventionCheck) -> dict[str, Any]:
             "by_type": {kind: doses.get(key, {}) for kind, doses in check.by_type.items()}}
 
 
-__all__ = ["HEADLINE_DOSE", "HEADLINE_TYPE", "check_edges", "edge_type", "headline", "rank_correlation", "sign_agreement", "summarize"]
+__all__ = ["HEADLINE_DOSE", "HEADLINE_TYPE", "check_edges", "edge_type", "headline", "intervention_check", "rank_correlation",
+           "sign_agreement", "strongest_by_type", "summarize"]

@@ -1,0 +1,287 @@
+"""Feature graphs on the transcoder basis: nodes are the features of every block's skip transcoder, one error node per
+block and position, the prompt's tokens and the target; edges are exact direct effects in the prompt's frozen local
+replacement model (`replacement.py`), as in circuit-tracer (Ameisen et al. 2025).
+
+    graph = trace_transcoders(model, load_transcoders("runs/tc"), "The capital of France is", logit_target(tok, " Paris"))
+
+**Attribution.** A node's term is what it adds to the residual stream: a feature's activation times its decoder row
+(after its block), an error node's error vector, a token's embedding. Its attribution is that term dotted with the
+target's gradient in the replacement with the features live (TopK on the replacement's own MLP inputs, so the
+gradient runs through every active feature): its total effect on the target, every path included, to first order.
+Nodes are ranked by |attribution| over the whole graph and kept up to `max_feature_nodes` features; error nodes ranked
+above the last kept feature are kept and counted apart.
+
+**Edges.** The direct effect of a source on a kept feature is its term dotted with the gradient of that feature's
+pre-activation in the replacement with every feature frozen at its clean activation: the path through attention (its
+patterns frozen), norms (their scales frozen), the skip terms and the residual stream, and no other feature. It is
+exact, not a first-order estimate: the frozen replacement is linear in its injections. Into the target, the same with
+the target metric. An edge's weight is its direct effect times the downstream node's gradient on the target.
+
+**Checks.**
+- Faithfulness, in the real model (attention and norms live) with each MLP's output replaced by its transcoder's
+  features kept in the graph, recomputed from the run's own MLP input, plus the graph's error nodes: recomputed there
+  (the MLP's real output less the transcoder's, Marks et al.) as the headline, frozen at their clean values beside it,
+  and the bounds with no error node and with every one. Removing a node sets it to 0 (a transcoder feature's "off");
+  "empty" keeps only the transcoders' bias and skip terms.
+- circuit-tracer's replacement and completeness scores (`scores.py`) on the kept nodes and every edge between them.
+- The edge check: the upstream node is scaled by each dose in the real model, every other feature and error frozen at
+  its clean value, and the downstream feature's activation (its transcoder's TopK on the live MLP input) or the target
+  is read: what the frozen attention and norms leave out shows up here.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from activations.generation import encode_prompts
+from activations.hooks import act_name
+from activations.model import HookedModel, token_strings
+
+from .config import GraphConfig
+from .faithfulness import faithfulness_share
+from .feature_graph import FeatureGraph
+from .graph import check_prompt
+from .interventions import HEADLINE_TYPE, intervention_check, strongest_by_type
+from .nodes import TARGET_ID, Edge, EdgeCheck, InterventionCheck, Node
+from .pruning import Candidate, budget_of, prune_edges
+from .replacement import CleanPrompt, ReplacementModel, TranscoderSet
+from .scores import graph_scores
+from .targets import GraphTarget, LogitsTarget
+
+
+class _Attribution(NamedTuple):
+    candidates: list[Candidate]
+    """Every active feature and every error node (positions >= 1), largest |attribution| first."""
+    kept: list[Candidate]
+    gradient: Tensor
+    """[n_layers + 1 pos d_model] the target's gradient at each injection point, features live."""
+    token_attribution: Tensor
+    """[pos]"""
+
+
+def _metric(target: LogitsTarget, logits: Tensor, position: int) -> Tensor:
+    return target.metric(logits[:, position])
+
+
+def _attribute(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget, position: int, cfg: GraphConfig) -> _Attribution:
+    injections = rm.zero_injections(clean)
+    resid, _ = rm.forward(clean, injections, live=True)
+    (gradient,) = torch.autograd.grad(_metric(target, rm.logits(clean, resid), position).sum(), injections)
+    gradient = gradient[0].detach()
+    rows = []
+    for layer, tc in enumerate(rm.transcoders.transcoders):
+        feature_attr = clean.codes[layer] * (gradient[layer + 1] @ tc.W_dec.detach().T)  # [pos d_sae]
+        ps, js = clean.codes[layer].nonzero(as_tuple=True)
+        rows += [(a, layer, p, j) for p, j, a in zip(ps.tolist(), js.tolist(), feature_attr[ps, js].tolist())]
+        error_attr = (clean.errors[layer] * gradient[layer + 1]).sum(-1)  # [pos]
+        rows += [(float(error_attr[p]), layer, p, None) for p in range(1, clean.n_pos)]
+    total = max(sum(abs(a) for a, *_ in rows), 1e-30)
+    candidates = sorted((Candidate(abs(a) / total, layer, p, j, a) for a, layer, p, j in rows), key=lambda c: -c.share)
+    ranked = [c for c in candidates if c.share >= cfg.min_node_share]
+    token_attribution = (clean.embed * gradient[0]).sum(-1)
+    return _Attribution(candidates, ranked[:budget_of(ranked, cfg.max_feature_nodes)], gradient, token_attribution)
+
+
+def _term(rm: ReplacementModel, clean: CleanPrompt, node: Node) -> tuple[int, Tensor]:
+    """(the injection index its term enters at, the term [d_model]) of a token, feature or error node."""
+    p = node.position
+    if node.kind == "token":
+        return 0, clean.embed[p]
+    if node.kind == "error":
+        return node.stack_index + 1, clean.errors[node.stack_index, p]
+    tc = rm.transcoders.transcoders[node.stack_index]
+    return node.stack_index + 1, clean.codes[node.stack_index, p, node.feature] * tc.W_dec[node.feature].detach()
+
+
+def _edges(rm: ReplacementModel, clean: CleanPrompt, nodes: list[Node], target: LogitsTarget, position: int,
+           gradient: Tensor, cfg: GraphConfig) -> list[Edge]:
+    """Every edge from a token, feature or error node into a kept feature or the target, with its exact direct effect."""
+    sources = [n for n in nodes if n.kind in ("token", "feature", "error")]
+    where = [_term(rm, clean, n) for n in sources]
+    index = torch.tensor([w[0] for w in where])
+    positions = torch.tensor([n.position for n in sources])
+    terms = torch.stack([w[1] for w in where])  # [n_sources d_model]
+    layer_of = torch.tensor([-1 if n.kind == "token" else n.stack_index for n in sources])
+    downstream = [n for n in nodes if n.kind == "feature"] + [n for n in nodes if n.kind == "target"]
+    edges = []
+    for start in range(0, len(downstream), cfg.batch_rows):
+        batch = downstream[start:start + cfg.batch_rows]
+        injections = rm.zero_injections(clean, len(batch))
+        features = [n for n in batch if n.kind == "feature"]
+        stop = max((n.stack_index for n in features), default=-1) + 1
+        reads_target = any(n.kind == "target" for n in batch)
+        resid, mlp_inputs = rm.forward(clean, injections, live=False, stop=rm.n_layers if reads_target else stop)
+        values = []
+        for b, n in enumerate(batch):
+            if n.kind == "target":
+                values.append(_metric(target, rm.logits(clean, resid[b:b + 1]), position)[0])
+            else:
+                tc = rm.transcoders.transcoders[n.stack_index]
+                values.append(mlp_inputs[n.stack_index][b, n.position] @ tc.W_enc[:, n.feature])
+        (grads,) = torch.autograd.grad(torch.stack(values).sum(), injections)
+        direct = (grads[:, index, positions] * terms[None]).sum(-1)  # [batch n_sources]
+        for b, n in enumerate(batch):
+            depth = rm.n_layers if n.kind == "target" else n.stack_index
+            allowed = (layer_of < depth) & (positions <= n.position)
+            if n.kind == "target":
+                to_target = 1.0
+            else:
+                tc = rm.transcoders.transcoders[n.stack_index]
+                to_target = float(gradient[n.stack_index + 1, n.position] @ tc.W_dec[n.feature].detach())
+            for s in allowed.nonzero().flatten().tolist():
+                d = float(direct[b, s])
+                if d != 0.0:
+                    edges.append(Edge(sources[s].id, n.id, d * to_target, d))
+    return edges
+
+
+def _keep_masks(rm: ReplacementModel, clean: CleanPrompt, sets: list[list[Candidate]]) -> tuple[Tensor, Tensor]:
+    """(features kept [n_sets n_layers pos d_sae], error nodes kept [n_sets n_layers pos 1]) of each set of candidates."""
+    n_layers, n_pos, d_sae = clean.codes.shape
+    features = torch.zeros(len(sets), n_layers, n_pos, d_sae, dtype=torch.bool, device=clean.codes.device)
+    errors = torch.zeros(len(sets), n_layers, n_pos, 1, dtype=torch.bool, device=clean.codes.device)
+    for i, kept in enumerate(sets):
+        for c in kept:
+            if c.feature is None:
+                errors[i, c.stack_index, c.position] = True
+            else:
+                features[i, c.stack_index, c.position, c.feature] = True
+    return features, errors
+
+
+@torch.no_grad()
+def _ablated_metrics(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget, position: int,
+                     sets: list[tuple[list[Candidate], str]]) -> list[float]:
+    """The target metric in the real model with each MLP replaced by the set's kept features (recomputed) and error
+    nodes ("recomputed", "frozen", "none" or "all" recomputed), one row per set."""
+    features, errors = _keep_masks(rm, clean, [kept for kept, _ in sets])
+    modes = [mode for _, mode in sets]
+
+    def mlp_out(layer: int, m_in: Tensor, real: Tensor) -> Tensor:
+        tc = rm.transcoders.transcoders[layer]
+        f = tc.encode(m_in) * features[:, layer]
+        out = tc.decode(f) + tc.skip(m_in)
+        recomputed = real - tc(m_in)
+        for row, mode in enumerate(modes):
+            if mode == "recomputed":
+                out[row] += recomputed[row] * errors[row, layer]
+            elif mode == "frozen":
+                out[row] += clean.errors[layer] * errors[row, layer]
+            elif mode == "all":
+                out[row] += recomputed[row]
+        out[:, 0] = real[:, 0]
+        return out
+
+    tokens = clean.tokens[None].repeat(len(sets), 1)
+    return _metric(target, rm.spliced_logits(tokens, mlp_out), position).tolist()
+
+
+def _faithfulness(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget, position: int, attribution: _Attribution,
+                  cfg: GraphConfig) -> tuple[dict, float]:
+    kept, everything = attribution.kept, attribution.candidates
+    budgets = [b for b in cfg.budgets if b < cfg.max_feature_nodes]
+    by_budget = [attribution.kept[:budget_of(attribution.kept, b)] for b in budgets]
+    sets = [([], "none"), (everything, "recomputed"), (kept, "recomputed"), (kept, "frozen"), (kept, "none"), (kept, "all"),
+            *((k, "recomputed") for k in by_budget)]
+    values = _ablated_metrics(rm, clean, target, position, sets)
+    clean_value = float(_metric(target, clean.logits[None], position)[0])
+    metric = {"clean": clean_value, "empty": values[0], "full": values[1], "graph": values[2], "graph_frozen": values[3],
+              "graph_no_errors": values[4], "graph_all_errors": values[5]}
+    for b, value in zip(budgets, values[6:]):
+        metric[f"top{b}"] = value
+    for key in [k for k in metric if k not in ("clean", "empty")]:
+        metric[f"faithfulness_{key}"] = faithfulness_share(metric, metric[key], cfg.min_span)
+    metric["span_defined"] = metric["faithfulness_graph"] == metric["faithfulness_graph"]
+    metric["active_features"] = sum(1 for c in everything if c.feature is not None)
+    metric["nodes_top"] = {f"top{b}": sum(1 for c in k if c.feature is not None) for b, k in zip(budgets, by_budget)}
+    return metric, metric["faithfulness_graph"]
+
+
+@torch.no_grad()
+def _check_edges(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget, position: int, edges: list[Edge],
+                 nodes: dict[str, Node], cfg: GraphConfig) -> InterventionCheck:
+    """Scale the upstream node of the strongest feature / error -> feature / target edges by each dose in the real
+    model, every other feature and error frozen at its clean value; compare the downstream change with the prediction."""
+    types = {HEADLINE_TYPE, "error->feature", "feature->target", "error->target"}
+    picked = [e for group in strongest_by_type(edges, nodes, cfg.n_check_edges, types).values() for e in group]
+    doses = [float(d) for d in cfg.check_doses]
+    if not picked:
+        return intervention_check([])
+    rows = [(e, dose) for e in picked for dose in [1.0, *doses]]
+    n_layers, n_pos, d_sae = clean.codes.shape
+    codes = clean.codes[None].repeat(len(rows), 1, 1, 1)
+    error_scale = torch.ones(len(rows), n_layers, n_pos, 1, device=codes.device)
+    for r, (e, dose) in enumerate(rows):
+        up = nodes[e.source]
+        if up.kind == "feature":
+            codes[r, up.stack_index, up.position, up.feature] *= dose
+        else:
+            error_scale[r, up.stack_index, up.position] = dose
+    reads: dict[int, Tensor] = {}
+
+    def mlp_out(layer: int, m_in: Tensor, real: Tensor) -> Tensor:
+        tc = rm.transcoders.transcoders[layer]
+        reads[layer] = tc.encode(m_in)  # [rows pos d_sae] the live code, for the downstream features
+        out = tc.decode(codes[:, layer]) + tc.skip(m_in) + clean.errors[layer] * error_scale[:, layer]
+        out[:, 0] = real[:, 0]
+        return out
+
+    logits = rm.spliced_logits(clean.tokens[None].repeat(len(rows), 1), mlp_out)
+    metric = _metric(target, logits, position)
+    values = []
+    for r, (e, _) in enumerate(rows):
+        down = nodes[e.target]
+        values.append(float(metric[r]) if down.kind == "target" else float(reads[down.stack_index][r, down.position, down.feature]))
+    checks: list[EdgeCheck] = []
+    per_edge = len(doses) + 1
+    for k, e in enumerate(picked):
+        base = values[k * per_edge]
+        kind = f"{nodes[e.source].kind}->{nodes[e.target].kind}"
+        for i, dose in enumerate(doses):
+            checks.append(EdgeCheck(source=e.source, target=e.target, edge_type=kind, dose=dose, predicted=(dose - 1.0) * e.direct,
+                                    measured=values[k * per_edge + 1 + i] - base))
+    return intervention_check(checks)
+
+
+def trace_transcoders(model: HookedModel, transcoders: TranscoderSet, prompt: str, target: GraphTarget,
+                      cfg: GraphConfig | None = None) -> FeatureGraph:
+    """The pruned, checked feature graph of `prompt` for a logit or logit-difference `target` on the transcoder basis."""
+    cfg = cfg or GraphConfig()
+    if not isinstance(target, LogitsTarget):
+        raise ValueError(f"the transcoder basis explains targets read from the logits (logit, logit difference), not a {target.kind} "
+                         "target; trace a feature target on the residual basis (--basis residual)")
+    started = time.perf_counter()
+    rm = ReplacementModel(model, transcoders)
+    device = next(model.parameters()).device
+    transcoders.to(device)
+    tokens = encode_prompts(model.tokenizer, [prompt])[0].to(device)
+    check_prompt(model, tokens, cfg)
+    strings = token_strings(model.tokenizer, tokens.tolist())
+    for tc in transcoders.transcoders:
+        tc.requires_grad_(False)
+    clean = rm.clean_run(tokens)
+    position = target.position % clean.n_pos
+    attribution = _attribute(rm, clean, target, position, cfg)
+    nodes = [Node("token", -1, p, None, float(clean.embed[p].norm()), float(attribution.token_attribution[p]), strings[p])
+             for p in range(1, clean.n_pos)]
+    for c in attribution.kept:
+        value = float(clean.errors[c.stack_index, c.position].norm()) if c.feature is None else float(clean.codes[c.stack_index, c.position, c.feature])
+        nodes.append(Node(c.kind, c.stack_index, c.position, c.feature, value, c.attribution, strings[c.position]))
+    clean_value = float(_metric(target, clean.logits[None], position)[0])
+    nodes.append(Node("target", rm.n_layers, position, None, clean_value, clean_value, strings[position], target.text))
+    every_edge = _edges(rm, clean, nodes, target, position, attribution.gradient, cfg)
+    edges = prune_edges(every_edge, cfg)
+    metric, faithful = _faithfulness(rm, clean, target, position, attribution, cfg)
+    checks = _check_edges(rm, clean, target, position, edges, {n.id: n for n in nodes}, cfg)
+    scores = graph_scores(nodes, every_edge)
+    hooks = [act_name("mlp_out", layer) for layer in range(rm.n_layers)]
+    assert nodes[-1].id == TARGET_ID
+    return FeatureGraph(prompt, strings, target, hooks, nodes, edges, metric, faithful, checks, time.perf_counter() - started,
+                        {**asdict(cfg), "basis": "transcoder"}, transcoders.paths, scores._asdict())
+
+
+__all__ = ["trace_transcoders"]

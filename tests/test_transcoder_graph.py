@@ -1,0 +1,138 @@
+"""The transcoder replacement model and its feature graphs (`analysis/circuits/replacement.py`, `transcoder_graph.py`)
+on the tiny Llama: the clean forward and the frozen replacement reproduce the model's logits; an edge is the finite
+difference of the frozen replacement; faithfulness and the edge check come out of the real model."""
+import json
+
+import pytest
+import torch
+
+from activations.model import MODEL_NAME_ATTR
+from analysis.circuits.graph import GraphConfig, logit_target
+from analysis.circuits.replacement import ReplacementModel, TranscoderSet, load_transcoders
+from analysis.circuits.transcoder_graph import trace_transcoders
+from sae.transcoder import SkipTranscoder, SkipTranscoderConfig
+
+PROMPT = "qwx zq wx"
+
+
+@pytest.fixture(scope="module")
+def transcoders(tiny_bridge):
+    """Random skip transcoders of both blocks (d_model 32, 64 latents, k 4): the error terms make any of them exact."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for layer in range(int(tiny_bridge.cfg.n_layers)):
+        tc = SkipTranscoder(SkipTranscoderConfig.for_layer(layer, d_in=32, d_sae=64, k=4, model_name=getattr(tiny_bridge, MODEL_NAME_ATTR)), gen)
+        with torch.no_grad():
+            tc.W_enc.normal_(0, 0.5, generator=gen)
+            tc.W_skip.normal_(0, 0.1, generator=gen)
+            tc.b_enc.normal_(0, 0.1, generator=gen)
+        out.append(tc)
+    return TranscoderSet(out, [f"layer{i}" for i in range(len(out))])
+
+
+def tokens_of(model, prompt=PROMPT):
+    from activations.generation import encode_prompts
+    return encode_prompts(model.tokenizer, [prompt])[0]
+
+
+def test_the_clean_run_and_the_frozen_replacement_reproduce_the_models_logits(tiny_bridge, transcoders):
+    rm = ReplacementModel(tiny_bridge, transcoders)
+    tokens = tokens_of(tiny_bridge)
+    with torch.no_grad():
+        logits = tiny_bridge.original_model(input_ids=tokens[None]).logits[0]
+        clean = rm.clean_run(tokens)
+        torch.testing.assert_close(clean.logits, logits, atol=1e-4, rtol=1e-4)
+        for live in (False, True):
+            resid, _ = rm.forward(clean, rm.zero_injections(clean).detach(), live=live)
+            torch.testing.assert_close(rm.logits(clean, resid)[0], logits, atol=1e-4, rtol=1e-4)
+        # the transcoders really are in it: without the error terms the logits move
+        clean.errors[:, 1:] = 0
+        resid, _ = rm.forward(clean, rm.zero_injections(clean).detach())
+        assert (rm.logits(clean, resid)[0] - logits).abs().max() > 1e-2
+    assert (clean.codes[:, 1:] > 0).sum(-1).le(4).all() and (clean.codes[:, 0] == 0).all()
+
+
+def test_a_transcoder_edge_equals_the_finite_difference_of_the_frozen_replacement(tiny_bridge, transcoders):
+    tokens = tokens_of(tiny_bridge)
+    target = logit_target(tiny_bridge.tokenizer, "q")
+    cfg = GraphConfig(max_feature_nodes=40, min_node_share=0.0, edge_share=1.0, max_edges=100_000, n_check_edges=3)
+    graph = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, cfg)
+    rm = ReplacementModel(tiny_bridge, transcoders)
+    clean = rm.clean_run(tokens)
+    by_id = {n.id: n for n in graph.nodes}
+    feature_edges = [e for e in graph.edges if by_id[e.source].kind == "feature" and by_id[e.target].kind == "feature"]
+    assert feature_edges
+    for e in sorted(feature_edges, key=lambda e: -abs(e.direct))[:4]:
+        up, down = by_id[e.source], by_id[e.target]
+
+        def downstream_pre(scale: float, up=up, down=down) -> float:
+            codes = clean.codes.clone()
+            codes[up.stack_index, up.position, up.feature] *= scale
+            with torch.no_grad():
+                _, inputs = rm.forward(clean, rm.zero_injections(clean).detach(), codes=codes)
+            tc = transcoders.transcoders[down.stack_index]
+            return float(inputs[down.stack_index][0, down.position] @ tc.W_enc[:, down.feature])
+
+        h = 0.5
+        finite = (downstream_pre(1 + h) - downstream_pre(1 - h)) / (2 * h)
+        assert finite == pytest.approx(e.direct, rel=1e-3, abs=1e-5)
+        assert downstream_pre(0.0) - downstream_pre(1.0) == pytest.approx(-e.direct, rel=1e-3, abs=1e-5)  # exact: linear
+    # into the target, too
+    into_target = [e for e in graph.edges if e.target == "target" and by_id[e.source].kind == "feature"][0]
+    up = by_id[into_target.source]
+    codes = clean.codes.clone()
+    codes[up.stack_index, up.position, up.feature] = 0
+    with torch.no_grad():
+        resid, _ = rm.forward(clean, rm.zero_injections(clean).detach(), codes=codes)
+        ablated = float(target.metric(rm.logits(clean, resid)[:, -1])[0])
+    assert ablated - graph.metric["clean"] == pytest.approx(-into_target.direct, rel=1e-3, abs=1e-5)
+
+
+def test_transcoder_faithfulness_is_measured_in_the_real_model(tiny_bridge, transcoders):
+    target = logit_target(tiny_bridge.tokenizer, "q")
+    every = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=10_000, min_node_share=0.0))
+    m = every.metric
+    assert m["full"] == pytest.approx(m["clean"], abs=1e-4)  # every node kept, errors recomputed: the model itself
+    assert m["graph"] == pytest.approx(m["clean"], abs=1e-4) and every.faithfulness == pytest.approx(1.0, abs=1e-3)
+    small = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=2, min_node_share=0.0))
+    assert small.counts()["feature"] == 2
+    assert small.metric["empty"] == pytest.approx(m["empty"], abs=1e-5)
+    # "empty" by hand: every MLP replaced by its transcoder's bias and skip term (position 0 keeps the real MLP)
+    from activations.hooks import transcoder_hooks
+    from activations.model import hf_hooks
+    inputs = {}
+    edits = {}
+    for layer, tc in enumerate(transcoders.transcoders):
+        into, out = transcoder_hooks(layer)
+        edits[into] = lambda a, layer=layer: inputs.__setitem__(layer, a)
+
+        def replace(a, layer=layer, tc=tc):
+            new = tc.b_dec + tc.skip(inputs[layer])
+            new[:, 0] = a[:, 0]
+            return new
+        edits[out] = replace
+    with torch.no_grad(), hf_hooks(tiny_bridge, edits):
+        logits = tiny_bridge.original_model(input_ids=tokens_of(tiny_bridge)[None]).logits
+    assert float(target.metric(logits[:, -1])[0]) == pytest.approx(m["empty"], abs=1e-4)
+    assert set(every.scores) == {"replacement", "completeness"}
+    assert every.interventions.by_type  # the edge check ran, in the real model
+
+
+def test_load_transcoders_and_refusals(tiny_bridge, transcoders, tmp_path):
+    for layer, tc in enumerate(transcoders.transcoders):
+        tc.save(tmp_path / f"layer_{layer}")
+    (tmp_path / "transcoders.json").write_text(json.dumps({"transcoders": {"0": str(tmp_path / "layer_0"), "1": "layer_1"}}))
+    loaded = load_transcoders(tmp_path)
+    assert len(loaded) == 2 and torch.equal(loaded.transcoders[1].W_skip, transcoders.transcoders[1].W_skip)
+    (tmp_path / "transcoders.json").write_text(json.dumps({"transcoders": {"1": "layer_1"}}))
+    with pytest.raises(ValueError, match="every block"):
+        load_transcoders(tmp_path)
+    with pytest.raises(FileNotFoundError, match="saewb transcoders"):
+        load_transcoders(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="block 0 needs"):
+        TranscoderSet(transcoders.transcoders[::-1], ["a", "b"])
+    with pytest.raises(ValueError, match="transcoders for a model of 2 blocks"):
+        ReplacementModel(tiny_bridge, TranscoderSet(transcoders.transcoders[:1], ["a"]))
+    from analysis.circuits.targets import FeatureTarget
+    with pytest.raises(ValueError, match="residual basis"):
+        trace_transcoders(tiny_bridge, transcoders, PROMPT, FeatureTarget(stack_index=1, hook="blocks.1.hook_resid_post", feature=3))
