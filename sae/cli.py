@@ -157,7 +157,8 @@ def run_transcoders(args: argparse.Namespace, models: ModelLoader) -> list[Path]
     trained = train_together(configs, views)
     paths = {layer: p[0] for layer, p in zip(layers, trained) if p}
     if paths:
-        atomic_write_json(out / TRANSCODERS_FILE, {"transcoders": {str(layer): str(p) for layer, p in paths.items()}})
+        listed = {str(layer): str(Path(p).resolve().relative_to(out.resolve())) for layer, p in paths.items()}
+        atomic_write_json(out / TRANSCODERS_FILE, {"transcoders": listed})  # relative: the folder can be moved
         print(f"transcoders: {out / TRANSCODERS_FILE}")
     return list(paths.values())
 
