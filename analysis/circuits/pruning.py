@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from torch import Tensor
+
 from .config import GraphConfig
 from .decompose import CleanRun, Gradients
 from .nodes import Edge, Node, NodeKind, node_id
@@ -44,21 +46,32 @@ class Ranking(NamedTuple):
     """The graph's: the first of `ranked` that fit the node budget."""
 
 
+def hook_candidates(stack_index: int, feature_attr: Tensor, active: Tensor, error_attr: Tensor, first: int) -> list[Candidate]:
+    """One hook's (or transcoder layer's) feature and error nodes, each with its share of that hook's total
+    |attribution|. feature_attr: [P d_sae]; active: [P d_sae] bool; error_attr: [P]; positions before `first` have
+    no error node."""
+    total = max(float(feature_attr[active].abs().sum() + error_attr[first:].abs().sum()), 1e-30)  # 0 when nothing reaches the target
+    ps, js = active.nonzero(as_tuple=True)
+    candidates = [Candidate(abs(a) / total, stack_index, p, j, a)
+                  for p, j, a in zip(ps.tolist(), js.tolist(), feature_attr[ps, js].tolist())]
+    return candidates + [Candidate(abs(float(error_attr[p])) / total, stack_index, p, None, float(error_attr[p]))
+                         for p in range(first, error_attr.shape[0])]
+
+
+def ranking(candidates: list[Candidate], cfg: GraphConfig) -> Ranking:
+    """`candidates` ranked by share, cut at `min_node_share` and at the feature-node budget."""
+    candidates = sorted(candidates, key=lambda c: -c.share)
+    ranked = [c for c in candidates if c.share >= cfg.min_node_share]
+    return Ranking(candidates, ranked, ranked[:budget_of(ranked, cfg.max_feature_nodes)])
+
+
 def rank_nodes(run: CleanRun, grads: Gradients, cfg: GraphConfig) -> Ranking:
     """The feature and error nodes of every hook, attributed with `grads` (the attribution method's), ranked and cut."""
     candidates = []
     for i, d in enumerate(run.terms):
         feature_attr = d.delta * (grads.hooks[i] @ d.W_dec.T)  # [P d_sae]
-        error_attr = (d.error * grads.hooks[i]).sum(-1)  # [P]
-        total = max(float(feature_attr.abs().sum() + error_attr[run.first:].abs().sum()), 1e-30)  # 0 when nothing reaches the target
-        ps, js = d.active.nonzero(as_tuple=True)
-        for p, j, a in zip(ps.tolist(), js.tolist(), feature_attr[ps, js].tolist()):
-            candidates.append(Candidate(abs(a) / total, i, p, j, a))
-        for p in range(run.first, run.n_pos):
-            candidates.append(Candidate(abs(float(error_attr[p])) / total, i, p, None, float(error_attr[p])))
-    candidates.sort(key=lambda c: -c.share)
-    ranked = [c for c in candidates if c.share >= cfg.min_node_share]
-    return Ranking(candidates, ranked, ranked[:budget_of(ranked, cfg.max_feature_nodes)])
+        candidates += hook_candidates(i, feature_attr, d.active, (d.error * grads.hooks[i]).sum(-1), run.first)
+    return ranking(candidates, cfg)
 
 
 def budget_of(ranked: list[Candidate], max_feature_nodes: int) -> int:
@@ -102,4 +115,4 @@ def prune_edges(edges: list[Edge], cfg: GraphConfig) -> list[Edge]:
     return kept
 
 
-__all__ = ["Candidate", "Ranking", "budget_of", "graph_nodes", "prune_edges", "rank_nodes"]
+__all__ = ["Candidate", "Ranking", "budget_of", "graph_nodes", "hook_candidates", "prune_edges", "rank_nodes", "ranking"]

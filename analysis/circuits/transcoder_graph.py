@@ -8,8 +8,10 @@ replacement model (`replacement.py`), as in circuit-tracer (Ameisen et al. 2025)
 (after its block), an error node's error vector, a token's embedding. Its attribution is that term dotted with the
 target's gradient in the replacement with the features live (TopK on the replacement's own MLP inputs, so the
 gradient runs through every active feature): its total effect on the target, every path included, to first order.
-Nodes are ranked by |attribution| over the whole graph and kept up to `max_feature_nodes` features; error nodes ranked
-above the last kept feature are kept and counted apart.
+Nodes are ranked by their share of their layer's total |attribution| (as on the residual basis: `pruning.py`; a share
+of the whole graph's total, tried on the tuning prompts, leaves a few dozen features above `min_node_share` and
+halves faithfulness) and kept up to `max_feature_nodes` features; error nodes ranked above the last kept feature are
+kept and counted apart.
 
 **Edges.** The direct effect of a source on a kept feature is its term dotted with the gradient of that feature's
 pre-activation in the replacement with every feature frozen at its clean activation: the path through attention (its
@@ -47,7 +49,7 @@ from .feature_graph import FeatureGraph
 from .graph import check_prompt
 from .interventions import HEADLINE_TYPE, intervention_check, strongest_by_type
 from .nodes import TARGET_ID, Edge, EdgeCheck, InterventionCheck, Node
-from .pruning import Candidate, budget_of, prune_edges
+from .pruning import Candidate, budget_of, hook_candidates, prune_edges, ranking
 from .replacement import CleanPrompt, ReplacementModel, TranscoderSet
 from .scores import graph_scores
 from .targets import GraphTarget, LogitsTarget
@@ -72,18 +74,14 @@ def _attribute(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget, p
     resid, _ = rm.forward(clean, injections, live=True)
     (gradient,) = torch.autograd.grad(_metric(target, rm.logits(clean, resid), position).sum(), injections)
     gradient = gradient[0].detach()
-    rows = []
+    candidates = []
     for layer, tc in enumerate(rm.transcoders.transcoders):
         feature_attr = clean.codes[layer] * (gradient[layer + 1] @ tc.W_dec.detach().T)  # [pos d_sae]
-        ps, js = clean.codes[layer].nonzero(as_tuple=True)
-        rows += [(a, layer, p, j) for p, j, a in zip(ps.tolist(), js.tolist(), feature_attr[ps, js].tolist())]
         error_attr = (clean.errors[layer] * gradient[layer + 1]).sum(-1)  # [pos]
-        rows += [(float(error_attr[p]), layer, p, None) for p in range(1, clean.n_pos)]
-    total = max(sum(abs(a) for a, *_ in rows), 1e-30)
-    candidates = sorted((Candidate(abs(a) / total, layer, p, j, a) for a, layer, p, j in rows), key=lambda c: -c.share)
-    ranked = [c for c in candidates if c.share >= cfg.min_node_share]
+        candidates += hook_candidates(layer, feature_attr, clean.codes[layer] != 0, error_attr, first=1)
+    ranked = ranking(candidates, cfg)
     token_attribution = (clean.embed * gradient[0]).sum(-1)
-    return _Attribution(candidates, ranked[:budget_of(ranked, cfg.max_feature_nodes)], gradient, token_attribution)
+    return _Attribution(ranked.candidates, ranked.kept, gradient, token_attribution)
 
 
 def _term(rm: ReplacementModel, clean: CleanPrompt, node: Node) -> tuple[int, Tensor]:
