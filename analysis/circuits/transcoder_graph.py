@@ -8,9 +8,9 @@ replacement model (`replacement.py`), as in circuit-tracer (Ameisen et al. 2025)
 (after its block), an error node's error vector, a token's embedding. Its attribution is that term dotted with the
 target's gradient in the replacement with the features live (TopK on the replacement's own MLP inputs, so the
 gradient runs through every active feature): its total effect on the target, every path included, to first order.
-Nodes are ranked by their share of their layer's total |attribution| (as on the residual basis: `pruning.py`; a share
-of the whole graph's total, tried on the tuning prompts, leaves a few dozen features above `min_node_share` and
-halves faithfulness) and kept up to `max_feature_nodes` features; error nodes ranked above the last kept feature are
+Nodes are ranked by their share of their layer's total |attribution| (as on the residual basis: `pruning.py`. A share
+of the whole graph's total, tried on the tuning prompts, leaves only about 33 features above `min_node_share`; neither
+ranking gives a faithful graph with the transcoders this CPU can train: docs/results.md) and kept up to `max_feature_nodes` features; error nodes ranked above the last kept feature are
 kept and counted apart.
 
 **Edges.** The direct effect of a source on a kept feature is its term dotted with the gradient of that feature's
