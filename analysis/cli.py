@@ -197,5 +197,11 @@ def main(argv: list[str] | None = None):
     return result if rank.is_main else None
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `saewb` console script: `main`, its result dropped (a console script passes what it returns to sys.exit,
+    which prints a non-integer to stderr and exits with status 1)."""
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -83,8 +83,16 @@ def test_preset_values_fill_flags_the_command_line_left_unset():
 
 
 def test_every_command_has_help(capsys):
-    for command in ("run", "harvest", "train", "evaluate", "analyze", "dashboard", "monitor", "steer", "trace", "match"):
+    for command in ("run", "harvest", "train", "transcoders", "evaluate", "analyze", "dashboard", "monitor", "steer", "trace", "match"):
         with pytest.raises(SystemExit) as exit_:
             cli.main([command, "--help"])
         assert exit_.value.code == 0
     assert "--architecture" in capsys.readouterr().out
+
+
+def test_the_console_script_exits_0_when_a_command_returns_its_outputs(monkeypatch):
+    """`saewb train` returns the SAE folders; the console script hands its entry's result to sys.exit."""
+    monkeypatch.setattr(cli, "main", lambda argv=None: ["runs/x/sae/topk_k32_4608"])
+    with pytest.raises(SystemExit) as exit_:
+        raise SystemExit(cli.entry())
+    assert exit_.value.code is None
