@@ -66,10 +66,6 @@ class SkipTranscoderConfig(TopKConfig):
     def batch_width(self) -> int:
         return self.d_in + self.d_out
 
-    @property
-    def run_name(self) -> str:
-        return f"{self.architecture}_{self.sparsity_tag}_{self.d_sae}"
-
 
 @register
 class SkipTranscoder(TopKSAE):
