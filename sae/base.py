@@ -19,8 +19,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .common import encoder_pre_acts, normalize_decoder_rows, tied_init
+from .common import encoder_pre_acts, input_scale, normalize_decoder_rows, tied_init
 from .config import ARCHITECTURES, SAEConfig, make_config, register  # noqa: F401  (the registry, re-exported)
+
+Scale = float | list[float]
+"""What the trainer multiplies training rows by: one factor, or one per part of the row (a transcoder's input, output)."""
 
 
 class TrainOutput(NamedTuple):
@@ -147,8 +150,18 @@ class SAE(nn.Module):
         """Called after every optimiser step: keep decoder rows unit-norm."""
         normalize_decoder_rows(self.W_dec)
 
+    # ---------------------------------------------------------------- input scale
+    def scale_of(self, sample: Tensor) -> Scale:
+        """The factor the trainer multiplies training rows by, from the init sample (n batch_width): one scalar such
+        that mean ||s x|| = sqrt(d_in)."""
+        return input_scale(sample)
+
+    def scale_rows(self, rows: Tensor, scale: Scale) -> Tensor:
+        """Training rows (... batch_width) times `scale` (of `scale_of`)."""
+        return rows * scale
+
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
+    def fold_input_scale(self, scale: Scale) -> None:
         """Make an SAE trained on `scale * x` take raw x: pre-activations and outputs
         are unchanged, so thresholds and k stay valid."""
         self.W_enc *= scale

@@ -144,7 +144,8 @@ def load_checkpoint(trainer: Trainer) -> bool:
     if diffs:
         raise ValueError(f"{folder} was written by a run with other settings ({'; '.join(diffs)}, checkpoint -> now); "
                          f"rerun with the checkpoint's settings to resume it, or use a new --out (or delete {folder}) to start over")
-    trainer.step, trainer.scale = int(state["step"]), float(state["scale"])
+    trainer.step = int(state["step"])
+    trainer.scale = [float(v) for v in state["scale"]] if isinstance(state["scale"], list) else float(state["scale"])
     for i in range(len(trainer.saes)):
         _load_sae_state(trainer, folder, i)
     return True

@@ -40,7 +40,7 @@ from activations.precision import training_autocast
 
 from .base import ARCHITECTURES, SAE, TrainOutput, make_config
 from .checkpoint import checkpoint_setting, load_checkpoint, save_checkpoint
-from .common import check_init_sample, geometric_median, input_scale, project_out_parallel_grad
+from .common import check_init_sample, geometric_median, project_out_parallel_grad
 from .config import SAEConfig
 from .metrics_log import MetricsLog, read_metrics, truncate_metrics  # noqa: F401  (read_metrics: re-exported)
 
@@ -269,10 +269,10 @@ class Trainer:
     def init_from_sample(self) -> None:
         sample = init_sample_of(self.source, self.cfg.init_tokens, self.cfg.seed, self.cfg.batch_size).to(self.device)
         check_init_sample(sample, self.source)  # NaN/inf here is broken data, not a learning-rate problem
-        self.scale = input_scale(sample)
+        self.scale = self.saes[0].scale_of(sample)
         with torch.no_grad():
             for sae in self.saes:
-                targets = sae.split_batch(sample * self.scale)[1]
+                targets = sae.split_batch(sae.scale_rows(sample, self.scale))[1]
                 sae.b_dec.copy_(geometric_median(targets) if self.cfg.b_dec_init == "geometric_median" else targets.mean(0))
 
     # ------------------------------------------------------------------ checkpoints
@@ -327,7 +327,7 @@ class Trainer:
             raise FloatingPointError(f"non-finite activations in training batch {self.step}: the source holds NaN/inf (a store's "
                                      "checksums passed, so the harvest wrote them); harvest again into a new --out, e.g. with "
                                      "--harvest-autocast none")
-        x = x_raw * self.scale
+        x = self.saes[0].scale_rows(x_raw, self.scale)
         log_now = self.step % cfg.log_every == 0 or self.step == self.end - 1
         for i, objective in enumerate(self.objectives):
             self._update(i, objective, x, self.logger if log_now else False, self.clock)

@@ -9,8 +9,9 @@ so a feature graph can route through the MLPs by their features (`analysis.circu
 the skip term lowers the error at no cost in how interpretable the features are.
 
 Training rows hold the input and the target side by side (`split_batch`): a source yields (batch d_in + d_out). The
-input scale the trainer learns scales both halves by the same factor, so folding it (`fold_input_scale`) is the SAE's
-rule: W_enc * s, W_dec / s, b_dec / s, and W_skip unchanged.
+trainer scales each half by its own factor (`scale_of`: mean norm sqrt(d) for each), since an MLP's output norm can be
+many times its input's (SmolLM2's last blocks); folding the factors (s_in, s_out) into the weights at the end is
+W_enc * s_in, W_dec / s_out, b_dec / s_out, W_skip * s_in / s_out.
 
 Saved in the SAE Lens layout of its "skip_transcoder" (W_skip as (d_out d_in), `d_out`, `hook_name_out` in the
 metadata, no b_dec subtracted from the input). SAE Lens's own skip transcoder applies a ReLU, not TopK: it reads the
@@ -26,8 +27,8 @@ from torch import Tensor, nn
 
 from activations.hooks import parse_hook, transcoder_hooks
 
-from .base import TrainOutput, register
-from .common import auxk_loss
+from .base import Scale, TrainOutput, register
+from .common import auxk_loss, input_scale
 from .topk import TopKConfig, TopKSAE
 
 TRANSCODERS_FILE = "transcoders.json"
@@ -40,8 +41,8 @@ class SkipTranscoderConfig(TopKConfig):
     architecture: str = "skip_transcoder"
     hook_name: str = "blocks.8.mlp.hook_in"
     """Where the input is read: the MLP's input, after its norm."""
-    hook_name_out: str = "blocks.8.hook_mlp_out"
-    """Where the target is read: the MLP's output."""
+    hook_name_out: str = ""
+    """Where the target is read: the MLP's output; "": that of `hook_name`'s block."""
     d_out: int = 0
     """Width of the output; 0: d_in (an MLP's input and output are both the residual's width)."""
 
@@ -51,7 +52,10 @@ class SkipTranscoderConfig(TopKConfig):
             self.d_out = self.d_in
         if self.d_out < 0:
             raise ValueError("d_out must be positive")
-        into, out = parse_hook(self.hook_name), parse_hook(self.hook_name_out)
+        into = parse_hook(self.hook_name)
+        if not self.hook_name_out and into is not None:
+            self.hook_name_out = transcoder_hooks(into.layer)[1]
+        out = parse_hook(self.hook_name_out)
         if into is not None and out is not None and into.layer != out.layer:
             raise ValueError(f"a transcoder maps within one block: {self.hook_name} and {self.hook_name_out} are in blocks "
                              f"{into.layer} and {out.layer}")
@@ -90,6 +94,26 @@ class SkipTranscoder(TopKSAE):
 
     def split_batch(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         return batch[..., :self.cfg.d_in], batch[..., self.cfg.d_in:]
+
+    def scale_of(self, sample: Tensor) -> Scale:
+        """[s_in, s_out]: each half of the rows (n d_in + d_out) to mean norm sqrt(its width)."""
+        inputs, targets = self.split_batch(sample)
+        return [input_scale(inputs), input_scale(targets)]
+
+    def scale_rows(self, rows: Tensor, scale: Scale) -> Tensor:
+        if not isinstance(scale, list):
+            return rows * scale
+        factors = torch.full((rows.shape[-1],), scale[1], dtype=rows.dtype, device=rows.device)
+        factors[:self.cfg.d_in] = scale[0]
+        return rows * factors
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: Scale) -> None:
+        s_in, s_out = scale if isinstance(scale, list) else (scale, scale)
+        self.W_enc *= s_in
+        self.W_dec /= s_out
+        self.b_dec /= s_out
+        self.W_skip *= s_in / s_out
 
     def skip(self, x: Tensor) -> Tensor:
         """The linear term x @ W_skip: (... d_in) -> (... d_out)."""

@@ -54,7 +54,7 @@ def test_defaults_and_validation_are_the_old_ones():
 
 def test_run_names_are_unchanged():
     names = {"topk": "topk_k32_4608", "batchtopk": "batchtopk_k32_4608", "standard": "standard_l1_5_4608",
-             "jumprelu": "jumprelu_l0_0.05_4608", "matryoshka": "matryoshka_k32_4608"}
+             "jumprelu": "jumprelu_l0_0.05_4608", "matryoshka": "matryoshka_k32_4608", "skip_transcoder": "skip_transcoder_k32_4608"}
     for arch in ARCHS:
         assert make_config(arch).run_name == sae_name(make_config(arch)) == names[arch]
     assert make_config("standard", l1_coefficient=0.3, d_sae=96).run_name == "standard_l1_0.3_96"
@@ -105,13 +105,14 @@ def test_other_tools_sae_lens_directories_pick_the_class_by_their_architecture_s
 
 def test_sweep_fields_and_max_active_latents_follow_the_old_rules():
     assert {a: ARCHITECTURES[a].sweep_fields for a in ARCHS} == {
-        "batchtopk": ("k",), "jumprelu": (), "matryoshka": ("k",), "standard": (), "topk": ("k",)}
+        "batchtopk": ("k",), "jumprelu": (), "matryoshka": ("k",), "standard": (), "topk": ("k",), "skip_transcoder": ("k",)}
     for d_sae, k in ((64, 4), (1000, 50), (48, 40), (4608, 32)):
         for arch in ARCHS:
             sae = ARCHITECTURES[arch](make_config(arch, d_in=4, d_sae=d_sae, k=k))
             # analysis/atlas.py before: k for TopK, else min(d_sae, max(64, 2 * (k or 32))) (k was 32 unless set)
             old_k = k if "k" in ARCHITECTURES[arch].sweep_fields else 32
-            assert sae.max_active_latents == (k if arch == "topk" else min(d_sae, max(64, 2 * old_k))), (arch, d_sae, k)
+            exactly_k = arch in ("topk", "skip_transcoder")  # the skip transcoder is new: TopK's rule, k per row
+            assert sae.max_active_latents == (k if exactly_k else min(d_sae, max(64, 2 * old_k))), (arch, d_sae, k)
 
 
 def test_register_refuses_a_taken_name_or_sae_lens_string():

@@ -67,12 +67,24 @@ def test_fast_gradients_equal_autograd_with_auxk():
         assert torch.allclose(grads[True][name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max())), name
 
 
-def test_folding_the_input_scale_keeps_the_map():
+@pytest.mark.parametrize("scale", [0.3, [0.3, 0.05]], ids=["one factor", "input and output apart"])
+def test_folding_the_input_scale_keeps_the_map(scale):
     tc = make()
+    s_in, s_out = scale if isinstance(scale, list) else (scale, scale)
     x = torch.randn(20, D_IN)
-    y_scaled = tc(x * 0.3)  # trained on inputs and targets both scaled by 0.3
-    tc.fold_input_scale(0.3)
-    assert torch.allclose(tc(x) * 0.3, y_scaled, atol=1e-5)
+    y_scaled = tc(x * s_in)  # trained on inputs scaled by s_in, targets by s_out
+    assert torch.equal(tc.scale_rows(torch.cat([x, torch.zeros(20, D_OUT)], -1), scale)[:, :D_IN], x * s_in)
+    tc.fold_input_scale(scale)
+    assert torch.allclose(tc(x) * s_out, y_scaled, atol=1e-5)
+
+
+def test_each_half_of_the_row_gets_its_own_scale():
+    """An MLP output 100x its input's norm must not shrink the input to nothing (one shared factor would)."""
+    rows = torch.cat([torch.randn(512, D_IN), 100 * torch.randn(512, D_OUT)], -1)
+    s_in, s_out = make().scale_of(rows)
+    scaled = make().scale_rows(rows, [s_in, s_out])
+    for part, width in ((scaled[:, :D_IN], D_IN), (scaled[:, D_IN:], D_OUT)):
+        assert float(part.norm(dim=1).mean()) == pytest.approx(width ** 0.5, rel=1e-4)
 
 
 def test_save_load_and_the_sae_lens_layout(tmp_path):
