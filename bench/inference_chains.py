@@ -43,6 +43,7 @@ from analysis.circuits.export import feature_cards, write_graph
 from analysis.circuits.graph import GraphConfig, logit_target, stack_means, trace
 from analysis.circuits.interventions import headline
 from analysis.circuits.matching import layer_matches, live_features, match_saes
+from analysis.circuits.means import transcoder_means
 from analysis.circuits.replacement import TranscoderSet, load_transcoders
 from analysis.circuits.stack import load_stack
 from analysis.circuits.targets.logit import next_token_rank
@@ -111,6 +112,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-feature-nodes", type=int, default=GraphConfig.max_feature_nodes, help="default: %(default)s")
     p.add_argument("--n-hooks", type=int, nargs="+", default=[GraphConfig.n_hooks], help="hooks each graph cuts at, evenly spaced "
                    "(0: every hook of the stack); several values trace every prompt once per value (default: %(default)s)")
+    p.add_argument("--transcoder-ablation", nargs="+", default=[GraphConfig.transcoder_ablation], choices=("mean", "zero"),
+                   help="with --transcoders: what a removed node is set to; several values trace every prompt once per value "
+                        "(default: %(default)s)")
     p.add_argument("--ig-steps", type=int, default=GraphConfig.ig_steps, help="default: %(default)s (0: gradient x activation)")
     p.add_argument("--matching", action="store_true", help="also match features across layers, widths and seeds")
     p.add_argument("--width-sae", type=Path, default=None, help="with --matching: a wider SAE at one of the stack's hooks, to match "
@@ -140,12 +144,13 @@ def graph_row(graph, prompt: Prompt, rank: int, prob: float, cards_s: float) -> 
             "metric": m, "chain": graph.chain_text()}
 
 
-def trace_set(model, stack, means, args, name: str, n_hooks: int) -> tuple[dict, list[dict]]:
+def trace_set(model, stack, means, args, name: str, n_hooks: int, ablation: str = "mean") -> tuple[dict, list[dict]]:
     """Every prompt of the set whose target is the model's top token, traced: ({family: rows}, the prompts left out).
-    `stack` is an SAE stack (the residual basis) or a `TranscoderSet` (the transcoder basis, `n_hooks` unused)."""
+    `stack` is an SAE stack (the residual basis) or a `TranscoderSet` (the transcoder basis, `n_hooks` unused, `means`
+    its `TranscoderMeans`, `ablation` what a removed node is set to)."""
     transcoder_basis = isinstance(stack, TranscoderSet)
-    basis = "transcoders" if transcoder_basis else f"{n_hooks or len(stack)}hooks"
-    cfg = GraphConfig(max_feature_nodes=args.max_feature_nodes, ig_steps=args.ig_steps, n_hooks=n_hooks)
+    basis = f"transcoders_{ablation}" if transcoder_basis else f"{n_hooks or len(stack)}hooks"
+    cfg = GraphConfig(max_feature_nodes=args.max_feature_nodes, ig_steps=args.ig_steps, n_hooks=n_hooks, transcoder_ablation=ablation)
     results, left_out = {}, []
     for family, prompts in SETS[name].items():
         if args.families and family not in args.families:
@@ -164,7 +169,7 @@ def trace_set(model, stack, means, args, name: str, n_hooks: int) -> tuple[dict,
                 continue
             target = logit_target(model.tokenizer, prompt.target, prompt.contrast)
             if transcoder_basis:
-                graph = trace_transcoders(model, stack, prompt.text, target, cfg)
+                graph = trace_transcoders(model, stack, prompt.text, target, cfg, means=means)
             else:
                 graph = trace(model, stack, prompt.text, target, cfg, means=means)
             started = time.perf_counter()
@@ -296,22 +301,29 @@ def print_tables(sets: dict, tables: dict) -> None:
 
 
 def main_transcoders(args: argparse.Namespace) -> None:
-    """The prompt sets on the transcoder basis (no held-out means: a removed transcoder feature is set to 0)."""
+    """The prompt sets on the transcoder basis, once per `--transcoder-ablation`."""
     transcoders = load_transcoders(args.transcoders)
     started = time.perf_counter()
     model = load_model(transcoders.model_name or "smollm2", device=args.device)
     load_s = time.perf_counter() - started
+    cache = args.transcoders / "means.safetensors"
+    cached = cache.exists()
+    started = time.perf_counter()
+    means = transcoder_means(model, transcoders, n_tokens=GraphConfig.mean_tokens, cache=cache)
+    means_s = time.perf_counter() - started
     torch.set_grad_enabled(True)
-    print(f"model load {load_s:.0f} s; {len(transcoders)} transcoders from {args.transcoders}")
+    print(f"model load {load_s:.0f} s; held-out means over {means.n_tokens:,} tokens {means_s:.1f} s "
+          f"({'cache file existed' if cached else 'computed'}); {len(transcoders)} transcoders from {args.transcoders}")
     sets, tables = {}, {}
     for name in args.sets:
-        key = f"{name}, transcoder basis"
-        results, left_out = trace_set(model, transcoders, None, args, name, 0)
-        tables[key] = set_table(results)
-        sets[key] = {"families": results, "left_out": left_out, "basis": "transcoder"}
+        for ablation in args.transcoder_ablation:
+            key = f"{name}, transcoder basis, {ablation}-ablated"
+            results, left_out = trace_set(model, transcoders, means, args, name, 0, ablation)
+            tables[key] = set_table(results)
+            sets[key] = {"families": results, "left_out": left_out, "basis": "transcoder", "ablation": ablation}
     print_tables(sets, tables)
-    atomic_write_json(args.out / "chains.json", {"sets": sets, "tables": tables, "model_load_seconds": load_s,
-                                                 "settings": {k: str(v) for k, v in vars(args).items()}})
+    atomic_write_json(args.out / "chains.json", {"sets": sets, "tables": tables, "model_load_seconds": load_s, "means_seconds": means_s,
+                                                 "means_cached": cached, "settings": {k: str(v) for k, v in vars(args).items()}})
     print(f"results: {args.out / 'chains.json'}; graphs: {args.out / 'graphs'}")
 
 

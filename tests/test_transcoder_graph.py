@@ -1,13 +1,16 @@
 """The transcoder replacement model and its feature graphs (`analysis/circuits/replacement.py`, `transcoder_graph.py`)
 on the tiny Llama: the clean forward and the frozen replacement reproduce the model's logits; an edge is the finite
-difference of the frozen replacement; faithfulness and the edge check come out of the real model."""
+difference of the frozen replacement; faithfulness and the edge check come out of the real model; with the held-out
+mean as every node's baseline, the same hold of departures from it."""
 import json
 
 import pytest
 import torch
 
 from activations.model import MODEL_NAME_ATTR
+from activations.corpus import CorpusConfig
 from analysis.circuits.graph import GraphConfig, logit_target
+from analysis.circuits.means import TranscoderMeans, transcoder_means
 from analysis.circuits.replacement import ReplacementModel, TranscoderSet, load_transcoders
 from analysis.circuits.transcoder_graph import trace_transcoders
 from sae.transcoder import SkipTranscoder, SkipTranscoderConfig
@@ -55,7 +58,8 @@ def test_the_clean_run_and_the_frozen_replacement_reproduce_the_models_logits(ti
 def test_a_transcoder_edge_equals_the_finite_difference_of_the_frozen_replacement(tiny_bridge, transcoders):
     tokens = tokens_of(tiny_bridge)
     target = logit_target(tiny_bridge.tokenizer, "q")
-    cfg = GraphConfig(max_feature_nodes=40, min_node_share=0.0, edge_share=1.0, max_edges=100_000, n_check_edges=3)
+    cfg = GraphConfig(max_feature_nodes=40, min_node_share=0.0, edge_share=1.0, max_edges=100_000, n_check_edges=3,
+                      transcoder_ablation="zero")
     graph = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, cfg)
     rm = ReplacementModel(tiny_bridge, transcoders)
     clean = rm.clean_run(tokens)
@@ -90,11 +94,12 @@ def test_a_transcoder_edge_equals_the_finite_difference_of_the_frozen_replacemen
 
 def test_transcoder_faithfulness_is_measured_in_the_real_model(tiny_bridge, transcoders):
     target = logit_target(tiny_bridge.tokenizer, "q")
-    every = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=10_000, min_node_share=0.0))
+    zero = {"transcoder_ablation": "zero"}
+    every = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=10_000, min_node_share=0.0, **zero))
     m = every.metric
     assert m["full"] == pytest.approx(m["clean"], abs=1e-4)  # every node kept, errors recomputed: the model itself
     assert m["graph"] == pytest.approx(m["clean"], abs=1e-4) and every.faithfulness == pytest.approx(1.0, abs=1e-3)
-    small = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=2, min_node_share=0.0))
+    small = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=2, min_node_share=0.0, **zero))
     assert small.counts()["feature"] == 2
     assert small.metric["empty"] == pytest.approx(m["empty"], abs=1e-5)
     # "empty" by hand: every MLP replaced by its transcoder's bias and skip term (position 0 keeps the real MLP)
@@ -136,3 +141,99 @@ def test_load_transcoders_and_refusals(tiny_bridge, transcoders, tmp_path):
     from analysis.circuits.targets import FeatureTarget
     with pytest.raises(ValueError, match="residual basis"):
         trace_transcoders(tiny_bridge, transcoders, PROMPT, FeatureTarget(stack_index=1, hook="blocks.1.hook_resid_post", feature=3))
+
+
+@pytest.fixture(scope="module")
+def means(transcoders):
+    """Planted held-out means: every feature a positive mean, every block a mean error."""
+    gen = torch.Generator().manual_seed(1)
+    return TranscoderMeans(torch.rand(2, 64, generator=gen) * 0.5, torch.randn(2, 32, generator=gen) * 0.3, 1000, "planted")
+
+
+def test_mean_ablation_keeps_the_clean_run_and_empties_every_mlp_to_its_means(tiny_bridge, transcoders, means):
+    target = logit_target(tiny_bridge.tokenizer, "q")
+    every = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=10_000, min_node_share=0.0), means=means)
+    m = every.metric
+    assert m["full"] == pytest.approx(m["clean"], abs=1e-4) and every.faithfulness == pytest.approx(1.0, abs=1e-3)
+    assert m["graph_frozen"] == pytest.approx(m["clean"], abs=1e-4)
+    # "empty" by hand: every MLP its transcoder at the mean code, plus its skip term and its mean error
+    from activations.hooks import transcoder_hooks
+    from activations.model import hf_hooks
+    inputs, edits = {}, {}
+    for layer, tc in enumerate(transcoders.transcoders):
+        into, out = transcoder_hooks(layer)
+        edits[into] = lambda a, layer=layer: inputs.__setitem__(layer, a)
+
+        def replace(a, layer=layer, tc=tc):
+            new = tc.decode(means.codes[layer]) + tc.skip(inputs[layer]) + means.errors[layer]
+            new[:, 0] = a[:, 0]
+            return new
+        edits[out] = replace
+    with torch.no_grad(), hf_hooks(tiny_bridge, edits):
+        logits = tiny_bridge.original_model(input_ids=tokens_of(tiny_bridge)[None]).logits
+    assert float(target.metric(logits[:, -1])[0]) == pytest.approx(m["empty"], abs=1e-4)
+    zero = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=10_000, min_node_share=0.0,
+                                                                                    transcoder_ablation="zero"))
+    assert abs(zero.metric["empty"] - m["empty"]) > 1e-3  # the baseline is really another one
+
+
+def test_a_mean_baseline_edge_is_the_finite_difference_of_the_departure(tiny_bridge, transcoders, means):
+    target = logit_target(tiny_bridge.tokenizer, "q")
+    cfg = GraphConfig(max_feature_nodes=40, min_node_share=0.0, edge_share=1.0, max_edges=100_000, n_check_edges=3)
+    graph = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, cfg, means=means)
+    rm = ReplacementModel(tiny_bridge, transcoders)
+    clean = rm.clean_run(tokens_of(tiny_bridge))
+    by_id = {n.id: n for n in graph.nodes}
+    feature_edges = [e for e in graph.edges if by_id[e.source].kind == "feature" and by_id[e.target].kind == "feature"]
+    assert feature_edges
+    for e in sorted(feature_edges, key=lambda e: -abs(e.direct))[:4]:
+        up, down = by_id[e.source], by_id[e.target]
+        mean = means.codes[up.stack_index, up.feature]
+
+        def downstream_pre(scale: float, up=up, down=down, mean=mean) -> float:
+            codes = clean.codes.clone()
+            codes[up.stack_index, up.position, up.feature] = mean + scale * (clean.codes[up.stack_index, up.position, up.feature] - mean)
+            with torch.no_grad():
+                _, inputs = rm.forward(clean, rm.zero_injections(clean).detach(), codes=codes)
+            tc = transcoders.transcoders[down.stack_index]
+            return float(inputs[down.stack_index][0, down.position] @ tc.W_enc[:, down.feature])
+
+        # removing the feature (to its mean) moves the downstream pre-activation by minus the edge
+        assert downstream_pre(0.0) - downstream_pre(1.0) == pytest.approx(-e.direct, rel=1e-3, abs=1e-5)
+    # the error node's term is its vector less the block's mean error, the inactive features' departures included
+    error = next(n for n in graph.nodes if n.kind == "error")
+    tc = transcoders.transcoders[error.stack_index]
+    inactive = (clean.codes[error.stack_index, error.position] == 0) * means.codes[error.stack_index]
+    expected = clean.errors[error.stack_index, error.position] - inactive @ tc.W_dec
+    assert error.activation == pytest.approx(float(expected.norm()), rel=1e-4)
+
+
+def test_transcoder_means_are_the_held_out_averages_and_are_cached_by_content(tiny_bridge, transcoders, text_corpus, tmp_path):
+    corpus = CorpusConfig(source=str(text_corpus), split="heldout", context_len=16)
+    cache = tmp_path / "tc_means.safetensors"
+    measured = transcoder_means(tiny_bridge, transcoders, corpus, n_tokens=300, cache=cache)
+    assert cache.exists() and measured.codes.shape == (2, 64) and measured.errors.shape == (2, 32)
+    # by hand: the first contexts' MLP inputs and outputs, positions >= 1
+    from activations.corpus import load_contexts
+    rm = ReplacementModel(tiny_bridge, transcoders)
+    tokens = torch.from_numpy(load_contexts(corpus, tiny_bridge.tokenizer, max_contexts=20)).long()
+    codes, errors = torch.zeros(2, 64), torch.zeros(2, 32)
+    count = 0
+    with torch.no_grad():
+        for row in tokens:
+            clean = rm.clean_run(row)
+            codes += clean.codes[:, 1:].sum(1)
+            errors += clean.errors[:, 1:].sum(1)
+            count += len(row) - 1
+    assert measured.n_tokens == count
+    torch.testing.assert_close(measured.codes, codes / count, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(measured.errors, errors / count, atol=1e-4, rtol=1e-4)
+    assert torch.equal(transcoder_means(tiny_bridge, transcoders, corpus, n_tokens=300, cache=cache).codes, measured.codes)
+    with torch.no_grad():
+        transcoders.transcoders[0].b_enc.add_(0.5)  # other weights: the cache is not reused
+    try:
+        again = transcoder_means(tiny_bridge, transcoders, corpus, n_tokens=300, cache=cache)
+        assert not torch.allclose(again.codes[0], measured.codes[0])
+    finally:
+        with torch.no_grad():
+            transcoders.transcoders[0].b_enc.sub_(0.5)

@@ -134,7 +134,11 @@ def _trace_on_transcoders(args: argparse.Namespace, models: ModelLoader, cfg: Gr
         transcoders = load_transcoders(folder)
         model = models.get(transcoders.model_name)
         target = logit_target(model.tokenizer, args.target, args.contrast, position=args.position)
-        graph = trace_transcoders(model, transcoders, args.prompt, target, cfg)
+        means = None
+        if cfg.transcoder_ablation == "mean":
+            from .means import transcoder_means
+            means = transcoder_means(model, transcoders, n_tokens=cfg.mean_tokens, cache=folder / "means.safetensors")
+        graph = trace_transcoders(model, transcoders, args.prompt, target, cfg, means=means)
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         raise SystemExit(f"trace: {error}") from None
     return model, graph, folder, transcoders.model_name

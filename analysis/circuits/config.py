@@ -31,6 +31,9 @@ class GraphConfig:
     min_span: float = 0.1
     """Faithfulness is undefined (NaN) when |clean - all ablated| < min_span x max(|clean|, |all ablated|):
     mean-ablating everything barely moves the target, and the ratio would divide by noise."""
+    transcoder_ablation: str = "mean"
+    """On the transcoder basis, what a node outside the graph is set to: mean (each feature at its held-out mean
+    activation, each error at its block's held-out mean error) or zero (a feature off, an error removed)."""
     mean_tokens: int = 16_384
     """Held-out tokens for the means that ablation uses."""
     batch_rows: int = 64
@@ -52,6 +55,8 @@ class GraphConfig:
                     if value < low]
         if not self.check_doses or any(d < 0 or d == 1 for d in self.check_doses):
             problems.append(f"check_doses must be multiples >= 0 of a node's term, none of them 1 (got {self.check_doses})")
+        if self.transcoder_ablation not in ("mean", "zero"):
+            problems.append(f"transcoder_ablation must be mean or zero (got {self.transcoder_ablation!r})")
         if problems:
             raise ValueError("GraphConfig: " + "; ".join(problems))
 

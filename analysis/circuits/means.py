@@ -1,5 +1,6 @@
 """Held-out means a feature graph's decomposition is relative to (the residual, each feature's
-activation and the token embedding), and their cache.
+activation and the token embedding; on the transcoder basis, each transcoder feature's activation
+and each block's error), and their cache.
 
 The cache is keyed on content: the model's name, the hooks, the SAEs' weights (a sha256 of
 their tensors), the corpus, the number of tokens and the first position. A stack retrained into
@@ -25,6 +26,7 @@ from sae import SAE
 
 from ..encoding import first_position
 from .config import GraphConfig
+from .replacement import ReplacementModel, TranscoderSet
 from .runner import ResidualRunner
 from .stack import SAEStack
 
@@ -80,14 +82,20 @@ def stack_means(model: HookedModel, stack: SAEStack, corpus: CorpusConfig | None
     return means
 
 
-def _read_cache(path: Path, key: dict[str, str], n_hooks: int, n_tokens: int) -> StackMeans | None:
-    """The means in `path` when it was written for `key`, else None."""
+def _cached_tensors(path: Path, key: dict[str, str]) -> dict[str, Tensor] | None:
+    """The tensors in `path` when it was written for `key`, else None."""
     if not path.exists():
         return None
     with safe_open(str(path), "pt") as f:
         if f.metadata() != key:
             return None
-    t = load_file(str(path))
+    return load_file(str(path))
+
+
+def _read_cache(path: Path, key: dict[str, str], n_hooks: int, n_tokens: int) -> StackMeans | None:
+    """The means in `path` when it was written for `key`, else None."""
+    if (t := _cached_tensors(path, key)) is None:
+        return None
     return StackMeans([t[f"resid.{i}"] for i in range(n_hooks)], [t[f"features.{i}"] for i in range(n_hooks)], t["embed"], n_tokens,
                       key["corpus"])
 
@@ -118,4 +126,61 @@ def _measure(model: HookedModel, stack: SAEStack, corpus: CorpusConfig, n_tokens
                       describe(corpus))
 
 
-__all__ = ["StackMeans", "means_key", "stack_means", "weights_sha256"]
+@dataclass
+class TranscoderMeans:
+    """Held-out means of a transcoder replacement: what a removed node is set to on the transcoder basis."""
+
+    codes: Tensor
+    """[n_layers d_sae] each feature's mean activation (zeros included), positions >= 1."""
+    errors: Tensor
+    """[n_layers d_model] each block's mean error: the real MLP's output minus its transcoder's."""
+    n_tokens: int
+    corpus: str
+
+
+def transcoder_means(model: HookedModel, transcoders: TranscoderSet, corpus: CorpusConfig | None = None,
+                     n_tokens: int = GraphConfig.mean_tokens, batch_contexts: int = 8, cache: str | Path | None = None) -> TranscoderMeans:
+    """Mean feature activations and errors of every block's transcoder over `n_tokens` held-out tokens (positions >= 1),
+    one pass through the model; cached in `cache` (a safetensors file, keyed on the model, the corpus, the number of
+    tokens and the transcoders' weights) when given."""
+    first = transcoders.transcoders[0]
+    corpus = corpus or heldout_corpus(first.training_data, None, first.cfg.context_size)
+    key = {"model": str(transcoders.model_name), "n_tokens": str(n_tokens), "corpus": describe(corpus), "basis": "transcoder",
+           "weights": json.dumps([weights_sha256(tc) for tc in transcoders.transcoders])}
+    if cache is not None and (t := _cached_tensors(Path(cache), key)) is not None:
+        return TranscoderMeans(t["codes"], t["errors"], n_tokens, key["corpus"])
+    means = _measure_transcoders(model, transcoders, corpus, n_tokens, batch_contexts)
+    if cache is not None:
+        atomic_save_safetensors({"codes": means.codes, "errors": means.errors}, Path(cache), metadata=key)
+    return means
+
+
+@torch.no_grad()
+def _measure_transcoders(model: HookedModel, transcoders: TranscoderSet, corpus: CorpusConfig, n_tokens: int,
+                         batch_contexts: int) -> TranscoderMeans:
+    """One pass over the held-out tokens, every block's MLP read: the sums of codes and errors (float64)."""
+    rm = ReplacementModel(model, transcoders)
+    device = next(model.parameters()).device
+    transcoders.to(device)
+    tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=contexts_for_tokens(n_tokens, corpus.context_len, 1))).long()
+    if len(tokens) == 0:
+        raise ValueError(f"{describe(corpus)} is empty: no text for the held-out means")
+    code_sums = torch.zeros(len(transcoders), transcoders.transcoders[0].cfg.d_sae, dtype=torch.float64)
+    error_sums = torch.zeros(len(transcoders), transcoders.transcoders[0].cfg.d_out, dtype=torch.float64)
+    count = 0
+
+    def read(layer: int, m_in: Tensor, real: Tensor) -> Tensor:
+        tc = transcoders.transcoders[layer]
+        f = tc.encode(m_in[:, 1:].float())
+        code_sums[layer] += f.double().sum((0, 1)).cpu()
+        error_sums[layer] += (real[:, 1:].float() - tc.decode(f) - tc.skip(m_in[:, 1:].float())).double().sum((0, 1)).cpu()
+        return real
+
+    for b in tqdm(range(0, len(tokens), batch_contexts), desc="held-out transcoder means"):
+        batch = tokens[b:b + batch_contexts].to(device)
+        rm.spliced_logits(batch, read)
+        count += batch[:, 1:].numel()
+    return TranscoderMeans((code_sums / count).float(), (error_sums / count).float(), count, describe(corpus))
+
+
+__all__ = ["StackMeans", "TranscoderMeans", "means_key", "stack_means", "transcoder_means", "weights_sha256"]

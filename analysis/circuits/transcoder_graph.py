@@ -4,8 +4,13 @@ replacement model (`replacement.py`), as in circuit-tracer (Ameisen et al. 2025)
 
     graph = trace_transcoders(model, load_transcoders("runs/tc"), "The capital of France is", logit_target(tok, " Paris"))
 
-**Attribution.** A node's term is what it adds to the residual stream: a feature's activation times its decoder row
-(after its block), an error node's error vector, a token's embedding. Its attribution is that term dotted with the
+**Baseline.** Every node is measured from what removing it leaves (`GraphConfig.transcoder_ablation`): with "mean"
+(the default, as on the residual basis) a feature's held-out mean activation and its block's held-out mean error
+(`means.transcoder_means`); with "zero" nothing. A feature inactive on the prompt is not a node: its departure from
+its mean (-mean x its decoder row) joins its block's error node, so nodes still add up to the real MLP output.
+
+**Attribution.** A node's term is what it adds to the residual stream beyond its baseline: a feature's activation
+less its mean, times its decoder row (after its block), an error node's vector less its mean, a token's embedding. Its attribution is that term dotted with the
 target's gradient in the replacement with the features live (TopK on the replacement's own MLP inputs, so the
 gradient runs through every active feature): its total effect on the target, every path included, to first order.
 Nodes are ranked by their share of their layer's total |attribution| (as on the residual basis: `pruning.py`. A share
@@ -23,10 +28,10 @@ the target metric. An edge's weight is its direct effect times the downstream no
 - Faithfulness, in the real model (attention and norms live) with each MLP's output replaced by its transcoder's
   features kept in the graph, recomputed from the run's own MLP input, plus the graph's error nodes: recomputed there
   (the MLP's real output less the transcoder's, Marks et al.) as the headline, frozen at their clean values beside it,
-  and the bounds with no error node and with every one. Removing a node sets it to 0 (a transcoder feature's "off");
-  "empty" keeps only the transcoders' bias and skip terms.
+  and the bounds with no error node and with every one. Removing a node sets it to its baseline; "empty" keeps only
+  the baselines and the transcoders' bias and skip terms.
 - circuit-tracer's replacement and completeness scores (`scores.py`) on the kept nodes and every edge between them.
-- The edge check: the upstream node is scaled by each dose in the real model, every other feature and error frozen at
+- The edge check: the upstream node's term is scaled by each dose in the real model, every other feature and error frozen at
   its clean value, and the downstream feature's activation (its transcoder's TopK on the live MLP input) or the target
   is read: what the frozen attention and norms leave out shows up here.
 """
@@ -48,6 +53,7 @@ from .faithfulness import faithfulness_share
 from .feature_graph import FeatureGraph
 from .graph import check_prompt
 from .interventions import HEADLINE_TYPE, intervention_check, strongest_by_type
+from .means import TranscoderMeans, transcoder_means
 from .nodes import TARGET_ID, Edge, EdgeCheck, InterventionCheck, Node
 from .pruning import Candidate, budget_of, hook_candidates, prune_edges, ranking
 from .replacement import CleanPrompt, ReplacementModel, TranscoderSet
@@ -65,41 +71,77 @@ class _Attribution(NamedTuple):
     """[pos]"""
 
 
+class _Baseline(NamedTuple):
+    """What a removed node is set to, and the error nodes measured from it."""
+
+    codes: Tensor
+    """[n_layers d_sae] each feature's value when removed (its held-out mean, or 0)."""
+    errors: Tensor
+    """[n_layers d_model] each block's error when removed (its held-out mean, or 0)."""
+    active: Tensor
+    """[n_layers pos d_sae] the features active on the prompt: the candidates."""
+    node_errors: Tensor
+    """[n_layers pos d_model] each error node's clean value: the transcoder's miss plus the departures of the features
+    inactive on the prompt (-baseline x decoder row), so that codes and errors add up to the real MLP output."""
+
+    def whole_codes(self, codes: Tensor) -> Tensor:
+        """codes [.. n_layers pos d_sae] at the active features, the baseline elsewhere."""
+        return torch.where(self.active, codes, self.codes[:, None])
+
+
+def _baseline(rm: ReplacementModel, clean: CleanPrompt, means: TranscoderMeans | None) -> _Baseline:
+    n_layers, _, d_sae = clean.codes.shape
+    device = clean.codes.device
+    if means is None:
+        codes = torch.zeros(n_layers, d_sae, device=device)
+        errors = torch.zeros(n_layers, clean.embed.shape[-1], device=device)
+    else:
+        codes, errors = means.codes.to(device), means.errors.to(device)
+    active = clean.codes != 0
+    inactive = torch.stack([((~active[layer]) * codes[layer]) @ tc.W_dec.detach()
+                            for layer, tc in enumerate(rm.transcoders.transcoders)])  # [n_layers pos d_model]
+    inactive[:, 0] = 0
+    return _Baseline(codes, errors, active, clean.errors - inactive)
+
+
 def _metric(target: LogitsTarget, logits: Tensor, position: int) -> Tensor:
     return target.metric(logits[:, position])
 
 
-def _attribute(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget, position: int, cfg: GraphConfig) -> _Attribution:
+def _attribute(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, target: LogitsTarget, position: int,
+               cfg: GraphConfig) -> _Attribution:
     injections = rm.zero_injections(clean)
     resid, _ = rm.forward(clean, injections, live=True)
     (gradient,) = torch.autograd.grad(_metric(target, rm.logits(clean, resid), position).sum(), injections)
     gradient = gradient[0].detach()
     candidates = []
     for layer, tc in enumerate(rm.transcoders.transcoders):
-        feature_attr = clean.codes[layer] * (gradient[layer + 1] @ tc.W_dec.detach().T)  # [pos d_sae]
-        error_attr = (clean.errors[layer] * gradient[layer + 1]).sum(-1)  # [pos]
-        candidates += hook_candidates(layer, feature_attr, clean.codes[layer] != 0, error_attr, first=1)
+        departure = clean.codes[layer] - base.codes[layer]  # [pos d_sae]
+        feature_attr = departure * (gradient[layer + 1] @ tc.W_dec.detach().T)  # [pos d_sae]
+        error_attr = ((base.node_errors[layer] - base.errors[layer]) * gradient[layer + 1]).sum(-1)  # [pos]
+        candidates += hook_candidates(layer, feature_attr, base.active[layer], error_attr, first=1)
     ranked = ranking(candidates, cfg)
     token_attribution = (clean.embed * gradient[0]).sum(-1)
     return _Attribution(ranked.candidates, ranked.kept, gradient, token_attribution)
 
 
-def _term(rm: ReplacementModel, clean: CleanPrompt, node: Node) -> tuple[int, Tensor]:
-    """(the injection index its term enters at, the term [d_model]) of a token, feature or error node."""
-    p = node.position
+def _term(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, node: Node) -> tuple[int, Tensor]:
+    """(the injection index its term enters at, the term [d_model]: what it adds beyond its baseline) of a token,
+    feature or error node."""
+    p, layer = node.position, node.stack_index
     if node.kind == "token":
         return 0, clean.embed[p]
     if node.kind == "error":
-        return node.stack_index + 1, clean.errors[node.stack_index, p]
-    tc = rm.transcoders.transcoders[node.stack_index]
-    return node.stack_index + 1, clean.codes[node.stack_index, p, node.feature] * tc.W_dec[node.feature].detach()
+        return layer + 1, base.node_errors[layer, p] - base.errors[layer]
+    tc = rm.transcoders.transcoders[layer]
+    return layer + 1, (clean.codes[layer, p, node.feature] - base.codes[layer, node.feature]) * tc.W_dec[node.feature].detach()
 
 
-def _edges(rm: ReplacementModel, clean: CleanPrompt, nodes: list[Node], target: LogitsTarget, position: int,
-           gradient: Tensor, cfg: GraphConfig) -> list[Edge]:
+def _edges(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, nodes: list[Node], target: LogitsTarget,
+           position: int, gradient: Tensor, cfg: GraphConfig) -> list[Edge]:
     """Every edge from a token, feature or error node into a kept feature or the target, with its exact direct effect."""
     sources = [n for n in nodes if n.kind in ("token", "feature", "error")]
-    where = [_term(rm, clean, n) for n in sources]
+    where = [_term(rm, clean, base, n) for n in sources]
     index = torch.tensor([w[0] for w in where])
     positions = torch.tensor([n.position for n in sources])
     terms = torch.stack([w[1] for w in where])  # [n_sources d_model]
@@ -152,25 +194,30 @@ def _keep_masks(rm: ReplacementModel, clean: CleanPrompt, sets: list[list[Candid
 
 
 @torch.no_grad()
-def _ablated_metrics(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget, position: int,
+def _ablated_metrics(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, target: LogitsTarget, position: int,
                      sets: list[tuple[list[Candidate], str]]) -> list[float]:
-    """The target metric in the real model with each MLP replaced by the set's kept features (recomputed) and error
-    nodes ("recomputed", "frozen", "none" or "all" recomputed), one row per set."""
+    """The target metric in the real model with each MLP replaced by the set's kept features (recomputed), every other
+    feature at its baseline, and error nodes ("recomputed", "frozen", "none" or "all" recomputed; a removed one at its
+    baseline), one row per set."""
     features, errors = _keep_masks(rm, clean, [kept for kept, _ in sets])
     modes = [mode for _, mode in sets]
 
     def mlp_out(layer: int, m_in: Tensor, real: Tensor) -> Tensor:
         tc = rm.transcoders.transcoders[layer]
-        f = tc.encode(m_in) * features[:, layer]
-        out = tc.decode(f) + tc.skip(m_in)
-        recomputed = real - tc(m_in)
+        f = tc.encode(m_in)
+        skip = tc.skip(m_in)
+        out = tc.decode(torch.where(features[:, layer], f, base.codes[layer])) + skip
+        recomputed = real - tc.decode(torch.where(base.active[layer], f, base.codes[layer])) - skip
+        removed = base.errors[layer]
         for row, mode in enumerate(modes):
             if mode == "recomputed":
-                out[row] += recomputed[row] * errors[row, layer]
+                out[row] += torch.where(errors[row, layer], recomputed[row], removed)
             elif mode == "frozen":
-                out[row] += clean.errors[layer] * errors[row, layer]
+                out[row] += torch.where(errors[row, layer], base.node_errors[layer], removed)
             elif mode == "all":
                 out[row] += recomputed[row]
+            else:
+                out[row] += removed
         out[:, 0] = real[:, 0]
         return out
 
@@ -178,14 +225,14 @@ def _ablated_metrics(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTar
     return _metric(target, rm.spliced_logits(tokens, mlp_out), position).tolist()
 
 
-def _faithfulness(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget, position: int, attribution: _Attribution,
-                  cfg: GraphConfig) -> tuple[dict, float]:
+def _faithfulness(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, target: LogitsTarget, position: int,
+                  attribution: _Attribution, cfg: GraphConfig) -> tuple[dict, float]:
     kept, everything = attribution.kept, attribution.candidates
     budgets = [b for b in cfg.budgets if b < cfg.max_feature_nodes]
     by_budget = [attribution.kept[:budget_of(attribution.kept, b)] for b in budgets]
     sets = [([], "none"), (everything, "recomputed"), (kept, "recomputed"), (kept, "frozen"), (kept, "none"), (kept, "all"),
             *((k, "recomputed") for k in by_budget)]
-    values = _ablated_metrics(rm, clean, target, position, sets)
+    values = _ablated_metrics(rm, clean, base, target, position, sets)
     clean_value = float(_metric(target, clean.logits[None], position)[0])
     metric = {"clean": clean_value, "empty": values[0], "full": values[1], "graph": values[2], "graph_frozen": values[3],
               "graph_no_errors": values[4], "graph_all_errors": values[5]}
@@ -200,10 +247,11 @@ def _faithfulness(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget
 
 
 @torch.no_grad()
-def _check_edges(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget, position: int, edges: list[Edge],
-                 nodes: dict[str, Node], cfg: GraphConfig) -> InterventionCheck:
-    """Scale the upstream node of the strongest feature / error -> feature / target edges by each dose in the real
-    model, every other feature and error frozen at its clean value; compare the downstream change with the prediction."""
+def _check_edges(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, target: LogitsTarget, position: int,
+                 edges: list[Edge], nodes: dict[str, Node], cfg: GraphConfig) -> InterventionCheck:
+    """Scale the term (the departure from its baseline) of the upstream node of the strongest feature / error ->
+    feature / target edges by each dose in the real model, every other feature and error frozen at its clean value;
+    compare the downstream change with the prediction."""
     types = {HEADLINE_TYPE, "error->feature", "feature->target", "error->target"}
     picked = [e for group in strongest_by_type(edges, nodes, cfg.n_check_edges, types).values() for e in group]
     doses = [float(d) for d in cfg.check_doses]
@@ -211,12 +259,13 @@ def _check_edges(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget,
         return intervention_check([])
     rows = [(e, dose) for e in picked for dose in [1.0, *doses]]
     n_layers, n_pos, d_sae = clean.codes.shape
-    codes = clean.codes[None].repeat(len(rows), 1, 1, 1)
+    codes = base.whole_codes(clean.codes)[None].repeat(len(rows), 1, 1, 1)
     error_scale = torch.ones(len(rows), n_layers, n_pos, 1, device=codes.device)
     for r, (e, dose) in enumerate(rows):
         up = nodes[e.source]
         if up.kind == "feature":
-            codes[r, up.stack_index, up.position, up.feature] *= dose
+            mean = base.codes[up.stack_index, up.feature]
+            codes[r, up.stack_index, up.position, up.feature] = mean + dose * (clean.codes[up.stack_index, up.position, up.feature] - mean)
         else:
             error_scale[r, up.stack_index, up.position] = dose
     reads: dict[int, Tensor] = {}
@@ -224,7 +273,8 @@ def _check_edges(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget,
     def mlp_out(layer: int, m_in: Tensor, real: Tensor) -> Tensor:
         tc = rm.transcoders.transcoders[layer]
         reads[layer] = tc.encode(m_in)  # [rows pos d_sae] the live code, for the downstream features
-        out = tc.decode(codes[:, layer]) + tc.skip(m_in) + clean.errors[layer] * error_scale[:, layer]
+        errors = base.errors[layer] + (base.node_errors[layer] - base.errors[layer]) * error_scale[:, layer]
+        out = tc.decode(codes[:, layer]) + tc.skip(m_in) + errors
         out[:, 0] = real[:, 0]
         return out
 
@@ -246,8 +296,10 @@ def _check_edges(rm: ReplacementModel, clean: CleanPrompt, target: LogitsTarget,
 
 
 def trace_transcoders(model: HookedModel, transcoders: TranscoderSet, prompt: str, target: GraphTarget,
-                      cfg: GraphConfig | None = None) -> FeatureGraph:
-    """The pruned, checked feature graph of `prompt` for a logit or logit-difference `target` on the transcoder basis."""
+                      cfg: GraphConfig | None = None, means: TranscoderMeans | None = None) -> FeatureGraph:
+    """The pruned, checked feature graph of `prompt` for a logit or logit-difference `target` on the transcoder basis.
+    `means`: the held-out means a removed node is set to with `cfg.transcoder_ablation` "mean" (measured here over
+    `cfg.mean_tokens` when not given; `transcoder_means` caches them)."""
     cfg = cfg or GraphConfig()
     if not isinstance(target, LogitsTarget):
         raise ValueError(f"the transcoder basis explains targets read from the logits (logit, logit difference), not a {target.kind} "
@@ -261,20 +313,23 @@ def trace_transcoders(model: HookedModel, transcoders: TranscoderSet, prompt: st
     strings = token_strings(model.tokenizer, tokens.tolist())
     for tc in transcoders.transcoders:
         tc.requires_grad_(False)
+    if cfg.transcoder_ablation == "mean" and means is None:
+        means = transcoder_means(model, transcoders, n_tokens=cfg.mean_tokens)
     clean = rm.clean_run(tokens)
+    base = _baseline(rm, clean, means if cfg.transcoder_ablation == "mean" else None)
     position = target.position % clean.n_pos
-    attribution = _attribute(rm, clean, target, position, cfg)
+    attribution = _attribute(rm, clean, base, target, position, cfg)
     nodes = [Node("token", -1, p, None, float(clean.embed[p].norm()), float(attribution.token_attribution[p]), strings[p])
              for p in range(1, clean.n_pos)]
     for c in attribution.kept:
-        value = float(clean.errors[c.stack_index, c.position].norm()) if c.feature is None else float(clean.codes[c.stack_index, c.position, c.feature])
+        value = float(base.node_errors[c.stack_index, c.position].norm()) if c.feature is None else float(clean.codes[c.stack_index, c.position, c.feature])
         nodes.append(Node(c.kind, c.stack_index, c.position, c.feature, value, c.attribution, strings[c.position]))
     clean_value = float(_metric(target, clean.logits[None], position)[0])
     nodes.append(Node("target", rm.n_layers, position, None, clean_value, clean_value, strings[position], target.text))
-    every_edge = _edges(rm, clean, nodes, target, position, attribution.gradient, cfg)
+    every_edge = _edges(rm, clean, base, nodes, target, position, attribution.gradient, cfg)
     edges = prune_edges(every_edge, cfg)
-    metric, faithful = _faithfulness(rm, clean, target, position, attribution, cfg)
-    checks = _check_edges(rm, clean, target, position, edges, {n.id: n for n in nodes}, cfg)
+    metric, faithful = _faithfulness(rm, clean, base, target, position, attribution, cfg)
+    checks = _check_edges(rm, clean, base, target, position, edges, {n.id: n for n in nodes}, cfg)
     scores = graph_scores(nodes, every_edge)
     hooks = [act_name("mlp_out", layer) for layer in range(rm.n_layers)]
     assert nodes[-1].id == TARGET_ID
