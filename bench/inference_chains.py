@@ -110,6 +110,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "none with --matching: only the matching)")
     p.add_argument("--families", nargs="+", default=None, help="only these families (default: every family of each set)")
     p.add_argument("--max-feature-nodes", type=int, default=GraphConfig.max_feature_nodes, help="default: %(default)s")
+    p.add_argument("--budgets", type=int, nargs="+", default=GraphConfig().budgets, help="smaller feature budgets whose "
+                   "faithfulness is also reported, with the same ranking (default: %(default)s)")
     p.add_argument("--n-hooks", type=int, nargs="+", default=[GraphConfig.n_hooks], help="hooks each graph cuts at, evenly spaced "
                    "(0: every hook of the stack); several values trace every prompt once per value (default: %(default)s)")
     p.add_argument("--transcoder-ablation", nargs="+", default=[GraphConfig.transcoder_ablation], choices=("mean", "zero"),
@@ -150,7 +152,8 @@ def trace_set(model, stack, means, args, name: str, n_hooks: int, ablation: str 
     its `TranscoderMeans`, `ablation` what a removed node is set to)."""
     transcoder_basis = isinstance(stack, TranscoderSet)
     basis = f"transcoders_{ablation}" if transcoder_basis else f"{n_hooks or len(stack)}hooks"
-    cfg = GraphConfig(max_feature_nodes=args.max_feature_nodes, ig_steps=args.ig_steps, n_hooks=n_hooks, transcoder_ablation=ablation)
+    cfg = GraphConfig(max_feature_nodes=args.max_feature_nodes, ig_steps=args.ig_steps, n_hooks=n_hooks, transcoder_ablation=ablation,
+                      budgets=args.budgets)
     results, left_out = {}, []
     for family, prompts in SETS[name].items():
         if args.families and family not in args.families:

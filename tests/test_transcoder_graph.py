@@ -228,7 +228,8 @@ def test_transcoder_means_are_the_held_out_averages_and_are_cached_by_content(ti
     assert measured.n_tokens == count
     torch.testing.assert_close(measured.codes, codes / count, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(measured.errors, errors / count, atol=1e-4, rtol=1e-4)
-    assert torch.equal(transcoder_means(tiny_bridge, transcoders, corpus, n_tokens=300, cache=cache).codes, measured.codes)
+    cached = transcoder_means(tiny_bridge, transcoders, corpus, n_tokens=300, cache=cache)
+    assert torch.equal(cached.codes, measured.codes) and cached.n_tokens == count
     with torch.no_grad():
         transcoders.transcoders[0].b_enc.add_(0.5)  # other weights: the cache is not reused
     try:

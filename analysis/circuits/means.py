@@ -135,6 +135,7 @@ class TranscoderMeans:
     errors: Tensor
     """[n_layers d_model] each block's mean error: the real MLP's output minus its transcoder's."""
     n_tokens: int
+    """Tokens averaged over (whole contexts: at least the number asked for)."""
     corpus: str
 
 
@@ -147,11 +148,12 @@ def transcoder_means(model: HookedModel, transcoders: TranscoderSet, corpus: Cor
     corpus = corpus or heldout_corpus(first.training_data, None, first.cfg.context_size)
     key = {"model": str(transcoders.model_name), "n_tokens": str(n_tokens), "corpus": describe(corpus), "basis": "transcoder",
            "weights": json.dumps([weights_sha256(tc) for tc in transcoders.transcoders])}
-    if cache is not None and (t := _cached_tensors(Path(cache), key)) is not None:
-        return TranscoderMeans(t["codes"], t["errors"], n_tokens, key["corpus"])
+    if cache is not None and (t := _cached_tensors(Path(cache), key)) is not None and "count" in t:
+        return TranscoderMeans(t["codes"], t["errors"], int(t["count"]), key["corpus"])
     means = _measure_transcoders(model, transcoders, corpus, n_tokens, batch_contexts)
     if cache is not None:
-        atomic_save_safetensors({"codes": means.codes, "errors": means.errors}, Path(cache), metadata=key)
+        atomic_save_safetensors({"codes": means.codes, "errors": means.errors, "count": torch.tensor(means.n_tokens)}, Path(cache),
+                                metadata=key)
     return means
 
 
