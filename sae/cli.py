@@ -2,7 +2,8 @@
 config class of every registered architecture, with the fields' docstrings as help, so a new
 architecture's fields become flags without editing this file; `analysis.cli` collects it
 into the `saewb` parser and composes it into `saewb run`. After a harvest of several hooks
-(`run --hooks A B`, the chain preset) it trains one SAE per hook, listed in `<out>/sae/stack.json`.
+(`run --hooks A B`, the chain preset) it trains one SAE per hook, all from one stream of batches (the hooks' stores
+read in step, or one pass of the model with --on-the-fly), listed in `<out>/sae/stack.json`.
 
     saewb train --architecture topk batchtopk --d-sae 4608 9216 --k 32 64   # 2 x 2 x 2 SAEs, one pass
 """
@@ -61,7 +62,7 @@ def sae_configs(args: argparse.Namespace, d_in: int, context_len: int, hook: str
     return configs
 
 
-def train_one(args: argparse.Namespace, models: ModelLoader, hook: str, out_dir: Path, seed: int | None = None) -> list[Path]:
+def train_one(args: argparse.Namespace, models: ModelLoader, hook: str, out_dir: Path) -> list[Path]:
     """Train the SAEs of `args` on `hook` (from its store, or --on-the-fly from the model) into
     `out_dir`; the SAE folders."""
     from activations import ActivationStore, CorpusConfig
@@ -75,9 +76,8 @@ def train_one(args: argparse.Namespace, models: ModelLoader, hook: str, out_dir:
         source = ActivationStore(args.store or Path(args.out) / "activations" / hook)
         hook, context_len = source.hook_name, int(source.manifest["context_len"])
         model = models.name(source.model_name)  # the SAEs record the model the store was harvested from
-    overrides = {} if seed is None else {"seed": seed}
     cfg = from_flags(TrainConfig, args, rename=RENAMED, out_dir=str(out_dir), saes=sae_configs(args, source.d_in, context_len, hook, model),
-                     device=args.device, **overrides)
+                     device=args.device)
     paths = train(cfg, source)
     for p in paths:
         print(f"SAE (SAE Lens format): {p}")
@@ -91,15 +91,41 @@ def run(args: argparse.Namespace, models: ModelLoader) -> list[Path]:
     out = Path(args.out) / "sae"
     if len(hooks) == 1 or args.store:
         return train_one(args, models, args.hook, out)
-    paths = []
-    for offset, hook in enumerate(hooks):
-        # one seed per hook: SAEs of equal shape from one seed start from the same random decoder,
-        # which would make features "persist" across layers by their initialisation alone
-        seed = (args.seed or 0) + offset
-        print(f"--- training on {hook} (seed {seed})")
-        paths += train_one(args, models, hook, out / hook, seed=seed)
+    paths = [p for trained in train_stack(args, models, hooks, out) for p in trained]
     print(f"SAE stack: {write_stack_manifest(out, paths)}")
     return paths
+
+
+def train_stack(args: argparse.Namespace, models: ModelLoader, hooks: list[str], out: Path) -> list[list[Path]]:
+    """The SAEs of `args` at every hook, each into <out>/<hook>/, all from one stream of batches (`sae.stream`): one
+    model pass (--on-the-fly), or the hooks' stores of one harvest read in step. The SAE folders of each hook."""
+    from activations import ActivationStore, CorpusConfig
+
+    from .stream import StoreRows, column_views, train_together
+
+    if args.on_the_fly:
+        from .on_the_fly import OnTheFlySource
+
+        corpus = from_flags(CorpusConfig, args, source=args.corpus or "default")
+        source, context_len, model = OnTheFlySource(models.get(), hooks, corpus=corpus), corpus.context_len, models.name()
+        views = column_views(source, source.widths, hooks)
+    else:
+        stores = [ActivationStore(Path(args.out) / "activations" / hook) for hook in hooks]
+        source = StoreRows(stores)
+        context_len, model = int(stores[0].manifest["context_len"]), models.name(stores[0].model_name)
+        views = column_views(source, source.widths, hooks, parts=stores)
+    configs = []
+    for offset, (hook, view) in enumerate(zip(hooks, views)):
+        # one seed per hook for the weights: SAEs of equal shape from one seed start from the same random decoder, which
+        # would make features "persist" across layers by their initialisation alone (the batches follow the first seed)
+        configs.append(from_flags(TrainConfig, args, rename=RENAMED, out_dir=str(out / hook), device=args.device,
+                                  saes=sae_configs(args, view.d_in, context_len, hook, model), seed=(args.seed or 0) + offset))
+    print(f"--- training {len(hooks)} hooks from one stream: {', '.join(hooks)}")
+    trained = train_together(configs, views)
+    for paths in trained:
+        for p in paths:
+            print(f"SAE (SAE Lens format): {p}")
+    return trained
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -167,4 +193,4 @@ COMMANDS = {"train": Command("train SAEs on a store", add_train_arguments, run, 
             "transcoders": Command("train a skip transcoder per MLP from one pass over the corpus", add_transcoder_arguments,
                                    run_transcoders, sharded=False)}
 
-__all__ = ["COMMANDS", "add_arguments", "run", "sae_configs", "swept_fields", "train_one"]
+__all__ = ["COMMANDS", "add_arguments", "run", "sae_configs", "swept_fields", "train_one", "train_stack"]

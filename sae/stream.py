@@ -1,7 +1,7 @@
 """Many SAEs (or transcoders) at many hooks from one stream of batches: one forward pass of the model feeds them all.
 
 The source's rows hold every hook's activations side by side (`sae.on_the_fly.OnTheFlySource` with several hooks, or
-a store of such rows); each trainer reads its own columns through a `ColumnView`, with its own input scale, output
+`StoreRows`: the stores of one harvest read in step); each trainer reads its own columns through a `ColumnView`, with its own input scale, output
 folder, checkpoints and metrics. Every trainer takes the same step on the same rows, so the stream costs one model pass
 per batch instead of one per hook.
 
@@ -11,12 +11,16 @@ and step, `sae.trainer.epoch_batches`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from activations.store import ActivationStore
 
 from .trainer import BatchSource, TrainConfig, Trainer, epoch_batches, init_sample_of
 
@@ -26,8 +30,11 @@ class ColumnView:
     It serves the trainer's init sample and provenance; the training batches come from the stream."""
 
     def __init__(self, source: BatchSource, start: int, stop: int, hook_name: str,
-                 shared_samples: dict[tuple[int, int], torch.Tensor] | None = None):
+                 shared_samples: dict[tuple[int, int], torch.Tensor] | None = None, part: BatchSource | None = None):
         self.source, self.start, self.stop, self.hook_name = source, start, stop, hook_name
+        self.part = part
+        """The source of these columns alone, where there is one (a hook's own store): the provenance and fingerprint an
+        SAE trained on the view records."""
         self.d_in = stop - start
         self.seed = 0
         """The stream's seed (set by `train_together`): its batches and init sample follow it, whatever seed a trainer's
@@ -41,7 +48,14 @@ class ColumnView:
 
     @property
     def training_data(self) -> dict:
+        if self.part is not None:
+            return getattr(self.part, "training_data", {})
         return {**getattr(self.source, "training_data", {}), "hook_name": self.hook_name}
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The part's fingerprint (a store's content), which a checkpoint records; None for a stream from the model."""
+        return getattr(self.part, "fingerprint", None)
 
     def init_sample(self, n_tokens: int, seed: int = 0) -> torch.Tensor:
         """(n_tokens width) of this view's columns; the source's sample is drawn once for all views, with the stream's
@@ -56,15 +70,53 @@ class ColumnView:
             yield batch[:, self.start:self.stop]
 
 
-def column_views(source: BatchSource, widths: list[int], names: list[str]) -> list[ColumnView]:
-    """Consecutive views of `source`'s rows, one per entry of `widths` (the columns' widths, in row order)."""
+def column_views(source: BatchSource, widths: list[int], names: list[str], parts: list[BatchSource] | None = None) -> list[ColumnView]:
+    """Consecutive views of `source`'s rows, one per entry of `widths` (the columns' widths, in row order); `parts`: the
+    source of each view's columns alone, where there is one (`StoreRows.stores`)."""
     if sum(widths) != source.d_in:
         raise ValueError(f"the views' widths add up to {sum(widths)}, the source's rows are {source.d_in} wide")
+    parts = parts or [None] * len(widths)
     views, start, shared = [], 0, {}
-    for width, name in zip(widths, names):
-        views.append(ColumnView(source, start, start + width, name, shared))
+    for width, name, part in zip(widths, names, parts, strict=True):
+        views.append(ColumnView(source, start, start + width, name, shared, part))
         start += width
     return views
+
+
+class StoreRows:
+    """The stores of one harvest (several hooks of the same tokens) read in step: each row of a batch holds every hook's
+    activations of one token, in the order of `stores`. A store's batch order is a pure function of (seed, epoch) and its
+    shard sizes, so stores with the same shards give the same tokens row by row."""
+
+    def __init__(self, stores: list[ActivationStore]):
+        if not stores:
+            raise ValueError("StoreRows needs at least one store")
+        first = stores[0]
+        layout = [(s.n_contexts, s.n_tokens) for s in first.shards]
+        for store in stores[1:]:
+            if ([(s.n_contexts, s.n_tokens) for s in store.shards] != layout
+                    or store.manifest.get("corpus_fingerprint") != first.manifest.get("corpus_fingerprint")):
+                raise ValueError(f"{store.path} and {first.path} do not hold the same tokens in the same shards (not one "
+                                 "harvest): train their SAEs apart, or harvest the hooks together")
+        self.stores = stores
+        self.widths = [s.d_in for s in stores]
+        self.d_in = sum(self.widths)
+        self.hook_name = "+".join(s.hook_name for s in stores)
+        self.model_name = first.model_name
+
+    @property
+    def training_data(self) -> dict:
+        return self.stores[0].training_data
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([s.fingerprint for s in self.stores]).encode()).hexdigest()[:16]
+
+    def iter_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+        """Batches [batch_size sum(widths)]: every store's batch of the same (seed, epoch, step), side by side."""
+        readers = [s.iter_batches(batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size) for s in self.stores]
+        for rows in zip(*readers, strict=True):
+            yield torch.cat(rows, dim=1)
 
 
 def train_together(configs: list[TrainConfig], views: list[ColumnView]) -> list[list[Path]]:
@@ -104,4 +156,4 @@ def train_together(configs: list[TrainConfig], views: list[ColumnView]) -> list[
     return [trainer.finish() for trainer in trainers]
 
 
-__all__ = ["ColumnView", "column_views", "train_together"]
+__all__ = ["ColumnView", "StoreRows", "column_views", "train_together"]

@@ -2,6 +2,7 @@
 backward passes and fused Adam (`TrainConfig.fast_kernels`) give the loss curve and weights
 of plain autograd, and the prefetching, pinned, rank-sliced store reader yields the batches
 of the plain synchronous reader."""
+import dataclasses
 import json
 
 import pytest
@@ -153,3 +154,25 @@ def test_gradient_clipping_bounds_each_step_and_none_turns_it_off(tmp_path, monk
     clipped = run(1e-3)
     assert len(norms) == 6 and all(before > 1e-3 and after <= 1e-3 * 1.01 for before, after in norms)
     assert not torch.allclose(clipped, unclipped)
+
+
+def test_the_stores_of_one_harvest_read_in_step_and_each_sae_records_its_own_store(tiny_model, text_corpus, tmp_path):
+    """`StoreRows`: a stack's hooks from one stream of batches, each row one token at every hook; a store of other
+    tokens is refused; a view reports its own store's provenance and fingerprint."""
+    from sae.stream import StoreRows, column_views
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    cfg = HarvestConfig(out_dir=str(tmp_path / "one"), model="tiny", hooks=hooks, corpus=CorpusConfig(source=str(text_corpus), context_len=16),
+                        n_tokens=900, batch_contexts=4, shard_contexts=8, dtype="bfloat16", autocast="none", device="cpu")
+    stores = harvest(cfg, tiny_model)
+    rows = StoreRows([stores[h] for h in hooks])
+    assert rows.d_in == 2 * stores[hooks[0]].d_in
+    joint = list(rows.iter_batches(64, seed=5, epoch=2))
+    apart = [list(stores[h].iter_batches(64, seed=5, epoch=2)) for h in hooks]
+    assert len(joint) == len(apart[0]) > 0
+    assert all(torch.equal(j, torch.cat([a, b], 1)) for j, a, b in zip(joint, *apart))
+    views = column_views(rows, rows.widths, hooks, parts=[stores[h] for h in hooks])
+    assert views[1].training_data["store"] == str(stores[hooks[1]].path) and views[1].fingerprint == stores[hooks[1]].fingerprint
+    other = harvest(dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), hooks=hooks[:1], n_tokens=600), tiny_model)
+    with pytest.raises(ValueError, match="not one harvest|same tokens"):
+        StoreRows([stores[hooks[1]], other[hooks[0]]])
