@@ -86,6 +86,31 @@ def test_lexicon_refuses_empty_and_multi_word_entries():
         Lexicon("x", ("ice cream",))
 
 
+def test_the_default_lexicon_is_the_concept_words_embedding_neighbours_whole_words_only():
+    from analysis.steering.concept import neighbour_lexicon
+
+    vocab = [" sea", " the", "sea", " xx1", " ocean", " waves", " road", " at"]
+    directions = torch.tensor([[1.0, 0.0], [1.0, 0.01], [1.0, 0.02], [1.0, 0.03], [0.9, 0.1], [0.8, 0.3], [0.0, 1.0], [-1.0, 0.0]])
+
+    class Words:  # one token per vocabulary entry
+        def encode(self, text, add_special_tokens=False):
+            return [vocab.index(text)]
+
+        def decode(self, ids):
+            return "".join(vocab[i] for i in ids)
+
+    class Model:
+        W_E = directions
+        tokenizer = Words()
+
+    lexicon = neighbour_lexicon("Sea", Model(), max_words=3)
+    # a stop word, a word piece without its space and a non-word are passed over, however near
+    assert lexicon.words == ("sea", "ocean", "waves") and lexicon.source == "neighbours"
+    assert neighbour_lexicon("sea", Model(), max_words=4).words[-1] == "road"
+    with pytest.raises(ValueError, match="no word"):
+        neighbour_lexicon("42", Model())
+
+
 def test_lexicon_token_ids_are_first_pieces_of_each_spelling(tiny_model):
     ids = Lexicon("c", ("cat",)).token_ids(tiny_model.tokenizer)
     assert ids == sorted({ord(" "), ord("c"), ord("C")})  # " cat", " Cat", "cat", "Cat" on the byte tokenizer

@@ -2,8 +2,9 @@
 them together at a dose chosen automatically, and score the text with a lexicon that does not
 depend on the steered features.
 
-1. **Lexicon** (`lexicon.py`, `Lexicon`): the concept's words, given by the user or derived and
-   shown (`derive_lexicon`, from the concept search's labels and logit effects). A word of the
+1. **Lexicon** (`lexicon.py`, `Lexicon`): the concept's words, given by the user or, by default,
+   the concept word's nearest whole words in the model's embedding, shown (`neighbour_lexicon`;
+   `derive_lexicon` takes them from features' labels and logit effects instead). A word of the
    text counts when it is a lexicon word or one of its inflections ("loved" for "love"). It is
    the concept score of every steering table, beside the steered features' own re-read
    activation, so a topic that moves without the feature's token ("marriage" -> "a wedding")
@@ -48,7 +49,7 @@ from ..measure import Fluency
 from .config import CONCEPT_MODES, PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
 from .dose import DosePoint, DoseSearch, choose_dose, search_dose, within_budget
 from .figure import dose_response_figure, write_dose_response
-from .lexicon import Lexicon, LexiconScores, derive_lexicon, lexicon_scores
+from .lexicon import Lexicon, LexiconScores, derive_lexicon, lexicon_scores, neighbour_lexicon
 from .report import ConceptPoint, ExtraCondition, compare_concept
 from .scores import SCORES, CandidateInputs, CandidateScore, register
 from .scores.answer_contrast import answer_contrast
@@ -59,7 +60,7 @@ from .search import STEERED_BY, ConceptFeature, ConceptSearch, concept_steering,
 __all__ = [
     "CONCEPT_MODES", "ConceptMode", "PROMPTING", "REQUEST", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
     "ConceptPoint", "ConceptSearch", "DosePoint", "DoseSearch", "ExtraCondition", "Fluency", "Lexicon", "LexiconScores", "OutputScores",
-    "answer_contrast", "choose_dose", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores",
+    "answer_contrast", "choose_dose", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores", "neighbour_lexicon",
     "matched_controls", "output_scores", "ranking_table", "register", "search_concept", "search_dose", "within_budget",
     "dose_response_figure", "write_dose_response",
 ]

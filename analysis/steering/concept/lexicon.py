@@ -1,6 +1,7 @@
 """The lexicon of a concept: the words that show it in text, the score of a text by those
-words alone (independent of the steered features), and a lexicon derived from the features
-when the user gives none."""
+words alone (independent of the steered features), and, when the user gives none, one from the
+model's embedding neighbours of the concept word (`neighbour_lexicon`, the default) or derived
+from the features (`derive_lexicon`)."""
 from __future__ import annotations
 
 import re
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ...features.atlas import Atlas
+    from activations.model import HookedModel
+
     from ...features.labels import Labels
 
 
@@ -50,7 +53,7 @@ class Lexicon:
     concept: str
     words: tuple[str, ...]
     source: str = "given"
-    """"given" (the user's words) or "derived" (`derive_lexicon`)."""
+    """"given" (the user's words), "neighbours" (`neighbour_lexicon`) or "derived" (`derive_lexicon`)."""
 
     def __post_init__(self):
         words = tuple(dict.fromkeys(w.strip().lower() for w in self.words if w and w.strip()))
@@ -110,6 +113,31 @@ def lexicon_scores(texts: Sequence[str], lexicon: Lexicon) -> LexiconScores:
                          torch.tensor([h / w if w else 0.0 for h, w in zip(hits, words)]))
 
 
+def neighbour_lexicon(concept: str, model: HookedModel, max_words: int = 16) -> Lexicon:
+    """The concept's words and the whole words nearest to them in the model's token embedding (cosine to the mean of
+    the concept words' " word" tokens): alphabetic, 3+ letters, stop words left out, one entry per lower-cased word.
+    It does not depend on any SAE feature. Embedding neighbours are related words, not only synonyms (SmolLM2's
+    nearest to " sea": ocean, seas, marine, lake, ... but also road; to " love": hate), so show it to the user, and
+    give a lexicon (--lexicon) where it matters."""
+    from activations.model import embedding
+
+    words = [w.lower() for w in _WORD.findall(concept)]
+    if not words:
+        raise ValueError(f"the concept {concept!r} has no word to find neighbours of: give a lexicon")
+    table = embedding(model).float()
+    ids = [i for w in words for i in model.tokenizer.encode(" " + w, add_special_tokens=False)]
+    centre = table[ids].mean(0)
+    cosine = (table @ centre) / (table.norm(dim=1) * centre.norm()).clamp_min(1e-8)
+    for i in cosine.topk(min(50 * max_words, len(cosine))).indices.tolist():
+        if len(dict.fromkeys(words)) >= max_words:
+            break
+        piece = token_strings(model.tokenizer, [i])[0]
+        w = piece.strip().lower()
+        if piece.startswith(" ") and len(w) >= 3 and w.isalpha() and w not in _STOPWORDS:
+            words.append(w)
+    return Lexicon(concept, tuple(dict.fromkeys(words))[:max_words], source="neighbours")
+
+
 def derive_lexicon(concept: str, tokenizer: PreTrainedTokenizerBase, features: Sequence[int], atlas: Atlas, labels: Labels | None = None,
                    max_words: int = 24) -> Lexicon:
     """A lexicon from the concept word, the tokens of the features' labels and the tokens
@@ -128,4 +156,4 @@ def derive_lexicon(concept: str, tokenizer: PreTrainedTokenizerBase, features: S
     return Lexicon(concept, tuple(dict.fromkeys(words))[:max_words], source="derived")
 
 
-__all__ = ["Lexicon", "LexiconScores", "derive_lexicon", "lexicon_scores"]
+__all__ = ["Lexicon", "LexiconScores", "derive_lexicon", "lexicon_scores", "neighbour_lexicon"]

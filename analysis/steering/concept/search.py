@@ -17,7 +17,7 @@ from sae.base import SAE
 from ..interventions import Intervention, Steering
 from ..measure import residual_norm
 from .config import TUNING_PROMPTS, ConceptConfig
-from .lexicon import Lexicon, derive_lexicon
+from .lexicon import Lexicon, neighbour_lexicon
 from .scores import SCORES, CandidateInputs
 
 if TYPE_CHECKING:
@@ -127,8 +127,8 @@ def _rank(candidates: Candidates, atlas: Atlas, labels: Labels | None, n_feature
 def search_concept(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, labels: Labels | None = None, lexicon: Lexicon | None = None,
                    prompts: Sequence[str] | None = None, cfg: ConceptConfig | None = None) -> ConceptSearch:
     """Rank features for steering toward `concept` by what they read and what they write (every
-    registered `CandidateScore`). Without a `lexicon`, one is derived from the input side's best
-    features and shown in the result. `prompts` (default `TUNING_PROMPTS`) are read for the
+    registered `CandidateScore`). Without a `lexicon`, the concept word's embedding neighbours
+    (`neighbour_lexicon`, independent of the features) are used and shown in the result. `prompts` (default `TUNING_PROMPTS`) are read for the
     answer and output sides."""
     from ...features.monitor import input_selectivity
 
@@ -136,7 +136,7 @@ def search_concept(concept: str, model: HookedModel, sae: SAE, atlas: Atlas, lab
     selectivity = input_selectivity(concept, model, sae, atlas)
     usable = (atlas.max_activation > 0) & (atlas.density <= cfg.max_density)
     if lexicon is None:
-        lexicon = derive_lexicon(concept, model.tokenizer, _best(selectivity.score, usable, cfg.n_candidates)[:3].tolist(), atlas, labels)
+        lexicon = neighbour_lexicon(concept, model)
     prompts = list(prompts or TUNING_PROMPTS)
     norm = residual_norm(model, sae.cfg.hook_name, encode_prompts(model.tokenizer, prompts, cfg.generation.chat))
     inputs = CandidateInputs(concept, model, sae, atlas, lexicon.token_ids(model.tokenizer), prompts, cfg, selectivity, lexicon, norm)
