@@ -38,6 +38,25 @@ def tokens_of(model, prompt=PROMPT):
     return encode_prompts(model.tokenizer, [prompt])[0]
 
 
+def logits_with_mlps(model, transcoders, output):
+    """The tiny Llama's logits on PROMPT, by hand, with each block's MLP output replaced by output(layer, transcoder,
+    the MLP's input) at positions >= 1 (position 0 keeps the real MLP)."""
+    from activations.hooks import transcoder_hooks
+    from activations.model import hf_hooks
+    inputs, edits = {}, {}
+    for layer, tc in enumerate(transcoders.transcoders):
+        into, out = transcoder_hooks(layer)
+        edits[into] = lambda a, layer=layer: inputs.__setitem__(layer, a)
+
+        def replace(a, layer=layer, tc=tc):
+            new = output(layer, tc, inputs[layer])
+            new[:, 0] = a[:, 0]
+            return new
+        edits[out] = replace
+    with torch.no_grad(), hf_hooks(model, edits):
+        return model.original_model(input_ids=tokens_of(model)[None]).logits
+
+
 def test_the_clean_run_and_the_frozen_replacement_reproduce_the_models_logits(tiny_bridge, transcoders):
     rm = ReplacementModel(tiny_bridge, transcoders)
     tokens = tokens_of(tiny_bridge)
@@ -102,22 +121,8 @@ def test_transcoder_faithfulness_is_measured_in_the_real_model(tiny_bridge, tran
     small = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=2, min_node_share=0.0, **zero))
     assert small.counts()["feature"] == 2
     assert small.metric["empty"] == pytest.approx(m["empty"], abs=1e-5)
-    # "empty" by hand: every MLP replaced by its transcoder's bias and skip term (position 0 keeps the real MLP)
-    from activations.hooks import transcoder_hooks
-    from activations.model import hf_hooks
-    inputs = {}
-    edits = {}
-    for layer, tc in enumerate(transcoders.transcoders):
-        into, out = transcoder_hooks(layer)
-        edits[into] = lambda a, layer=layer: inputs.__setitem__(layer, a)
-
-        def replace(a, layer=layer, tc=tc):
-            new = tc.b_dec + tc.skip(inputs[layer])
-            new[:, 0] = a[:, 0]
-            return new
-        edits[out] = replace
-    with torch.no_grad(), hf_hooks(tiny_bridge, edits):
-        logits = tiny_bridge.original_model(input_ids=tokens_of(tiny_bridge)[None]).logits
+    # "empty" by hand: every MLP replaced by its transcoder's bias and skip term
+    logits = logits_with_mlps(tiny_bridge, transcoders, lambda layer, tc, m_in: tc.b_dec + tc.skip(m_in))
     assert float(target.metric(logits[:, -1])[0]) == pytest.approx(m["empty"], abs=1e-4)
     assert set(every.scores) == {"replacement", "completeness"}
     assert every.interventions.by_type  # the edge check ran, in the real model
@@ -157,20 +162,8 @@ def test_mean_ablation_keeps_the_clean_run_and_empties_every_mlp_to_its_means(ti
     assert m["full"] == pytest.approx(m["clean"], abs=1e-4) and every.faithfulness == pytest.approx(1.0, abs=1e-3)
     assert m["graph_frozen"] == pytest.approx(m["clean"], abs=1e-4)
     # "empty" by hand: every MLP its transcoder at the mean code, plus its skip term and its mean error
-    from activations.hooks import transcoder_hooks
-    from activations.model import hf_hooks
-    inputs, edits = {}, {}
-    for layer, tc in enumerate(transcoders.transcoders):
-        into, out = transcoder_hooks(layer)
-        edits[into] = lambda a, layer=layer: inputs.__setitem__(layer, a)
-
-        def replace(a, layer=layer, tc=tc):
-            new = tc.decode(means.codes[layer]) + tc.skip(inputs[layer]) + means.errors[layer]
-            new[:, 0] = a[:, 0]
-            return new
-        edits[out] = replace
-    with torch.no_grad(), hf_hooks(tiny_bridge, edits):
-        logits = tiny_bridge.original_model(input_ids=tokens_of(tiny_bridge)[None]).logits
+    logits = logits_with_mlps(tiny_bridge, transcoders,
+                              lambda layer, tc, m_in: tc.decode(means.codes[layer]) + tc.skip(m_in) + means.errors[layer])
     assert float(target.metric(logits[:, -1])[0]) == pytest.approx(m["empty"], abs=1e-4)
     zero = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=10_000, min_node_share=0.0,
                                                                                     transcoder_ablation="zero"))
