@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from activations.model import MODEL_NAME_ATTR
 from activations.corpus import CorpusConfig
+from activations.model import MODEL_NAME_ATTR
 from analysis.circuits.graph import GraphConfig, logit_target
 from analysis.circuits.means import TranscoderMeans, transcoder_means
 from analysis.circuits.replacement import ReplacementModel, TranscoderSet, load_transcoders

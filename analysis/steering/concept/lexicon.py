@@ -17,9 +17,9 @@ from activations.model import token_strings
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ...features.atlas import Atlas
     from activations.model import HookedModel
 
+    from ...features.atlas import Atlas
     from ...features.labels import Labels
 
 
