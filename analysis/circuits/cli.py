@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -100,8 +101,10 @@ def run_trace(args: argparse.Namespace, models: ModelLoader) -> FeatureGraph:
         try:
             stack.check_model(model)
             target = trace_target(args, stack, model)
+            started = time.perf_counter()
             means = stack_means(model, stack.to(next(model.parameters()).device), n_tokens=cfg.mean_tokens,
                                 cache=where.folder / "means.safetensors")
+            _print_means(means.n_tokens, time.perf_counter() - started, where.folder / "means.safetensors")
             graph = trace(model, stack, args.prompt, target, cfg, means=means)
         except ValueError as error:
             raise SystemExit(f"trace: {error}") from None
@@ -117,6 +120,11 @@ def run_trace(args: argparse.Namespace, models: ModelLoader) -> FeatureGraph:
     for path in paths:
         print(f"  {path}")
     return graph
+
+
+def _print_means(n_tokens: int, seconds: float, cache: Path) -> None:
+    """The held-out means' own time, apart from the model load and the trace."""
+    print(f"held-out means over {n_tokens:,} tokens: {seconds:.1f} s (cache: {cache})")
 
 
 def _trace_on_transcoders(args: argparse.Namespace, models: ModelLoader, cfg: GraphConfig) -> tuple[HookedModel, FeatureGraph, Path, str]:
@@ -137,7 +145,9 @@ def _trace_on_transcoders(args: argparse.Namespace, models: ModelLoader, cfg: Gr
         means = None
         if cfg.transcoder_ablation == "mean":
             from .means import transcoder_means
+            started = time.perf_counter()
             means = transcoder_means(model, transcoders, n_tokens=cfg.mean_tokens, cache=folder / "means.safetensors")
+            _print_means(means.n_tokens, time.perf_counter() - started, folder / "means.safetensors")
         graph = trace_transcoders(model, transcoders, args.prompt, target, cfg, means=means)
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         raise SystemExit(f"trace: {error}") from None
