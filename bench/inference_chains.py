@@ -312,11 +312,12 @@ def main_transcoders(args: argparse.Namespace) -> None:
     cache = args.transcoders / "means.safetensors"
     cached = cache.exists()
     started = time.perf_counter()
-    means = transcoder_means(model, transcoders, n_tokens=GraphConfig.mean_tokens, cache=cache)
+    means = transcoder_means(model, transcoders, n_tokens=GraphConfig.mean_tokens, cache=cache) if "mean" in args.transcoder_ablation else None
     means_s = time.perf_counter() - started
     torch.set_grad_enabled(True)
-    print(f"model load {load_s:.0f} s; held-out means over {means.n_tokens:,} tokens {means_s:.1f} s "
-          f"({'cache file existed' if cached else 'computed'}); {len(transcoders)} transcoders from {args.transcoders}")
+    measured = "no held-out means (zero ablation only)" if means is None else \
+        f"held-out means over {means.n_tokens:,} tokens {means_s:.1f} s ({'cache file existed' if cached else 'computed'})"
+    print(f"model load {load_s:.0f} s; {measured}; {len(transcoders)} transcoders from {args.transcoders}")
     sets, tables = {}, {}
     for name in args.sets:
         for ablation in args.transcoder_ablation:

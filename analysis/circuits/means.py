@@ -100,16 +100,22 @@ def _read_cache(path: Path, key: dict[str, str], n_hooks: int, n_tokens: int) ->
                       key["corpus"])
 
 
+def _heldout_rows(model: HookedModel, corpus: CorpusConfig, n_tokens: int, first: int) -> Tensor:
+    """The held-out contexts [n_contexts context_len] (int64) that hold `n_tokens` tokens from position `first` on."""
+    n_contexts = contexts_for_tokens(n_tokens, corpus.context_len, first)
+    tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=n_contexts)).long()
+    if len(tokens) == 0:
+        raise ValueError(f"{describe(corpus)} is empty: no text for the held-out means")
+    return tokens
+
+
 @torch.no_grad()
 def _measure(model: HookedModel, stack: SAEStack, corpus: CorpusConfig, n_tokens: int, batch_contexts: int) -> StackMeans:
     """One pass over the held-out tokens: the sums of the residual, features and embedding (float64)."""
     runner = ResidualRunner(model)
     device = next(model.parameters()).device
     first = first_position(stack.saes[0])
-    n_contexts = contexts_for_tokens(n_tokens, corpus.context_len, first)
-    tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=n_contexts)).long()
-    if len(tokens) == 0:
-        raise ValueError(f"{describe(corpus)} is empty: no text for the held-out means")
+    tokens = _heldout_rows(model, corpus, n_tokens, first)
     sums = [torch.zeros(stack.saes[0].cfg.d_in, dtype=torch.float64) for _ in stack.saes]
     fsums = [torch.zeros(s.cfg.d_sae, dtype=torch.float64) for s in stack.saes]
     esum, count = torch.zeros(stack.saes[0].cfg.d_in, dtype=torch.float64), 0
@@ -164,9 +170,7 @@ def _measure_transcoders(model: HookedModel, transcoders: TranscoderSet, corpus:
     rm = ReplacementModel(model, transcoders)
     device = next(model.parameters()).device
     transcoders.to(device)
-    tokens = torch.from_numpy(load_contexts(corpus, model.tokenizer, max_contexts=contexts_for_tokens(n_tokens, corpus.context_len, 1))).long()
-    if len(tokens) == 0:
-        raise ValueError(f"{describe(corpus)} is empty: no text for the held-out means")
+    tokens = _heldout_rows(model, corpus, n_tokens, 1)
     code_sums = torch.zeros(len(transcoders), transcoders.transcoders[0].cfg.d_sae, dtype=torch.float64)
     error_sums = torch.zeros(len(transcoders), transcoders.transcoders[0].cfg.d_out, dtype=torch.float64)
     count = 0
