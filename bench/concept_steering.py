@@ -10,7 +10,9 @@ each concept (`analysis.steering.concept`):
    answers to tuning prompts (the trial score); those that show the concept are steered
    together, weighted by their trial score;
 2. `choose_dose` finds the largest dose whose answers to the 12 tuning prompts
-   (`TUNING_PROMPTS`) keep perplexity and repetition within 2x the unsteered answers';
+   (`TUNING_PROMPTS`) keep perplexity and repetition within 2x the unsteered answers', for
+   each steering way of `--ways` (mode:positions); `choose_way` keeps the way whose dose shows
+   the concept in the most tuning answers (the report prompts decide nothing);
 3. the 24 report prompts (`NEUTRAL_PROMPTS`, none of them a tuning prompt; chat template,
    greedy, 40 new tokens) are answered unsteered, prompted ("... (In your answer, talk about
    <concept>.)"), steered at that dose, and prompted and steered.
@@ -48,8 +50,11 @@ from analysis.steering.concept import (
     ConceptConfig,
     Lexicon,
     choose_dose,
+    choose_way,
     compare_concept,
+    parse_way,
     search_concept,
+    way_name,
     write_dose_response,
 )
 from analysis.steering.interventions import POSITIONS
@@ -80,8 +85,9 @@ def main() -> None:
     p.add_argument("--n-features", type=int, default=ConceptConfig.n_features, help="features steered together")
     p.add_argument("--budget", type=float, default=ConceptConfig.budget, help="fluency budget (x unsteered)")
     p.add_argument("--margin", type=float, default=ConceptConfig.margin, help="the dose search holds tuning answers to budget x margin")
-    p.add_argument("--mode", choices=CONCEPT_MODES, default=ConceptConfig.mode)
-    p.add_argument("--positions", choices=POSITIONS, default=ConceptConfig.positions)
+    p.add_argument("--ways", nargs="+", default=["add:all", "add:generated", "clamp_at_least:generated"],
+                   help=f"mode:positions, each mode one of {list(CONCEPT_MODES)} and positions one of {list(POSITIONS)}: the ways of "
+                        "steering compared per concept on the tuning prompts (the first also runs the trials); one way to skip the choice")
     p.add_argument("--top-input", action="store_true", help="also steer the search's top input feature alone at its own dose")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=24)
@@ -98,7 +104,11 @@ def main() -> None:
     sae = load_sae(args.sae)
     atlas_dir = Path(args.sae) / "atlas"
     atlas, labels = load_atlas(atlas_dir), load_labels(atlas_dir / "labels.json")
-    cfg = ConceptConfig(n_features=args.n_features, budget=args.budget, margin=args.margin, mode=args.mode, positions=args.positions)
+    try:
+        ways = [parse_way(w) for w in args.ways]
+    except ValueError as error:
+        raise SystemExit(f"--ways: {error}") from None
+    cfg = ConceptConfig(n_features=args.n_features, budget=args.budget, margin=args.margin, mode=ways[0][0], positions=ways[0][1])
     cfg.generation.max_new_tokens, cfg.generation.batch_size = args.max_new_tokens, args.batch_size
     prompts = list(NEUTRAL_PROMPTS)
     n = len(prompts)
@@ -123,19 +133,23 @@ def main() -> None:
         print(f"  trials: {len(tried)} candidates steered alone, {sum(c.trial > 0 for c in tried)} showing the concept; "
               "rank correlation with the trial score: " + ", ".join(f"{name} {rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried]):+.2f}"
                                                                     for name in PREDICTORS))
-        dose = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg)
-        searches = {"concept": dose}
+        choice = choose_way(model, sae, search, atlas.max_activation, ways, cfg=cfg)
+        dose, steer_cfg = choice.dose, choice.config(cfg)
+        print("  ways on the tuning prompts (concept share at the chosen dose): "
+              + ", ".join(f"{name} {'-' if d.chosen is None else f'{d.chosen.concept_frequency:.2f} at {d.dose:.2g}'}"
+                          for name, d in choice.tried.items()) + f" -> {way_name(choice.way)}")
+        searches = {f"concept, {name}": d for name, d in choice.tried.items()}
         extra = {}
         if args.top_input:
             alone = [replace(top_input, weight=1.0)]
-            searches["top input"] = choose_dose(model, sae, search, atlas.max_activation, cfg=cfg, features=alone, base=dose.base)
+            searches["top input"] = choose_dose(model, sae, search, atlas.max_activation, cfg=steer_cfg, features=alone, base=dose.base)
             if searches["top input"].dose is not None:
                 extra["top input feature"] = (alone, searches["top input"].dose)
         for name, d in searches.items():
             print(f"  dose search ({name}): base ppl {d.base.perplexity:.2f} rep {d.base.repetition:.3f}; "
                   + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f}, "
                               f"concept {pt.concept_frequency:.2f})" for pt in d.points) + f" -> {d.dose}")
-        points = compare_concept(model, sae, search, prompts, atlas.max_activation, dose.dose, cfg, extra)
+        points = compare_concept(model, sae, search, prompts, atlas.max_activation, dose.dose, steer_cfg, extra)
         seconds = time.perf_counter() - t0
         rows = {pt.condition: asdict(pt) for pt in points}
         print(f"  {'condition':<22} {'dose':>5} {'concept':>7} {'x':>5} {'any word':>8} {'feature':>7} {'ppl':>7} {'x':>5} {'rep':>6} {'x':>5}"
@@ -159,23 +173,23 @@ def main() -> None:
         print(f"  {concept}: steering {'reaches' if met else 'does not reach'} 5x within the fair budget "
               f"(today's verdict: {'reaches' if met_own else 'does not'}); {'matches' if matches else 'does not match'} prompting  "
               f"[{seconds:.0f} s]")
-        figure = write_dose_response(dose, concept, "share of the residual norm" if cfg.mode == "add" else "x weight x max activation",
+        figure = write_dose_response(dose, concept, "share of the residual norm" if steer_cfg.mode == "add" else "x weight x max activation",
                                      args.out / f"dose_{concept}.html")
         summary.append({"concept": concept, "predictors": {name: rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried])
                                                            for name in PREDICTORS}, "search": search.to_dict(), "dose_search": {k: v.to_dict() for k, v in searches.items()},
-                        "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own, "matches_prompting": matches,
+                        "way": way_name(choice.way), "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own, "matches_prompting": matches,
                         "seconds": seconds, "figure": str(figure)})
         pages.append(_section(concept, lexicon, search, rows, prompts))
 
     print(f"\nsummary ({n} report prompts; lexicon frequency, its ratio to unsteered, and whether the point is within the 2x fluency budget)")
     names = ["prompting", "steering", "prompting + steering", "top input feature"]
-    print(f"{'concept':<10} {'unsteered':>9} " + " ".join(f"{s:>24}" for s in names))
+    print(f"{'concept':<10} {'way':<26} {'unsteered':>9} " + " ".join(f"{s:>24}" for s in names))
     for e in summary:
         cells = []
         for s in names:
             r = e["conditions"].get(s)
             cells.append("-" if r is None else f"{r['lexicon_frequency']:.2f} ({r['ratio']:.1f}x){'' if r['within_budget'] else ' over'}")
-        print(f"{e['concept']:<10} {e['conditions']['unsteered']['lexicon_frequency']:>9.2f} " + " ".join(f"{c:>24}" for c in cells))
+        print(f"{e['concept']:<10} {e['way']:<26} {e['conditions']['unsteered']['lexicon_frequency']:>9.2f} " + " ".join(f"{c:>24}" for c in cells))
     print(f"concepts reaching >= 5x within the fair budget by steering: {[e['concept'] for e in summary if e['meets_5x']] or 'none'} "
           f"({sum(e['meets_5x'] for e in summary)} of {len(summary)}; today's verdict: "
           f"{sum(e['meets_5x_todays_verdict'] for e in summary)})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from torch import Tensor
@@ -17,8 +17,9 @@ from activations.generation import decode, encode_prompts, generate_tokens
 from activations.model import HookedModel
 from sae.base import SAE
 
+from ..interventions import Positions
 from ..measure import Fluency, generation_fluency
-from .config import PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig
+from .config import PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
 from .lexicon import lexicon_scores
 from .search import ConceptFeature, ConceptSearch, concept_steering
 
@@ -45,6 +46,11 @@ class DoseSearch:
     """The unsteered answers' concept frequency on the same prompts (`choose_dose`)."""
     prompting: DosePoint | None = None
     """The prompted answers on the same prompts (dose 0), scored the same way (`choose_dose`)."""
+
+    @property
+    def chosen(self) -> DosePoint | None:
+        """The point at the chosen dose (None when no dose passed)."""
+        return next((p for p in self.points if p.dose == self.dose), None) if self.dose is not None else None
 
     def to_dict(self) -> dict:
         point = lambda p: {"dose": p.dose, **p.fluency._asdict(), "within_budget": p.within_budget,  # noqa: E731
@@ -135,4 +141,59 @@ def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activat
     return found
 
 
-__all__ = ["DosePoint", "DoseSearch", "choose_dose", "search_dose", "within_budget"]
+Way = tuple[ConceptMode, Positions]
+"""How a concept is steered: a mode and the positions it edits (`ConceptConfig.mode`, `.positions`)."""
+
+
+def way_name(way: Way) -> str:
+    return f"{way[0]}:{way[1]}"
+
+
+def parse_way(text: str) -> Way:
+    """"mode:positions" (e.g. "add:generated") -> (mode, positions), checked by `ConceptConfig`."""
+    mode, _, positions = text.partition(":")
+    cfg = ConceptConfig(mode=mode, positions=positions or "all")  # type: ignore[arg-type]  # validates both
+    return cfg.mode, cfg.positions
+
+
+@dataclass
+class WayChoice:
+    way: Way
+    """The chosen mode and positions."""
+    dose: DoseSearch
+    """Its dose search on the tuning prompts."""
+    tried: dict[str, DoseSearch]
+    """Every way's dose search, by `way_name`."""
+
+    def config(self, cfg: ConceptConfig) -> ConceptConfig:
+        """`cfg` steering the chosen way."""
+        return replace(cfg, mode=self.way[0], positions=self.way[1])
+
+
+def choose_way(model: HookedModel, sae: SAE, search: ConceptSearch, max_activation: Tensor, ways: Sequence[Way],
+               prompts: Sequence[str] | None = None, cfg: ConceptConfig | None = None) -> WayChoice:
+    """`choose_dose` for each of `ways` on the tuning prompts, and the way whose chosen dose shows
+    the concept in the most tuning answers (ties: the lower perplexity; a way where no dose
+    passed is never chosen unless none passed). Every way steers the same features, so only
+    the mode and positions are compared. Choose on tuning prompts only: the report prompts must
+    not decide it."""
+    cfg = cfg or ConceptConfig()
+    if not ways:
+        raise ValueError("no steering way to choose from")
+    tried: dict[str, DoseSearch] = {}
+    base: Fluency | None = None
+    for way in ways:
+        found = choose_dose(model, sae, search, max_activation, prompts, replace(cfg, mode=way[0], positions=way[1]), base=base)
+        base = found.base
+        tried[way_name(way)] = found
+
+    def merit(way: Way) -> tuple[float, float]:
+        point = tried[way_name(way)].chosen
+        return (-1.0, 0.0) if point is None else (point.concept_frequency, -point.fluency.perplexity)
+
+    best = max(ways, key=merit)  # max keeps the first of equals: list the default way first
+    return WayChoice(tuple(best), tried[way_name(best)], tried)  # type: ignore[arg-type]
+
+
+__all__ = ["DosePoint", "DoseSearch", "Way", "WayChoice", "choose_dose", "choose_way", "parse_way", "search_dose", "way_name",
+           "within_budget"]
