@@ -17,18 +17,24 @@ from analysis.steering.concept import (
     CandidateScore,
     ConceptConfig,
     ConceptFeature,
+    DosePoint,
+    DoseSearch,
     Fluency,
     Lexicon,
+    best_dose,
     choose_dose,
+    choose_way,
     concept_steering,
     lexicon_logit_z,
     lexicon_scores,
     matched_controls,
     output_scores,
+    parse_way,
     ranking_table,
     register,
     search_concept,
     search_dose,
+    way_name,
     within_budget,
 )
 
@@ -154,6 +160,43 @@ def test_dose_search_when_even_the_smallest_dose_is_too_much():
     assert result.dose is None or result.dose <= 0.1
 
 
+def test_the_dose_steered_shows_the_concept_best_within_budget_not_the_edge():
+    point = lambda dose, frequency, ok: DosePoint(dose, BASE, ok, frequency)  # noqa: E731
+    points = [point(0.1, 0.2, True), point(0.2, 0.5, True), point(0.3, 0.5, True), point(0.5, 0.3, True), point(0.75, 0.8, False)]
+    assert best_dose(points) == 0.3  # the best showing within budget, the larger of the two equals; 0.75 shows more but fails
+    assert best_dose([point(0.1, 0.0, False)]) is None
+    assert best_dose([point(0.1, 0.0, True), point(0.2, 0.0, True)]) == 0.2  # nothing shows it: the edge, as before
+
+
+def test_choose_way_keeps_the_way_that_shows_the_concept_most_and_never_one_without_a_dose(monkeypatch):
+    from analysis.steering.concept import dose as dose_module
+
+    def canned(frequency: float | None, perplexity: float = 3.0) -> DoseSearch:
+        points = [] if frequency is None else [DosePoint(0.2, Fluency(perplexity, 0.0), True, frequency)]
+        return DoseSearch(None if frequency is None else 0.2, BASE, points, 2.0, 0.02)
+
+    results = {("add", "all"): canned(0.25), ("add", "generated"): canned(0.5, 3.5), ("clamp_at_least", "generated"): canned(0.5, 3.2),
+               ("clamp", "all"): canned(None)}
+    seen = []
+
+    def fake_choose_dose(model, sae, search, max_activation, prompts=None, cfg=None, features=None, base=None):
+        seen.append((cfg.mode, cfg.positions, base))
+        return results[(cfg.mode, cfg.positions)]
+
+    monkeypatch.setattr(dose_module, "choose_dose", fake_choose_dose)
+    choice = choose_way(None, None, None, torch.zeros(4), list(results), cfg=ConceptConfig())
+    assert choice.way == ("clamp_at_least", "generated")  # ties on the concept go to the lower perplexity
+    assert set(choice.tried) == {way_name(w) for w in results} and choice.dose is results[choice.way]
+    assert seen[0][2] is None and all(b is BASE for _, _, b in seen[1:])  # the unsteered answers are scored once
+    assert choice.config(ConceptConfig(n_features=3)) == ConceptConfig(n_features=3, mode="clamp_at_least", positions="generated")
+    nothing = {("add", "all"): canned(None), ("clamp", "all"): canned(None)}
+    results.update(nothing)
+    assert choose_way(None, None, None, torch.zeros(4), list(nothing), cfg=ConceptConfig()).way == ("add", "all")  # the first when none passed
+    assert parse_way("add:generated") == ("add", "generated") and parse_way("clamp") == ("clamp", "all")
+    with pytest.raises(ValueError, match="positions"):
+        parse_way("add:everywhere")
+
+
 def test_repetition_counts_in_the_budget_from_a_floor():
     assert within_budget(Fluency(3.9, 0.09), BASE, 2.0)
     assert not within_budget(Fluency(4.1, 0.0), BASE, 2.0)  # perplexity over
@@ -251,6 +294,7 @@ def test_search_concept_ranks_the_pushing_feature_and_steers_it(tiny_model, text
         assert steering.values[c.feature] == pytest.approx(2.0 * c.weight * float(atlas.max_activation[c.feature]))
     result = choose_dose(tiny_model, sae, search, atlas.max_activation, prompts=["the cat", "a mat"], cfg=cfg)
     assert result.points and (result.dose is None or result.dose in [p.dose for p in result.points if p.within_budget])
+    assert result.dose == best_dose(result.points) and (result.dose is None or result.dose <= result.edge)
     assert result.budget == cfg.budget
     tight = choose_dose(tiny_model, sae, search, atlas.max_activation, prompts=["the cat", "a mat"], cfg=replace(cfg, margin=0.75))
     assert tight.budget == pytest.approx(1.5)  # the search holds the tuning answers to budget x margin

@@ -46,11 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=int, nargs="+", default=None, help="feature ids, steered together (this or --concept)")
     p.add_argument("--concept", default=None, help="a concept (word) to steer toward: its features are found by what they read and "
                    "what they write, steered together at an automatically chosen dose, and compared with prompting")
-    p.add_argument("--lexicon", nargs="+", default=None, help="--concept: words that show the concept in an answer (default: derived "
-                   "from the features' labels and logit effects, and printed)")
+    p.add_argument("--lexicon", nargs="+", default=None, help="--concept: words that show the concept in an answer (default: the "
+                   "concept word's nearest whole words in the model's embedding, printed)")
     p.add_argument("--tuning-prompts", nargs="+", default=None, help="--concept: held-out prompts the features and the dose are chosen on "
                    "(default: analysis.steering.concept.TUNING_PROMPTS, none of them a report prompt)")
-    add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "mode", "positions", "doses", "budget"))
+    add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "mode", "positions", "doses", "budget", "margin"))
     add_flags(p, SweepConfig, only=("mode", "strengths", "unit", "positions", "threshold"))
     add_flags(p, GenerationConfig, only=("max_new_tokens", "temperature", "top_p", "seed", "chat"))
     p.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the first 6 of analysis.steering.NEUTRAL_PROMPTS)")

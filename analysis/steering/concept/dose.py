@@ -1,8 +1,11 @@
-"""The dose of concept steering: the largest on a rising ladder whose answers to held-out
-tuning prompts keep perplexity and repetition within a budget of the unsteered answers',
-refined by bisection. Perplexity is the fair one of the report: every answer under the
-unsteered model given the prompt that asks for the concept, so no answer is charged for being
-on topic."""
+"""The dose of concept steering. `search_dose` finds the edge of the fluency budget: the
+largest dose on a rising ladder whose answers to held-out tuning prompts keep perplexity and
+repetition within a budget of the unsteered answers', refined by bisection. `choose_dose` then
+steers at the dose within budget whose tuning answers show the concept most often (the larger
+of equals), which is the edge only when the concept keeps rising up to it: past the dose that
+shows the concept best, more only costs fluency. Perplexity is the fair one of the report:
+every answer under the unsteered model given the prompt that asks for the concept, so no
+answer is charged for being on topic."""
 from __future__ import annotations
 
 import math
@@ -35,7 +38,9 @@ class DosePoint(NamedTuple):
 @dataclass
 class DoseSearch:
     dose: float | None
-    """The largest dose tried within budget; None when even the smallest failed."""
+    """The dose chosen: `search_dose`'s largest dose within budget; `choose_dose`'s, the one within
+    budget whose answers show the concept most often (the larger of equals). None when even the
+    smallest failed."""
     base: Fluency
     """The unsteered answers' fluency on the same prompts."""
     points: list[DosePoint]
@@ -46,6 +51,8 @@ class DoseSearch:
     """The unsteered answers' concept frequency on the same prompts (`choose_dose`)."""
     prompting: DosePoint | None = None
     """The prompted answers on the same prompts (dose 0), scored the same way (`choose_dose`)."""
+    edge: float | None = None
+    """The largest dose within budget (`search_dose`'s choice)."""
 
     @property
     def chosen(self) -> DosePoint | None:
@@ -55,7 +62,7 @@ class DoseSearch:
     def to_dict(self) -> dict:
         point = lambda p: {"dose": p.dose, **p.fluency._asdict(), "within_budget": p.within_budget,  # noqa: E731
                            "concept_frequency": p.concept_frequency}
-        return {"dose": self.dose, "base": self.base._asdict(), "budget": self.budget, "repetition_floor": self.repetition_floor,
+        return {"dose": self.dose, "edge": self.edge, "base": self.base._asdict(), "budget": self.budget, "repetition_floor": self.repetition_floor,
                 "unsteered_frequency": self.unsteered_frequency, "prompting": None if self.prompting is None else point(self.prompting),
                 "points": [point(p) for p in self.points]}
 
@@ -94,14 +101,21 @@ def search_dose(measure: Callable[[float], Fluency], base: Fluency, doses: Seque
                 lo = passed = mid
             else:
                 failed = mid
-    return DoseSearch(passed, base, points, budget, repetition_floor)
+    return DoseSearch(passed, base, points, budget, repetition_floor, edge=passed)
+
+
+def best_dose(points: Sequence[DosePoint]) -> float | None:
+    """The dose within budget whose answers show the concept most often, the larger of equals (None: none within budget)."""
+    passed = [p for p in points if p.within_budget]
+    return max(passed, key=lambda p: (p.concept_frequency, p.dose)).dose if passed else None
 
 
 def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activation: Tensor, prompts: Sequence[str] | None = None,
                 cfg: ConceptConfig | None = None, features: Sequence[ConceptFeature] | None = None,
                 base: Fluency | None = None) -> DoseSearch:
     """`search_dose` for the search's steered features (or `features`) on held-out tuning prompts (default `TUNING_PROMPTS`),
-    answers scored given the prompts that ask for the concept. `base`: the unsteered answers' fluency, scored the same way,
+    answers scored given the prompts that ask for the concept; the dose chosen is the one within budget whose answers show
+    the concept most often (the larger of equals), `edge` the largest within budget. `base`: the unsteered answers' fluency, scored the same way,
     when an earlier search measured it (`DoseSearch.base`)."""
     cfg = cfg or ConceptConfig()
     features = list(features if features is not None else search.steered)
@@ -135,6 +149,7 @@ def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activat
     prompted = generate_tokens(model, asked, cfg.generation)
     prompted_fluency = generation_fluency(model, asked, prompted)
     found.points = [p._replace(concept_frequency=frequencies[p.dose]) for p in found.points]
+    found.dose = best_dose(found.points)
     found.unsteered_frequency = concept_frequency(unsteered)
     found.prompting = DosePoint(0.0, prompted_fluency, within_budget(prompted_fluency, base, cfg.budget * cfg.margin, cfg.repetition_floor),
                                 concept_frequency(prompted))
@@ -195,5 +210,5 @@ def choose_way(model: HookedModel, sae: SAE, search: ConceptSearch, max_activati
     return WayChoice(tuple(best), tried[way_name(best)], tried)  # type: ignore[arg-type]
 
 
-__all__ = ["DosePoint", "DoseSearch", "Way", "WayChoice", "choose_dose", "choose_way", "parse_way", "search_dose", "way_name",
+__all__ = ["DosePoint", "DoseSearch", "Way", "WayChoice", "best_dose", "choose_dose", "choose_way", "parse_way", "search_dose", "way_name",
            "within_budget"]
