@@ -39,9 +39,12 @@ def add_repair_argument(p: argparse.ArgumentParser) -> None:
                         "every other setting is read from its manifest")
 
 
-def run(args: argparse.Namespace, models: ModelLoader, heldout_tokens: int | None = None) -> dict[str, ActivationStore]:
+def run(args: argparse.Namespace, models: ModelLoader, heldout_tokens: int | None = None,
+        also: dict[str, tuple[int, int]] | None = None) -> dict[str, ActivationStore]:
     """Harvest (or resume, or --repair) per `args` with the model `models` gives; then the
-    held-out store of `heldout_tokens` tokens (default: --heldout-tokens, else none)."""
+    held-out store of `heldout_tokens` tokens (default: --heldout-tokens, else none). `also`:
+    more hooks harvested in the same passes, each hook -> (training rows, held-out rows), at
+    most the main harvest's (`HarvestConfig.hook_tokens`)."""
     if getattr(args, "repair", None):
         # same model, corpus, sizes and device as the original harvest; --model only says where
         # to load that model from (e.g. a moved folder), --device where to run
@@ -51,15 +54,19 @@ def run(args: argparse.Namespace, models: ModelLoader, heldout_tokens: int | Non
             print(f"repaired: {store.path} ({len(store.shards)} shards, {store.n_tokens:,} tokens)")
         return stores
     corpus = from_flags(CorpusConfig, args, source=args.corpus or "default")
+    also = also or {}
+    hooks = args.hooks or [args.hook]
     cfg = from_flags(HarvestConfig, args, rename=RENAMED, out_dir=str(Path(args.out) / "activations"), model=models.name(),
-                     hooks=args.hooks or [args.hook], corpus=corpus, exclude_bos=not args.keep_bos, device=args.device)
+                     hooks=[*hooks, *(h for h in also if h not in hooks)], corpus=corpus, exclude_bos=not args.keep_bos, device=args.device,
+                     hook_tokens={h: rows for h, (rows, _) in also.items() if h not in hooks})
     stores = harvest(cfg, models.get())
     for store in stores.values():
         print(f"activations: {store.path} ({store.n_tokens:,} tokens, d_in {store.d_in})")
     heldout_tokens = args.heldout_tokens if heldout_tokens is None else heldout_tokens
     if heldout_tokens:
         precision = next(iter(stores.values())).manifest["autocast"]  # the training store's: no second probe
-        heldout = harvest(heldout_config(cfg, heldout_tokens, precision), models.get())
+        extra = {h: min(rows, heldout_tokens) for h, (_, rows) in also.items() if h in cfg.hook_tokens}
+        heldout = harvest(replace(heldout_config(cfg, heldout_tokens, precision), hook_tokens=extra), models.get())
         for store in heldout.values():
             print(f"held-out activations: {store.path} ({store.n_tokens:,} tokens)")
     return stores
@@ -67,9 +74,10 @@ def run(args: argparse.Namespace, models: ModelLoader, heldout_tokens: int | Non
 
 def heldout_config(cfg: HarvestConfig, n_tokens: int, autocast: str) -> HarvestConfig:
     """The harvest of the held-out store beside the store of `cfg`: the held-out split of the same
-    corpus, up to `n_tokens` (fewer when the split holds fewer), in fp32, with `autocast`."""
+    corpus, up to `n_tokens` (fewer when the split holds fewer), in fp32, with `autocast`, every
+    hook to `n_tokens`."""
     return replace(cfg, out_dir=str(Path(cfg.out_dir) / HELDOUT_FOLDER), corpus=replace(cfg.corpus, split="heldout"), n_tokens=n_tokens,
-                   dtype="float32", autocast=autocast, up_to=True)
+                   dtype="float32", autocast=autocast, up_to=True, hook_tokens={})
 
 
 def add_harvest_arguments(p: argparse.ArgumentParser) -> None:

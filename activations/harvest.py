@@ -71,6 +71,10 @@ class HarvestConfig:
     Hugging Face model): "auto" compiles a harvest of >= 1M tokens on a CPU with a C++ compiler, where the ~3 s per layer pays."""
     up_to: bool = False
     """Harvest at most n_tokens: what the corpus holds when it holds fewer (else: an error). The held-out store uses it."""
+    hook_tokens: dict[str, int] = field(default_factory=dict)
+    """Fewer rows for some hooks (hook -> rows, at most n_tokens): those hooks' stores hold the first contexts only, the
+    same store a harvest of that size writes, and the forward pass goes past the shallower hooks only while a deeper one
+    still needs rows. `saewb run` harvests its steering SAE's hook this way, in the main harvest's pass."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -82,6 +86,11 @@ class HarvestConfig:
             raise ValueError("at least one hook is needed")
         if isinstance(self.corpus, dict):
             self.corpus = CorpusConfig(**self.corpus)
+        unknown = set(self.hook_tokens) - set(self.hooks)
+        if unknown:
+            raise ValueError(f"hook_tokens names hooks that are not harvested: {sorted(unknown)}")
+        if any(not 0 < n <= self.n_tokens for n in self.hook_tokens.values()):
+            raise ValueError(f"hook_tokens must be positive and at most n_tokens ({self.n_tokens:,}), got {self.hook_tokens}")
 
 
 def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, ActivationStore]:
@@ -98,6 +107,8 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
         tokens = load_contexts(cfg.corpus, model.tokenizer, max_contexts=n_contexts, cache_dir=Path(cfg.out_dir) / ".token_cache")
     if len(tokens) < n_contexts and cfg.up_to and len(tokens):
         n_contexts = len(tokens)
+    hook_contexts = {hook: min(n_contexts, contexts_for_tokens(cfg.hook_tokens.get(hook, cfg.n_tokens), cfg.corpus.context_len, first))
+                     for hook in cfg.hooks}
     if len(tokens) < n_contexts:
         raise ValueError(
             f"corpus {cfg.corpus.source!r} ({cfg.corpus.split}) has only {tokens_in_contexts(len(tokens), cfg.corpus.context_len, first):,} "
@@ -110,8 +121,9 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
         "shard_contexts": cfg.shard_contexts, "batch_contexts": cfg.batch_contexts, "autocast": cfg.autocast,
         "compiled": _compiles(cfg, model, n_contexts),
     }
-    # "device" (not checked on resume) lets a repair harvest where the shards were made: same bytes
-    manifests = {hook: {**_resumed(cfg, hook, header), "device": device.type} for hook in cfg.hooks}
+    # "device" (not checked on resume) lets a repair harvest where the shards were made: same bytes. A hook of fewer
+    # contexts gets the header a harvest of its own size would write.
+    manifests = {hook: {**_resumed(cfg, hook, _header_of(header, tokens, hook_contexts[hook])), "device": device.type} for hook in cfg.hooks}
     _harvest_missing_shards(model, cfg, tokens, manifests, device)
     if distributed.current().is_main:
         for hook, m in manifests.items():
@@ -120,6 +132,13 @@ def harvest(cfg: HarvestConfig, model: HookedModel | None = None) -> dict[str, A
             atomic_write_json(hook_dir(Path(cfg.out_dir), hook) / "manifest.json", m)
     distributed.barrier()  # no rank returns before the store is complete
     return {hook: ActivationStore(hook_dir(Path(cfg.out_dir), hook)) for hook in cfg.hooks}
+
+
+def _header_of(header: dict, tokens: np.ndarray, n_contexts: int) -> dict:
+    """`header` for a store of the first `n_contexts` of `tokens`."""
+    if n_contexts == header["n_contexts"]:
+        return header
+    return {**header, "n_contexts": n_contexts, "corpus_fingerprint": fingerprint(tokens[:n_contexts])}
 
 
 def _recorded(cfg: HarvestConfig) -> dict | None:
@@ -189,7 +208,9 @@ def _harvest_missing_shards(model: HookedModel, cfg: HarvestConfig, tokens: np.n
     rank = distributed.current()
     n_contexts = len(tokens)
     n_shards = math.ceil(n_contexts / cfg.shard_contexts)
-    todo = [i for i in range(n_shards) if any(f"shard_{i:05d}.safetensors" not in {s["file"] for s in m["shards"]} for m in manifests.values())]
+    done = {hook: {s["file"] for s in m["shards"]} for hook, m in manifests.items()}
+    todo = [i for i in range(n_shards) if any(i * cfg.shard_contexts < m["n_contexts"] and f"shard_{i:05d}.safetensors" not in done[hook]
+                                              for hook, m in manifests.items())]
     mine = todo[rank.rank::rank.world_size]  # round r: every rank does its r-th shard
     kept_per_context = cfg.corpus.context_len - (1 if cfg.exclude_bos else 0)
     my_rows = sum(min(cfg.shard_contexts, n_contexts - i * cfg.shard_contexts) for i in mine) * kept_per_context
@@ -204,7 +225,8 @@ def _harvest_rounds(model: HookedModel, cfg: HarvestConfig, tokens: np.ndarray, 
     rank = distributed.current()
     bar = tqdm(total=my_rows, unit="tok", unit_scale=True, desc=f"harvest{' held-out,' if cfg.corpus.split == 'heldout' else ''} {len(cfg.hooks)} hook(s)", disable=not rank.is_main)
     for round_index in range(math.ceil(n_todo / rank.world_size)):
-        written = _harvest_shard(model, cfg, tokens, mine[round_index], device, DTYPES[cfg.dtype], bar) if round_index < len(mine) else {}
+        extents = {hook: m["n_contexts"] for hook, m in manifests.items()}
+        written = _harvest_shard(model, cfg, tokens, mine[round_index], device, DTYPES[cfg.dtype], bar, extents) if round_index < len(mine) else {}
         for entries in distributed.all_gather_object(written):  # every rank keeps the same manifest
             for hook, entry in entries.items():
                 m = manifests[hook]
@@ -257,33 +279,36 @@ def repair_config(store_path: str | Path, **overrides) -> HarvestConfig:
 
 
 def _harvest_shard(model, cfg: HarvestConfig, tokens: np.ndarray, shard_index: int, device: torch.device,
-                   storage: torch.dtype, bar) -> dict[str, dict]:
-    """Run the model over one shard's contexts and write one shard file per hook; returns
-    {hook: manifest entry (+ d_in)}."""
+                   storage: torch.dtype, bar, extents: dict[str, int]) -> dict[str, dict]:
+    """Run the model over one shard's contexts and write one shard file per hook whose store
+    reaches this shard (`extents`: hook -> its store's contexts); returns {hook: manifest entry
+    (+ d_in)}. A batch runs only as deep as the hooks that still want its contexts."""
     ctx_len = cfg.corpus.context_len
     first_pos = 1 if cfg.exclude_bos else 0
     start = shard_index * cfg.shard_contexts
     shard_tokens = torch.from_numpy(tokens[start:start + cfg.shard_contexts])
-    outputs: dict[str, list[torch.Tensor]] = {h: [] for h in cfg.hooks}
+    outputs: dict[str, list[torch.Tensor]] = {h: [] for h in cfg.hooks if extents[h] > start}
     for b in range(0, len(shard_tokens), cfg.batch_contexts):
         batch = shard_tokens[b:b + cfg.batch_contexts].long().to(device)
-        acts = run_to_hooks(model, batch, cfg.hooks, cfg.autocast)
+        wanted = [h for h in outputs if extents[h] > start + b]
+        acts = run_to_hooks(model, batch, wanted, cfg.autocast)
         for hook, a in acts.items():
-            a = a[:, first_pos:]
+            a = a[:extents[hook] - start - b, first_pos:]
             if not torch.isfinite(a).all():
                 raise FloatingPointError(f"non-finite activations at {hook} in contexts {start + b}..{start + b + len(batch)}")
             outputs[hook].append(a.reshape(-1, a.shape[-1]).to("cpu", storage))
         bar.update(batch.shape[0] * (ctx_len - first_pos))
-    positions = (np.arange(len(shard_tokens))[:, None] * ctx_len + np.arange(first_pos, ctx_len)[None, :]).reshape(-1)
     entries = {}
-    for hook in cfg.hooks:
+    for hook in outputs:
+        n_kept = min(len(shard_tokens), extents[hook] - start)
+        positions = (np.arange(n_kept)[:, None] * ctx_len + np.arange(first_pos, ctx_len)[None, :]).reshape(-1)
         folder = hook_dir(Path(cfg.out_dir), hook)
         acts = torch.cat(outputs[hook])
         name = f"shard_{shard_index:05d}.safetensors"
         atomic_save_safetensors(
-            {"acts": acts, "tokens": shard_tokens.int(), "positions": torch.from_numpy(positions).long()},
+            {"acts": acts, "tokens": shard_tokens[:n_kept].int(), "positions": torch.from_numpy(positions).long()},
             folder / name,  # no header metadata: safetensors writes it in random order, breaking checksums
         )
-        entries[hook] = {"file": name, "first_context": start, "n_contexts": len(shard_tokens), "n_tokens": len(acts),
+        entries[hook] = {"file": name, "first_context": start, "n_contexts": n_kept, "n_tokens": len(acts),
                          "sha256": sha256_file(folder / name), "d_in": int(acts.shape[1])}
     return entries

@@ -78,15 +78,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, models: ModelLoader) -> None:
     """harvest -> train -> evaluate -> atlas, labels and dashboard, sharing one model loader."""
     from activations import distributed
+    from activations.store import hook_dir
 
     started = time.perf_counter()
     stages = [args]
     if args.steering_hook and args.steering_hook.lower() != "none":
         stages.append(steering_args(args))
+    shared = {stage.hook: (stage.n_tokens, heldout_tokens_needed(stage)) for stage in stages[1:] if stage.hook not in (args.hooks or [args.hook])}
     for stage in stages:
         if stage is not args:
             print(f"--- the steering SAE at {stage.hook}: {stage.n_tokens:,} tokens into {stage.out}")
-        harvest_cli.run(stage, models, heldout_tokens=heldout_tokens_needed(stage))
+        if stage.hook in shared and stage is not args:  # harvested in the main stage's passes, beside its store
+            stage.store = str(hook_dir(Path(args.out) / "activations", stage.hook))
+        else:
+            harvest_cli.run(stage, models, heldout_tokens=heldout_tokens_needed(stage), also=shared if stage is args else None)
         paths = train_cli.run(stage, models)
         if distributed.current().is_main:
             evaluation_cli.evaluate_saes(stage, models, paths)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -615,7 +616,7 @@ def test_a_retrained_sae_invalidates_the_atlas_cache(full_graph, tmp_path, monke
 
 def test_run_trains_a_steering_sae_that_saewb_steer_finds(tiny_llama_dir, tmp_path, capsys):
     """`saewb run --steering-hook H` trains a second SAE at H into <out>/steering, no larger than
-    the main one; `saewb steer --concept` without --sae steers with it (else with the main SAE, saying so)."""
+    the main one, from H's activations harvested in the main harvest's passes; `saewb steer --concept` without --sae steers with it (else with the main SAE, saying so)."""
     from analysis import cli
     from analysis.steering.cli import _run_sae_for_concepts
     from sae import load_sae
@@ -633,6 +634,9 @@ def test_run_trains_a_steering_sae_that_saewb_steer_finds(tiny_llama_dir, tmp_pa
     cli.main(["run", *common, "--out", str(out), "--hook", HOOKS[0], "--steering-hook", HOOKS[1]])
     found = _run_sae_for_concepts(out)
     assert load_sae(found).cfg.hook_name == HOOKS[1] and (out / "sae").exists()
+    # its hook was harvested in the main stage's passes, into the main store's folder: no second harvest
+    assert Path(load_sae(found).training_data["store"]) == out / "activations" / HOOKS[1]
+    assert (out / "activations" / "heldout" / HOOKS[1] / "manifest.json").exists() and not (out / "steering" / "activations").exists()
     assert "steering SAE of" in capsys.readouterr().out
     alone = tmp_path / "alone"
     cli.main(["run", *common, "--out", str(alone), "--hook", HOOKS[0], "--steering-hook", "none"])

@@ -181,3 +181,36 @@ def test_a_store_from_before_the_compiled_key_still_resumes(tiny_bridge, tiny_ll
     assert again.fingerprint == first.fingerprint and json.loads(manifest.read_text())["compiled"] is False
     new = harvest(HarvestConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "new")}), tiny_bridge)[hook]
     assert new.manifest["compiled"] is True  # a new "auto" harvest over the threshold compiles
+
+
+def test_a_hook_of_fewer_rows_shares_the_pass_and_gets_the_store_of_its_own_harvest(tiny_model, text_corpus, tmp_path, monkeypatch):
+    import importlib
+
+    harvest_module = importlib.import_module("activations.harvest")
+
+    shallow, deep = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+    base = dict(model="tiny", corpus=CorpusConfig(source=str(text_corpus), context_len=32), batch_contexts=4, shard_contexts=8,
+                dtype="float32", autocast="none", device="cpu")
+    calls = []
+    real = harvest_module.run_to_hooks
+    monkeypatch.setattr(harvest_module, "run_to_hooks", lambda model, batch, hooks, autocast: calls.append(list(hooks)) or real(model, batch, hooks, autocast))
+    both = harvest(HarvestConfig(out_dir=str(tmp_path / "both"), hooks=[shallow, deep], n_tokens=31 * 20, hook_tokens={deep: 31 * 10}, **base),
+                   tiny_model)
+    # 20 contexts in batches of 4: the deep hook wants contexts 0-9, so batches 0-2 run to layer 1 and batches 3-4 stop at layer 0
+    assert calls == [[shallow, deep]] * 3 + [[shallow]] * 2
+    monkeypatch.setattr(harvest_module, "run_to_hooks", real)
+    alone = {shallow: harvest(HarvestConfig(out_dir=str(tmp_path / "shallow"), hooks=[shallow], n_tokens=31 * 20, **base), tiny_model)[shallow],
+             deep: harvest(HarvestConfig(out_dir=str(tmp_path / "deep"), hooks=[deep], n_tokens=31 * 10, **base), tiny_model)[deep]}
+    for hook, store in alone.items():  # the same store, shard for shard, byte for byte
+        shared = both[hook].manifest
+        assert shared["n_contexts"] == store.manifest["n_contexts"] and shared["n_tokens"] == store.n_tokens
+        assert shared["corpus_fingerprint"] == store.manifest["corpus_fingerprint"]
+        assert [(s["file"], s["n_contexts"], s["sha256"]) for s in shared["shards"]] == [(s["file"], s["n_contexts"], s["sha256"]) for s in store.manifest["shards"]]
+    assert both[deep].n_tokens == 31 * 10 and both[shallow].n_tokens == 31 * 20
+    again = harvest(HarvestConfig(out_dir=str(tmp_path / "both"), hooks=[shallow, deep], n_tokens=31 * 20, hook_tokens={deep: 31 * 10}, **base),
+                    tiny_model)  # a rerun resumes: nothing left to do, the same manifests
+    assert again[deep].manifest["shards"] == both[deep].manifest["shards"]
+    with pytest.raises(ValueError, match="at most n_tokens"):
+        HarvestConfig(hooks=[shallow, deep], n_tokens=100, hook_tokens={deep: 200})
+    with pytest.raises(ValueError, match="not harvested"):
+        HarvestConfig(hooks=[shallow], hook_tokens={deep: 10})
