@@ -197,6 +197,15 @@ def test_choose_way_keeps_the_way_that_shows_the_concept_most_and_never_one_with
         parse_way("add:everywhere")
 
 
+def test_five_answers_in_24_against_none_is_five_times():
+    from analysis.steering.measure import share
+
+    five = torch.tensor([True] * 5 + [False] * 19)
+    assert share(five) == 5 / 24 and share(five) / (1 / 24) >= 5  # a float32 mean read 4.9999999 and failed the 5x verdict
+    assert float(five.float().mean()) / (1 / 24) < 5  # the rounding this replaces
+    assert share(torch.zeros(0, dtype=torch.bool)) == 0.0
+
+
 def test_repetition_counts_in_the_budget_from_a_floor():
     assert within_budget(Fluency(3.9, 0.09), BASE, 2.0)
     assert not within_budget(Fluency(4.1, 0.0), BASE, 2.0)  # perplexity over

@@ -70,6 +70,12 @@ class FeatureStats(NamedTuple):
 
 
 @torch.no_grad()
+def share(mask: Tensor) -> float:
+    """The share of True in a bool `mask` [n], exactly count / n (a float32 mean makes 5 of 24
+    read 0.2083333284, and 5x one answer in 24 then falls short of 5)."""
+    return int(mask.sum()) / max(mask.numel(), 1)
+
+
 def feature_stats(sae: SAE, model: HookedModel, tokens: Tensor, batch_size: int = 8) -> FeatureStats:
     """Max activation and firing frequency of every feature over `tokens` [n_contexts, pos]
     (position 0 excluded), one forward pass per batch that stops after the hooked layer.
@@ -228,6 +234,7 @@ def kl_on_text(model: HookedModel, steering: Steering, tokens: Tensor, batch_siz
 
 
 __all__ = [
+    "share",
     "FeatureReadout", "FeatureStats", "Fluency", "GenerationNLL", "Padded", "SideBySide", "compare", "feature_readout", "feature_stats",
     "format_side_by_side", "generation_fluency", "generation_nll", "kl_on_text", "residual_norm", "right_pad",
 ]

@@ -21,7 +21,7 @@ from activations.model import HookedModel
 from sae.base import SAE
 
 from .interventions import MODES, POSITIONS, Intervention, Mode, Positions, Steering, TokenPredicate, Unit, check_compatible, check_features
-from .measure import FeatureReadout, Fluency, feature_readout, generation_fluency, kl_on_text, residual_norm
+from .measure import FeatureReadout, Fluency, feature_readout, generation_fluency, kl_on_text, residual_norm, share
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -107,9 +107,9 @@ def summarize(series: str, strength: float | None, tokenizer: PreTrainedTokenize
     return SweepPoint(
         series=series, strength=strength,
         feature_activation=_nan_to_none(float(readout.activation.nanmean())),
-        feature_frequency=float(readout.present.float().mean()),
+        feature_frequency=share(readout.present),
         predicate_rate=None if readout.predicate_rate is None else float(readout.predicate_rate.mean()),
-        predicate_frequency=None if readout.predicate_rate is None else float((readout.predicate_rate > 0).float().mean()),
+        predicate_frequency=None if readout.predicate_rate is None else share(readout.predicate_rate > 0),
         perplexity=_nan_to_none(fluency.perplexity), repetition=_nan_to_none(fluency.repetition), kl=_nan_to_none(kl),
         n_generations=len(generated), examples=[decode(tokenizer, g) for g in generated[:n_examples]],
     )

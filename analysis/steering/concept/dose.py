@@ -21,7 +21,7 @@ from activations.model import HookedModel
 from sae.base import SAE
 
 from ..interventions import Positions
-from ..measure import Fluency, generation_fluency
+from ..measure import Fluency, generation_fluency, share
 from .config import PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
 from .lexicon import lexicon_scores
 from .search import ConceptFeature, ConceptSearch, concept_steering
@@ -126,7 +126,7 @@ def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activat
     lexicon = search.lexicon.without_request(REQUEST.format(concept=search.concept))
 
     def concept_frequency(generated: list[Tensor]) -> float:
-        return float(lexicon_scores([decode(tok, g) for g in generated], lexicon).present.float().mean())
+        return share(lexicon_scores([decode(tok, g) for g in generated], lexicon).present)
 
     unsteered = generate_tokens(model, tokens, cfg.generation)
     base = base or generation_fluency(model, asked, unsteered)

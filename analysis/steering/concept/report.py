@@ -27,7 +27,7 @@ from activations.model import HookedModel
 from sae.base import SAE
 
 from ..interventions import Steering
-from ..measure import Fluency, feature_readout, generation_fluency
+from ..measure import Fluency, feature_readout, generation_fluency, share
 from .config import PROMPTING, REQUEST, ConceptConfig
 from .dose import within_budget
 from .lexicon import lexicon_scores
@@ -114,14 +114,14 @@ def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts
         fluency = generation_fluency(model, asked, generated)
         own = fluency if tokens is asked else generation_fluency(model, tokens, generated)
         base, base_own = base or fluency, base_own or own
-        frequency = float(lex.present.float().mean())
+        frequency = share(lex.present)
         base_frequency = frequency if name == "unsteered" else base_frequency
         points.append(ConceptPoint(
-            name, d, frequency, float(lexicon_scores(texts, search.lexicon).present.float().mean()), float(lex.rate.mean()),
-            float(feature_readout(model, sae, feature_ids, generated, max_activation, threshold=0.25).present.float().mean()),
+            name, d, frequency, share(lexicon_scores(texts, search.lexicon).present), float(lex.rate.mean()),
+            share(feature_readout(model, sae, feature_ids, generated, max_activation, threshold=0.25).present),
             fluency.perplexity, own.perplexity, fluency.repetition,
             within_budget(fluency, base, cfg.budget, cfg.repetition_floor), within_budget(own, base_own, cfg.budget),
-            frequency / max(base_frequency, 1 / len(prompts)), texts))
+            round(frequency / max(base_frequency, 1 / len(prompts)), 9), texts))  # rounded: 5 answers in 24 over 1 is 5x
     return points
 
 

@@ -16,6 +16,7 @@ from activations.generation import GenerationConfig, decode, encode_prompts, gen
 from analysis.evaluation.metrics import answer_repetition
 
 from ...interventions import Intervention, Steering
+from ...measure import share
 from ..config import REQUEST
 from ..lexicon import lexicon_scores
 from .base import CandidateInputs, CandidateScore, register
@@ -75,7 +76,7 @@ class TrialScore(CandidateScore):
         def shows_concept(generated: list[Tensor]) -> float:
             shows = lexicon_scores([decode(tok, g) for g in generated], lexicon).present
             fluent = torch.tensor([answer_repetition(g.tolist()) <= LOOPING for g in generated])
-            return float((shows & fluent).float().mean())
+            return share(shows & fluent)
 
         unsteered = shows_concept(generate_tokens(inputs.model, prompts, generation))
         for i in tqdm(trial_order(gain, logit_z, cfg.n_trials), desc="trials", leave=False):
