@@ -85,9 +85,10 @@ def main() -> None:
     p.add_argument("--n-features", type=int, default=ConceptConfig.n_features, help="features steered together")
     p.add_argument("--budget", type=float, default=ConceptConfig.budget, help="fluency budget (x unsteered)")
     p.add_argument("--margin", type=float, default=ConceptConfig.margin, help="the dose search holds tuning answers to budget x margin")
-    p.add_argument("--ways", nargs="+", default=["add:all", "add:generated", "clamp_at_least:generated"],
+    p.add_argument("--ways", nargs="+", default=["add:all"],
                    help=f"mode:positions, each mode one of {list(CONCEPT_MODES)} and positions one of {list(POSITIONS)}: the ways of "
-                        "steering compared per concept on the tuning prompts (the first also runs the trials); one way to skip the choice")
+                        "steering compared per concept on the tuning prompts (the first also runs the trials). Default: add:all alone; "
+                        "choosing among three per concept on 12 tuning prompts did not carry to the report prompts (docs/results.md)")
     p.add_argument("--top-input", action="store_true", help="also steer the search's top input feature alone at its own dose")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=24)

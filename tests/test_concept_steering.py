@@ -197,6 +197,36 @@ def test_choose_way_keeps_the_way_that_shows_the_concept_most_and_never_one_with
         parse_way("add:everywhere")
 
 
+def test_budget_confidence_catches_a_dose_that_passes_only_by_luck_of_the_prompts():
+    from analysis.steering.concept import budget_confidence
+    from analysis.steering.measure import AnswerFluency
+
+    def answers(repetition: list[float], nll_per_token: float = 1.0) -> AnswerFluency:
+        n = len(repetition)
+        return AnswerFluency(torch.full((n,), 20 * nll_per_token), torch.full((n,), 20), torch.tensor(repetition, dtype=torch.float64))
+
+    base = answers([0.05] * 12)
+    assert budget_confidence(answers([0.05] * 12), base, 2.0) == 1.0
+    assert budget_confidence(answers([0.05] * 12, nll_per_token=1.0 + math.log(3)), base, 2.0) == 0.0  # perplexity 3x
+    one_loop = answers([0.05] * 11 + [0.6])  # mean 0.0958: within 2 x 0.05 as measured, but over whenever the loop is drawn twice
+    assert one_loop.aggregate().repetition <= 0.1 and within_budget(one_loop.aggregate(), base.aggregate(), 2.0)
+    sure = budget_confidence(one_loop, base, 2.0)
+    assert 0.6 < sure < 0.8  # P(drawn at most once in 12) = 0.74
+    assert sure == budget_confidence(one_loop, base, 2.0)  # seeded
+    with pytest.raises(ValueError, match="same prompts"):
+        budget_confidence(answers([0.05] * 3), base, 2.0)
+
+
+def test_dose_search_keeps_only_doses_the_prompts_are_sure_of():
+    calls = []
+    sure = {0.5: 0.95, 1.0: 0.7, 2.0: 0.9}
+    result = search_dose(curve(100.0, calls), BASE, [0.5, 1.0, 2.0], budget=2.0, refine=0, confidence=sure.get, min_confidence=0.8)
+    assert result.dose == 0.5 and calls == [0.5, 1.0]  # 1.0 is within budget as measured, but the bootstrap is not sure of it
+    assert [p.confidence for p in result.points] == [0.95, 0.7] and [p.within_budget for p in result.points] == [True, False]
+    with pytest.raises(ValueError, match="confidence"):
+        ConceptConfig(confidence=1.0)
+
+
 def test_five_answers_in_24_against_none_is_five_times():
     from analysis.steering.measure import share
 

@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "concept word's nearest whole words in the model's embedding, printed)")
     p.add_argument("--tuning-prompts", nargs="+", default=None, help="--concept: held-out prompts the features and the dose are chosen on "
                    "(default: analysis.steering.concept.TUNING_PROMPTS, none of them a report prompt)")
-    add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "mode", "positions", "doses", "budget", "margin"))
+    add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "mode", "positions", "doses", "budget", "margin", "confidence"))
     add_flags(p, SweepConfig, only=("mode", "strengths", "unit", "positions", "threshold"))
     add_flags(p, GenerationConfig, only=("max_new_tokens", "temperature", "top_p", "seed", "chat"))
     p.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the first 6 of analysis.steering.NEUTRAL_PROMPTS)")

@@ -206,15 +206,37 @@ class Fluency(NamedTuple):
     judge (under 3 tokens) counts as 1 (`answer_repetition`); NaN without any generation."""
 
 
+class AnswerFluency(NamedTuple):
+    """The fluency of each answer, for statistics over answers (`Fluency` is their aggregate)."""
+
+    nll: Tensor
+    """[n] summed negative log-likelihood of each answer under the unsteered model, given its prompt."""
+    n_tokens: Tensor
+    """[n] tokens of each answer."""
+    repetition: Tensor
+    """[n] repeated-trigram rate of each answer (one under 3 tokens: 1)."""
+
+    def aggregate(self, rows: Tensor | None = None) -> Fluency:
+        """The `Fluency` of the answers `rows` [m] (indices, repeats allowed; default all)."""
+        nll, n_tokens, repetition = (self.nll, self.n_tokens, self.repetition) if rows is None else (
+            self.nll[rows], self.n_tokens[rows], self.repetition[rows])
+        total = int(n_tokens.sum())
+        return Fluency(math.exp(float(nll.sum()) / total) if total else float("nan"),
+                       float(repetition.mean()) if len(repetition) else float("nan"))
+
+
+@torch.no_grad()
+def answer_fluency(model: HookedModel, prompts: Sequence[Tensor], generated: Sequence[Tensor], batch_size: int = 8) -> AnswerFluency:
+    """Per answer: NLL under the unsteered model given its prompt [len], token count and repetition of generations [n_new]."""
+    nll, n_tokens = generation_nll(model, prompts, generated, batch_size)
+    return AnswerFluency(nll, n_tokens, torch.tensor([answer_repetition(g.tolist()) for g in generated], dtype=torch.float64))
+
+
 @torch.no_grad()
 def generation_fluency(model: HookedModel, prompts: Sequence[Tensor], generated: Sequence[Tensor], batch_size: int = 8) -> Fluency:
     """Perplexity under the unsteered model and repetition of generations [n_new] of prompts [len]:
     the fluency cost of steering, read the same way by sweeps and concept steering."""
-    nll, n_tokens = generation_nll(model, prompts, generated, batch_size)
-    total = int(n_tokens.sum())
-    repetition = torch.tensor([answer_repetition(g.tolist()) for g in generated])
-    return Fluency(math.exp(float(nll.sum()) / total) if total else float("nan"),
-                   float(repetition.mean()) if len(repetition) else float("nan"))
+    return answer_fluency(model, prompts, generated, batch_size).aggregate()
 
 
 @torch.no_grad()
@@ -235,6 +257,6 @@ def kl_on_text(model: HookedModel, steering: Steering, tokens: Tensor, batch_siz
 
 __all__ = [
     "share",
-    "FeatureReadout", "FeatureStats", "Fluency", "GenerationNLL", "Padded", "SideBySide", "compare", "feature_readout", "feature_stats",
+    "AnswerFluency", "FeatureReadout", "FeatureStats", "Fluency", "GenerationNLL", "Padded", "SideBySide", "answer_fluency", "compare", "feature_readout", "feature_stats",
     "format_side_by_side", "generation_fluency", "generation_nll", "kl_on_text", "residual_norm", "right_pad",
 ]

@@ -40,6 +40,8 @@ depend on the steered features.
    largest on a rising ladder whose answers to held-out tuning prompts keep perplexity and
    repetition within `budget` x the unsteered answers' (the report's fair measures), refined by
    bisection between the last dose that passed and the first that failed (the budget's edge);
+   a dose passes only when a paired bootstrap of the tuning prompts puts it within budget in
+   at least `confidence` (0.8) of resamples, since a dozen prompts measure the edge noisily;
    the dose steered is the one within budget whose tuning answers show the concept most often
    (the larger of equals); each dose's concept frequency is kept for the dose-response figure
    (`figure.py`). `choose_way` runs the dose
@@ -51,7 +53,7 @@ depend on the steered features.
 """
 from ..measure import Fluency
 from .config import CONCEPT_MODES, PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
-from .dose import DosePoint, DoseSearch, Way, WayChoice, best_dose, choose_dose, choose_way, parse_way, search_dose, way_name, within_budget
+from .dose import DosePoint, DoseSearch, Way, WayChoice, best_dose, budget_confidence, choose_dose, choose_way, parse_way, search_dose, way_name, within_budget
 from .figure import dose_response_figure, write_dose_response
 from .lexicon import Lexicon, LexiconScores, derive_lexicon, lexicon_scores, neighbour_lexicon
 from .report import ConceptPoint, ExtraCondition, compare_concept
@@ -64,7 +66,7 @@ from .search import STEERED_BY, ConceptFeature, ConceptSearch, concept_steering,
 __all__ = [
     "CONCEPT_MODES", "ConceptMode", "PROMPTING", "REQUEST", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
     "ConceptPoint", "ConceptSearch", "DosePoint", "DoseSearch", "Way", "WayChoice", "ExtraCondition", "Fluency", "Lexicon", "LexiconScores", "OutputScores",
-    "answer_contrast", "best_dose", "choose_dose", "choose_way", "parse_way", "way_name", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores", "neighbour_lexicon",
+    "answer_contrast", "best_dose", "budget_confidence", "choose_dose", "choose_way", "parse_way", "way_name", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores", "neighbour_lexicon",
     "matched_controls", "output_scores", "ranking_table", "register", "search_concept", "search_dose", "within_budget",
     "dose_response_figure", "write_dose_response",
 ]

@@ -69,6 +69,11 @@ class ConceptConfig:
     margin: float = 1.0
     """The dose search holds the tuning answers to budget x margin: below 1 leaves room for the
     report prompts, where a dose chosen at the edge of the budget often lands over it."""
+    confidence: float = 0.8
+    """The dose search keeps a dose only when a paired bootstrap of the tuning prompts puts it within
+    budget this often (`dose.budget_confidence`; 0: the point estimate alone). The budget's edge
+    measured on a dozen prompts is noisy, and the largest dose that passes it once lands over
+    budget on other prompts about half the time."""
     repetition_floor: float = 0.02
     """The unsteered repetition counted in the budget is at least this (so 0 repetition on a
     few short answers does not make every repeat a failure)."""
@@ -90,6 +95,8 @@ class ConceptConfig:
             raise ValueError("need n_features >= 1, n_candidates >= 1 and at least one dose")
         if sorted(self.doses) != list(self.doses) or min(self.doses) <= 0:
             raise ValueError(f"doses must be positive and rising, got {self.doses}")
+        if not 0 <= self.confidence < 1:
+            raise ValueError(f"confidence is a share of bootstrap resamples in [0, 1), got {self.confidence}")
         if self.budget <= 1:
             raise ValueError(f"the fluency budget is a ratio above 1, got {self.budget}")
         if not 0 < self.margin <= 1 or self.budget * self.margin <= 1:

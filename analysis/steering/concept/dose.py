@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -21,7 +22,7 @@ from activations.model import HookedModel
 from sae.base import SAE
 
 from ..interventions import Positions
-from ..measure import Fluency, generation_fluency, share
+from ..measure import AnswerFluency, Fluency, answer_fluency, generation_fluency, share
 from .config import PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
 from .lexicon import lexicon_scores
 from .search import ConceptFeature, ConceptSearch, concept_steering
@@ -33,6 +34,8 @@ class DosePoint(NamedTuple):
     within_budget: bool
     concept_frequency: float = float("nan")
     """Share of the answers with a lexicon word, the request's words not counted (`choose_dose`)."""
+    confidence: float = float("nan")
+    """Share of paired bootstrap resamples of the prompts in which the point is within budget (`budget_confidence`)."""
 
 
 @dataclass
@@ -61,7 +64,7 @@ class DoseSearch:
 
     def to_dict(self) -> dict:
         point = lambda p: {"dose": p.dose, **p.fluency._asdict(), "within_budget": p.within_budget,  # noqa: E731
-                           "concept_frequency": p.concept_frequency}
+                           "concept_frequency": p.concept_frequency, "confidence": p.confidence}
         return {"dose": self.dose, "edge": self.edge, "base": self.base._asdict(), "budget": self.budget, "repetition_floor": self.repetition_floor,
                 "unsteered_frequency": self.unsteered_frequency, "prompting": None if self.prompting is None else point(self.prompting),
                 "points": [point(p) for p in self.points]}
@@ -73,17 +76,41 @@ def within_budget(fluency: Fluency, base: Fluency, budget: float, repetition_flo
     return fluency.perplexity <= budget * base.perplexity and fluency.repetition <= budget * max(base.repetition, repetition_floor)
 
 
+def budget_confidence(steered: AnswerFluency, base: AnswerFluency, budget: float, repetition_floor: float = 0.0,
+                      n_resamples: int = 1000, seed: int = 0) -> float:
+    """How sure the prompts make `within_budget`: the share of paired bootstrap resamples of the
+    prompts (the same prompts drawn for the steered answers [n] and the unsteered ones [n]) in
+    which the steered answers are within budget. On a dozen prompts the point estimate is noisy,
+    and the largest dose that passes it once lands over budget on other prompts about half the time."""
+    n = len(steered.nll)
+    if n == 0 or len(base.nll) != n:
+        raise ValueError(f"need the steered and unsteered answers of the same prompts, got {n} and {len(base.nll)}")
+    rows = torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seed))  # [resamples, n]
+
+    def per_resample(a: AnswerFluency) -> tuple[Tensor, Tensor]:
+        nll, n_tokens = a.nll.double()[rows].sum(1), a.n_tokens.double()[rows].sum(1).clamp_min(1)
+        return (nll / n_tokens).exp(), a.repetition.double()[rows].mean(1)  # [resamples] each
+
+    ppl, repetition = per_resample(steered)
+    base_ppl, base_repetition = per_resample(base)
+    ok = (ppl <= budget * base_ppl) & (repetition <= budget * base_repetition.clamp_min(repetition_floor))
+    return share(ok)
+
+
 def search_dose(measure: Callable[[float], Fluency], base: Fluency, doses: Sequence[float], budget: float = 2.0, refine: int = 2,
-                repetition_floor: float = 0.0) -> DoseSearch:
-    """The largest dose whose `measure(dose)` stays within budget: try the rising `doses` until
-    one fails, then bisect (geometric midpoints) `refine` times between the last that passed
-    and the first that failed. Assumes the cost grows with the dose, as it does on average."""
+                repetition_floor: float = 0.0, confidence: Callable[[float], float] | None = None,
+                min_confidence: float = 0.0) -> DoseSearch:
+    """The largest dose whose `measure(dose)` stays within budget (and, given `confidence`, whose
+    `confidence(dose)`, called after `measure(dose)`, is at least `min_confidence`): try the rising
+    `doses` until one fails, then bisect (geometric midpoints) `refine` times between the last
+    that passed and the first that failed. Assumes the cost grows with the dose, as it does on average."""
     points: list[DosePoint] = []
 
     def trial(dose: float) -> bool:
         fluency = measure(dose)
-        ok = within_budget(fluency, base, budget, repetition_floor)
-        points.append(DosePoint(dose, fluency, ok))
+        sure = confidence(dose) if confidence is not None else float("nan")
+        ok = within_budget(fluency, base, budget, repetition_floor) and (confidence is None or sure >= min_confidence)
+        points.append(DosePoint(dose, fluency, ok, confidence=sure))
         return ok
 
     passed, failed = None, None
@@ -129,21 +156,27 @@ def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activat
         return share(lexicon_scores([decode(tok, g) for g in generated], lexicon).present)
 
     unsteered = generate_tokens(model, tokens, cfg.generation)
-    base = base or generation_fluency(model, asked, unsteered)
+    base_answers = answer_fluency(model, asked, unsteered)
+    base = base or base_answers.aggregate()
     frequencies: dict[float, float] = {}
+    answers: dict[float, AnswerFluency] = {}
     bar = tqdm(total=len(cfg.doses) + cfg.refine, desc="dose search", leave=False)
 
     def measure(dose: float) -> Fluency:
         steering = concept_steering(sae, features, dose, max_activation, cfg, search.residual_norm)
         generated = generate_tokens(model, tokens, cfg.generation, steering)
-        result = generation_fluency(model, asked, generated)
+        answers[dose] = answer_fluency(model, asked, generated)
+        result = answers[dose].aggregate()
         frequencies[dose] = concept_frequency(generated)
         bar.update()
         bar.set_postfix(dose=f"{dose:.2g}", ppl=f"{result.perplexity:.2f}", rep=f"{result.repetition:.3f}", concept=f"{frequencies[dose]:.2f}")
         return result
 
+    def confidence(dose: float) -> float:
+        return budget_confidence(answers[dose], base_answers, cfg.budget * cfg.margin, cfg.repetition_floor)
+
     try:
-        found = search_dose(measure, base, cfg.doses, cfg.budget * cfg.margin, cfg.refine, cfg.repetition_floor)
+        found = search_dose(measure, base, cfg.doses, cfg.budget * cfg.margin, cfg.refine, cfg.repetition_floor, confidence, cfg.confidence)
     finally:
         bar.close()
     prompted = generate_tokens(model, asked, cfg.generation)
@@ -210,5 +243,5 @@ def choose_way(model: HookedModel, sae: SAE, search: ConceptSearch, max_activati
     return WayChoice(tuple(best), tried[way_name(best)], tried)  # type: ignore[arg-type]
 
 
-__all__ = ["DosePoint", "DoseSearch", "Way", "WayChoice", "best_dose", "choose_dose", "choose_way", "parse_way", "search_dose", "way_name",
+__all__ = ["DosePoint", "DoseSearch", "Way", "WayChoice", "best_dose", "budget_confidence", "choose_dose", "choose_way", "parse_way", "search_dose", "way_name",
            "within_budget"]
