@@ -149,7 +149,7 @@ def main() -> None:
         for name, d in searches.items():
             print(f"  dose search ({name}): base ppl {d.base.perplexity:.2f} rep {d.base.repetition:.3f}; "
                   + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f}, "
-                              f"concept {pt.concept_frequency:.2f})" for pt in d.points) + f" -> {d.dose}")
+                              f"concept {pt.concept_frequency:.2f}, sure {pt.confidence:.2f})" for pt in d.points) + f" -> {d.dose}")
         points = compare_concept(model, sae, search, prompts, atlas.max_activation, dose.dose, steer_cfg, extra)
         seconds = time.perf_counter() - t0
         rows = {pt.condition: asdict(pt) for pt in points}
