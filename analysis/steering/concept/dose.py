@@ -72,8 +72,10 @@ class DoseSearch:
 
 def within_budget(fluency: Fluency, base: Fluency, budget: float, repetition_floor: float = 0.0) -> bool:
     """Both perplexity and repetition at most `budget` x the unsteered answers' (repetition
-    counted from at least `repetition_floor`)."""
-    return fluency.perplexity <= budget * base.perplexity and fluency.repetition <= budget * max(base.repetition, repetition_floor)
+    counted from at least `repetition_floor`). The fields may also be tensors [n] of as many
+    resamples (`budget_confidence`): then a bool tensor [n]."""
+    floor = base.repetition.clamp_min(repetition_floor) if isinstance(base.repetition, Tensor) else max(base.repetition, repetition_floor)
+    return (fluency.perplexity <= budget * base.perplexity) & (fluency.repetition <= budget * floor)
 
 
 def budget_confidence(steered: AnswerFluency, base: AnswerFluency, budget: float, repetition_floor: float = 0.0,
@@ -87,14 +89,11 @@ def budget_confidence(steered: AnswerFluency, base: AnswerFluency, budget: float
         raise ValueError(f"need the steered and unsteered answers of the same prompts, got {n} and {len(base.nll)}")
     rows = torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seed))  # [resamples, n]
 
-    def per_resample(a: AnswerFluency) -> tuple[Tensor, Tensor]:
+    def per_resample(a: AnswerFluency) -> Fluency:
         nll, n_tokens = a.nll.double()[rows].sum(1), a.n_tokens.double()[rows].sum(1).clamp_min(1)
-        return (nll / n_tokens).exp(), a.repetition.double()[rows].mean(1)  # [resamples] each
+        return Fluency((nll / n_tokens).exp(), a.repetition.double()[rows].mean(1))  # type: ignore[arg-type]  # [resamples] each
 
-    ppl, repetition = per_resample(steered)
-    base_ppl, base_repetition = per_resample(base)
-    ok = (ppl <= budget * base_ppl) & (repetition <= budget * base_repetition.clamp_min(repetition_floor))
-    return share(ok)
+    return share(within_budget(per_resample(steered), per_resample(base), budget, repetition_floor))
 
 
 def search_dose(measure: Callable[[float], Fluency], base: Fluency, doses: Sequence[float], budget: float = 2.0, refine: int = 2,
