@@ -60,7 +60,8 @@ STEERING = dict(n_tokens=300_000, train_tokens=1_200_000, d_sae=2304, k=32, eval
 """The sizes of a run's steering SAE (`--steering-hook`), trained after the main one into
 <out>/steering: SAEs steer a concept where the model keeps its output features, at layers
 23-29 of SmolLM2's 30 (bench/steering_depth.py), while the main SAE's layer 8 mostly holds
-input features. 300k tokens, 4 epochs, 2,304 latents: what steers, for a quarter of the run."""
+input features. 300k tokens, 4 epochs, 2,304 latents: what steers. `run` harvests its hook in
+the main harvest's forward passes (the first 300k tokens go on to layer 23), so it adds about a fifth to the run."""
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
