@@ -205,16 +205,18 @@ def test_budget_confidence_catches_a_dose_that_passes_only_by_luck_of_the_prompt
         n = len(repetition)
         return AnswerFluency(torch.full((n,), 20 * nll_per_token), torch.full((n,), 20), torch.tensor(repetition, dtype=torch.float64))
 
-    base = answers([0.05] * 12)
+    base = answers([0.05] * 12).aggregate()
     assert budget_confidence(answers([0.05] * 12), base, 2.0) == 1.0
     assert budget_confidence(answers([0.05] * 12, nll_per_token=1.0 + math.log(3)), base, 2.0) == 0.0  # perplexity 3x
     one_loop = answers([0.05] * 11 + [0.6])  # mean 0.0958: within 2 x 0.05 as measured, but over whenever the loop is drawn twice
-    assert one_loop.aggregate().repetition <= 0.1 and within_budget(one_loop.aggregate(), base.aggregate(), 2.0)
+    assert one_loop.aggregate().repetition <= 0.1 and within_budget(one_loop.aggregate(), base, 2.0)
     sure = budget_confidence(one_loop, base, 2.0)
     assert 0.6 < sure < 0.8  # P(drawn at most once in 12) = 0.74
     assert sure == budget_confidence(one_loop, base, 2.0)  # seeded
-    with pytest.raises(ValueError, match="same prompts"):
-        budget_confidence(answers([0.05] * 3), base, 2.0)
+    no_change = answers([0.0] * 10 + [0.3, 0.3])  # the unsteered answers' own mix (two loops in 12): no doubt at all
+    assert budget_confidence(no_change, no_change.aggregate(), 2.0, repetition_floor=0.02) > 0.95
+    with pytest.raises(ValueError, match="no steered answers"):
+        budget_confidence(answers([]), base, 2.0)
 
 
 def test_dose_search_keeps_only_doses_the_prompts_are_sure_of():

@@ -40,8 +40,8 @@ depend on the steered features.
    largest on a rising ladder whose answers to held-out tuning prompts keep perplexity and
    repetition within `budget` x the unsteered answers' (the report's fair measures), refined by
    bisection between the last dose that passed and the first that failed (the budget's edge);
-   a dose passes only when a paired bootstrap of the tuning prompts puts it within budget in
-   at least `confidence` (0.8) of resamples, since a dozen prompts measure the edge noisily;
+   a dose passes only when at least `confidence` (0.8) of bootstrap resamples of its tuning
+   answers are within budget, since a dozen prompts measure the edge noisily;
    the dose steered is the one within budget whose tuning answers show the concept most often
    (the larger of equals); each dose's concept frequency is kept for the dose-response figure
    (`figure.py`). `choose_way` runs the dose

@@ -70,8 +70,8 @@ class ConceptConfig:
     """The dose search holds the tuning answers to budget x margin: below 1 leaves room for the
     report prompts, where a dose chosen at the edge of the budget often lands over it."""
     confidence: float = 0.8
-    """The dose search keeps a dose only when a paired bootstrap of the tuning prompts puts it within
-    budget this often (`dose.budget_confidence`; 0: the point estimate alone). The budget's edge
+    """The dose search keeps a dose only when this share of bootstrap resamples of its tuning answers
+    is within budget (`dose.budget_confidence`; 0: the point estimate alone). The budget's edge
     measured on a dozen prompts is noisy, and the largest dose that passes it once lands over
     budget on other prompts about half the time."""
     repetition_floor: float = 0.02

@@ -78,22 +78,21 @@ def within_budget(fluency: Fluency, base: Fluency, budget: float, repetition_flo
     return (fluency.perplexity <= budget * base.perplexity) & (fluency.repetition <= budget * floor)
 
 
-def budget_confidence(steered: AnswerFluency, base: AnswerFluency, budget: float, repetition_floor: float = 0.0,
+def budget_confidence(steered: AnswerFluency, base: Fluency, budget: float, repetition_floor: float = 0.0,
                       n_resamples: int = 1000, seed: int = 0) -> float:
-    """How sure the prompts make `within_budget`: the share of paired bootstrap resamples of the
-    prompts (the same prompts drawn for the steered answers [n] and the unsteered ones [n]) in
-    which the steered answers are within budget. On a dozen prompts the point estimate is noisy,
-    and the largest dose that passes it once lands over budget on other prompts about half the time."""
+    """How sure the prompts make `within_budget`: the share of bootstrap resamples of the steered
+    answers [n] (prompts drawn with replacement) that are within budget of the unsteered answers'
+    `base` fluency, the budget's reference, held fixed. At the budget's edge it is about 0.5; far
+    below it, near 1. (Resampling the unsteered answers too, paired by prompt, made even doses
+    that changed nothing look unsure: repetition comes from a few looping answers, and a ratio
+    of two such means swings.)"""
     n = len(steered.nll)
-    if n == 0 or len(base.nll) != n:
-        raise ValueError(f"need the steered and unsteered answers of the same prompts, got {n} and {len(base.nll)}")
+    if n == 0:
+        raise ValueError("no steered answers to resample")
     rows = torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seed))  # [resamples, n]
-
-    def per_resample(a: AnswerFluency) -> Fluency:
-        nll, n_tokens = a.nll.double()[rows].sum(1), a.n_tokens.double()[rows].sum(1).clamp_min(1)
-        return Fluency((nll / n_tokens).exp(), a.repetition.double()[rows].mean(1))  # type: ignore[arg-type]  # [resamples] each
-
-    return share(within_budget(per_resample(steered), per_resample(base), budget, repetition_floor))
+    nll, n_tokens = steered.nll.double()[rows].sum(1), steered.n_tokens.double()[rows].sum(1).clamp_min(1)
+    resampled = Fluency((nll / n_tokens).exp(), steered.repetition.double()[rows].mean(1))  # type: ignore[arg-type]  # [resamples] each
+    return share(within_budget(resampled, base, budget, repetition_floor))
 
 
 def search_dose(measure: Callable[[float], Fluency], base: Fluency, doses: Sequence[float], budget: float = 2.0, refine: int = 2,
@@ -155,8 +154,7 @@ def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activat
         return share(lexicon_scores([decode(tok, g) for g in generated], lexicon).present)
 
     unsteered = generate_tokens(model, tokens, cfg.generation)
-    base_answers = answer_fluency(model, asked, unsteered)
-    base = base or base_answers.aggregate()
+    base = base or generation_fluency(model, asked, unsteered)
     frequencies: dict[float, float] = {}
     answers: dict[float, AnswerFluency] = {}
     bar = tqdm(total=len(cfg.doses) + cfg.refine, desc="dose search", leave=False)
@@ -172,7 +170,7 @@ def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activat
         return result
 
     def confidence(dose: float) -> float:
-        return budget_confidence(answers[dose], base_answers, cfg.budget * cfg.margin, cfg.repetition_floor)
+        return budget_confidence(answers[dose], base, cfg.budget * cfg.margin, cfg.repetition_floor)
 
     try:
         found = search_dose(measure, base, cfg.doses, cfg.budget * cfg.margin, cfg.refine, cfg.repetition_floor, confidence, cfg.confidence)
