@@ -316,7 +316,7 @@ def run_concept(args: argparse.Namespace, models: ModelLoader) -> list[ConceptPo
     if not search.steered:
         raise SystemExit(f"no feature raises the lexicon's tokens for {args.concept!r}; try other --lexicon words")
     dose = choose_dose(model, sae, search, given.atlas.max_activation, prompts=args.tuning_prompts, cfg=cfg)
-    print("dose search (dose: concept share, share of bootstrap resamples within budget): "
+    print("dose search: (dose: concept share, share of bootstrap resamples within budget) "
           + ", ".join(f"{p.dose:.2g}{'' if p.within_budget else ' (over)'}: {p.concept_frequency:.2f}, sure {p.confidence:.2f}" for p in dose.points)
           + f" -> {dose.dose}")
     prompts = steer_prompts(args)
