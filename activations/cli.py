@@ -17,7 +17,8 @@ RENAMED = {"autocast": "harvest_autocast"}  # `--autocast` is the trainer's
 
 
 def add_corpus(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default=None, help="text: 'default' (embedded), a .txt/.jsonl/.parquet file or folder, or hf:<dataset>. "
+    p.add_argument("--corpus", default=None, help="text: 'default' (embedded books and documentation), 'chat' (embedded: the model's own chat answers), "
+                   "a .txt/.jsonl/.parquet file or folder, or hf:<dataset>; several joined by '+' are read in turn ('chat+default'). "
                    "harvest/train/run read its train split (default: 'default'); evaluate/analyze/steer its held-out split "
                    "(default: the corpus the SAE was trained on, recorded in its cfg.json)")
 

@@ -4,9 +4,14 @@ Sources (`CorpusConfig.source`):
   * ``"default"``: the embedded corpus (`activations/data/default_corpus.jsonl.xz`, 4.0M
     SmolLM2 tokens of human-written English: Jane Austen's novels, the King James Bible and the
     Python and Debian documentation, see README) with a fixed train/held-out split;
+  * ``"chat"``: the embedded chat corpus (`activations/data/chat_corpus.jsonl.xz`): SmolLM2's
+    own answers to 2,048 varied user requests, whole conversations in its chat template
+    (`activations/data/build_chat_corpus.py` says how they were made), same kind of split;
   * a path to a ``.txt`` (documents separated by blank lines), ``.jsonl`` (a ``text`` field)
     or ``.parquet`` (a ``text`` column) file, or a folder of them;
-  * ``"hf:<dataset>[:<config>]"``: a Hugging Face dataset, streamed (needs network).
+  * ``"hf:<dataset>[:<config>]"``: a Hugging Face dataset, streamed (needs network);
+  * several of these joined by ``+`` (``"chat+default"``): every document of the first, then
+    of the next, each split kept; a harvest of fewer tokens than the whole reads the first part first.
 
 Packing (BOS handling): documents are tokenised without special tokens and joined into one
 stream with a separator token after each document. The stream is cut into chunks of
@@ -22,7 +27,7 @@ import hashlib
 import json
 import lzma
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -32,6 +37,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "default_corpus.jsonl.xz"
+CHAT_CORPUS = Path(__file__).parent / "data" / "chat_corpus.jsonl.xz"
+EMBEDDED = {"default": DEFAULT_CORPUS, "chat": CHAT_CORPUS}
+"""The corpora the package ships, by source name: .jsonl.xz files of {"text", "split"} documents."""
+JOIN = "+"
 
 
 @dataclass
@@ -65,8 +74,20 @@ def heldout_corpus(training_data: dict | None, source: str | None = None, contex
 
 def describe(cfg: CorpusConfig) -> str:
     """One line naming a corpus and split, for every output measured on it."""
-    name = "the embedded default corpus" if cfg.source == "default" else repr(cfg.source)
+    names = {"default": "the embedded default corpus", "chat": "the embedded chat corpus"}
+    name = " + ".join(names.get(part, repr(part)) for part in source_parts(cfg.source))
     return f"{name}, {cfg.split} split"
+
+
+def source_parts(source: str) -> list[str]:
+    """The sources a ``+``-joined source reads, in order (one part for a plain source; a path
+    that exists is never split, even with a ``+`` in its name)."""
+    if JOIN not in source or Path(source).exists():
+        return [source]
+    parts = [part.strip() for part in source.split(JOIN)]
+    if any(not part for part in parts):
+        raise ValueError(f"corpus source {source!r} has an empty part: join sources as 'chat+default'")
+    return parts
 
 
 def _split_of_index(i: int, split: str) -> bool:
@@ -83,8 +104,13 @@ def corpus_files(path: Path) -> list[Path]:
 
 def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
     """Yield the documents of `cfg.source` that belong to `cfg.split`, in a fixed order."""
-    if cfg.source == "default":
-        with lzma.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
+    parts = source_parts(cfg.source)
+    if len(parts) > 1:
+        for part in parts:
+            yield from iter_documents(replace(cfg, source=part))
+        return
+    if cfg.source in EMBEDDED:
+        with lzma.open(EMBEDDED[cfg.source], "rt", encoding="utf-8") as f:
             for line in f:
                 doc = json.loads(line)
                 if doc["split"] == cfg.split:
@@ -188,9 +214,12 @@ def source_digest(cfg: CorpusConfig) -> str:
     """A content hash of the corpus source's files (the embedded corpus, a file, or every corpus
     file under a folder, with their relative names), so caches of its tokens follow the text, not
     its path or modification time. A Hugging Face dataset is named only (its files are remote)."""
+    parts = source_parts(cfg.source)
+    if len(parts) > 1:
+        return hashlib.sha256(JOIN.join(source_digest(replace(cfg, source=part)) for part in parts).encode()).hexdigest()
     if cfg.source.startswith("hf:"):
         return cfg.source
-    path = DEFAULT_CORPUS if cfg.source == "default" else Path(cfg.source)
+    path = EMBEDDED.get(cfg.source) or Path(cfg.source)
     if not path.exists():
         raise FileNotFoundError(f"corpus source {cfg.source!r} does not exist")
     files = corpus_files(path)

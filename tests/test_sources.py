@@ -39,6 +39,40 @@ def test_default_corpus_split_is_fixed_and_disjoint():
     assert not set(heldout) & set(train)
 
 
+def test_joined_sources_read_each_part_in_order_with_its_own_split(tmp_path):
+    from activations.corpus import describe, source_digest
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"a{i}"}) for i in range(40)))
+    (tmp_path / "b.txt").write_text("\n\n".join(f"b{i}" for i in range(40)))
+    joined = f"{tmp_path / 'a.jsonl'}+{tmp_path / 'b.txt'}"
+    for split in ("train", "heldout"):
+        parts = [list(iter_documents(CorpusConfig(source=str(tmp_path / name), split=split))) for name in ("a.jsonl", "b.txt")]
+        assert list(iter_documents(CorpusConfig(source=joined, split=split))) == parts[0] + parts[1]
+    # the cache key follows the parts' content and order
+    digest = source_digest(CorpusConfig(source=joined))
+    assert digest != source_digest(CorpusConfig(source=f"{tmp_path / 'b.txt'}+{tmp_path / 'a.jsonl'}"))
+    (tmp_path / "b.txt").write_text("changed")
+    assert digest != source_digest(CorpusConfig(source=joined))
+    assert "a.jsonl" in describe(CorpusConfig(source=joined)) and "b.txt" in describe(CorpusConfig(source=joined))
+    with pytest.raises(ValueError, match="empty part"):
+        list(iter_documents(CorpusConfig(source="default+")))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list(iter_documents(CorpusConfig(source="default+nowhere.txt")))
+
+
+def test_embedded_chat_corpus_is_whole_conversations_apart_from_the_steering_prompts():
+    from analysis.steering import NEUTRAL_PROMPTS
+    from analysis.steering.concept import TUNING_PROMPTS
+
+    heldout = list(iter_documents(CorpusConfig(source="chat", split="heldout")))
+    train = list(iter_documents(CorpusConfig(source="chat")))
+    assert len(heldout) + len(train) == 2048 and 0.25 < len(heldout) / 2048 < 0.45 and not set(heldout) & set(train)
+    assert all(doc.startswith("<|im_start|>system") and "<|im_start|>user" in doc and "<|im_start|>assistant" in doc for doc in train)
+    requests = {doc.split("<|im_start|>user\n")[1].split("<|im_end|>")[0] for doc in train + heldout}
+    assert len(requests) == 2048 and not requests & (set(NEUTRAL_PROMPTS) | set(TUNING_PROMPTS))
+    assert list(iter_documents(CorpusConfig(source="chat+default", split="heldout")))[: len(heldout)] == heldout
+
+
 def test_packing_starts_every_context_with_the_boundary_token():
     tokens = pack_contexts(iter(["ab", "cdefg"]), CharTokenizer(), context_len=4)
     # stream: a b <eot> c d e f g <eot>, cut into chunks of 3 after the leading boundary token
