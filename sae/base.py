@@ -157,16 +157,20 @@ class SAE(nn.Module):
         return input_scale(sample)
 
     def scale_rows(self, rows: Tensor, scale: Scale) -> Tensor:
-        """Training rows (... batch_width) times `scale` (of `scale_of`)."""
-        return rows * scale
+        """Training rows (... batch_width) times `scale` (of `scale_of`: a scalar; or one factor per dimension,
+        `sae.common.per_dimension_scale`)."""
+        return rows * (torch.as_tensor(scale, dtype=rows.dtype, device=rows.device) if isinstance(scale, list) else scale)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: Scale) -> None:
         """Make an SAE trained on `scale * x` take raw x: pre-activations and outputs
-        are unchanged, so thresholds and k stay valid."""
-        self.W_enc *= scale
-        self.b_dec /= scale
-        self.W_dec /= scale
+        are unchanged, so thresholds and k stay valid. `scale`: a scalar or a factor per input dimension."""
+        s = torch.as_tensor(scale, dtype=self.W_enc.dtype, device=self.W_enc.device) if isinstance(scale, list) else scale
+        if isinstance(s, Tensor) and s.numel() != self.W_enc.shape[0]:
+            raise ValueError(f"{s.numel()} input scales for d_in {self.W_enc.shape[0]}")
+        self.W_enc *= s[:, None] if isinstance(s, Tensor) else s
+        self.b_dec /= s
+        self.W_dec /= s
 
     # ---------------------------------------------------------------- SAE Lens format
     def sae_lens_fields(self) -> dict:

@@ -70,6 +70,13 @@ def input_scale(sample: Tensor) -> float:
     return float(sample.shape[1] ** 0.5 / sample.norm(dim=1).mean())
 
 
+def per_dimension_scale(sample: Tensor) -> list[float]:
+    """Factors s (d_in) that give every dimension of `sample` (n d_in) unit standard deviation (a constant dimension
+    keeps factor 1)."""
+    std = sample.float().std(dim=0)
+    return torch.where(std > 1e-8, 1 / std.clamp_min(1e-8), torch.ones_like(std)).tolist()
+
+
 @torch.no_grad()
 def normalize_decoder_rows(w_dec: Tensor) -> None:
     """Scale each row of W_dec (d_sae d_in) to unit norm, in place."""

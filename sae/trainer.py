@@ -40,7 +40,7 @@ from activations.precision import training_autocast
 
 from .base import ARCHITECTURES, SAE, TrainOutput, make_config
 from .checkpoint import checkpoint_setting, load_checkpoint, save_checkpoint
-from .common import check_init_sample, geometric_median, project_out_parallel_grad
+from .common import check_init_sample, geometric_median, per_dimension_scale, project_out_parallel_grad
 from .config import SAEConfig
 from .metrics_log import MetricsLog, read_metrics, truncate_metrics  # noqa: F401  (read_metrics: re-exported)
 
@@ -107,6 +107,10 @@ class TrainConfig:
     clipping stopped JumpReLU from finding planted features)."""
     b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
     """Initial decoder bias, from the init sample."""
+    input_scaling: Literal["scalar", "per_dimension"] = "scalar"
+    """How training rows are scaled (and the scale folded into the saved weights): "scalar", one factor so the mean row
+    norm is sqrt(d_in) (SAE Lens' "expected_average_only_in"); "per_dimension", each dimension divided by its standard
+    deviation on the init sample, so a few huge residual dimensions do not dominate the loss (not for transcoders)."""
     init_tokens: int = 16384
     """Sample used for the input scale and b_dec."""
     seed: int = 0
@@ -269,7 +273,12 @@ class Trainer:
     def init_from_sample(self) -> None:
         sample = init_sample_of(self.source, self.cfg.init_tokens, self.cfg.seed, self.cfg.batch_size).to(self.device)
         check_init_sample(sample, self.source)  # NaN/inf here is broken data, not a learning-rate problem
-        self.scale = self.saes[0].scale_of(sample)
+        if self.cfg.input_scaling == "per_dimension":
+            if any(type(sae).scale_rows is not SAE.scale_rows for sae in self.saes):
+                raise ValueError("input_scaling='per_dimension' is for SAEs; a transcoder scales each half by its own factor")
+            self.scale = per_dimension_scale(sample)
+        else:
+            self.scale = self.saes[0].scale_of(sample)
         with torch.no_grad():
             for sae in self.saes:
                 targets = sae.split_batch(sae.scale_rows(sample, self.scale))[1]

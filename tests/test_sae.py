@@ -249,7 +249,7 @@ def test_training_recovers_known_features_and_keeps_decoder_unit_norm(arch, tmp_
     source, directions = synthetic_batches()
     extra = {"standard": dict(l1_coefficient=0.3), "jumprelu": dict(l0_coefficient=0.02)}.get(arch, {})
     cfg = TrainConfig(
-        out_dir=str(tmp_path), saes=[SAEConfig(architecture=arch, d_in=24, d_sae=96, k=3, **extra)], n_tokens=256 * 600,
+        out_dir=str(tmp_path), saes=[SAEConfig(architecture=arch, d_in=24, d_sae=96, k=3, **extra)], n_tokens=256 * 300,
         batch_size=256, lr=3e-3, warmup_steps=20, dead_tokens=256 * 50, checkpoint_every=10_000, device="cpu",
     )
     trainer = Trainer(cfg, source)
@@ -290,3 +290,49 @@ def test_trainer_rejects_d_in_mismatch(tmp_path):
     source, _ = synthetic_batches()
     with pytest.raises(ValueError, match="does not match"):
         Trainer(TrainConfig(out_dir=str(tmp_path), saes=[SAEConfig(d_in=25, d_sae=32, k=2)]), source)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folding_a_per_dimension_input_scale_keeps_the_map(arch):
+    sae = make_nontrivial(arch)
+    scale = (torch.rand(16) * 5 + 0.1).tolist()  # trained on x * scale, one factor per dimension
+    x = inputs(sae, 11) / torch.tensor(scale)
+    s = torch.tensor(scale)
+    expected = sae.decode(sae.encode(x * s)) / s
+    codes = sae.encode(x * s)
+    assert torch.equal(sae.scale_rows(x, scale), x * s)
+    sae.fold_input_scale(scale)
+    assert torch.allclose(sae.encode(x), codes, atol=1e-4) and torch.allclose(sae.decode(sae.encode(x)), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="input scales for d_in"):
+        sae.fold_input_scale([1.0, 2.0])
+
+
+def test_per_dimension_scaling_keeps_a_huge_dimension_from_drowning_the_features(tmp_path):
+    """One dimension with 100x the features' spread (as SmolLM2's middle residual stream has): scaled by one factor,
+    the SAE spends its loss on it; scaled per dimension, it recovers the planted features."""
+    from sae.common import per_dimension_scale
+    from sae.trainer import TrainConfig, Trainer
+
+    source, directions = synthetic_batches()
+    plain = source.iter_batches
+
+    def with_huge_dimension(*args, **kw):
+        g = torch.Generator().manual_seed(7)
+        for batch in plain(*args, **kw):
+            batch[:, 0] += 100 * torch.randn(len(batch), generator=g)
+            yield batch
+
+    source.iter_batches = with_huge_dimension
+    assert max(per_dimension_scale(next(source.iter_batches(512)))) / min(per_dimension_scale(next(source.iter_batches(512)))) > 20
+    recovered = {}
+    for scaling in ("scalar", "per_dimension"):
+        cfg = TrainConfig(out_dir=str(tmp_path / scaling), saes=[SAEConfig(architecture="topk", d_in=24, d_sae=96, k=4)], n_tokens=256 * 300,
+                          batch_size=256, lr=3e-3, warmup_steps=20, dead_tokens=256 * 50, checkpoint_every=10_000, device="cpu",
+                          input_scaling=scaling)
+        trainer = Trainer(cfg, source)
+        trainer.train()
+        saved = load_sae(trainer.save_final()[0])
+        w = saved.W_dec.detach()[:, 1:]  # raw space, the huge dimension left out
+        cos = ((directions[:, 1:] / directions[:, 1:].norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)).T).max(dim=1).values
+        recovered[scaling] = float((cos > 0.9).float().mean())
+    assert recovered["per_dimension"] > 0.8 and recovered["scalar"] < recovered["per_dimension"] - 0.2, recovered
