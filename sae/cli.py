@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, models: ModelLoader) -> list[Path]:
     hooks = getattr(args, "hooks", None) or [args.hook]
     out = Path(args.out) / "sae"
     if len(hooks) == 1 or args.store:
-        return train_one(args, models, args.hook, out)
+        return train_one(args, models, hooks[0] if len(hooks) == 1 else args.hook, out)  # `--hooks X` alone means X
     paths = [p for trained in train_stack(args, models, hooks, out) for p in trained]
     print(f"SAE stack: {write_stack_manifest(out, paths)}")
     return paths

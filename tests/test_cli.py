@@ -96,3 +96,14 @@ def test_the_console_script_exits_0_when_a_command_returns_its_outputs(monkeypat
     with pytest.raises(SystemExit) as exit_:
         raise SystemExit(cli.entry())
     assert exit_.value.code is None
+
+
+def test_one_hook_given_as_hooks_is_the_hook_trained(monkeypatch, tmp_path):
+    """`saewb run --preset chain --hooks X` trains on X's store, not on the default --hook's."""
+    import sae.cli as train_cli
+
+    trained = []
+    monkeypatch.setattr(train_cli, "train_one", lambda args, models, hook, out: trained.append(hook) or [])
+    args = cli.parse(["run", "--preset", "chain", "--hooks", "blocks.14.hook_resid_post", "--out", str(tmp_path)])
+    train_cli.run(args, None)
+    assert trained == ["blocks.14.hook_resid_post"]
