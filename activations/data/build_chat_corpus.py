@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import random
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from activations.data.build_default_corpus import order_key, split_of  # noqa: E402
+from activations.data.build_default_corpus import write_corpus  # noqa: E402
 
 SUBJECTS = [
     "the weather", "gardening", "a houseplant", "saving money", "a first job", "public transport", "a rainy morning",
@@ -142,11 +141,7 @@ def main() -> None:
             out.flush()
             bar.update(len(batch))
     docs = _finished(partial)[: len(todo)]
-    docs.sort(key=lambda d: order_key(d["id"]))
-    payload = "".join(json.dumps({**d, "split": split_of(d["id"])}, ensure_ascii=False) + "\n" for d in docs)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_bytes(lzma.compress(payload.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
-    tmp.replace(args.out)
+    write_corpus(docs, args.out)
     partial.unlink()
     n_tokens = sum(len(tokenizer(d["text"], add_special_tokens=False)["input_ids"]) for d in docs)
     print(f"{len(docs)} conversations, {n_tokens / 1e3:.0f}k tokens -> {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")

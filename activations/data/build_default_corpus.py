@@ -54,6 +54,16 @@ def split_of(doc_id: str) -> str:
     return "heldout" if bucket < HELDOUT_PERCENT else "train"
 
 
+def write_corpus(docs: list[dict], out: Path) -> None:
+    """Write {"id", "text"} documents as an embedded corpus: in the fixed hash order, each with its
+    fixed split, xz-compressed, atomically."""
+    docs = sorted(docs, key=lambda d: order_key(d["id"]))
+    payload = "".join(json.dumps({**d, "split": split_of(d["id"])}, ensure_ascii=False) + "\n" for d in docs)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(lzma.compress(payload.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
+    tmp.replace(out)
+
+
 # ---------------------------------------------------------------- Jane Austen (R serialised data)
 def austen_documents(root: Path) -> list[dict]:
     import rdata  # maintainer-only dependency
@@ -231,11 +241,7 @@ def main() -> None:
     docs += html_book_documents(args.developers_reference, "developers-reference", "developers-reference/*.html")
     docs += html_book_documents(args.policy, "debian-policy", "policy.html/*.html")
     docs += kjv_documents(args.kjv)
-    docs.sort(key=lambda d: order_key(d["id"]))
-    payload = "".join(json.dumps({**d, "split": split_of(d["id"])}, ensure_ascii=False) + "\n" for d in docs)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_bytes(lzma.compress(payload.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
-    tmp.replace(args.out)
+    write_corpus(docs, args.out)
     n_chars = sum(len(d["text"]) for d in docs)
     print(f"{len(docs)} documents, {n_chars / 1e6:.1f}M characters -> {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
 
