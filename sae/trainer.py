@@ -414,7 +414,9 @@ class Trainer:
             final.load_state_dict(sae.state_dict())
             final = final.cpu()
             final.fold_input_scale(self.scale)
-            final.training_data = getattr(self.source, "training_data", {})
+            final.training_data = dict(getattr(self.source, "training_data", {}))
+            if isinstance(self.scale, list) and len(self.scale) == sae.cfg.d_in:  # per dimension: the space it learnt in
+                final.training_data["input_scale_per_dimension"] = self.scale
             paths.append(final.save(self.out / name))
         atomic_write_json(self.out / "train_summary.json", {"saes": {n: str(p) for n, p in zip(self.names, paths)}, "steps": self.step, "input_scale": self.scale, "config": asdict(self.cfg)})
         return paths

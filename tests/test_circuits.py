@@ -475,6 +475,30 @@ def test_matching_finds_the_same_features(tiny_model, text_corpus):
     assert layers.chains and len(layers.chains[0]) == 2 and "persist" in layers.table()
 
 
+def test_matching_compares_per_dimension_scaled_saes_where_they_learnt():
+    """Two unrelated SAEs trained with per-dimension scaling on a hook with one huge dimension: folded back, every decoder
+    row points along that dimension, so raw cosines call them the same; compared in their training space they are not."""
+    from sae import SAEConfig
+    from sae.topk import TopKSAE
+
+    gen = torch.Generator().manual_seed(0)
+    scale = [0.01] + [1.0] * 15  # dimension 0 spreads 100x the others
+    saes = []
+    for _ in range(2):
+        sae = TopKSAE(SAEConfig(architecture="topk", d_in=16, d_sae=64, k=4))
+        with torch.no_grad():
+            sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(64, 16, generator=gen), dim=1))
+        sae.fold_input_scale(scale)
+        saes.append(sae)
+    raw = match_saes(*saes, threshold=0.7)
+    assert raw.share_matched > 0.9 and raw.chance_cosine > 0.9 and "overstate" in raw.summary()
+    for sae in saes:
+        sae.training_data = {"input_scale_per_dimension": scale}
+    scaled = match_saes(*saes, threshold=0.7)
+    assert scaled.space == "per-dimension standardised" and scaled.chance_cosine < 0.4 and scaled.share_matched < 0.3
+    assert "overstate" not in scaled.summary()
+
+
 def test_stack_manifest_and_the_trace_cli(tiny_llama_dir, tmp_path, capsys):
     """`saewb run --hooks A B` trains one SAE per hook into a stack; `saewb trace` and `saewb match` read it."""
     from analysis import cli

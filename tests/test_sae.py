@@ -332,6 +332,7 @@ def test_per_dimension_scaling_keeps_a_huge_dimension_from_drowning_the_features
         trainer = Trainer(cfg, source)
         trainer.train()
         saved = load_sae(trainer.save_final()[0])
+        assert ("input_scale_per_dimension" in saved.training_data) == (scaling == "per_dimension")  # `saewb match` compares there
         w = saved.W_dec.detach()[:, 1:]  # raw space, the huge dimension left out
         cos = ((directions[:, 1:] / directions[:, 1:].norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)).T).max(dim=1).values
         recovered[scaling] = float((cos > 0.9).float().mean())

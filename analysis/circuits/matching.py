@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -66,27 +67,58 @@ class PairMatch:
     median_cosine: float
     best_cosine: Tensor = field(repr=False)
     best_index: Tensor = field(repr=False)
+    chance_cosine: float = 0.0
+    """Median |cosine| between different live features of a: near 0 when cosines mean something; high when every
+    decoder row shares one direction (e.g. a huge residual dimension), which inflates every match."""
+    space: str = "raw"
+    """Where directions were compared: "raw" (the hook's basis) or "per-dimension standardised" (each dimension divided
+    by its spread, the space an SAE trained with per-dimension input scaling learnt in)."""
 
     def summary(self) -> str:
         return (f"{self.share_matched:.1%} of {self.n_live_a} live features have a partner with decoder cosine >= {self.threshold} "
                 f"({self.share_mutual:.1%} mutual nearest neighbours; {self.share_matched_b:.1%} the other way, of {self.n_live_b}); "
-                f"median best cosine {self.median_cosine:.3f}")
+                f"median best cosine {self.median_cosine:.3f}; {self.space} directions, chance |cosine| {self.chance_cosine:.3f}"
+                + (" (high: the rows share a direction, so these cosines overstate the match)" if self.chance_cosine > CHANCE_WARNING else ""))
+
+
+CHANCE_WARNING = 0.2
+
+
+def chance_cosine(directions: Tensor, n: int = 1024) -> float:
+    """Median |cosine| between different unit rows of directions [m d] (the first n rows)."""
+    rows = directions[:n]
+    cos = (rows @ rows.T).abs()
+    return float(cos[~torch.eye(len(rows), dtype=torch.bool)].median()) if len(rows) > 1 else 0.0
+
+
+def comparison_space(*saes: SAE) -> Tensor | None:
+    """The per-dimension input scale [d_in] one of the SAEs was trained with (`TrainConfig.input_scaling`), else None."""
+    for sae in saes:
+        scale = (getattr(sae, "training_data", None) or {}).get("input_scale_per_dimension")
+        if scale is not None and len(scale) == sae.cfg.d_in:
+            return torch.tensor(scale, dtype=torch.float32)
+    return None
 
 
 def match_saes(a: SAE, b: SAE, threshold: float = MatchConfig.threshold, live_a: Tensor | None = None,
                live_b: Tensor | None = None) -> PairMatch:
-    """Match the live features of `a` to those of `b` by decoder cosine."""
+    """Match the live features of `a` to those of `b` by decoder cosine: in the hook's basis, or, when either SAE was
+    trained with per-dimension input scaling, with each dimension at that scale (its folded decoder rows otherwise share
+    the huge dimensions' direction, and every pair looks alike)."""
     if a.cfg.d_in != b.cfg.d_in:
         raise ValueError(f"the SAEs read different widths (d_in {a.cfg.d_in} and {b.cfg.d_in}): nothing to match")
     live_a = torch.ones(a.cfg.d_sae, dtype=torch.bool) if live_a is None else live_a.bool()
     live_b = torch.ones(b.cfg.d_sae, dtype=torch.bool) if live_b is None else live_b.bool()
+    scale = comparison_space(a, b)
     da, db = decoder_directions(a)[live_a], decoder_directions(b)[live_b]
+    if scale is not None:  # compare where the SAE learnt: each dimension at its own spread
+        da, db = (F.normalize(d * scale, dim=1) for d in (da, db))
     best_ab, index_ab = nearest(da, db)
     best_ba, index_ba = nearest(db, da)
     mutual = (index_ba[index_ab] == torch.arange(len(da))) & (best_ab >= threshold)
     return PairMatch(threshold, len(da), len(db), float((best_ab >= threshold).float().mean()), float(mutual.float().mean()),
                      float((best_ba >= threshold).float().mean()), float(best_ab.median()), best_ab,
-                     live_b.nonzero().squeeze(1)[index_ab])
+                     live_b.nonzero().squeeze(1)[index_ab], chance_cosine(da), "raw" if scale is None else "per-dimension standardised")
 
 
 PairRow = TypedDict("PairRow", {
