@@ -223,7 +223,11 @@ def layer_matches(model: HookedModel, stack: SAEStack, threshold: float = MatchC
         if len(live_a) == 0 or len(live_b) == 0:
             raise ValueError(f"no feature of {stack.hooks[i] if len(live_a) == 0 else stack.hooks[i + 1]} fired on {coact.n_tokens:,} "
                              "held-out tokens: nothing to match (a dead SAE, or too little text)")
-        cos = dirs[i][live_a] @ dirs[i + 1][live_b].T  # [live_a live_b]
+        da, db = dirs[i][live_a], dirs[i + 1][live_b]
+        scale = comparison_space(stack.saes[i], stack.saes[i + 1])
+        if scale is not None:  # per-dimension scaled SAEs: compare at the earlier hook's scale (see `match_saes`)
+            da, db = (F.normalize(d * scale, dim=1) for d in (da, db))
+        cos = da @ db.T  # [live_a live_b]
         pair = _pair(stack.hooks[i], stack.hooks[i + 1], cos, coact.corr[i][live_a][:, live_b], threshold)
         rows.append(pair.row)
         links.append({int(live_a[a]): int(live_b[b]) for a, b in pair.links.items()})
