@@ -91,6 +91,12 @@ def chance_cosine(directions: Tensor, n: int = 1024) -> float:
     return float(cos[~torch.eye(len(rows), dtype=torch.bool)].median()) if len(rows) > 1 else 0.0
 
 
+def in_space(scale: Tensor | None, *directions: Tensor) -> tuple[Tensor, ...]:
+    """Unit directions [n d_in] as compared: unchanged in the raw basis (scale None), else each dimension times its
+    per-dimension scale [d_in], normalised again."""
+    return directions if scale is None else tuple(F.normalize(d * scale, dim=1) for d in directions)
+
+
 def comparison_space(*saes: SAE) -> Tensor | None:
     """The per-dimension input scale [d_in] one of the SAEs was trained with (`TrainConfig.input_scaling`), else None."""
     for sae in saes:
@@ -110,9 +116,7 @@ def match_saes(a: SAE, b: SAE, threshold: float = MatchConfig.threshold, live_a:
     live_a = torch.ones(a.cfg.d_sae, dtype=torch.bool) if live_a is None else live_a.bool()
     live_b = torch.ones(b.cfg.d_sae, dtype=torch.bool) if live_b is None else live_b.bool()
     scale = comparison_space(a, b)
-    da, db = decoder_directions(a)[live_a], decoder_directions(b)[live_b]
-    if scale is not None:  # compare where the SAE learnt: each dimension at its own spread
-        da, db = (F.normalize(d * scale, dim=1) for d in (da, db))
+    da, db = in_space(scale, decoder_directions(a)[live_a], decoder_directions(b)[live_b])  # where the SAEs learnt
     best_ab, index_ab = nearest(da, db)
     best_ba, index_ba = nearest(db, da)
     mutual = (index_ba[index_ab] == torch.arange(len(da))) & (best_ab >= threshold)
@@ -223,10 +227,8 @@ def layer_matches(model: HookedModel, stack: SAEStack, threshold: float = MatchC
         if len(live_a) == 0 or len(live_b) == 0:
             raise ValueError(f"no feature of {stack.hooks[i] if len(live_a) == 0 else stack.hooks[i + 1]} fired on {coact.n_tokens:,} "
                              "held-out tokens: nothing to match (a dead SAE, or too little text)")
-        da, db = dirs[i][live_a], dirs[i + 1][live_b]
-        scale = comparison_space(stack.saes[i], stack.saes[i + 1])
-        if scale is not None:  # per-dimension scaled SAEs: compare at the earlier hook's scale (see `match_saes`)
-            da, db = (F.normalize(d * scale, dim=1) for d in (da, db))
+        # per-dimension scaled SAEs: compared at the earlier hook's scale (see `match_saes`)
+        da, db = in_space(comparison_space(stack.saes[i], stack.saes[i + 1]), dirs[i][live_a], dirs[i + 1][live_b])
         cos = da @ db.T  # [live_a live_b]
         pair = _pair(stack.hooks[i], stack.hooks[i + 1], cos, coact.corr[i][live_a][:, live_b], threshold)
         rows.append(pair.row)
