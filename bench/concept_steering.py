@@ -9,10 +9,12 @@ each concept (`analysis.steering.concept`):
    scores them (output score, concept gain), and steers the most promising ones alone in short
    answers to tuning prompts (the trial score); those that show the concept are steered
    together, weighted by their trial score;
-2. `choose_dose` finds the largest dose whose answers to the 12 tuning prompts
-   (`TUNING_PROMPTS`) keep perplexity and repetition within 2x the unsteered answers', for
-   each steering way of `--ways` (mode:positions); `choose_way` keeps the way whose dose shows
-   the concept in the most tuning answers (the report prompts decide nothing);
+2. `choose_dose` finds the largest dose whose answers to the 24 tuning prompts
+   (`TUNING_PROMPTS` + `MORE_TUNING_PROMPTS`, `--dose-prompts`) keep perplexity and repetition
+   within 2x the unsteered answers', and steers at the dose within budget that shows the concept
+   in the most tuning answers (the smaller of equals), for each steering way of `--ways`
+   (mode:positions); `choose_way` keeps the way whose dose shows the concept in the most tuning
+   answers (the report prompts decide nothing);
 3. the 24 report prompts (`NEUTRAL_PROMPTS`, none of them a tuning prompt; chat template,
    greedy, 40 new tokens) are answered unsteered, prompted ("... (In your answer, talk about
    <concept>.)"), steered at that dose, and prompted and steered.
@@ -46,6 +48,7 @@ from analysis.features.labels import load_labels
 from analysis.steering import NEUTRAL_PROMPTS
 from analysis.steering.concept import (
     CONCEPT_MODES,
+    MORE_TUNING_PROMPTS,
     TUNING_PROMPTS,
     ConceptConfig,
     Lexicon,
@@ -90,6 +93,8 @@ def main() -> None:
                         "steering compared per concept on the tuning prompts (the first also runs the trials). Default: add:all alone; "
                         "choosing among three per concept on 12 tuning prompts did not carry to the report prompts (docs/results.md)")
     p.add_argument("--top-input", action="store_true", help="also steer the search's top input feature alone at its own dose")
+    p.add_argument("--dose-prompts", type=int, choices=(12, 24), default=24,
+                   help="tuning prompts answered at each dose of the search: 12 (TUNING_PROMPTS, as saewb steer) or 24 (+ MORE_TUNING_PROMPTS)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--model", default="smollm2")
@@ -113,7 +118,8 @@ def main() -> None:
     cfg.generation.max_new_tokens, cfg.generation.batch_size = args.max_new_tokens, args.batch_size
     prompts = list(NEUTRAL_PROMPTS)
     n = len(prompts)
-    if set(prompts) & set(TUNING_PROMPTS):
+    dose_prompts = (TUNING_PROMPTS + MORE_TUNING_PROMPTS)[:args.dose_prompts]
+    if set(prompts) & set(dose_prompts):
         raise SystemExit("the report prompts must be disjoint from the tuning prompts")
     print(f"model and atlas: {time.perf_counter() - started:.0f} s")
 
@@ -134,7 +140,7 @@ def main() -> None:
         print(f"  trials: {len(tried)} candidates steered alone, {sum(c.trial > 0 for c in tried)} showing the concept; "
               "rank correlation with the trial score: " + ", ".join(f"{name} {rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried]):+.2f}"
                                                                     for name in PREDICTORS))
-        choice = choose_way(model, sae, search, atlas.max_activation, ways, cfg=cfg)
+        choice = choose_way(model, sae, search, atlas.max_activation, ways, dose_prompts, cfg=cfg)
         dose, steer_cfg = choice.dose, choice.config(cfg)
         print("  ways on the tuning prompts (concept share at the chosen dose): "
               + ", ".join(f"{name} {'-' if d.chosen is None else f'{d.chosen.concept_frequency:.2f} at {d.dose:.2g}'}"
@@ -143,7 +149,7 @@ def main() -> None:
         extra = {}
         if args.top_input:
             alone = [replace(top_input, weight=1.0)]
-            searches["top input"] = choose_dose(model, sae, search, atlas.max_activation, cfg=steer_cfg, features=alone, base=dose.base)
+            searches["top input"] = choose_dose(model, sae, search, atlas.max_activation, dose_prompts, steer_cfg, alone, dose.base)
             if searches["top input"].dose is not None:
                 extra["top input feature"] = (alone, searches["top input"].dose)
         for name, d in searches.items():

@@ -163,7 +163,7 @@ def test_dose_search_when_even_the_smallest_dose_is_too_much():
 def test_the_dose_steered_shows_the_concept_best_within_budget_not_the_edge():
     point = lambda dose, frequency, ok: DosePoint(dose, BASE, ok, frequency)  # noqa: E731
     points = [point(0.1, 0.2, True), point(0.2, 0.5, True), point(0.3, 0.5, True), point(0.5, 0.3, True), point(0.75, 0.8, False)]
-    assert best_dose(points) == 0.3  # the best showing within budget, the larger of the two equals; 0.75 shows more but fails
+    assert best_dose(points) == 0.2  # the best showing within budget, the smaller of the two equals; 0.75 shows more but fails
     assert best_dose([point(0.1, 0.0, False)]) is None
     assert best_dose([point(0.1, 0.0, True), point(0.2, 0.0, True)]) == 0.2  # nothing shows it: the edge, as before
 

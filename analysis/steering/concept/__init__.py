@@ -43,7 +43,7 @@ depend on the steered features.
    a dose passes only when at least `confidence` (0.8) of bootstrap resamples of its tuning
    answers are within budget, since a dozen prompts measure the edge noisily;
    the dose steered is the one within budget whose tuning answers show the concept most often
-   (the larger of equals); each dose's concept frequency is kept for the dose-response figure
+   (the smaller of equals; the edge when none shows it); each dose's concept frequency is kept for the dose-response figure
    (`figure.py`). `choose_way` runs the dose
    search for several modes and positions and keeps the one whose dose shows the concept in
    the most tuning answers.
@@ -52,7 +52,7 @@ depend on the steered features.
    the prompt that asks for the concept, and the repetition of every answer.
 """
 from ..measure import Fluency
-from .config import CONCEPT_MODES, PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
+from .config import CONCEPT_MODES, MORE_TUNING_PROMPTS, PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
 from .dose import DosePoint, DoseSearch, Way, WayChoice, best_dose, budget_confidence, choose_dose, choose_way, parse_way, search_dose, way_name, within_budget
 from .figure import dose_response_figure, write_dose_response
 from .lexicon import Lexicon, LexiconScores, derive_lexicon, lexicon_scores, neighbour_lexicon
@@ -64,7 +64,7 @@ from .scores.output import OutputScores, matched_controls, output_scores
 from .search import STEERED_BY, ConceptFeature, ConceptSearch, concept_steering, ranking_table, search_concept
 
 __all__ = [
-    "CONCEPT_MODES", "ConceptMode", "PROMPTING", "REQUEST", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
+    "CONCEPT_MODES", "MORE_TUNING_PROMPTS", "ConceptMode", "PROMPTING", "REQUEST", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
     "ConceptPoint", "ConceptSearch", "DosePoint", "DoseSearch", "Way", "WayChoice", "ExtraCondition", "Fluency", "Lexicon", "LexiconScores", "OutputScores",
     "answer_contrast", "best_dose", "budget_confidence", "choose_dose", "choose_way", "parse_way", "way_name", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores", "neighbour_lexicon",
     "matched_controls", "output_scores", "ranking_table", "register", "search_concept", "search_dose", "within_budget",

@@ -22,6 +22,14 @@ TUNING_PROMPTS = [
     "Write a short note to a friend.", "What do you like about your town?", "Tell me about a memorable day.",
     "What would you do with a day off?", "Describe a typical Monday.", "Give me an idea for a weekend project.",
 ]
+MORE_TUNING_PROMPTS = [
+    # Twelve more, as neutral, for a surer dose: `bench/concept_steering.py` answers all 24 at every dose of its search
+    # (`--dose-prompts`); `saewb steer` answers the first 12 to stay within five minutes (`--tuning-prompts` takes more).
+    "What is something you learned recently?", "Tell me about a place you would like to visit.", "Describe the perfect afternoon.",
+    "What should I write in my journal today?", "Tell me about someone you admire.", "How do you stay calm on a busy day?",
+    "Write a short paragraph about autumn.", "What makes a morning go well?", "Describe an old photograph.",
+    "What would you tell a new neighbour?", "Give me a tip for a quiet Sunday.", "Write a few lines about a small village.",
+]
 
 REQUEST = "(In your answer, talk about {concept}.)"
 """What the prompting baseline adds to a neutral prompt. Its words are never counted by the
@@ -103,4 +111,4 @@ class ConceptConfig:
             raise ValueError(f"margin must be in (0, 1] and leave budget x margin above 1, got {self.margin}")
 
 
-__all__ = ["CONCEPT_MODES", "ConceptMode", "PROMPTING", "REQUEST", "TUNING_PROMPTS", "ConceptConfig"]
+__all__ = ["CONCEPT_MODES", "MORE_TUNING_PROMPTS", "ConceptMode", "PROMPTING", "REQUEST", "TUNING_PROMPTS", "ConceptConfig"]

@@ -1,7 +1,7 @@
 """The dose of concept steering. `search_dose` finds the edge of the fluency budget: the
 largest dose on a rising ladder whose answers to held-out tuning prompts keep perplexity and
 repetition within a budget of the unsteered answers', refined by bisection. `choose_dose` then
-steers at the dose within budget whose tuning answers show the concept most often (the larger
+steers at the dose within budget whose tuning answers show the concept most often (the smaller
 of equals), which is the edge only when the concept keeps rising up to it: past the dose that
 shows the concept best, more only costs fluency. Perplexity is the fair one of the report:
 every answer under the unsteered model given the prompt that asks for the concept, so no
@@ -42,7 +42,7 @@ class DosePoint(NamedTuple):
 class DoseSearch:
     dose: float | None
     """The dose chosen: `search_dose`'s largest dose within budget; `choose_dose`'s, the one within
-    budget whose answers show the concept most often (the larger of equals). None when even the
+    budget whose answers show the concept most often (the smaller of equals). None when even the
     smallest failed."""
     base: Fluency
     """The unsteered answers' fluency on the same prompts."""
@@ -130,9 +130,16 @@ def search_dose(measure: Callable[[float], Fluency], base: Fluency, doses: Seque
 
 
 def best_dose(points: Sequence[DosePoint]) -> float | None:
-    """The dose within budget whose answers show the concept most often, the larger of equals (None: none within budget)."""
+    """The dose within budget whose answers show the concept most often, the smaller of equals (None: none within budget).
+    Past the smallest dose that shows the concept best, more only costs fluency: the larger of equals steered food at 0.24
+    where 0.15 and 0.2 showed it as often, and its report answers went over on repetition (docs/results.md).
+    When no dose shows the concept at all, the edge: the most the budget allows is the best chance on other prompts."""
     passed = [p for p in points if p.within_budget]
-    return max(passed, key=lambda p: (p.concept_frequency, p.dose)).dose if passed else None
+    if not passed:
+        return None
+    if max(p.concept_frequency for p in passed) <= 0:
+        return max(p.dose for p in passed)
+    return max(passed, key=lambda p: (p.concept_frequency, -p.dose)).dose
 
 
 def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activation: Tensor, prompts: Sequence[str] | None = None,
@@ -140,7 +147,7 @@ def choose_dose(model: HookedModel, sae: SAE, search: ConceptSearch, max_activat
                 base: Fluency | None = None) -> DoseSearch:
     """`search_dose` for the search's steered features (or `features`) on held-out tuning prompts (default `TUNING_PROMPTS`),
     answers scored given the prompts that ask for the concept; the dose chosen is the one within budget whose answers show
-    the concept most often (the larger of equals), `edge` the largest within budget. `base`: the unsteered answers' fluency, scored the same way,
+    the concept most often (the smaller of equals), `edge` the largest within budget. `base`: the unsteered answers' fluency, scored the same way,
     when an earlier search measured it (`DoseSearch.base`)."""
     cfg = cfg or ConceptConfig()
     features = list(features if features is not None else search.steered)
