@@ -40,7 +40,7 @@ from activations.precision import training_autocast
 
 from .base import ARCHITECTURES, SAE, TrainOutput, make_config
 from .checkpoint import checkpoint_setting, load_checkpoint, save_checkpoint
-from .common import check_init_sample, geometric_median, per_dimension_scale, project_out_parallel_grad
+from .common import DOMINANT_SHARE, check_init_sample, dominant_share, geometric_median, per_dimension_scale, project_out_parallel_grad
 from .config import SAEConfig
 from .metrics_log import MetricsLog, read_metrics, truncate_metrics  # noqa: F401  (read_metrics: re-exported)
 
@@ -107,10 +107,12 @@ class TrainConfig:
     clipping stopped JumpReLU from finding planted features)."""
     b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
     """Initial decoder bias, from the init sample."""
-    input_scaling: Literal["scalar", "per_dimension"] = "scalar"
+    input_scaling: Literal["scalar", "per_dimension", "auto"] = "scalar"
     """How training rows are scaled (and the scale folded into the saved weights): "scalar", one factor so the mean row
     norm is sqrt(d_in) (SAE Lens' "expected_average_only_in"); "per_dimension", each dimension divided by its standard
-    deviation on the init sample, so a few huge residual dimensions do not dominate the loss (not for transcoders)."""
+    deviation on the init sample, so a few huge residual dimensions do not dominate the loss (not for transcoders);
+    "auto", per dimension where one dimension holds >= `common.DOMINANT_SHARE` of the init sample's variance, else one
+    factor (always one factor for transcoders). The choice is recorded in the SAE's training data."""
     init_tokens: int = 16384
     """Sample used for the input scale and b_dec."""
     seed: int = 0
@@ -273,9 +275,7 @@ class Trainer:
     def init_from_sample(self) -> None:
         sample = init_sample_of(self.source, self.cfg.init_tokens, self.cfg.seed, self.cfg.batch_size).to(self.device)
         check_init_sample(sample, self.source)  # NaN/inf here is broken data, not a learning-rate problem
-        if self.cfg.input_scaling == "per_dimension":
-            if any(type(sae).scale_rows is not SAE.scale_rows for sae in self.saes):
-                raise ValueError("input_scaling='per_dimension' is for SAEs; a transcoder scales each half by its own factor")
+        if self.input_scaling_for(sample) == "per_dimension":
             self.scale = per_dimension_scale(sample)
         else:
             self.scale = self.saes[0].scale_of(sample)
@@ -283,6 +283,15 @@ class Trainer:
             for sae in self.saes:
                 targets = sae.split_batch(sae.scale_rows(sample, self.scale))[1]
                 sae.b_dec.copy_(geometric_median(targets) if self.cfg.b_dec_init == "geometric_median" else targets.mean(0))
+
+    def input_scaling_for(self, sample: Tensor) -> Literal["scalar", "per_dimension"]:
+        """`cfg.input_scaling` for this init sample (n d_in), "auto" resolved."""
+        own_halves = any(type(sae).scale_rows is not SAE.scale_rows for sae in self.saes)  # transcoders: a factor per half
+        if self.cfg.input_scaling == "auto":
+            return "per_dimension" if not own_halves and dominant_share(sample) >= DOMINANT_SHARE else "scalar"
+        if self.cfg.input_scaling == "per_dimension" and own_halves:
+            raise ValueError("input_scaling='per_dimension' is for SAEs; a transcoder scales each half by its own factor")
+        return self.cfg.input_scaling
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -415,7 +424,9 @@ class Trainer:
             final = final.cpu()
             final.fold_input_scale(self.scale)
             final.training_data = dict(getattr(self.source, "training_data", {}))
-            if isinstance(self.scale, list) and len(self.scale) == sae.cfg.d_in:  # per dimension: the space it learnt in
+            per_dimension = isinstance(self.scale, list) and len(self.scale) == sae.cfg.d_in
+            final.training_data["input_scaling"] = "per_dimension" if per_dimension else "scalar"
+            if per_dimension:  # the space it learnt in
                 final.training_data["input_scale_per_dimension"] = self.scale
             paths.append(final.save(self.out / name))
         atomic_write_json(self.out / "train_summary.json", {"saes": {n: str(p) for n, p in zip(self.names, paths)}, "steps": self.step, "input_scale": self.scale, "config": asdict(self.cfg)})

@@ -337,3 +337,58 @@ def test_per_dimension_scaling_keeps_a_huge_dimension_from_drowning_the_features
         cos = ((directions[:, 1:] / directions[:, 1:].norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)).T).max(dim=1).values
         recovered[scaling] = float((cos > 0.9).float().mean())
     assert recovered["per_dimension"] > 0.8 and recovered["scalar"] < recovered["per_dimension"] - 0.2, recovered
+
+
+def test_auto_input_scaling_goes_per_dimension_only_where_one_dimension_dominates(tmp_path):
+    """"auto" resolves on the init sample: per dimension when one dimension holds >= DOMINANT_SHARE of the variance (as at
+    SmolLM2's middle layers), one factor otherwise; the SAE records the choice; a transcoder always gets its per-half factors."""
+    from sae.common import DOMINANT_SHARE, dominant_share
+    from sae.trainer import TrainConfig, Trainer
+
+    x = torch.tensor([[0.0, 0.0, 0.0], [2.0, 1.0, 0.0], [4.0, 2.0, 0.0]])  # variances 4, 1, 0: the first holds 0.8
+    assert dominant_share(x) == pytest.approx(0.8)
+    source, _ = synthetic_batches()
+    plain = source.iter_batches
+
+    def with_huge_dimension(*args, **kw):
+        for batch in plain(*args, **kw):
+            batch[:, 0] += 100 * torch.randn(len(batch))
+            yield batch
+
+    chosen = {}
+    for name, batches in (("plain", plain), ("huge", with_huge_dimension)):
+        source.iter_batches = batches
+        cfg = TrainConfig(out_dir=str(tmp_path / name), saes=[SAEConfig(architecture="topk", d_in=24, d_sae=32, k=2)], n_tokens=256 * 4,
+                          batch_size=256, init_tokens=512, checkpoint_every=10_000, device="cpu", input_scaling="auto")
+        trainer = Trainer(cfg, source)
+        sample = torch.cat([b for _, b in zip(range(2), source.iter_batches(256))])
+        assert (dominant_share(sample) >= DOMINANT_SHARE) == (name == "huge")
+        trainer.train()
+        chosen[name] = load_sae(trainer.save_final()[0]).training_data["input_scaling"]
+        assert isinstance(trainer.scale, list) == (name == "huge")
+    assert chosen == {"plain": "scalar", "huge": "per_dimension"}
+
+
+def test_auto_input_scaling_keeps_a_transcoders_own_factors(tmp_path):
+    from dataclasses import replace
+
+    from sae.trainer import TrainConfig, Trainer
+    from sae.transcoder import SkipTranscoderConfig
+
+    class Huge:  # 4 input and 3 output columns, the first input column 100x the rest
+        d_in, hook_name, n_tokens = 7, "planted", 256 * 2
+
+        def iter_batches(self, batch_size, seed=0, epoch=0, rank=0, world_size=1):
+            g = torch.Generator().manual_seed(seed * 1000 + epoch)
+            for _ in range(self.n_tokens // batch_size):
+                rows = torch.randn(batch_size, 7, generator=g)
+                rows[:, 0] *= 100
+                yield rows
+
+    cfg = TrainConfig(out_dir=str(tmp_path), saes=[SkipTranscoderConfig(d_in=4, d_out=3, d_sae=8, k=2)], n_tokens=256 * 2, batch_size=256,
+                      init_tokens=256, checkpoint_every=10_000, device="cpu", input_scaling="auto")
+    trainer = Trainer(cfg, Huge())
+    trainer.train()
+    assert not isinstance(trainer.scale, list) or len(trainer.scale) != 7  # the per-half factors, never one per dimension
+    with pytest.raises(ValueError, match="for SAEs"):
+        Trainer(replace(cfg, out_dir=str(tmp_path / "pd"), input_scaling="per_dimension"), Huge()).train()
