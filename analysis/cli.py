@@ -167,6 +167,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, "absent") is None:
             setattr(args, key, value)
+    args.out_given = args.out is not None
     args.out = Path(args.out or f"runs/{args.preset}")
     return args
 

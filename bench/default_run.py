@@ -26,7 +26,7 @@ from pathlib import Path
 MARKERS = [  # (stage, regex of the first output that belongs to it)
     ("harvest", r"harvest \d+ hook"),
     ("harvest held-out", r"harvest held-out"),
-    ("train", r"\btrain:"),
+    ("train", r"\btrain:|^--- training \d+ hooks"),  # one SAE, or a stack from one stream
     ("evaluate", r"evaluate: "),
     ("atlas", r"\batlas:\s|\batlas\s+\d+%|atlas: \d"),
     ("labels", r"labels: "),

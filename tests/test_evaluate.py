@@ -196,3 +196,14 @@ def test_evaluate_command_tokenises_the_heldout_text_once(setup, text_corpus, tm
     got = results[str(tmp_path / "a")]
     for name in ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_per_token", "n_tokens", "n_ce_tokens"):
         assert getattr(got, name) == pytest.approx(getattr(alone, name), abs=1e-6), name
+    # --sae with --out: the results go under <out>/eval/, the SAEs' own folders are left as they were
+    assert (tmp_path / "out" / "eval" / "a" / "eval.json").is_file() and (tmp_path / "out" / "eval" / "b" / "report.html").is_file()
+    assert not (tmp_path / "a" / "eval.json").exists() and not (tmp_path / "b" / "eval.json").exists()
+
+
+def test_results_of_saes_with_one_name_do_not_overwrite_each_other(tmp_path):
+    from analysis.evaluation.cli import results_folders
+
+    paths = [tmp_path / "run1" / "topk", tmp_path / "run2" / "topk", tmp_path / "run2" / "jumprelu"]
+    assert results_folders(paths, tmp_path / "o") == {paths[0]: tmp_path / "o" / "eval" / "topk-1", paths[1]: tmp_path / "o" / "eval" / "topk-2",
+                                                      paths[2]: tmp_path / "o" / "eval" / "jumprelu"}

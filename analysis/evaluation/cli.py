@@ -26,7 +26,8 @@ EVAL_FLAGS = {"n_tokens": "eval_tokens", "n_ce_contexts": "ce_contexts"}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The evaluation's flags (`run` takes them too): --sae and the held-out sizes."""
-    p.add_argument("--sae", nargs="+", default=None, help="SAE folder(s) (default: every SAE the train stage wrote)")
+    p.add_argument("--sae", nargs="+", default=None, help="SAE folder(s) (default: every SAE the train stage wrote). "
+                   "Their eval.json and report.html go into each folder, or under <out>/eval/ when --out is given too")
     add_flags(p, EvalConfig, only=EVAL_FLAGS, rename=EVAL_FLAGS)
 
 
@@ -49,15 +50,15 @@ class EvalGroup(NamedTuple):
     """{hook: the held-out store of its activations}, for the hooks that have one."""
 
 
-def evaluate_saes(args: argparse.Namespace, models: ModelLoader, paths: list[Path]) -> dict[str, EvalResult]:
-    """Evaluate the SAEs in `paths` (eval.json and report.html into each folder), print one line
+def evaluate_saes(args: argparse.Namespace, models: ModelLoader, paths: list[Path], into: dict[Path, Path] | None = None) -> dict[str, EvalResult]:
+    """Evaluate the SAEs in `paths` (eval.json and report.html into each folder, or into `into[path]`), print one line
     each, and the stack's report when they are the stack the train stage wrote; {folder: result}."""
     results = {}
     for group in _groups(args, models, paths).values():
         saes = [sae for _, sae in group.members]
         results_of_group = evaluate_many(saes, group.model, group.cfg, group.tokens, group.heldout)
         for (path, sae), result in zip(group.members, results_of_group, strict=True):
-            json_path, html_path = write_results(result, path, path.parent / "metrics.jsonl",
+            json_path, html_path = write_results(result, (into or {}).get(path, path), path.parent / "metrics.jsonl",
                                                  title=f"{path.name} @ {sae.cfg.hook_name}, measured on {describe(group.cfg.corpus)}")
             print(f"{path.name}: {summary_line(result)}")
             print(f"  metrics: {json_path}\n  report:  {html_path}")
@@ -111,9 +112,19 @@ def _print_stack_report(out: Path, paths: list[Path]) -> None:
     print(f"  stack report: {write_stack_report(out / 'sae')[1]}")
 
 
+def results_folders(paths: list[Path], out: Path) -> dict[Path, Path]:
+    """{SAE folder: <out>/eval/<its name>} (a name met twice gets its place in `paths` appended): where `saewb evaluate
+    --sae ... --out <out>` writes, so that an SAE's own folder (another run's, a downloaded one) is left as it was."""
+    names = [p.name for p in paths]
+    return {p: out / "eval" / (name if names.count(name) == 1 else f"{name}-{i + 1}") for i, (p, name) in enumerate(zip(paths, names))}
+
+
 def run(args: argparse.Namespace, models: ModelLoader) -> dict[str, EvalResult]:
-    """`saewb evaluate`: the SAEs of --sae, else every SAE the train stage wrote into --out."""
-    return evaluate_saes(args, models, sae_paths(args))
+    """`saewb evaluate`: the SAEs of --sae, else every SAE the train stage wrote into --out. Results go into each SAE's
+    folder, or under <out>/eval/ when both --sae and --out are given."""
+    paths = sae_paths(args)
+    into = results_folders(paths, Path(args.out)) if getattr(args, "sae", None) and getattr(args, "out_given", False) else None
+    return evaluate_saes(args, models, paths, into)
 
 
 COMMANDS = {"evaluate": Command("metrics + HTML report of trained SAEs on held-out text", add_evaluate_arguments, run)}
