@@ -6,7 +6,8 @@ top next token; the others are listed and left out.
 Per graph: faithfulness with error nodes recomputed in the ablated run (the headline), with them
 frozen at their clean values, and the graph's features with no / every error node; whether it
 passes |1 - F| <= 0.2 (undefined when ablating everything barely moves the target);
-circuit-tracer's replacement and completeness scores; the post-activation edge check (sign
+circuit-tracer's replacement and completeness scores on the kept nodes (and, with --whole-graph-scores on the
+transcoder basis, on the whole graph before pruning, as circuit-tracer computes them); the post-activation edge check (sign
 agreement and rank correlation on the strongest distinct feature -> feature edges, upstream
 ablated, and every edge type apart); the nodes by kind; and the times: `trace` alone, the
 feature cards and files, the model load and the held-out means, each apart.
@@ -117,6 +118,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transcoder-ablation", nargs="+", default=[GraphConfig.transcoder_ablation], choices=("mean", "zero"),
                    help="with --transcoders: what a removed node is set to; several values trace every prompt once per value "
                         "(default: %(default)s)")
+    p.add_argument("--whole-graph-scores", action="store_true", help="with --transcoders: also the replacement and completeness "
+                   "scores as circuit-tracer computes them, on the whole graph before pruning (every active feature and error node)")
     p.add_argument("--ig-steps", type=int, default=GraphConfig.ig_steps, help="default: %(default)s (0: gradient x activation)")
     p.add_argument("--matching", action="store_true", help="also match features across layers, widths and seeds")
     p.add_argument("--width-sae", type=Path, default=None, help="with --matching: a wider SAE at one of the stack's hooks, to match "
@@ -142,6 +145,9 @@ def graph_row(graph, prompt: Prompt, rank: int, prob: float, cards_s: float) -> 
             "faithfulness_all_errors": m["faithfulness_graph_all_errors"],
             "faithfulness_by_budget": {str(m["nodes_top"][k]): m["faithfulness_" + k] for k in m["nodes_top"]},
             "replacement": graph.scores["replacement"], "completeness": graph.scores["completeness"],
+            "replacement_whole": graph.scores.get("replacement_whole", float("nan")),
+            "completeness_whole": graph.scores.get("completeness_whole", float("nan")),
+            "whole_features": graph.scores.get("whole_features"), "whole_seconds": graph.scores.get("whole_seconds"),
             "sign_agreement": checks["sign_agreement"], "rank_correlation": checks["rank_correlation"], "edges_by_type": checks["by_type"],
             "metric": m, "chain": graph.chain_text()}
 
@@ -153,7 +159,7 @@ def trace_set(model, stack, means, args, name: str, n_hooks: int, ablation: str 
     transcoder_basis = isinstance(stack, TranscoderSet)
     basis = f"transcoders_{ablation}" if transcoder_basis else f"{n_hooks or len(stack)}hooks"
     cfg = GraphConfig(max_feature_nodes=args.max_feature_nodes, ig_steps=args.ig_steps, n_hooks=n_hooks, transcoder_ablation=ablation,
-                      budgets=args.budgets)
+                      budgets=args.budgets, whole_graph_scores=transcoder_basis and args.whole_graph_scores)
     results, left_out = {}, []
     for family, prompts in SETS[name].items():
         if args.families and family not in args.families:
@@ -214,6 +220,11 @@ def set_table(results: dict) -> str:
             f"{(min(signs) if signs else float('nan')):.0%} / {_median(signs):.0%} | {_median([r['rank_correlation'] for r in rows]):.2f} | "
             f"{_median([r['nodes']['feature'] for r in rows]):.0f} / {_median([r['nodes']['error'] for r in rows]):.0f} | "
             f"{_median([r['kept_share_of_active'] for r in rows]):.0%} | {max(r['trace_seconds'] for r in rows):.1f} |")
+    if any(math.isfinite(r["replacement_whole"]) for r in every):
+        lines.append("circuit-tracer's scores on the whole graph before pruning (every active feature and error node), median per family: " + "; ".join(
+            f"{name} replacement {_median([r['replacement_whole'] for r in rows]):.3f}, completeness {_median([r['completeness_whole'] for r in rows]):.2f}"
+            for name, rows in [*results.items(), ("all", every)])
+            + f" (median {_median([r['whole_features'] for r in every]):.0f} features, {_median([r['whole_seconds'] for r in every]):.0f} s per graph)")
     types = sorted({t for r in every for t in r["edges_by_type"]})
     lines.append("edge check by type, upstream ablated (median over graphs of sign agreement / rank correlation): " + "; ".join(
         f"{t} {_median([r['edges_by_type'][t]['sign_agreement'] for r in every if t in r['edges_by_type']]):.0%} / "

@@ -128,6 +128,22 @@ def test_transcoder_faithfulness_is_measured_in_the_real_model(tiny_bridge, tran
     assert every.interventions.by_type  # the edge check ran, in the real model
 
 
+def test_whole_graph_scores_are_the_pruned_graphs_when_every_node_is_kept(tiny_bridge, transcoders):
+    """circuit-tracer scores the graph before pruning: with every active feature and error node kept (and every edge),
+    the pruned graph is that graph, so both definitions agree; a 2-feature graph scores on its own nodes only."""
+    target = logit_target(tiny_bridge.tokenizer, "q")
+    keep_all = dict(min_node_share=0.0, edge_share=1.0, max_edges=1_000_000, transcoder_ablation="zero", whole_graph_scores=True)
+    every = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=10_000, **keep_all))
+    s = every.scores
+    active = int(sum(int((c != 0).sum()) for c in ReplacementModel(tiny_bridge, transcoders).clean_run(tokens_of(tiny_bridge)).codes))
+    assert s["whole_features"] == every.counts()["feature"] == active
+    assert 0 < s["replacement"] < 1 and s["replacement_whole"] == pytest.approx(s["replacement"], rel=1e-6)
+    assert s["completeness_whole"] == pytest.approx(s["completeness"], rel=1e-6)
+    small = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=2, **keep_all)).scores
+    assert small["whole_features"] == active and small["replacement_whole"] == pytest.approx(s["replacement_whole"], rel=1e-6)
+    assert small["replacement"] != pytest.approx(s["replacement"], rel=1e-3)
+
+
 def test_load_transcoders_and_refusals(tiny_bridge, transcoders, tmp_path):
     for layer, tc in enumerate(transcoders.transcoders):
         tc.save(tmp_path / f"layer_{layer}")

@@ -36,6 +36,11 @@ class GraphConfig:
     activation, each error at its block's held-out mean error) or zero (a feature off, an error removed)."""
     mean_tokens: int = 16_384
     """Held-out tokens for the means that ablation uses."""
+    whole_graph_scores: bool = False
+    """Also compute the replacement and completeness scores as circuit-tracer does, on the whole graph before pruning
+    (every active feature, every error node and every token; transcoder basis): one batched backward pass per
+    `batch_rows` active features, thousands on a prompt of 20 tokens. Its time is kept apart from the graph's
+    (`scores["whole_seconds"]`)."""
     batch_rows: int = 64
     """Rows per batched pass through a span of blocks (memory bound)."""
     budgets: list[int] = field(default_factory=lambda: [25, 50, 100])

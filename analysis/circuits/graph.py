@@ -132,6 +132,9 @@ def trace(model: HookedModel, stack: SAEStack, prompt: str, target: GraphTarget,
           means: StackMeans | None = None) -> FeatureGraph:
     """The pruned, checked feature graph of `prompt` for `target` through `cfg.n_hooks` hooks of `stack`."""
     cfg = cfg or GraphConfig()
+    if cfg.whole_graph_scores:
+        raise ValueError("whole_graph_scores is computed on the transcoder basis (--basis transcoder); a residual-basis graph's "
+                         "scores are on its kept nodes")
     method = attribution_method(cfg)
     stack.check_model(model)
     started = time.perf_counter()

@@ -20,6 +20,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from .nodes import Edge, Node
 
@@ -33,27 +34,32 @@ def graph_scores(nodes: list[Node], edges: list[Edge]) -> GraphScores:
     """The replacement and completeness scores of the graph `nodes` + `edges` (NaN when the
     target has no inputs)."""
     index = {n.id: k for k, n in enumerate(nodes)}
-    n = len(nodes)
-    adjacency = torch.zeros(n, n, dtype=torch.float64)  # [downstream upstream] |direct effect|
-    sources = {k for k, node in enumerate(nodes) if node.kind in ("token", "error")}
+    adjacency = torch.zeros(len(nodes), len(nodes), dtype=torch.float64)  # [downstream upstream] |direct effect|
     for e in edges:
         down, up = index.get(e.target), index.get(e.source)
-        if down is None or up is None or down in sources:
-            continue
-        adjacency[down, up] += abs(e.direct)
+        if down is not None and up is not None:
+            adjacency[down, up] += abs(e.direct)
+    return adjacency_scores(adjacency, [n.kind for n in nodes])
+
+
+def adjacency_scores(adjacency: Tensor, kinds: list[str]) -> GraphScores:
+    """The two scores of a graph given as its |direct effect| matrix [downstream upstream] over nodes of `kinds`
+    ("token", "feature", "error", "target"); inputs of tokens and error nodes are ignored (they are sources)."""
+    n = len(kinds)
+    adjacency = adjacency.double().abs().clone()
+    sources = torch.tensor([kind in ("token", "error") for kind in kinds])
+    adjacency[sources] = 0
     totals = adjacency.sum(1, keepdim=True)
     shares = torch.where(totals > 0, adjacency / totals.clamp_min(1e-300), torch.zeros_like(adjacency))
-    target = torch.zeros(n, dtype=torch.float64)
-    target[[k for k, node in enumerate(nodes) if node.kind == "target"]] = 1.0
+    target = torch.tensor([kind == "target" for kind in kinds], dtype=torch.float64)
     influence, step = torch.zeros(n, dtype=torch.float64), target
     for _ in range(n + 1):  # a path visits each node at most once (the graph is acyclic)
         step = step @ shares
         if not bool(step.any()):
             break
         influence += step
-    kinds = [node.kind for node in nodes]
-    token = float(sum(influence[k] for k in range(n) if kinds[k] == "token"))
-    error = float(sum(influence[k] for k in range(n) if kinds[k] == "error"))
+    token = float(influence[torch.tensor([kind == "token" for kind in kinds])].sum())
+    error = float(influence[sources & ~torch.tensor([kind == "token" for kind in kinds])].sum())
     replacement = token / (token + error) if token + error > 0 else float("nan")
     error_columns = torch.tensor([kind == "error" for kind in kinds])
     from_errors = shares[:, error_columns].sum(1)  # [n]
@@ -62,4 +68,4 @@ def graph_scores(nodes: list[Node], edges: list[Edge]) -> GraphScores:
     return GraphScores(replacement, completeness if math.isfinite(completeness) else float("nan"))
 
 
-__all__ = ["GraphScores", "graph_scores"]
+__all__ = ["GraphScores", "adjacency_scores", "graph_scores"]

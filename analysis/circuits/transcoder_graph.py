@@ -30,7 +30,9 @@ the target metric. An edge's weight is its direct effect times the downstream no
   (the MLP's real output less the transcoder's, Marks et al.) as the headline, frozen at their clean values beside it,
   and the bounds with no error node and with every one. Removing a node sets it to its baseline; "empty" keeps only
   the baselines and the transcoders' bias and skip terms.
-- circuit-tracer's replacement and completeness scores (`scores.py`) on the kept nodes and every edge between them.
+- circuit-tracer's replacement and completeness scores (`scores.py`) on the kept nodes and every edge between them;
+  with `GraphConfig.whole_graph_scores`, also as circuit-tracer computes them, on the whole graph before pruning (every
+  active feature, every error node and every token).
 - The edge check: the upstream node's term is scaled by each dose in the real model, every other feature and error frozen at
   its clean value, and the downstream feature's activation (its transcoder's TopK on the live MLP input) or the target
   is read: what the frozen attention and norms leave out shows up here.
@@ -57,7 +59,7 @@ from .means import TranscoderMeans, transcoder_means
 from .nodes import TARGET_ID, Edge, EdgeCheck, InterventionCheck, Node
 from .pruning import Candidate, budget_of, hook_candidates, prune_edges, ranking
 from .replacement import CleanPrompt, ReplacementModel, TranscoderSet
-from .scores import graph_scores
+from .scores import GraphScores, adjacency_scores, graph_scores
 from .targets import GraphTarget, LogitsTarget
 
 
@@ -137,17 +139,17 @@ def _term(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, node: Node)
     return layer + 1, (clean.codes[layer, p, node.feature] - base.codes[layer, node.feature]) * tc.W_dec[node.feature].detach()
 
 
-def _edges(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, nodes: list[Node], target: LogitsTarget,
-           position: int, gradient: Tensor, cfg: GraphConfig) -> list[Edge]:
-    """Every edge from a token, feature or error node into a kept feature or the target, with its exact direct effect."""
-    sources = [n for n in nodes if n.kind in ("token", "feature", "error")]
+def _direct_effects(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, sources: list[Node], downstream: list[Node],
+                    target: LogitsTarget, position: int, cfg: GraphConfig) -> Tensor:
+    """[n_downstream n_sources] the exact direct effect of each source's term (token, feature or error node) on each
+    downstream node (a feature's pre-activation, or the target metric) in the frozen replacement; 0 where the source
+    cannot reach it (not an earlier block, or a later position)."""
     where = [_term(rm, clean, base, n) for n in sources]
     index = torch.tensor([w[0] for w in where])
     positions = torch.tensor([n.position for n in sources])
     terms = torch.stack([w[1] for w in where])  # [n_sources d_model]
     layer_of = torch.tensor([-1 if n.kind == "token" else n.stack_index for n in sources])
-    downstream = [n for n in nodes if n.kind == "feature"] + [n for n in nodes if n.kind == "target"]
-    edges = []
+    direct = torch.zeros(len(downstream), len(sources))
     for start in range(0, len(downstream), cfg.batch_rows):
         batch = downstream[start:start + cfg.batch_rows]
         injections = rm.zero_injections(clean, len(batch))
@@ -163,20 +165,51 @@ def _edges(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, nodes: lis
                 tc = rm.transcoders.transcoders[n.stack_index]
                 values.append(mlp_inputs[n.stack_index][b, n.position] @ tc.W_enc[:, n.feature])
         (grads,) = torch.autograd.grad(torch.stack(values).sum(), injections)
-        direct = (grads[:, index, positions] * terms[None]).sum(-1)  # [batch n_sources]
-        for b, n in enumerate(batch):
-            depth = rm.n_layers if n.kind == "target" else n.stack_index
-            allowed = (layer_of < depth) & (positions <= n.position)
-            if n.kind == "target":
-                to_target = 1.0
-            else:
-                tc = rm.transcoders.transcoders[n.stack_index]
-                to_target = float(gradient[n.stack_index + 1, n.position] @ tc.W_dec[n.feature].detach())
-            for s in allowed.nonzero().flatten().tolist():
-                d = float(direct[b, s])
-                if d != 0.0:
-                    edges.append(Edge(sources[s].id, n.id, d * to_target, d))
+        depth = torch.tensor([rm.n_layers if n.kind == "target" else n.stack_index for n in batch])
+        at = torch.tensor([n.position for n in batch])
+        for first in range(0, len(sources), 1024):  # [batch chunk d_model] at a time
+            part = slice(first, first + 1024)
+            effect = (grads[:, index[part], positions[part]] * terms[None, part]).sum(-1).detach().cpu()  # [batch chunk]
+            allowed = (layer_of[None, part] < depth[:, None]) & (positions[None, part] <= at[:, None])
+            direct[start:start + len(batch), part] = torch.where(allowed, effect, torch.zeros_like(effect))
+    return direct
+
+
+def _edges(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, nodes: list[Node], target: LogitsTarget,
+           position: int, gradient: Tensor, cfg: GraphConfig) -> list[Edge]:
+    """Every edge from a token, feature or error node into a kept feature or the target, with its exact direct effect."""
+    sources = [n for n in nodes if n.kind in ("token", "feature", "error")]
+    downstream = [n for n in nodes if n.kind == "feature"] + [n for n in nodes if n.kind == "target"]
+    direct = _direct_effects(rm, clean, base, sources, downstream, target, position, cfg)
+    edges = []
+    for b, n in enumerate(downstream):
+        if n.kind == "target":
+            to_target = 1.0
+        else:
+            tc = rm.transcoders.transcoders[n.stack_index]
+            to_target = float(gradient[n.stack_index + 1, n.position] @ tc.W_dec[n.feature].detach())
+        for s in direct[b].nonzero().flatten().tolist():
+            d = float(direct[b, s])
+            edges.append(Edge(sources[s].id, n.id, d * to_target, d))
     return edges
+
+
+def _whole_graph_scores(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, attribution: _Attribution, nodes: list[Node],
+                        target: LogitsTarget, position: int, cfg: GraphConfig) -> GraphScores:
+    """circuit-tracer's two scores as it computes them, on the whole graph before pruning: every active feature, every
+    error node and every token, with every direct effect between them (one batched pass per `batch_rows` features)."""
+    tokens = [n for n in nodes if n.kind == "token"]
+    target_node = next(n for n in nodes if n.kind == "target")
+    inner = [Node(c.kind, c.stack_index, c.position, c.feature, 0.0, c.attribution, "")
+             for c in sorted(attribution.candidates, key=lambda c: (c.stack_index, c.position))]
+    sources = tokens + inner
+    downstream = [n for n in inner if n.kind == "feature"] + [target_node]
+    direct = _direct_effects(rm, clean, base, sources, downstream, target, position, cfg)  # [down sources]
+    everything = sources + [target_node]
+    at = {n.id: k for k, n in enumerate(everything)}
+    adjacency = torch.zeros(len(everything), len(everything), dtype=torch.float64)
+    adjacency[torch.tensor([at[n.id] for n in downstream])[:, None], torch.arange(len(sources))[None]] = direct.abs().double()
+    return adjacency_scores(adjacency, [n.kind for n in everything])
 
 
 def _keep_masks(rm: ReplacementModel, clean: CleanPrompt, sets: list[list[Candidate]]) -> tuple[Tensor, Tensor]:
@@ -330,11 +363,18 @@ def trace_transcoders(model: HookedModel, transcoders: TranscoderSet, prompt: st
     edges = prune_edges(every_edge, cfg)
     metric, faithful = _faithfulness(rm, clean, base, target, position, attribution, cfg)
     checks = _check_edges(rm, clean, base, target, position, edges, {n.id: n for n in nodes}, cfg)
-    scores = graph_scores(nodes, every_edge)
+    scores = graph_scores(nodes, every_edge)._asdict()
+    scoring = 0.0
+    if cfg.whole_graph_scores:
+        t0 = time.perf_counter()
+        whole = _whole_graph_scores(rm, clean, base, attribution, nodes, target, position, cfg)
+        scoring = time.perf_counter() - t0
+        scores |= {"replacement_whole": whole.replacement, "completeness_whole": whole.completeness,
+                   "whole_features": sum(c.feature is not None for c in attribution.candidates), "whole_seconds": scoring}
     hooks = [act_name("mlp_out", layer) for layer in range(rm.n_layers)]
     assert nodes[-1].id == TARGET_ID
-    return FeatureGraph(prompt, strings, target, hooks, nodes, edges, metric, faithful, checks, time.perf_counter() - started,
-                        {**asdict(cfg), "basis": "transcoder"}, transcoders.paths, scores._asdict())
+    return FeatureGraph(prompt, strings, target, hooks, nodes, edges, metric, faithful, checks, time.perf_counter() - started - scoring,
+                        {**asdict(cfg), "basis": "transcoder"}, transcoders.paths, scores)
 
 
 __all__ = ["trace_transcoders"]
