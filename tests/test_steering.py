@@ -132,15 +132,17 @@ def test_residual_norm_is_the_median_norm_past_position_0(tiny_model):
     assert residual_norm(tiny_model, HOOK, batch, batch_size=2) == pytest.approx(float(norms.median()), rel=1e-5)
 
 
-@pytest.mark.parametrize("positions", ["prompt", "generated"])
+@pytest.mark.parametrize("positions", ["prompt", "generated", "opening"])
 def test_positions_prompt_or_generated_match_a_hand_computation(tiny_model, positions):
-    """Greedy generation steered at prompt (or generated) positions only is the argmax, step
+    """Greedy generation steered at prompt (or generated, or opening) positions only is the argmax, step
     by step, of a full forward pass whose hook edits exactly those positions."""
+    from analysis.steering.interventions import OPENING_TOKENS
+
     sae = make_sae()
     direction = sae.W_dec[2].detach() * 6.0
     steering = Steering(sae, Intervention(2, "add", 6.0, "absolute"), positions=positions)
     batch = prompts(2, 5)
-    cfg = dict(max_new_tokens=8, stop_at_eos=False)
+    cfg = dict(max_new_tokens=OPENING_TOKENS + 4, stop_at_eos=False)
     cached = generate_tokens(tiny_model, batch, GenerationConfig(**cfg), steering)
     assert [t.tolist() for t in cached] == [t.tolist() for t in generate_tokens(tiny_model, batch, GenerationConfig(**cfg, use_cache=False),
                                                                                   steering)]
@@ -151,6 +153,8 @@ def test_positions_prompt_or_generated_match_a_hand_computation(tiny_model, posi
             act = act.clone()
             if positions == "prompt":
                 act[:, 1:n] += direction
+            elif positions == "opening":  # the prompt and the first answer tokens, then no more
+                act[:, 1:n + OPENING_TOKENS] += direction
             else:
                 act[:, n:] += direction
             return act
@@ -420,7 +424,7 @@ def check_hf_generation(model, sae, tokens, hf_prompt, strength):
     unsteered_recomputed = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg, use_cache=False)))
     assert batched == recomputed == one_by_one
     assert unsteered == unsteered_recomputed
-    for positions in ("prompt", "generated"):  # each row's own prompt length, under left padding
+    for positions in ("prompt", "generated", "opening"):  # each row's own prompt length, under left padding
         only = Steering(sae, Intervention(7, "add", strength, "absolute"), positions=positions)
         rows = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg), only))
         assert rows == [generate_tokens(model, [p], GenerationConfig(**cfg), only)[0].tolist() for p in prompts]

@@ -28,7 +28,10 @@ Semantics, checked by tests/test_steering.py:
   same tokens); "prompt" only the prompt's positions (the last of them predicts the first
   answer token; with the KV cache the generated tokens then read the edited prompt only
   through attention, as in SAE Lens' steering tutorial); "generated" only the positions of
-  generated tokens (the first answer token is predicted unsteered). `generate_tokens` tells
+  generated tokens (the first answer token is predicted unsteered); "opening" the prompt and the
+  answer's first `OPENING_TOKENS` tokens, then no more: the push sets the answer's topic, and the
+  model goes on from what it has written (a push held over the whole answer makes greedy answers
+  loop). `generate_tokens` tells
   the steering each row's prompt length; in a pass with no prompt length given (e.g.
   `logits_with_edit` on a prompt) every position counts as prompt. In every case **absolute
   position 0 is left alone**, the
@@ -63,9 +66,11 @@ Unit = Literal["max", "absolute", "norm"]
 """What a strength is measured in: multiples of the feature's max activation, raw values, or
 shares of the residual stream's typical norm (the decoded vector's norm)."""
 UNITS: tuple[Unit, ...] = get_args(Unit)
-Positions = Literal["all", "prompt", "generated"]
+Positions = Literal["all", "prompt", "generated", "opening"]
 """Which positions a steering edits (position 0 never)."""
 POSITIONS: tuple[Positions, ...] = get_args(Positions)
+OPENING_TOKENS = 8
+"""Answer tokens steered with positions="opening" (after the prompt)."""
 TokenPredicate = Callable[[Tensor], Tensor]
 """One label's predicate: token ids [batch pos] -> bool [batch pos], true where the label says
 the feature should fire (`analysis.features.labels.label_predicate`)."""
@@ -169,7 +174,7 @@ class Steering:
         self.values = {iv.feature: value(iv) for iv in interventions}
         """Absolute value per feature: the clamp target, the added alpha, or 0 for ablation."""
         self.positions: Positions = positions
-        """Which positions are edited: "all", "prompt" or "generated" (position 0 never)."""
+        """Which positions are edited: "all", "prompt", "generated" or "opening" (position 0 never)."""
         self.residual_norm = residual_norm
         sets = [iv for iv in interventions if iv.mode in ("clamp", "ablate")]
         at_least = [iv for iv in interventions if iv.mode == "clamp_at_least"]
@@ -232,6 +237,10 @@ class Steering:
             raise ValueError(f"a pass of {batch} rows while generating from {len(lengths)} prompts")
         else:
             is_prompt = pos < lengths.to(device)[:, None]  # [batch, pos]
+        if self.positions == "opening":
+            if lengths is None:
+                return steered & is_prompt
+            return steered & (pos < lengths.to(device)[:, None] + OPENING_TOKENS)
         return steered & (is_prompt if self.positions == "prompt" else ~is_prompt)
 
     @contextmanager
@@ -325,5 +334,5 @@ def steer(model: HookedModel, steering: Steering) -> Iterator[Steering]:
 
 
 __all__ = [
-    "MODES", "POSITIONS", "UNITS", "Intervention", "Mode", "Positions", "Steering", "TokenPredicate", "Unit", "check_compatible", "check_features", "steer",
+    "MODES", "OPENING_TOKENS", "POSITIONS", "UNITS", "Intervention", "Mode", "Positions", "Steering", "TokenPredicate", "Unit", "check_compatible", "check_features", "steer",
 ]
