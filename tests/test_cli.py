@@ -76,7 +76,7 @@ def test_a_sweep_makes_one_config_per_architecture_and_swept_value():
 def test_preset_values_fill_flags_the_command_line_left_unset():
     args = cli.parse(["run", "--preset", "chain"])
     assert args.hooks == [f"blocks.{layer}.hook_resid_post" for layer in range(2, 30, 3)]  # a stack spanning the model
-    assert args.input_scaling == "auto" and cli.parse(["run", "--preset", "chain", "--input-scaling", "scalar"]).input_scaling == "scalar"
+    assert cli.parse(["run", "--preset", "chain", "--input-scaling", "auto"]).input_scaling == "auto"
     args = cli.parse(["run", "--preset", "smoke", "--k", "8"])
     [cfg] = sae_configs(args, d_in=16, context_len=32)
     assert (cfg.d_sae, cfg.k) == (cli.PRESETS["smoke"]["d_sae"], 8)
