@@ -139,6 +139,7 @@ def test_whole_graph_scores_are_the_pruned_graphs_when_every_node_is_kept(tiny_b
     assert s["whole_features"] == every.counts()["feature"] == active
     assert 0 < s["replacement"] < 1 and s["replacement_whole"] == pytest.approx(s["replacement"], rel=1e-6)
     assert s["completeness_whole"] == pytest.approx(s["completeness"], rel=1e-6)
+    assert f"whole graph, {active} features" in every.summary()
     small = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(max_feature_nodes=2, **keep_all)).scores
     assert small["whole_features"] == active and small["replacement_whole"] == pytest.approx(s["replacement_whole"], rel=1e-6)
     assert small["replacement"] != pytest.approx(s["replacement"], rel=1e-3)

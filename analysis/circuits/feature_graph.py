@@ -72,7 +72,9 @@ class FeatureGraph:
             f"faithfulness {faithful('faithfulness_graph')} with error nodes recomputed ({'passes' if self.passes else 'fails'} "
             f"|1 - F| <= 0.2); {faithful('faithfulness_graph_frozen')} with them frozen at their clean values; features with no "
             f"error node {faithful('faithfulness_graph_no_errors')}, with every error node {faithful('faithfulness_graph_all_errors')}",
-            f"replacement score {self.scores.get('replacement', float('nan')):.2f}, completeness {self.scores.get('completeness', float('nan')):.2f}",
+            f"replacement score {self.scores.get('replacement', float('nan')):.2f}, completeness {self.scores.get('completeness', float('nan')):.2f}"
+            + (f" (whole graph, {self.scores['whole_features']} features: {self.scores['replacement_whole']:.2f} and "
+               f"{self.scores['completeness_whole']:.2f}, {self.scores['whole_seconds']:.0f} s)" if "replacement_whole" in self.scores else ""),
             f"{checked} distinct edges checked: feature -> feature, upstream ablated: sign agreement {checks.sign_agreement:.0%}, "
             f"rank correlation {checks.correlation:.2f}"]
         return "\n".join(lines)
