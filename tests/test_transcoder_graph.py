@@ -145,6 +145,28 @@ def test_whole_graph_scores_are_the_pruned_graphs_when_every_node_is_kept(tiny_b
     assert small["replacement"] != pytest.approx(s["replacement"], rel=1e-3)
 
 
+def test_edges_do_not_depend_on_how_the_rows_are_batched_and_a_prefix_is_the_full_prompt_cut(tiny_bridge, transcoders):
+    """Direct effects run the replacement per batch only up to its deepest block and over its positions up to the last:
+    one row at a time (each on its own prefix) gives the edges of one batch over the whole prompt."""
+    target = logit_target(tiny_bridge.tokenizer, "q")
+    keep = dict(max_feature_nodes=30, min_node_share=0.0, edge_share=1.0, max_edges=1_000_000, transcoder_ablation="zero")
+    one = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(batch_rows=1, **keep))
+    whole = trace_transcoders(tiny_bridge, transcoders, PROMPT, target, GraphConfig(batch_rows=10_000, **keep))
+    weights = lambda g: {(e.source, e.target): e.direct for e in g.edges}  # noqa: E731
+    assert len(weights(one)) > 20 and weights(one).keys() == weights(whole).keys()
+    for key, value in weights(whole).items():
+        assert weights(one)[key] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    rm = ReplacementModel(tiny_bridge, transcoders)
+    clean = rm.clean_run(tokens_of(tiny_bridge))
+    cut = clean.prefix(clean.n_pos - 1)
+    assert cut.n_pos == clean.n_pos - 1 and clean.prefix(clean.n_pos) is clean
+    with torch.no_grad():
+        full, full_inputs = rm.forward(clean, rm.zero_injections(clean).detach())
+        short, short_inputs = rm.forward(cut, rm.zero_injections(cut).detach())
+    torch.testing.assert_close(short, full[:, :-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short_inputs[-1], full_inputs[-1][:, :-1], atol=1e-5, rtol=1e-5)
+
+
 def test_load_transcoders_and_refusals(tiny_bridge, transcoders, tmp_path):
     for layer, tc in enumerate(transcoders.transcoders):
         tc.save(tmp_path / f"layer_{layer}")

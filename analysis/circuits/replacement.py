@@ -125,6 +125,15 @@ class CleanPrompt:
     def n_pos(self) -> int:
         return len(self.tokens)
 
+    def prefix(self, n: int) -> CleanPrompt:
+        """The same prompt cut to its first `n` positions. The model is causal, so the replacement's values at those
+        positions, and every gradient into them, are the full prompt's: a read at position p < n needs only this."""
+        if n >= self.n_pos:
+            return self
+        return CleanPrompt(self.tokens[:n], self.embed[:n], self.norm_scales[:, :, :n], self.final_scale[:n],
+                           self.patterns[:, :, :n, :n], self.mlp_inputs[:, :n], self.mlp_outputs[:, :n], self.codes[:, :n],
+                           self.errors[:, :n], self.logits[:n])
+
 
 class ReplacementModel:
     """The frozen local replacement of a Llama-family model's prompts by its transcoders (see the module)."""

@@ -143,35 +143,45 @@ def _direct_effects(rm: ReplacementModel, clean: CleanPrompt, base: _Baseline, s
                     target: LogitsTarget, position: int, cfg: GraphConfig) -> Tensor:
     """[n_downstream n_sources] the exact direct effect of each source's term (token, feature or error node) on each
     downstream node (a feature's pre-activation, or the target metric) in the frozen replacement; 0 where the source
-    cannot reach it (not an earlier block, or a later position)."""
+    cannot reach it (not an earlier block, or a later position).
+
+    Downstream nodes go in batches of `cfg.batch_rows`, ordered by block and position, and each batch runs the replacement
+    only up to its deepest block and over only the positions up to its last (the model is causal)."""
     where = [_term(rm, clean, base, n) for n in sources]
     index = torch.tensor([w[0] for w in where])
     positions = torch.tensor([n.position for n in sources])
     terms = torch.stack([w[1] for w in where])  # [n_sources d_model]
     layer_of = torch.tensor([-1 if n.kind == "token" else n.stack_index for n in sources])
+    at_point: dict[tuple[int, int], list[int]] = {}  # the sources entering at each injection point (index, position)
+    for s, (i, p) in enumerate(zip(index.tolist(), positions.tolist())):
+        at_point.setdefault((i, p), []).append(s)
+    points = [(i, p, torch.tensor(members)) for (i, p), members in at_point.items()]
+    depth_of = [rm.n_layers if n.kind == "target" else n.stack_index for n in downstream]
+    order = sorted(range(len(downstream)), key=lambda i: (depth_of[i], downstream[i].position))
     direct = torch.zeros(len(downstream), len(sources))
-    for start in range(0, len(downstream), cfg.batch_rows):
-        batch = downstream[start:start + cfg.batch_rows]
-        injections = rm.zero_injections(clean, len(batch))
-        features = [n for n in batch if n.kind == "feature"]
-        stop = max((n.stack_index for n in features), default=-1) + 1
-        reads_target = any(n.kind == "target" for n in batch)
-        resid, mlp_inputs = rm.forward(clean, injections, live=False, stop=rm.n_layers if reads_target else stop)
+    for start in range(0, len(order), cfg.batch_rows):
+        rows = order[start:start + cfg.batch_rows]
+        batch = [downstream[i] for i in rows]
+        short = clean.prefix(max(n.position for n in batch) + 1)
+        deepest = max(depth_of[i] for i in rows)
+        injections = rm.zero_injections(short, len(batch))
+        resid, mlp_inputs = rm.forward(short, injections, live=False, stop=min(deepest + 1, rm.n_layers))
         values = []
         for b, n in enumerate(batch):
             if n.kind == "target":
-                values.append(_metric(target, rm.logits(clean, resid[b:b + 1]), position)[0])
+                values.append(_metric(target, rm.logits(short, resid[b:b + 1]), n.position)[0])
             else:
                 tc = rm.transcoders.transcoders[n.stack_index]
                 values.append(mlp_inputs[n.stack_index][b, n.position] @ tc.W_enc[:, n.feature])
-        (grads,) = torch.autograd.grad(torch.stack(values).sum(), injections)
-        depth = torch.tensor([rm.n_layers if n.kind == "target" else n.stack_index for n in batch])
+        (grads,) = torch.autograd.grad(torch.stack(values).sum(), injections)  # [batch n_layers + 1 short_pos d_model]
+        depth = torch.tensor([depth_of[i] for i in rows])
         at = torch.tensor([n.position for n in batch])
-        for first in range(0, len(sources), 1024):  # [batch chunk d_model] at a time
-            part = slice(first, first + 1024)
-            effect = (grads[:, index[part], positions[part]] * terms[None, part]).sum(-1).detach().cpu()  # [batch chunk]
-            allowed = (layer_of[None, part] < depth[:, None]) & (positions[None, part] <= at[:, None])
-            direct[start:start + len(batch), part] = torch.where(allowed, effect, torch.zeros_like(effect))
+        effect = torch.zeros(len(batch), len(sources))
+        for i, p, members in points:  # one small product per injection point: [batch d_model] @ [d_model members]
+            if p < short.n_pos and i <= deepest:  # a source at index i is block i - 1's
+                effect[:, members] = (grads[:, i, p] @ terms[members].T).detach().cpu()
+        allowed = (layer_of[None] < depth[:, None]) & (positions[None] <= at[:, None])
+        direct[torch.tensor(rows)] = torch.where(allowed, effect, torch.zeros_like(effect))
     return direct
 
 
