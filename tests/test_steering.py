@@ -132,11 +132,11 @@ def test_residual_norm_is_the_median_norm_past_position_0(tiny_model):
     assert residual_norm(tiny_model, HOOK, batch, batch_size=2) == pytest.approx(float(norms.median()), rel=1e-5)
 
 
-@pytest.mark.parametrize("positions", ["prompt", "generated", "opening"])
+@pytest.mark.parametrize("positions", ["prompt", "generated", "opening", "fading"])
 def test_positions_prompt_or_generated_match_a_hand_computation(tiny_model, positions):
-    """Greedy generation steered at prompt (or generated, or opening) positions only is the argmax, step
-    by step, of a full forward pass whose hook edits exactly those positions."""
-    from analysis.steering.interventions import OPENING_TOKENS
+    """Greedy generation steered at prompt (or generated, opening, fading) positions only is the argmax, step
+    by step, of a full forward pass whose hook edits exactly those positions, by exactly that much."""
+    from analysis.steering.interventions import FADING_HALF_LIFE, OPENING_TOKENS
 
     sae = make_sae()
     direction = sae.W_dec[2].detach() * 6.0
@@ -155,6 +155,10 @@ def test_positions_prompt_or_generated_match_a_hand_computation(tiny_model, posi
                 act[:, 1:n] += direction
             elif positions == "opening":  # the prompt and the first answer tokens, then no more
                 act[:, 1:n + OPENING_TOKENS] += direction
+            elif positions == "fading":  # the prompt in full, answer token t at 0.5 ** (t / half-life)
+                act[:, 1:n] += direction
+                for t in range(act.shape[1] - n):
+                    act[:, n + t] += 0.5 ** (t / FADING_HALF_LIFE) * direction
             else:
                 act[:, n:] += direction
             return act
@@ -167,6 +171,32 @@ def test_positions_prompt_or_generated_match_a_hand_computation(tiny_model, posi
         assert all(a[0] == b[0] for a, b in zip(cached, unsteered))
     assert any(a.tolist() != b.tolist() for a, b in zip(cached, unsteered))
     assert steering.prompt_lengths is None  # only set while generating
+
+
+def test_each_positions_option_edits_each_position_by_its_weight():
+    """The edit at each position of a generation pass, by hand: nothing at position 0; "opening" the prompt and the
+    first OPENING_TOKENS answer tokens in full; "fading" the prompt in full and answer token t at 0.5 ** (t / half-life);
+    clamp_at_least scaled the same way, and never lowering a feature at any weight."""
+    from analysis.steering.interventions import FADING_HALF_LIFE, OPENING_TOKENS
+
+    sae = make_sae()
+    x = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(3))
+    lengths = [4, 7]
+    push = 2.0 * sae.W_dec[2].detach()
+    for positions in ("all", "prompt", "generated", "opening", "fading"):
+        steering = Steering(sae, Intervention(2, "add", 2.0, "absolute"), positions=positions)
+        with steering.generating(lengths):
+            moved = steering(x) - x
+        for row, n in enumerate(lengths):
+            for pos in range(30):
+                t = pos - n  # the answer token's index (negative in the prompt)
+                weight = {"all": 1.0, "prompt": float(t < 0), "generated": float(t >= 0), "opening": float(t < OPENING_TOKENS),
+                          "fading": 0.5 ** (max(t, 0) / FADING_HALF_LIFE)}[positions] * (pos > 0)
+                torch.testing.assert_close(moved[row, pos], weight * push, atol=1e-5, rtol=1e-5)
+    floor = Steering(sae, Intervention(2, "clamp_at_least", 50.0, "absolute"), positions="fading")
+    with floor.generating(lengths):
+        y = floor(x)
+    assert (sae.encode(y)[..., 2] >= sae.encode(x)[..., 2] - 1e-4).all()
 
 
 def test_bad_requests_get_clear_errors(tiny_model):
@@ -424,7 +454,7 @@ def check_hf_generation(model, sae, tokens, hf_prompt, strength):
     unsteered_recomputed = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg, use_cache=False)))
     assert batched == recomputed == one_by_one
     assert unsteered == unsteered_recomputed
-    for positions in ("prompt", "generated", "opening"):  # each row's own prompt length, under left padding
+    for positions in ("prompt", "generated", "opening", "fading"):  # each row's own prompt length, under left padding
         only = Steering(sae, Intervention(7, "add", strength, "absolute"), positions=positions)
         rows = as_lists(generate_tokens(model, prompts, GenerationConfig(**cfg), only))
         assert rows == [generate_tokens(model, [p], GenerationConfig(**cfg), only)[0].tolist() for p in prompts]

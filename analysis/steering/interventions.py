@@ -31,7 +31,9 @@ Semantics, checked by tests/test_steering.py:
   generated tokens (the first answer token is predicted unsteered); "opening" the prompt and the
   answer's first `OPENING_TOKENS` tokens, then no more: the push sets the answer's topic, and the
   model goes on from what it has written (a push held over the whole answer makes greedy answers
-  loop). `generate_tokens` tells
+  loop); "fading" the prompt at full strength and the answer with the push halving every
+  `FADING_HALF_LIFE` tokens (weight 0.5 ** (t / half-life) at answer token t = 0, 1, ...): held
+  long enough to keep the topic, weak by the time greedy answers start to loop. `generate_tokens` tells
   the steering each row's prompt length; in a pass with no prompt length given (e.g.
   `logits_with_edit` on a prompt) every position counts as prompt. In every case **absolute
   position 0 is left alone**, the
@@ -66,11 +68,13 @@ Unit = Literal["max", "absolute", "norm"]
 """What a strength is measured in: multiples of the feature's max activation, raw values, or
 shares of the residual stream's typical norm (the decoded vector's norm)."""
 UNITS: tuple[Unit, ...] = get_args(Unit)
-Positions = Literal["all", "prompt", "generated", "opening"]
+Positions = Literal["all", "prompt", "generated", "opening", "fading"]
 """Which positions a steering edits (position 0 never)."""
 POSITIONS: tuple[Positions, ...] = get_args(Positions)
 OPENING_TOKENS = 8
 """Answer tokens steered with positions="opening" (after the prompt)."""
+FADING_HALF_LIFE = 16.0
+"""Answer tokens over which the push of positions="fading" halves (1 at the first answer token, 0.18 at the 40th)."""
 TokenPredicate = Callable[[Tensor], Tensor]
 """One label's predicate: token ids [batch pos] -> bool [batch pos], true where the label says
 the feature should fire (`analysis.features.labels.label_predicate`)."""
@@ -174,7 +178,7 @@ class Steering:
         self.values = {iv.feature: value(iv) for iv in interventions}
         """Absolute value per feature: the clamp target, the added alpha, or 0 for ablation."""
         self.positions: Positions = positions
-        """Which positions are edited: "all", "prompt", "generated" or "opening" (position 0 never)."""
+        """Which positions are edited: "all", "prompt", "generated", "opening" or "fading" (position 0 never)."""
         self.residual_norm = residual_norm
         sets = [iv for iv in interventions if iv.mode in ("clamp", "ablate")]
         at_least = [iv for iv in interventions if iv.mode == "clamp_at_least"]
@@ -218,18 +222,18 @@ class Steering:
         if len(self._add_ids):
             ids = self._add_ids.to(h.device)
             delta = delta + self._add_values.to(h.device) @ w_dec[ids].float()
-        steered = self._steered_positions(shape[0], shape[1], h.device)  # [batch or 1, pos]
-        return torch.where(steered[..., None], h + delta, h).to(x.dtype).reshape(shape)
+        weight = self._position_weights(shape[0], shape[1], h.device)  # [batch or 1, pos]
+        return (h + weight[..., None] * delta).to(x.dtype).reshape(shape)
 
-    def _steered_positions(self, batch: int, n_pos: int, device: torch.device) -> Tensor:
-        """bool [batch or 1, pos]: which positions of this pass are edited."""
+    def _position_weights(self, batch: int, n_pos: int, device: torch.device) -> Tensor:
+        """float [batch or 1, pos] in [0, 1]: how much of the edit each position of this pass gets (0: untouched)."""
         pos = self.pass_positions
         if pos is None or pos.shape[-1] != n_pos or pos.shape[0] not in (1, batch):
             pos = torch.arange(n_pos, device=device)[None]
         pos = pos.to(device)
         steered = pos > 0
         if self.positions == "all":
-            return steered
+            return steered.float()
         lengths = self.prompt_lengths
         if lengths is None:
             is_prompt = torch.ones_like(steered)
@@ -237,11 +241,12 @@ class Steering:
             raise ValueError(f"a pass of {batch} rows while generating from {len(lengths)} prompts")
         else:
             is_prompt = pos < lengths.to(device)[:, None]  # [batch, pos]
+        if lengths is None or self.positions in ("prompt", "generated"):
+            return (steered & (is_prompt if self.positions != "generated" else ~is_prompt)).float()
+        answer_token = (pos - lengths.to(device)[:, None]).clamp_min(0)  # 0 in the prompt and at the first answer token
         if self.positions == "opening":
-            if lengths is None:
-                return steered & is_prompt
-            return steered & (pos < lengths.to(device)[:, None] + OPENING_TOKENS)
-        return steered & (is_prompt if self.positions == "prompt" else ~is_prompt)
+            return (steered & (answer_token < OPENING_TOKENS)).float()
+        return steered * 0.5 ** (answer_token / FADING_HALF_LIFE)  # fading
 
     @contextmanager
     def generating(self, prompt_lengths: Sequence[int]) -> Iterator[Steering]:
@@ -334,5 +339,5 @@ def steer(model: HookedModel, steering: Steering) -> Iterator[Steering]:
 
 
 __all__ = [
-    "MODES", "OPENING_TOKENS", "POSITIONS", "UNITS", "Intervention", "Mode", "Positions", "Steering", "TokenPredicate", "Unit", "check_compatible", "check_features", "steer",
+    "FADING_HALF_LIFE", "MODES", "OPENING_TOKENS", "POSITIONS", "UNITS", "Intervention", "Mode", "Positions", "Steering", "TokenPredicate", "Unit", "check_compatible", "check_features", "steer",
 ]

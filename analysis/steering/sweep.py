@@ -53,7 +53,8 @@ class SweepConfig:
     """Strengths in multiples of each feature's max activation ("max"), raw ("absolute"), or
     shares of the residual stream's typical norm at the hook ("norm", measured on the prompts)."""
     positions: Positions = "all"
-    """Positions edited: "all", "prompt", "generated" or "opening" (the prompt and the answer's first tokens; position 0 never)."""
+    """Positions edited: "all", "prompt", "generated", "opening" (the prompt and the answer's first tokens) or "fading" (the
+    prompt, then a push halving every `interventions.FADING_HALF_LIFE` answer tokens); position 0 never."""
     threshold: float = 0.25
     """A generation shows the steered features when one exceeds this (in `unit`s) on a generated token."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)

@@ -67,7 +67,8 @@ class ConceptConfig:
     """add | clamp_at_least | clamp (`ConceptMode`)."""
     positions: Positions = "all"
     """Positions steered: "all", "prompt" (the chat template and question), "generated" (the answer's tokens) or "opening"
-    (the prompt and the answer's first `interventions.OPENING_TOKENS` tokens)."""
+    (the prompt and the answer's first `interventions.OPENING_TOKENS` tokens) or "fading" (the prompt at full strength, then
+    a push halving every `interventions.FADING_HALF_LIFE` answer tokens)."""
     doses: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0])
     """Rising ladder of doses tried by the search: x weight x max activation per feature for the
     clamps; for add, the added vector's norm over the residual stream's typical norm."""
