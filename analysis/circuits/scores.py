@@ -42,17 +42,19 @@ def graph_scores(nodes: list[Node], edges: list[Edge]) -> GraphScores:
     return adjacency_scores(adjacency, [n.kind for n in nodes])
 
 
-def adjacency_scores(adjacency: Tensor, kinds: list[str]) -> GraphScores:
+def adjacency_scores(adjacency: Tensor, kinds: list[str], in_place: bool = False) -> GraphScores:
     """The two scores of a graph given as its |direct effect| matrix [downstream upstream] over nodes of `kinds`
-    ("token", "feature", "error", "target"); inputs of tokens and error nodes are ignored (they are sources)."""
+    ("token", "feature", "error", "target"); inputs of tokens and error nodes are ignored (they are sources).
+    Computed in the matrix's own dtype; `in_place` reuses its memory (a whole graph of 30 tokens has about 30,000 nodes:
+    3.6 GB in float32), leaving it as the shares."""
     n = len(kinds)
-    adjacency = adjacency.double().abs().clone()
+    shares = adjacency if in_place else adjacency.clone()
+    shares.abs_()
     sources = torch.tensor([kind in ("token", "error") for kind in kinds])
-    adjacency[sources] = 0
-    totals = adjacency.sum(1, keepdim=True)
-    shares = torch.where(totals > 0, adjacency / totals.clamp_min(1e-300), torch.zeros_like(adjacency))
-    target = torch.tensor([kind == "target" for kind in kinds], dtype=torch.float64)
-    influence, step = torch.zeros(n, dtype=torch.float64), target
+    shares[sources] = 0
+    shares.div_(shares.sum(1, keepdim=True).clamp_min(torch.finfo(shares.dtype).tiny))  # a row with no input stays 0
+    target = torch.tensor([kind == "target" for kind in kinds], dtype=shares.dtype)
+    influence, step = torch.zeros(n, dtype=shares.dtype), target
     for _ in range(n + 1):  # a path visits each node at most once (the graph is acyclic)
         step = step @ shares
         if not bool(step.any()):

@@ -217,9 +217,11 @@ def _whole_graph_scores(rm: ReplacementModel, clean: CleanPrompt, base: _Baselin
     direct = _direct_effects(rm, clean, base, sources, downstream, target, position, cfg)  # [down sources]
     everything = sources + [target_node]
     at = {n.id: k for k, n in enumerate(everything)}
-    adjacency = torch.zeros(len(everything), len(everything), dtype=torch.float64)
-    adjacency[torch.tensor([at[n.id] for n in downstream])[:, None], torch.arange(len(sources))[None]] = direct.abs().double()
-    return adjacency_scores(adjacency, [n.kind for n in everything])
+    adjacency = torch.zeros(len(everything), len(everything))  # float32: 30 tokens make about 30,000 nodes
+    for row, n in enumerate(downstream):
+        adjacency[at[n.id], :len(sources)] = direct[row]
+    del direct
+    return adjacency_scores(adjacency, [n.kind for n in everything], in_place=True)
 
 
 def _keep_masks(rm: ReplacementModel, clean: CleanPrompt, sets: list[list[Candidate]]) -> tuple[Tensor, Tensor]:
