@@ -21,7 +21,8 @@ each concept (`analysis.steering.concept`):
 
 Scores, all under the unsteered model: the concept frequency (share of answers with a lexicon
 word, the request's own words never counted, so an echo of the request scores nothing; the
-share with any lexicon word beside it), the steered features' own re-read frequency, the fair
+share with any lexicon word beside it, and a second verdict from it: steering's answers to neutral prompts
+were not asked for the concept, so the concept's own word is no echo there), the steered features' own re-read frequency, the fair
 perplexity (every condition's answers given the prompt that asks for the concept), the
 perplexity given each condition's own prompt (today's verdict), and the repeated-trigram rate
 (every answer counted; one under 3 tokens counts as 1). A point is within budget when its
@@ -177,14 +178,20 @@ def main() -> None:
         met_own = steer_row is not None and steer_row["within_budget_own_prompt"] and steer_row["ratio"] >= 5
         matches = (steer_row is not None and steer_row["within_budget"] and prompt_row["within_budget"]
                    and steer_row["lexicon_frequency"] >= prompt_row["lexicon_frequency"])
+        # the second defensible echo rule: an answer to a neutral prompt was not asked for the concept, so its every
+        # lexicon word counts (the request's own words included); prompting keeps the strict rule either way
+        any_ratio = (steer_row["lexicon_frequency_any_word"] / max(rows["unsteered"]["lexicon_frequency_any_word"], 1 / n)
+                     if steer_row is not None else 0.0)
+        met_any = steer_row is not None and steer_row["within_budget"] and round(any_ratio, 9) >= 5
         print(f"  {concept}: steering {'reaches' if met else 'does not reach'} 5x within the fair budget "
-              f"(today's verdict: {'reaches' if met_own else 'does not'}); {'matches' if matches else 'does not match'} prompting  "
-              f"[{seconds:.0f} s]")
+              f"(today's verdict: {'reaches' if met_own else 'does not'}; counting the concept's own word in unrequested answers: "
+              f"{'reaches' if met_any else 'does not'}); {'matches' if matches else 'does not match'} prompting  [{seconds:.0f} s]")
         figure = write_dose_response(dose, concept, "share of the residual norm" if steer_cfg.mode == "add" else "x weight x max activation",
                                      args.out / f"dose_{concept}.html")
         summary.append({"concept": concept, "predictors": {name: rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried])
                                                            for name in PREDICTORS}, "search": search.to_dict(), "dose_search": {k: v.to_dict() for k, v in searches.items()},
-                        "way": way_name(choice.way), "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own, "matches_prompting": matches,
+                        "way": way_name(choice.way), "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own,
+                        "meets_5x_any_word": met_any, "matches_prompting": matches,
                         "seconds": seconds, "figure": str(figure)})
         pages.append(_section(concept, lexicon, search, rows, prompts))
 
@@ -199,7 +206,8 @@ def main() -> None:
         print(f"{e['concept']:<10} {e['way']:<26} {e['conditions']['unsteered']['lexicon_frequency']:>9.2f} " + " ".join(f"{c:>24}" for c in cells))
     print(f"concepts reaching >= 5x within the fair budget by steering: {[e['concept'] for e in summary if e['meets_5x']] or 'none'} "
           f"({sum(e['meets_5x'] for e in summary)} of {len(summary)}; today's verdict: "
-          f"{sum(e['meets_5x_todays_verdict'] for e in summary)})")
+          f"{sum(e['meets_5x_todays_verdict'] for e in summary)}; counting the concept's own word in answers to neutral prompts: "
+          f"{sum(e['meets_5x_any_word'] for e in summary)})")
     print(f"concepts where steering matches prompting's frequency, both within budget: "
           f"{[e['concept'] for e in summary if e['matches_prompting']] or 'none'}")
     for name in PREDICTORS:
