@@ -178,11 +178,7 @@ def main() -> None:
         met_own = steer_row is not None and steer_row["within_budget_own_prompt"] and steer_row["ratio"] >= 5
         matches = (steer_row is not None and steer_row["within_budget"] and prompt_row["within_budget"]
                    and steer_row["lexicon_frequency"] >= prompt_row["lexicon_frequency"])
-        # the second defensible echo rule: an answer to a neutral prompt was not asked for the concept, so its every
-        # lexicon word counts (the request's own words included); prompting keeps the strict rule either way
-        any_ratio = (steer_row["lexicon_frequency_any_word"] / max(rows["unsteered"]["lexicon_frequency_any_word"], 1 / n)
-                     if steer_row is not None else 0.0)
-        met_any = steer_row is not None and steer_row["within_budget"] and round(any_ratio, 9) >= 5
+        met_any = steer_row is not None and steer_row["within_budget"] and steer_row["ratio_any_word"] >= 5  # the second echo rule
         print(f"  {concept}: steering {'reaches' if met else 'does not reach'} 5x within the fair budget "
               f"(today's verdict: {'reaches' if met_own else 'does not'}; counting the concept's own word in unrequested answers: "
               f"{'reaches' if met_any else 'does not'}); {'matches' if matches else 'does not match'} prompting  [{seconds:.0f} s]")

@@ -85,6 +85,17 @@ def test_the_echo_rule_an_answer_that_only_repeats_the_request_scores_zero():
         Lexicon("sea", ("sea", "seas")).without_request(request)
 
 
+def test_a_frequency_ratio_counts_a_zero_unsteered_share_as_one_answer():
+    """Both echo rules' ratios use one rule: over the unsteered share, a zero counted as one answer in n (a lower
+    bound), rounded so that 5 answers in 24 over none is exactly 5x."""
+    from analysis.steering.concept.report import _ratio
+
+    assert _ratio(5 / 24, 0.0, 24) == 5.0
+    assert _ratio(0.42, 0.04, 24) == pytest.approx(0.42 / (1 / 24))  # 0.04 < 1/24: still the one-answer floor
+    assert _ratio(0.5, 0.25, 24) == 2.0
+    assert _ratio(0.0, 0.0, 24) == 0.0
+
+
 def test_lexicon_refuses_empty_and_multi_word_entries():
     with pytest.raises(ValueError, match="has no words"):
         Lexicon("x", ("", "  "))

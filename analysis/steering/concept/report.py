@@ -60,6 +60,9 @@ class ConceptPoint:
     """Today's verdict: perplexity given the condition's own prompt and repetition, without the floor."""
     ratio: float
     """lexicon_frequency over the unsteered one (a zero counted as one answer: a lower bound)."""
+    ratio_any_word: float
+    """lexicon_frequency_any_word over the unsteered one, likewise: the second echo rule's ratio. An answer to a
+    neutral prompt was not asked for the concept, so there its own word is no echo."""
     texts: list[str]
 
 
@@ -90,6 +93,12 @@ def _runs(sae: SAE, search: ConceptSearch, neutral: list[Tensor], asked: list[Te
     return runs
 
 
+def _ratio(frequency: float, unsteered: float, n_prompts: int) -> float:
+    """A share of answers over the unsteered one, a zero counted as one answer in `n_prompts` (a lower bound); rounded,
+    so that 5 answers in 24 over 1 is 5x."""
+    return round(frequency / max(unsteered, 1 / n_prompts), 9)
+
+
 @torch.no_grad()
 def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts: Sequence[str], max_activation: Tensor, dose: float | None,
                     cfg: ConceptConfig | None = None, extra: dict[str, ExtraCondition] | None = None) -> list[ConceptPoint]:
@@ -106,7 +115,7 @@ def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts
     points: list[ConceptPoint] = []
     base: Fluency | None = None
     base_own: Fluency | None = None
-    base_frequency = 0.0
+    base_frequency = base_any_word = 0.0
     for name, (tokens, steering, d) in tqdm(runs.items(), desc=f"conditions ({search.concept})", leave=False):
         generated = generate_tokens(model, tokens, cfg.generation, steering)
         texts = [decode(tok, g) for g in generated]
@@ -114,14 +123,15 @@ def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts
         fluency = generation_fluency(model, asked, generated)
         own = fluency if tokens is asked else generation_fluency(model, tokens, generated)
         base, base_own = base or fluency, base_own or own
-        frequency = share(lex.present)
-        base_frequency = frequency if name == "unsteered" else base_frequency
+        frequency, any_word = share(lex.present), share(lexicon_scores(texts, search.lexicon).present)
+        if name == "unsteered":
+            base_frequency, base_any_word = frequency, any_word
         points.append(ConceptPoint(
-            name, d, frequency, share(lexicon_scores(texts, search.lexicon).present), float(lex.rate.mean()),
+            name, d, frequency, any_word, float(lex.rate.mean()),
             share(feature_readout(model, sae, feature_ids, generated, max_activation, threshold=0.25).present),
             fluency.perplexity, own.perplexity, fluency.repetition,
             within_budget(fluency, base, cfg.budget, cfg.repetition_floor), within_budget(own, base_own, cfg.budget),
-            round(frequency / max(base_frequency, 1 / len(prompts)), 9), texts))  # rounded: 5 answers in 24 over 1 is 5x
+            _ratio(frequency, base_frequency, len(prompts)), _ratio(any_word, base_any_word, len(prompts)), texts))
     return points
 
 
