@@ -60,11 +60,28 @@ def trained_saes(out: Path) -> list[Path]:
 
 
 def sae_paths(args: argparse.Namespace) -> list[Path]:
-    """--sae when given, else every SAE the train stage wrote into --out."""
+    """--sae when given, else every SAE the train stage wrote into --out. A folder of several
+    (a stack's stack.json, `saewb transcoders`' transcoders.json) stands for all it lists."""
     given = getattr(args, "sae", None)
     if given:
-        return [Path(p) for p in ([given] if isinstance(given, (str, Path)) else given)]
+        return [p for path in ([given] if isinstance(given, (str, Path)) else given) for p in member_saes(Path(path))]
     return trained_saes(Path(args.out))
+
+
+def member_saes(path: Path) -> list[Path]:
+    """[path] for an SAE folder; the SAEs a stack or transcoder folder lists (in layer order)."""
+    from sae.stack_manifest import STACK_FILE
+    from sae.transcoder import TRANSCODERS_FILE, transcoder_paths
+
+    if (path / "cfg.json").exists() or not path.is_dir():
+        return [path]  # an SAE, or what load_sae will name in its error
+    if (path / STACK_FILE).exists():
+        from .circuits.stack import stack_paths
+
+        return stack_paths(path)
+    if (path / TRANSCODERS_FILE).exists() or (path / "transcoders" / TRANSCODERS_FILE).exists():
+        return list(transcoder_paths(path).values())
+    return [path]
 
 
 def too_small(corpus: CorpusConfig, have: int, need: int, what: str) -> SystemExit:
@@ -74,17 +91,17 @@ def too_small(corpus: CorpusConfig, have: int, need: int, what: str) -> SystemEx
                       "Use a larger corpus (files hold out every 20th document) or name another with --corpus")
 
 
-def heldout_activations(sae: SAE, corpus: CorpusConfig, contexts: int, what: str) -> ActivationStore | None:
+def heldout_activations(sae: SAE, corpus: CorpusConfig, contexts: int, what: str, quiet: bool = False) -> ActivationStore | None:
     """The held-out store harvested beside the SAE's training store for `corpus` (None when there
     is none, e.g. another corpus or an SAE from another tool), with a note when it holds fewer
-    than the `contexts` that `what` reads: the rest then run through the model."""
+    than the `contexts` that `what` reads (unless `quiet`): the rest then run through the model."""
     from dataclasses import asdict
 
     from activations.store import heldout_store
 
     data = sae.training_data or {}
     store = heldout_store(data.get("store"), asdict(corpus), data.get("model"), sae.cfg.hook_name)
-    if store is not None and store.n_contexts < contexts:
+    if store is not None and store.n_contexts < contexts and not quiet:
         logging.getLogger(__name__).warning(f"{what}: the held-out store {store.path} holds {store.n_contexts} of the {contexts} contexts read; the other "
                                             f"{contexts - store.n_contexts} run through the model. To store them all, delete {store.path.parent} and rerun the "
                                             f"harvest with --heldout-tokens {contexts * (corpus.context_len - 1):,}")

@@ -19,8 +19,10 @@ weights, but only the workbench reproduces the k-sparse code.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +36,19 @@ from .topk import TopKConfig, TopKSAE
 TRANSCODERS_FILE = "transcoders.json"
 """What `saewb transcoders` writes beside the transcoders it trained: {"transcoders": {layer: path}} (read by
 `analysis.circuits.replacement.load_transcoders`)."""
+
+
+def transcoder_paths(folder: str | Path) -> dict[int, Path]:
+    """{block: transcoder folder} in block order, from <folder>/transcoders.json (or
+    <folder>/transcoders/transcoders.json); relative entries are relative to that file."""
+    folder = Path(folder)
+    manifest = next((p for p in (folder / TRANSCODERS_FILE, folder / "transcoders" / TRANSCODERS_FILE) if p.exists()), None)
+    if manifest is None:
+        raise FileNotFoundError(f"no {TRANSCODERS_FILE} in {folder} or {folder / 'transcoders'}: train them with "
+                                f"`saewb transcoders --out {folder}`")
+    listed = json.loads(manifest.read_text()).get("transcoders", {})
+    return {int(block): Path(path) if Path(path).is_absolute() else manifest.parent / path
+            for block, path in sorted(listed.items(), key=lambda item: int(item[0]))}
 
 
 @dataclass

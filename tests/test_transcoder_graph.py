@@ -270,3 +270,46 @@ def test_transcoder_means_are_the_held_out_averages_and_are_cached_by_content(ti
     finally:
         with torch.no_grad():
             transcoders.transcoders[0].b_enc.sub_(0.5)
+
+
+def test_analyze_reads_a_transcoder_folder_in_one_held_out_pass_and_the_graph_cards_show_it(tiny_bridge, tiny_llama_dir, transcoders,
+                                                                                             tmp_path, capsys):
+    """`saewb analyze --sae <transcoders>`: every listed transcoder gets its atlas and labels, the held-out rows at all
+    their hooks harvested in one pass (removed after), the same atlas the model's own pass gives; then a transcoder
+    graph's feature cards carry top contexts, logit effects and labels."""
+    from analysis import cli
+    from analysis.circuits.export import feature_cards
+    from analysis.features.atlas import AtlasConfig, build_atlas, load_atlas
+    from analysis.features.cli import split_heldout
+    from sae import load_sae
+    from tests.test_user_corpus import write_user_corpus
+
+    corpus = write_user_corpus(tmp_path / "docs.jsonl", n_docs=800)
+    folder = tmp_path / "tc"
+    for layer, tc in enumerate(transcoders.transcoders):
+        tc.save(folder / f"layer_{layer}")
+        copy = load_sae(folder / f"layer_{layer}")
+        copy.cfg.context_size = 32
+        copy.training_data = {"corpus": {"source": str(corpus), "split": "train", "context_len": 32}, "exclude_bos": True}
+        copy.save(folder / f"layer_{layer}")
+    (folder / "transcoders.json").write_text(json.dumps({"transcoders": {"0": "layer_0", "1": "layer_1"}}))
+    cli.main(["analyze", "--sae", str(folder), "--device", "cpu", "--atlas-tokens", str(31 * 24), "--label-contexts", "16"])
+    printed = capsys.readouterr().out
+    assert "one held-out pass for 2 hooks" in printed and printed.count("labels: ") == 2
+    assert not list(folder.glob("*/heldout_*")) and not list(folder.glob("heldout_*"))  # the pass's store is gone
+    sae = load_sae(folder / "layer_1")
+    atlas = load_atlas(folder / "layer_1" / "atlas")
+    assert atlas.meta["contexts_read_from_store"] == atlas.n_contexts == 24 and (folder / "layer_1" / "atlas" / "labels.json").exists()
+    heldout = CorpusConfig(source=str(corpus), split="heldout", context_len=32)
+    precision = atlas.meta["config"]["autocast"]  # the pass's probe's choice
+    by_model = build_atlas(sae, tiny_bridge, AtlasConfig(n_tokens=31 * 24, corpus=heldout, device="cpu", autocast=precision),
+                           tokens=split_heldout(heldout, tiny_bridge.tokenizer, 31 * 24, 16).atlas)
+    assert by_model.meta["contexts_read_from_store"] == 0
+    torch.testing.assert_close(atlas.max_activation, by_model.max_activation, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(atlas.fire_count, by_model.fire_count)
+
+    graph = trace_transcoders(tiny_bridge, load_transcoders(folder), PROMPT, logit_target(tiny_bridge.tokenizer, "q"),
+                              GraphConfig(max_feature_nodes=10, transcoder_ablation="zero"))
+    cards = feature_cards(graph)
+    assert cards and all(card["examples"] and card["logits"] and "max_activation" in card for card in cards.values())
+    assert any(card["label"] for card in cards.values())

@@ -24,7 +24,6 @@ Supports Llama-family Hugging Face models (SmolLM2, Llama, Qwen2, Mistral) under
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 from activations.hooks import transcoder_hooks
 from activations.model import HookedModel, hf_hooks, hf_model_of, model_mismatch
 from sae import load_sae
-from sae.transcoder import TRANSCODERS_FILE, SkipTranscoder
+from sae.transcoder import TRANSCODERS_FILE, SkipTranscoder, transcoder_paths
 
 
 def _raw(module: nn.Module) -> nn.Module:
@@ -82,17 +81,10 @@ class TranscoderSet:
 
 def load_transcoders(folder: str | Path) -> TranscoderSet:
     """The transcoders listed in <folder>/transcoders.json (or in <folder>/transcoders/transcoders.json)."""
-    folder = Path(folder)
-    manifest = next((p for p in (folder / TRANSCODERS_FILE, folder / "transcoders" / TRANSCODERS_FILE) if p.exists()), None)
-    if manifest is None:
-        raise FileNotFoundError(f"no {TRANSCODERS_FILE} in {folder} or {folder / 'transcoders'}: train them with "
-                                f"`saewb transcoders --out {folder}`")
-    listed = json.loads(manifest.read_text()).get("transcoders", {})
-    layers = sorted(int(layer) for layer in listed)
-    if layers != list(range(len(layers))):
-        raise ValueError(f"{manifest} lists blocks {layers}: a replacement model needs every block from 0")
-    paths = [str(Path(listed[str(layer)]) if Path(listed[str(layer)]).is_absolute() else manifest.parent / listed[str(layer)])
-             for layer in layers]
+    listed = transcoder_paths(folder)
+    if list(listed) != list(range(len(listed))):
+        raise ValueError(f"{folder} lists blocks {list(listed)}: a replacement model needs every block from 0")
+    paths = [str(p) for p in listed.values()]
     return TranscoderSet([load_sae(p) for p in paths], paths)
 
 

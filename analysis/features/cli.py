@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -25,6 +26,7 @@ from sae import load_sae
 from sae.base import SAE
 
 from ..command import add_corpus, heldout_activations, heldout_tokens, sae_paths, too_small
+from ..encoding import first_position
 from .atlas import Atlas, AtlasConfig, build_atlas, load_atlas
 from .labels import LabelConfig, Labels, label_features, load_labels, save_labels, write_coverage_report
 from .labels.score import MIN_SCORE_CONTEXTS
@@ -44,6 +46,8 @@ from .neuronpedia import export_neuronpedia
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from activations.store import ActivationStore
 
 ATLAS_FLAGS = {"n_tokens": "atlas_tokens"}
 """`AtlasConfig` fields that are flags under another name (`--n-tokens` is the harvest's)."""
@@ -154,19 +158,86 @@ def split_heldout(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase, atla
 
 def analyze_saes(args: argparse.Namespace, models: ModelLoader, paths: list[Path], dashboard: bool = False) -> list[Path]:
     """Atlas + labels (+ dashboard) of each SAE in `paths`, written into <sae>/atlas (and
-    <sae>/dashboard); the atlas folders."""
+    <sae>/dashboard); the atlas folders. SAEs with no held-out store of their own share model
+    passes (`shared_heldout`)."""
     llm = explainer(args)  # refuse a bad endpoint before any work
-    return [analyze_one(args, models, path, llm, dashboard) for path in paths]
+    done = []
+    for group, stores in shared_heldout(args, models, paths):
+        done += [analyze_one(args, models, path, llm, dashboard, stores.get(path)) for path in group]
+    return done
 
 
-def analyze_one(args: argparse.Namespace, models: ModelLoader, path: Path, llm: Explainer, dashboard: bool = False) -> Path:
-    """The atlas and labels of the SAE in `path` (and its dashboard); the atlas folder."""
+SHARED_HELDOUT_BYTES = 1_500_000_000
+"""Most bytes of held-out activations (fp32) one shared pass of `shared_heldout` stores on disk."""
+
+
+def shared_heldout(args: argparse.Namespace, models: ModelLoader, paths: list[Path]) -> Iterator[tuple[list[Path], dict[Path, ActivationStore]]]:
+    """The SAEs of `paths` in groups, in order, with {path: held-out store} for some. SAEs with no
+    held-out store of their own (the 30 transcoders of `saewb transcoders`, which train from a
+    stream) that read one model, corpus and first position go in groups of up to
+    `SHARED_HELDOUT_BYTES` of activations: one harvest pass stores the held-out rows that the
+    atlas and label scoring read at all the group's hooks, in a temporary folder beside the first
+    SAE, removed once the group is analysed. Every other SAE is a group of its own, as before:
+    its store, or the model, serves its reads."""
+    def need(path: Path) -> tuple | None:
+        sae = load_sae(path)
+        corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
+        rows = contexts_for_tokens(args.atlas_tokens, corpus.context_len) + args.label_contexts
+        if heldout_activations(sae, corpus, rows, "analyze", quiet=True) is not None:
+            return None
+        first = first_position(sae)
+        one_hook = tokens_in_contexts(rows, corpus.context_len, first) * sae.cfg.d_in * 4
+        if one_hook > SHARED_HELDOUT_BYTES // 2:
+            return None
+        return (sae.cfg.model_name, corpus, first, tokens_in_contexts(rows, corpus.context_len, first)), sae.cfg.hook_name, one_hook
+
+    pending: list[tuple[Path, tuple, str, int]] = []
+    for path in [*paths, None]:
+        needs = need(path) if path is not None else None
+        key = needs[0] if needs else None
+        full = needs is not None and sum(n for *_, n in pending) + needs[2] > SHARED_HELDOUT_BYTES
+        if pending and (key != pending[0][1] or full):
+            yield from _harvested_group(args, models, pending)
+            pending = []
+        if needs is not None:
+            pending.append((path, key, needs[1], needs[2]))
+        elif path is not None:
+            yield [path], {}
+
+
+def _harvested_group(args: argparse.Namespace, models: ModelLoader, pending: list) -> Iterator[tuple[list[Path], dict[Path, ActivationStore]]]:
+    """`shared_heldout`'s group `pending` [(path, key, hook, bytes)] with its stores, harvested in one pass."""
+    import shutil
+    import tempfile
+
+    from activations.harvest import HarvestConfig, harvest
+
+    paths = [path for path, *_ in pending]
+    if len(pending) == 1:
+        yield paths, {}
+        return
+    (model_name, corpus, first, n_tokens), hooks = pending[0][1], list(dict.fromkeys(hook for _, _, hook, _ in pending))
+    folder = Path(tempfile.mkdtemp(prefix="heldout_", dir=paths[0].parent))
+    try:
+        print(f"analyze: one held-out pass for {len(hooks)} hooks ({n_tokens:,} tokens each, {describe(corpus)}) into {folder}")
+        stores = harvest(HarvestConfig(out_dir=str(folder), model=model_name, hooks=hooks, corpus=corpus, n_tokens=n_tokens,
+                                       dtype="float32", exclude_bos=first == 1, device=args.device, up_to=True, compile="no"),
+                         models.get(model_name))
+        yield paths, {path: stores[hook] for path, _, hook, _ in pending}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def analyze_one(args: argparse.Namespace, models: ModelLoader, path: Path, llm: Explainer, dashboard: bool = False,
+                heldout: ActivationStore | None = None) -> Path:
+    """The atlas and labels of the SAE in `path` (and its dashboard); the atlas folder. `heldout`:
+    a store of its held-out activations (default: the one harvested beside its training store)."""
     sae = load_sae(path)
     model = models.get(sae.cfg.model_name)
     corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
     split = split_heldout(corpus, model.tokenizer, args.atlas_tokens, args.label_contexts)
     started = time.perf_counter()
-    heldout = heldout_activations(sae, corpus, len(split.atlas) + len(split.labels), "analyze")
+    heldout = heldout or heldout_activations(sae, corpus, len(split.atlas) + len(split.labels), "analyze")
     atlas = build_atlas(sae, model, AtlasConfig(n_tokens=split.atlas_tokens, corpus=corpus, device=args.device), sae_path=str(path),
                         tokens=split.atlas, heldout=heldout)
     atlas_dir = atlas.save(path / "atlas")
