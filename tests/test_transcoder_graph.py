@@ -308,6 +308,8 @@ def test_analyze_reads_a_transcoder_folder_in_one_held_out_pass_and_the_graph_ca
     torch.testing.assert_close(atlas.max_activation, by_model.max_activation, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(atlas.fire_count, by_model.fire_count)
 
+    with pytest.raises(SystemExit, match="is a transcoder"):  # evaluate reconstructs an SAE's own hook: refused, not misread
+        cli.main(["evaluate", "--sae", str(folder), "--device", "cpu"])
     graph = trace_transcoders(tiny_bridge, load_transcoders(folder), PROMPT, logit_target(tiny_bridge.tokenizer, "q"),
                               GraphConfig(max_feature_nodes=10, transcoder_ablation="zero"))
     cards = feature_cards(graph)

@@ -73,6 +73,10 @@ def _groups(args: argparse.Namespace, models: ModelLoader, paths: list[Path]) ->
     texts: dict[tuple, np.ndarray] = {}  # (model, corpus, contexts wanted) -> the held-out rows
     for path in paths:
         sae = load_sae(path)
+        if getattr(sae.cfg, "hook_name_out", None):
+            raise SystemExit(f"{path} is a transcoder ({sae.cfg.hook_name} -> {sae.cfg.hook_name_out}): evaluate measures SAEs that "
+                             "reconstruct their own hook. A transcoder's FVU is in its training metrics, and what it misses is in "
+                             "its graphs' error nodes (saewb trace --basis transcoder)")
         model = models.get(sae.cfg.model_name)
         corpus = heldout_corpus(sae.training_data, args.corpus, sae.cfg.context_size)
         wanted = eval_contexts(EvalConfig(corpus=corpus, n_tokens=args.eval_tokens, n_ce_contexts=args.ce_contexts))
