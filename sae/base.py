@@ -305,8 +305,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         # SAE Lens TopK checkpoints choose top-k on pre * ||W_dec[i]||: fold the norms in
         norms = state["W_dec"].norm(dim=1)
         state["W_enc"], state["b_enc"], state["W_dec"] = state["W_enc"] * norms, state["b_enc"] * norms, state["W_dec"] / norms[:, None]
-    if not raw.get("apply_b_dec_to_input", True) and state["b_dec"].shape == state["b_enc"].shape[:0] + state["W_enc"].shape[:1]:
-        # other tools' SAEs may skip subtracting b_dec before encoding: fold that into b_enc
+    if (not raw.get("apply_b_dec_to_input", True) and not ARCHITECTURES[cfg.architecture].is_transcoder
+            and state["b_dec"].shape == state["W_enc"].shape[:1]):
+        # other tools' SAEs may skip subtracting b_dec before encoding: fold that into b_enc. Never for a transcoder:
+        # its b_dec is the output's bias, and nothing is subtracted from its input (the shapes agree when d_out == d_in)
         state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
     sae.load_tensors(state)
     if isinstance(meta.get("workbench_training_data"), dict):

@@ -101,6 +101,22 @@ def test_save_load_and_the_sae_lens_layout(tmp_path):
     assert torch.equal(loaded(x), tc(x))
 
 
+def test_a_square_transcoder_loads_as_saved(tmp_path):
+    """d_out == d_in (an MLP's input and output, as in every real model): loading must not fold the output bias b_dec
+    into b_enc, as it does for other tools' SAEs saved with apply_b_dec_to_input False (the shapes would allow it)."""
+    torch.manual_seed(1)
+    tc = SkipTranscoder(SkipTranscoderConfig(d_in=D_IN, d_out=D_IN, d_sae=D_SAE, k=K, hook_name="blocks.1.mlp.hook_in",
+                                             hook_name_out="blocks.1.hook_mlp_out"))
+    with torch.no_grad():
+        for p in (tc.W_enc, tc.b_enc, tc.b_dec, tc.W_skip):
+            p.normal_(0, 0.5)
+        tc.b_dec.add_(3.0)  # a large output bias, as in SmolLM2's late MLPs
+    tc.save(tmp_path / "tc")
+    loaded = load_sae(tmp_path / "tc")
+    x = torch.randn(9, D_IN)
+    assert torch.equal(loaded.b_enc, tc.b_enc) and torch.equal(loaded.encode(x), tc.encode(x)) and torch.equal(loaded(x), tc(x))
+
+
 def test_sae_lens_reads_the_weights(tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     tc = make()
