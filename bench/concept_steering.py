@@ -17,7 +17,10 @@ each concept (`analysis.steering.concept`):
    answers (the report prompts decide nothing);
 3. the 24 report prompts (`NEUTRAL_PROMPTS`, none of them a tuning prompt; chat template,
    greedy, 40 new tokens) are answered unsteered, prompted ("... (In your answer, talk about
-   <concept>.)"), steered at that dose, and prompted and steered.
+   <concept>.)"), steered at that dose, and prompted and steered; and, as a baseline without a
+   dictionary (`--mean-difference`, on by default), steered along the concept's mean-difference
+   direction (DiffMean: the hook's mean activation on the tuning prompts' answers when asked for
+   the concept, less on their unprompted answers), its dose chosen by the same rule.
 
 Scores, all under the unsteered model: the concept frequency (share of answers with a lexicon
 word, the request's own words never counted, so an echo of the request scores nothing; the
@@ -52,6 +55,7 @@ from analysis.steering.concept import (
     MORE_TUNING_PROMPTS,
     TUNING_PROMPTS,
     ConceptConfig,
+    ExtraCondition,
     Lexicon,
     choose_dose,
     choose_way,
@@ -61,6 +65,7 @@ from analysis.steering.concept import (
     way_name,
     write_dose_response,
 )
+from analysis.steering.concept.mean_difference import mean_difference_search
 from analysis.steering.interventions import POSITIONS
 from sae import load_sae
 
@@ -94,6 +99,9 @@ def main() -> None:
                         "steering compared per concept on the tuning prompts (the first also runs the trials). Default: add:all alone; "
                         "choosing among three per concept on 12 tuning prompts did not carry to the report prompts (docs/results.md)")
     p.add_argument("--top-input", action="store_true", help="also steer the search's top input feature alone at its own dose")
+    p.add_argument("--mean-difference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also steer the concept's mean-difference direction (DiffMean: the hook's mean on answers asked for the concept "
+                        "less on unprompted answers, read from the tuning prompts), dose chosen the same way, as a baseline")
     p.add_argument("--dose-prompts", type=int, choices=(12, 24), default=24,
                    help="tuning prompts answered at each dose of the search: 12 (TUNING_PROMPTS, as saewb steer) or 24 (+ MORE_TUNING_PROMPTS)")
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -152,7 +160,15 @@ def main() -> None:
             alone = [replace(top_input, weight=1.0)]
             searches["top input"] = choose_dose(model, sae, search, atlas.max_activation, dose_prompts, steer_cfg, alone, dose.base)
             if searches["top input"].dose is not None:
-                extra["top input feature"] = (alone, searches["top input"].dose)
+                extra["top input feature"] = ExtraCondition(alone, searches["top input"].dose)
+        if args.mean_difference:  # the baseline without a dictionary, chosen the same way on the same tuning prompts
+            direction, direction_search, direction_max = mean_difference_search(model, sae.cfg.hook_name, concept, lexicon, dose_prompts, cfg)
+            direction_cfg = replace(steer_cfg, mode="add")
+            searches["mean difference"] = choose_dose(model, direction, direction_search, direction_max, dose_prompts, direction_cfg,
+                                                      base=dose.base)
+            if searches["mean difference"].dose is not None:
+                extra["mean difference"] = ExtraCondition(direction_search.steered, searches["mean difference"].dose, direction,
+                                                          direction_search.residual_norm, direction_max)
         for name, d in searches.items():
             print(f"  dose search ({name}): base ppl {d.base.perplexity:.2f} rep {d.base.repetition:.3f}; "
                   + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f}, "
@@ -179,6 +195,8 @@ def main() -> None:
         matches = (steer_row is not None and steer_row["within_budget"] and prompt_row["within_budget"]
                    and steer_row["lexicon_frequency"] >= prompt_row["lexicon_frequency"])
         met_any = steer_row is not None and steer_row["within_budget"] and steer_row["ratio_any_word"] >= 5  # the second echo rule
+        direction_row = rows.get("mean difference")
+        direction_met = direction_row is not None and direction_row["within_budget"] and direction_row["ratio"] >= 5
         print(f"  {concept}: steering {'reaches' if met else 'does not reach'} 5x within the fair budget "
               f"(today's verdict: {'reaches' if met_own else 'does not'}; counting the concept's own word in unrequested answers: "
               f"{'reaches' if met_any else 'does not'}); {'matches' if matches else 'does not match'} prompting  [{seconds:.0f} s]")
@@ -187,12 +205,12 @@ def main() -> None:
         summary.append({"concept": concept, "predictors": {name: rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried])
                                                            for name in PREDICTORS}, "search": search.to_dict(), "dose_search": {k: v.to_dict() for k, v in searches.items()},
                         "way": way_name(choice.way), "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own,
-                        "meets_5x_any_word": met_any, "matches_prompting": matches,
+                        "meets_5x_any_word": met_any, "matches_prompting": matches, "mean_difference_meets_5x": direction_met,
                         "seconds": seconds, "figure": str(figure)})
         pages.append(_section(concept, lexicon, search, rows, prompts))
 
     print(f"\nsummary ({n} report prompts; lexicon frequency, its ratio to unsteered, and whether the point is within the 2x fluency budget)")
-    names = ["prompting", "steering", "prompting + steering", "top input feature"]
+    names = ["prompting", "steering", "prompting + steering", "top input feature", "mean difference"]
     print(f"{'concept':<10} {'way':<26} {'unsteered':>9} " + " ".join(f"{s:>24}" for s in names))
     for e in summary:
         cells = []
@@ -204,6 +222,10 @@ def main() -> None:
           f"({sum(e['meets_5x'] for e in summary)} of {len(summary)}; today's verdict: "
           f"{sum(e['meets_5x_todays_verdict'] for e in summary)}; counting the concept's own word in answers to neutral prompts: "
           f"{sum(e['meets_5x_any_word'] for e in summary)})")
+    if args.mean_difference:
+        print(f"concepts reaching >= 5x within the fair budget by the mean-difference direction (no dictionary): "
+              f"{[e['concept'] for e in summary if e['mean_difference_meets_5x']] or 'none'} "
+              f"({sum(e['mean_difference_meets_5x'] for e in summary)} of {len(summary)})")
     print(f"concepts where steering matches prompting's frequency, both within budget: "
           f"{[e['concept'] for e in summary if e['matches_prompting']] or 'none'}")
     for name in PREDICTORS:

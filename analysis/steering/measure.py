@@ -6,7 +6,9 @@
   [batch pos]`;
 * fluency (`generation_fluency`): perplexity of each generation given its prompt, and its
   repetition rate;
-* side effects (`kl_on_text`): KL(unsteered || steered) per token on neutral text.
+* side effects (`kl_on_text`): KL(unsteered || steered) per token on neutral text;
+* what the model holds while it answers (`answer_activations`): a hook's activations on the
+  tokens of its own answers, each read after its prompt.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 
 from activations.corpus import boundary_token_id
 from activations.generation import GenerationConfig, decode, encode_prompts, generate_tokens
-from activations.model import HookedModel, logits_with_edit
+from activations.model import HookedModel, logits_with_edit, run_to_hooks
 from sae.base import SAE
 
 from ..encoding import encode_contexts, first_position
@@ -95,6 +97,22 @@ def feature_stats(sae: SAE, model: HookedModel, tokens: Tensor, batch_size: int 
 
 
 @torch.no_grad()
+@torch.no_grad()
+def answer_activations(model: HookedModel, hook_name: str, prompts: Sequence[str], cfg: GenerationConfig | None = None) -> list[Tensor]:
+    """The model's answers to `prompts` (generated per `cfg`; default greedy chat answers), read
+    back: the activations [n_new, d] at `hook_name` on each answer's tokens, after its own
+    prompt (the prompt's positions left out). An answer that stopped at once gives [0, d]."""
+    cfg = cfg or GenerationConfig(chat=True)
+    device = next(model.parameters()).device
+    tokens = encode_prompts(model.tokenizer, list(prompts), cfg.chat)
+    read = []
+    for prompt, answer in zip(tokens, generate_tokens(model, tokens, cfg)):
+        context = torch.cat([prompt, answer.cpu()])[None].to(device)  # [1, pos]
+        acts = run_to_hooks(model, context, [hook_name])[hook_name]
+        read.append(acts.reshape(1, context.shape[1], -1)[0, len(prompt):].float().cpu())
+    return read
+
+
 def residual_norm(model: HookedModel, hook_name: str, prompts: Sequence[Tensor], batch_size: int = 16) -> float:
     """The residual stream's typical norm at `hook_name`: the median L2 norm of its activation
     [d] over every real position of `prompts` (token ids [len] each) but position 0, the
@@ -257,6 +275,6 @@ def kl_on_text(model: HookedModel, steering: Steering, tokens: Tensor, batch_siz
 
 __all__ = [
     "share",
-    "AnswerFluency", "FeatureReadout", "FeatureStats", "Fluency", "GenerationNLL", "Padded", "SideBySide", "answer_fluency", "compare", "feature_readout", "feature_stats",
+    "AnswerFluency", "FeatureReadout", "FeatureStats", "Fluency", "GenerationNLL", "Padded", "SideBySide", "answer_activations", "answer_fluency", "compare", "feature_readout", "feature_stats",
     "format_side_by_side", "generation_fluency", "generation_nll", "kl_on_text", "residual_norm", "right_pad",
 ]

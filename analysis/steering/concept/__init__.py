@@ -47,7 +47,10 @@ depend on the steered features.
    (`figure.py`). `choose_way` runs the dose
    search for several modes and positions and keeps the one whose dose shows the concept in
    the most tuning answers.
-4. **Report** (`report.py`, `compare_concept`): answers unsteered, prompted, steered and both,
+4. **A baseline without a dictionary** (`mean_difference.py`): the concept's mean-difference
+   direction (DiffMean; the hook's mean on answers asked for the concept less on unprompted
+   answers), steered as a one-latent dictionary through the same dose search and report.
+5. **Report** (`report.py`, `compare_concept`): answers unsteered, prompted, steered and both,
    scored the same way: the concept frequency without the request's words, perplexity given
    the prompt that asks for the concept, and the repetition of every answer.
 """
@@ -56,6 +59,7 @@ from .config import CONCEPT_MODES, MORE_TUNING_PROMPTS, PROMPTING, REQUEST, TUNI
 from .dose import DosePoint, DoseSearch, Way, WayChoice, best_dose, budget_confidence, choose_dose, choose_way, parse_way, search_dose, way_name, within_budget
 from .figure import dose_response_figure, write_dose_response
 from .lexicon import Lexicon, LexiconScores, derive_lexicon, lexicon_scores, neighbour_lexicon
+from .mean_difference import MeanDifference, direction_dictionary, mean_difference, mean_difference_search
 from .report import ConceptPoint, ExtraCondition, compare_concept
 from .scores import SCORES, CandidateInputs, CandidateScore, register
 from .scores.answer_contrast import answer_contrast
@@ -67,6 +71,6 @@ __all__ = [
     "CONCEPT_MODES", "MORE_TUNING_PROMPTS", "ConceptMode", "PROMPTING", "REQUEST", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
     "ConceptPoint", "ConceptSearch", "DosePoint", "DoseSearch", "Way", "WayChoice", "ExtraCondition", "Fluency", "Lexicon", "LexiconScores", "OutputScores",
     "answer_contrast", "best_dose", "budget_confidence", "choose_dose", "choose_way", "parse_way", "way_name", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores", "neighbour_lexicon",
-    "matched_controls", "output_scores", "ranking_table", "register", "search_concept", "search_dose", "within_budget",
+    "MeanDifference", "direction_dictionary", "mean_difference", "mean_difference_search", "matched_controls", "output_scores", "ranking_table", "register", "search_concept", "search_dose", "within_budget",
     "dose_response_figure", "write_dose_response",
 ]

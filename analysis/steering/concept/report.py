@@ -67,10 +67,17 @@ class ConceptPoint:
 
 
 class ExtraCondition(NamedTuple):
-    """A further steered condition of a report: other features at their own dose."""
+    """A further steered condition of a report: other features at their own dose, of the report's
+    SAE or of another dictionary at the same hook (e.g. `mean_difference.direction_dictionary`)."""
 
     features: Sequence[ConceptFeature]
     dose: float
+    sae: SAE | None = None
+    """The dictionary the features belong to (None: the report's SAE)."""
+    residual_norm: float | None = None
+    """The unit of its "add" doses (None: the report's search's)."""
+    max_activation: Tensor | None = None
+    """Its features' max activations [d_sae] (None: the report's)."""
 
 
 class _Run(NamedTuple):
@@ -88,8 +95,11 @@ def _runs(sae: SAE, search: ConceptSearch, neutral: list[Tensor], asked: list[Te
         steering = concept_steering(sae, search.steered, dose, max_activation, cfg, search.residual_norm)
         runs["steering"] = _Run(neutral, steering, dose)
         runs["prompting + steering"] = _Run(asked, steering, dose)
-    for name, (features, extra_dose) in extra.items():
-        runs[name] = _Run(neutral, concept_steering(sae, features, extra_dose, max_activation, cfg, search.residual_norm), extra_dose)
+    for name, condition in extra.items():
+        steering = concept_steering(condition.sae or sae, condition.features, condition.dose,
+                                    max_activation if condition.max_activation is None else condition.max_activation, cfg,
+                                    search.residual_norm if condition.residual_norm is None else condition.residual_norm)
+        runs[name] = _Run(neutral, steering, condition.dose)
     return runs
 
 
@@ -103,7 +113,7 @@ def _ratio(frequency: float, unsteered: float, n_prompts: int) -> float:
 def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts: Sequence[str], max_activation: Tensor, dose: float | None,
                     cfg: ConceptConfig | None = None, extra: dict[str, ExtraCondition] | None = None) -> list[ConceptPoint]:
     """Answers to `prompts` unsteered, prompted (`PROMPTING`), steered with the search's features at
-    `dose`, prompted and steered, and under each `extra` condition (name -> (features, dose)),
+    `dose`, prompted and steered, and under each `extra` condition (name -> `ExtraCondition`),
     all scored the same way under the unsteered model; `max_activation` [d_sae]."""
     cfg = cfg or ConceptConfig()
     tok = model.tokenizer

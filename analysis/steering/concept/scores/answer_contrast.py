@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from activations.generation import GenerationConfig, encode_prompts, generate_tokens
+from activations.generation import GenerationConfig
 from activations.model import HookedModel
 from sae.base import SAE
 
-from ....encoding import encode_contexts
+from ...measure import answer_activations
 from ..config import PROMPTING
 from .base import CandidateInputs, CandidateScore, of_features, register
 
@@ -22,20 +22,17 @@ def answer_contrast(model: HookedModel, sae: SAE, concept: str, prompts: Sequenc
                     generation: GenerationConfig | None = None) -> Tensor:
     """[d_sae] mean activation (x max activation [d_sae]) of every feature on the model's answers
     to `prompts` when each asks for the concept (`PROMPTING`), less on its unprompted answers.
-    Answer tokens only, each read after its own prompt."""
+    Answer tokens only, each read after its own prompt (`measure.answer_activations`)."""
     generation = generation or GenerationConfig(chat=True)
     device = next(model.parameters()).device
     sae = sae.to(device)
     scale = max_activation.clamp_min(1e-12).to(device)
 
     def mean_on_answers(texts: list[str]) -> Tensor:
-        tokens = encode_prompts(model.tokenizer, texts, generation.chat)
         total, count = torch.zeros(sae.cfg.d_sae, device=device), 0
-        for p, g in zip(tokens, generate_tokens(model, tokens, generation)):
-            if len(g):
-                f = encode_contexts(model, sae, torch.cat([p, g.cpu()])[None].to(device)).f[0, len(p):]  # [n_new, d_sae]
-                total += (f / scale).sum(0)
-                count += len(g)
+        for x in answer_activations(model, sae.cfg.hook_name, texts, generation):  # [n_new, d_in] each
+            total += (sae.encode(x.to(device)) / scale).sum(0)
+            count += len(x)
         return (total / max(count, 1)).cpu()
 
     return mean_on_answers([PROMPTING.format(prompt=p, concept=concept) for p in prompts]) - mean_on_answers(list(prompts))
