@@ -60,12 +60,12 @@ from analysis.steering.concept import (
     choose_dose,
     choose_way,
     compare_concept,
+    mean_difference_condition,
     parse_way,
     search_concept,
     way_name,
     write_dose_response,
 )
-from analysis.steering.concept.mean_difference import mean_difference_search
 from analysis.steering.interventions import POSITIONS
 from sae import load_sae
 
@@ -161,14 +161,11 @@ def main() -> None:
             searches["top input"] = choose_dose(model, sae, search, atlas.max_activation, dose_prompts, steer_cfg, alone, dose.base)
             if searches["top input"].dose is not None:
                 extra["top input feature"] = ExtraCondition(alone, searches["top input"].dose)
-        if args.mean_difference:  # the baseline without a dictionary, chosen the same way on the same tuning prompts
-            direction, direction_search, direction_max = mean_difference_search(model, sae.cfg.hook_name, concept, lexicon, dose_prompts, cfg)
-            direction_cfg = replace(steer_cfg, mode="add")
-            searches["mean difference"] = choose_dose(model, direction, direction_search, direction_max, dose_prompts, direction_cfg,
-                                                      base=dose.base)
-            if searches["mean difference"].dose is not None:
-                extra["mean difference"] = ExtraCondition(direction_search.steered, searches["mean difference"].dose, direction,
-                                                          direction_search.residual_norm, direction_max)
+        if args.mean_difference:  # the baseline without a dictionary, its dose chosen the same way on the same tuning prompts
+            searches["mean difference"], condition = mean_difference_condition(model, sae.cfg.hook_name, concept, lexicon, dose_prompts,
+                                                                               steer_cfg, dose.base)
+            if condition is not None:
+                extra["mean difference"] = condition
         for name, d in searches.items():
             print(f"  dose search ({name}): base ppl {d.base.perplexity:.2f} rep {d.base.repetition:.3f}; "
                   + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f}, "

@@ -465,6 +465,15 @@ def test_cli_steer_concept_prints_the_table_and_saves_it(tiny_model, text_corpus
     figure = (tmp_path / "out" / "steer" / "concept_cat.html").read_text()
     assert "dose-response" in figure and "plotly" in figure.lower() and "<script src=" not in figure  # standalone
     assert saved["search"]["lexicon"]["words"] == ["q"]
+    assert "mean_difference_dose_search" not in saved
+    cli.main(argv + ["--mean-difference"])  # the baseline without a dictionary, its dose chosen on the same tuning prompts
+    printed = capsys.readouterr().out
+    assert "mean-difference dose search:" in printed
+    saved = json.loads((tmp_path / "out" / "steer" / "concept_cat.json").read_text())
+    baseline = saved["mean_difference_dose_search"]
+    assert [p["dose"] for p in baseline["points"]] and baseline["base"] == saved["dose_search"]["base"]
+    conditions = [p["condition"] for p in saved["points"]]
+    assert ("mean difference" in conditions) == (baseline["dose"] is not None)
     with pytest.raises(SystemExit, match="not both"):
         cli.main(argv + ["--features", "3"])
     with pytest.raises(SystemExit, match="single words"):

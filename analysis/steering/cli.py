@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from ..features.atlas import Atlas
     from ..features.labels import Labels
-    from .concept import ConceptConfig, ConceptPoint, Lexicon
+    from .concept import ConceptConfig, ConceptPoint, DoseSearch, Lexicon
     from .interventions import TokenPredicate
     from .sweep import SweepConfig, SweepResult
 
@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "concept word's nearest whole words in the model's embedding, printed)")
     p.add_argument("--tuning-prompts", nargs="+", default=None, help="--concept: held-out prompts the features and the dose are chosen on "
                    "(default: analysis.steering.concept.TUNING_PROMPTS, none of them a report prompt)")
+    p.add_argument("--mean-difference", action="store_true", help="--concept: also steer the concept's mean-difference direction "
+                   "(DiffMean, no dictionary: the hook's mean on answers asked for the concept less on unprompted answers, read from "
+                   "the tuning prompts), its dose chosen the same way: the baseline the SAE's features are up against")
     add_flags(p, ConceptConfig, only=("n_features", "n_candidates", "mode", "positions", "doses", "budget", "margin", "confidence"))
     add_flags(p, SweepConfig, only=("mode", "strengths", "unit", "positions", "threshold"))
     add_flags(p, GenerationConfig, only=("max_new_tokens", "temperature", "top_p", "seed", "chat"))
@@ -297,13 +300,19 @@ def _print_concept(points: list[ConceptPoint], prompts: list[str], budget: float
           "the concept (every condition); own prompt: the verdict with perplexity given each condition's own prompt")
 
 
+def _print_dose_search(title: str, found: DoseSearch) -> None:
+    print(f"{title}: (dose: concept share, share of bootstrap resamples within budget) "
+          + ", ".join(f"{p.dose:.2g}{'' if p.within_budget else ' (over)'}: {p.concept_frequency:.2f}, sure {p.confidence:.2f}" for p in found.points)
+          + f" -> {found.dose}")
+
+
 def run_concept(args: argparse.Namespace, models: ModelLoader) -> list[ConceptPoint]:
     """Concept steering toward --concept: the ranked candidates, the dose search and the report,
     saved to <out>/steer/concept_<concept>.json."""
     from activations.io import atomic_write_json
     from sae import load_sae
 
-    from .concept import choose_dose, compare_concept, ranking_table, search_concept, write_dose_response
+    from .concept import choose_dose, compare_concept, mean_difference_condition, ranking_table, search_concept, write_dose_response
 
     sae = load_sae(args.sae)
     given = _concept_inputs(args, sae)
@@ -318,16 +327,21 @@ def run_concept(args: argparse.Namespace, models: ModelLoader) -> list[ConceptPo
     if not search.steered:
         raise SystemExit(f"no feature raises the lexicon's tokens for {args.concept!r}; try other --lexicon words")
     dose = choose_dose(model, sae, search, given.atlas.max_activation, prompts=args.tuning_prompts, cfg=cfg)
-    print("dose search: (dose: concept share, share of bootstrap resamples within budget) "
-          + ", ".join(f"{p.dose:.2g}{'' if p.within_budget else ' (over)'}: {p.concept_frequency:.2f}, sure {p.confidence:.2f}" for p in dose.points)
-          + f" -> {dose.dose}")
+    _print_dose_search("dose search", dose)
+    extra, saved = {}, {}
+    if args.mean_difference:
+        baseline, condition = mean_difference_condition(model, sae.cfg.hook_name, args.concept, search.lexicon, args.tuning_prompts, cfg, dose.base)
+        _print_dose_search("mean-difference dose search", baseline)
+        saved["mean_difference_dose_search"] = baseline.to_dict()
+        if condition is not None:
+            extra["mean difference"] = condition
     prompts = steer_prompts(args)
-    points = compare_concept(model, sae, search, prompts, given.atlas.max_activation, dose.dose, cfg)
+    points = compare_concept(model, sae, search, prompts, given.atlas.max_activation, dose.dose, cfg, extra)
     _print_concept(points, prompts, cfg.budget)
     stem = args.out / "steer" / f"concept_{''.join(ch if ch.isalnum() else '_' for ch in args.concept)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stem.with_suffix(".json"), {"search": search.to_dict(), "config": {"mode": cfg.mode, "positions": cfg.positions},
-                                                  "dose": dose.dose, "dose_search": dose.to_dict(), "points": [asdict(p) for p in points]})
+                                                  "dose": dose.dose, "dose_search": dose.to_dict(), **saved, "points": [asdict(p) for p in points]})
     unit = "share of the residual norm" if cfg.mode == "add" else "x weight x max activation"
     figure = write_dose_response(dose, args.concept, unit, stem.with_suffix(".html"))
     print(f"  {stem.with_suffix('.json')}\n  dose-response figure: {figure}")

@@ -16,6 +16,7 @@ only approximate a direction the model's own answers give directly, but they say
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -27,9 +28,11 @@ from sae import make_config
 from sae.base import SAE
 from sae.standard import StandardSAE
 
-from ..measure import answer_activations, residual_norm
+from ..measure import Fluency, answer_activations, residual_norm
 from .config import PROMPTING, TUNING_PROMPTS, ConceptConfig
+from .dose import DoseSearch, choose_dose
 from .lexicon import Lexicon
+from .report import ExtraCondition
 from .search import ConceptFeature, ConceptSearch
 
 LABEL = "mean difference: answers asked for the concept less unprompted answers"
@@ -107,4 +110,17 @@ def mean_difference_search(model: HookedModel, hook_name: str, concept: str, lex
     return sae, ConceptSearch(concept, lexicon, [latent], norm), torch.tensor([max(difference.max_projection, 1e-6)])
 
 
-__all__ = ["LABEL", "MeanDifference", "direction_dictionary", "mean_difference", "mean_difference_search"]
+def mean_difference_condition(model: HookedModel, hook_name: str, concept: str, lexicon: Lexicon, prompts: Sequence[str] | None = None,
+                              cfg: ConceptConfig | None = None, base: Fluency | None = None) -> tuple[DoseSearch, ExtraCondition | None]:
+    """The mean-difference baseline, ready for a report: its direction read from `prompts` (default
+    `TUNING_PROMPTS`), its dose chosen on them by `choose_dose` with `cfg`'s positions (always
+    "add": a direction is pushed, not clamped), and the report's condition at that dose (None
+    when no dose was within budget). `base`: the unsteered tuning answers' fluency, when measured."""
+    cfg = replace(cfg or ConceptConfig(), mode="add")
+    sae, search, max_activation = mean_difference_search(model, hook_name, concept, lexicon, prompts, cfg)
+    found = choose_dose(model, sae, search, max_activation, prompts, cfg, base=base)
+    condition = None if found.dose is None else ExtraCondition(search.steered, found.dose, sae, search.residual_norm, max_activation)
+    return found, condition
+
+
+__all__ = ["LABEL", "MeanDifference", "direction_dictionary", "mean_difference", "mean_difference_condition", "mean_difference_search"]
