@@ -1,6 +1,8 @@
 """Concept steering against prompting, judged by a lexicon the steered features do not define.
 
-    python bench/concept_steering.py --sae runs/default/sae/<steering SAE> --out runs/bench_concepts
+    python bench/concept_steering.py --sae runs/default/steering/sae/<steering SAE> --out runs/bench_concepts
+    python bench/concept_steering.py --hooks blocks.15.hook_resid_post blocks.23.hook_resid_post --out runs/bench_diffmean
+      (no SAE: the mean-difference baseline alone at each hook)
 
 The concepts and their lexicons (`CONCEPTS` below) were fixed before any measurement. For
 each concept (`analysis.steering.concept`):
@@ -61,6 +63,7 @@ from analysis.steering.concept import (
     choose_way,
     compare_concept,
     mean_difference_condition,
+    mean_difference_search,
     parse_way,
     search_concept,
     way_name,
@@ -89,7 +92,10 @@ def ratio(value: float, base: float, n: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sae", required=True, help="SAE folder with its atlas and labels (saewb analyze)")
+    p.add_argument("--sae", default=None, help="SAE folder with its atlas and labels (saewb analyze); needed unless --hooks is given")
+    p.add_argument("--hooks", nargs="+", default=None,
+                   help="no SAE: only the mean-difference baseline, at each of these hooks (e.g. blocks.15.hook_resid_post), "
+                        "with unsteered and prompted answers, its dose chosen the same way: where the model steers without a dictionary")
     p.add_argument("--concepts", nargs="+", default=list(CONCEPTS), help=f"a subset of {list(CONCEPTS)}")
     p.add_argument("--n-features", type=int, default=ConceptConfig.n_features, help="features steered together")
     p.add_argument("--budget", type=float, default=ConceptConfig.budget, help="fluency budget (x unsteered)")
@@ -114,8 +120,17 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown concept(s) {unknown}: choose from {list(CONCEPTS)}")
 
+    if args.sae is None and not args.hooks:
+        raise SystemExit("give --sae (an SAE with its atlas), or --hooks for the mean-difference baseline alone")
+
     started = time.perf_counter()
     model = load_model(args.model, args.device)
+    prompts = list(NEUTRAL_PROMPTS)
+    dose_prompts = (TUNING_PROMPTS + MORE_TUNING_PROMPTS)[:args.dose_prompts]
+    if set(prompts) & set(dose_prompts):
+        raise SystemExit("the report prompts must be disjoint from the tuning prompts")
+    if args.hooks:
+        return mean_difference_by_hook(args, model, prompts, dose_prompts)
     sae = load_sae(args.sae)
     atlas_dir = Path(args.sae) / "atlas"
     atlas, labels = load_atlas(atlas_dir), load_labels(atlas_dir / "labels.json")
@@ -125,11 +140,7 @@ def main() -> None:
         raise SystemExit(f"--ways: {error}") from None
     cfg = ConceptConfig(n_features=args.n_features, budget=args.budget, margin=args.margin, mode=ways[0][0], positions=ways[0][1])
     cfg.generation.max_new_tokens, cfg.generation.batch_size = args.max_new_tokens, args.batch_size
-    prompts = list(NEUTRAL_PROMPTS)
     n = len(prompts)
-    dose_prompts = (TUNING_PROMPTS + MORE_TUNING_PROMPTS)[:args.dose_prompts]
-    if set(prompts) & set(dose_prompts):
-        raise SystemExit("the report prompts must be disjoint from the tuning prompts")
     print(f"model and atlas: {time.perf_counter() - started:.0f} s")
 
     summary, pages = [], []
@@ -234,6 +245,46 @@ def main() -> None:
     atomic_write_bytes(args.out / "concept_steering.html", _page(pages).encode())
     print(f"{args.out / 'summary.json'}\n{args.out / 'concept_steering.html'}\ntotal {time.perf_counter() - started:.0f} s")
 
+
+
+def mean_difference_by_hook(args, model, prompts: list[str], dose_prompts: list[str]) -> None:
+    """The mean-difference baseline alone at each of `args.hooks`: per concept, its direction and dose
+    from the tuning prompts (`choose_dose`, the first of `--ways`' positions), then unsteered, prompted,
+    steered and prompted + steered answers to the report prompts, judged as the SAE's are."""
+    positions = parse_way(args.ways[0])[1]
+    cfg = ConceptConfig(budget=args.budget, margin=args.margin, mode="add", positions=positions)
+    cfg.generation.max_new_tokens, cfg.generation.batch_size = args.max_new_tokens, args.batch_size
+    table = {}
+    for hook in args.hooks:
+        for concept in args.concepts:
+            t0 = time.perf_counter()
+            lexicon = Lexicon(concept, tuple(CONCEPTS[concept].split()))
+            direction, search, max_activation = mean_difference_search(model, hook, concept, lexicon, dose_prompts, cfg)
+            found = choose_dose(model, direction, search, max_activation, dose_prompts, cfg)
+            rows = {pt.condition: asdict(pt) for pt in compare_concept(model, direction, search, prompts, max_activation, found.dose, cfg)}
+            steered = rows.get("steering")
+            met = steered is not None and steered["within_budget"] and steered["ratio"] >= 5
+            table[(hook, concept)] = {"dose": found.dose, "dose_search": found.to_dict(), "conditions": rows, "meets_5x": met,
+                                      "seconds": time.perf_counter() - t0}
+            print(f"{hook} {concept}: dose {found.dose}; " + "; ".join(
+                f"{name} {r['lexicon_frequency']:.2f} ({r['ratio']:.1f}x, any word {r['lexicon_frequency_any_word']:.2f}, ppl x"
+                f"{r['perplexity'] / rows['unsteered']['perplexity']:.2f}, rep {r['repetition']:.3f}, {'within' if r['within_budget'] else 'over'})"
+                for name, r in rows.items()) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+            if steered is not None:
+                for q, t in list(zip(prompts, steered["texts"]))[:2]:
+                    print(f"    [steering] {q} -> {' '.join(t.split())[:150]}")
+    print(f"\nthe mean-difference direction alone ({positions} positions): concepts reaching >= 5x within the fair budget")
+    for hook in args.hooks:
+        met = [c for c in args.concepts if table[(hook, c)]["meets_5x"]]
+        cells = []
+        for c in args.concepts:
+            r = table[(hook, c)]["conditions"].get("steering")
+            cells.append(f"{c} -" if r is None else f"{c} {r['ratio']:.1f}x{'' if r['within_budget'] else ' over'}")
+        print(f"  {hook}: {len(met)} of {len(args.concepts)} ({', '.join(cells)})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "mean_difference.json", {"args": {k: str(v) for k, v in vars(args).items()},
+                                                         "results": [{"hook": h, "concept": c, **v} for (h, c), v in table.items()]})
+    print(f"{args.out / 'mean_difference.json'}")
 
 
 def _section(concept, lexicon, search, rows, prompts) -> str:
