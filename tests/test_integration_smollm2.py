@@ -27,7 +27,9 @@ def test_harvest_train_evaluate_on_smollm2(smollm2, tmp_path):
                                n_tokens=48_000, batch_size=512, device="cpu"), store)
     sae = load_sae(path)
     result = evaluate(sae, smollm2, EvalConfig(corpus=CorpusConfig(split="heldout"), n_tokens=4096, n_ce_contexts=8))
-    assert result.l0 == pytest.approx(32, abs=0.01)
+    # TopK keeps the k largest pre-activations and ReLUs them: at most k = 32 per token, fewer where the k-th is not
+    # positive (an SAE this young has such tokens: 31.98 on a CPU without AVX-512, where the harvest runs in fp32)
+    assert 31.5 < result.l0 <= 32 + 1e-9
     assert result.fvu < 0.8
     assert result.ce_zero_ablated > result.ce_spliced > result.ce_clean
     assert result.ce_loss_recovered > 0.6, result
