@@ -17,8 +17,8 @@ each concept (`analysis.steering.concept`):
    in the most tuning answers (the smaller of equals), for each steering way of `--ways`
    (mode:positions); `choose_way` keeps the way whose dose shows the concept in the most tuning
    answers (the report prompts decide nothing);
-3. the 24 report prompts (`NEUTRAL_PROMPTS`, none of them a tuning prompt; chat template,
-   greedy, 40 new tokens) are answered unsteered, prompted ("... (In your answer, talk about
+3. the 48 report prompts (`NEUTRAL_PROMPTS` + `MORE_NEUTRAL_PROMPTS`, `--report-prompts`; none of
+   them a tuning prompt; chat template, greedy, 40 new tokens) are answered unsteered, prompted ("... (In your answer, talk about
    <concept>.)"), steered at that dose, and prompted and steered; and, as a baseline without a
    dictionary (`--mean-difference`, on by default), steered along the concept's mean-difference
    direction (DiffMean: the hook's mean activation on the tuning prompts' answers when asked for
@@ -32,7 +32,11 @@ perplexity (every condition's answers given the prompt that asks for the concept
 perplexity given each condition's own prompt (today's verdict), and the repeated-trigram rate
 (every answer counted; one under 3 tokens counts as 1). A point is within budget when its
 fair perplexity and its repetition (from the 0.02 floor) are both <= 2x the unsteered
-answers'. Ratios count a zero unsteered frequency as one answer in 24 (a lower bound). Writes
+answers'. Ratios count a zero unsteered frequency as one answer in n (a lower bound). How surely the
+report prompts decide each verdict is printed beside it ("sure"): the share of paired bootstrap resamples
+of the prompts (each condition's and the unsteered answers drawn by the same prompts) in which the point
+is within budget; and, summed over concepts, the number expected to reach 5x within budget on another
+draw of prompts like these. Writes
 <out>/summary.json, <out>/concept_steering.html (every answer, HTML-escaped) and one
 dose-response figure per concept.
 """
@@ -51,7 +55,7 @@ from activations.io import atomic_write_bytes, atomic_write_json
 from analysis.circuits.interventions import rank_correlation
 from analysis.features.atlas import load_atlas
 from analysis.features.labels import load_labels
-from analysis.steering import NEUTRAL_PROMPTS
+from analysis.steering import MORE_NEUTRAL_PROMPTS, NEUTRAL_PROMPTS
 from analysis.steering.concept import (
     CONCEPT_MODES,
     MORE_TUNING_PROMPTS,
@@ -110,6 +114,9 @@ def main() -> None:
                         "less on unprompted answers, read from the tuning prompts), dose chosen the same way, as a baseline")
     p.add_argument("--dose-prompts", type=int, choices=(12, 24), default=24,
                    help="tuning prompts answered at each dose of the search: 12 (TUNING_PROMPTS, as saewb steer) or 24 (+ MORE_TUNING_PROMPTS)")
+    p.add_argument("--report-prompts", type=int, choices=(24, 48), default=48,
+                   help="report prompts: 24 (NEUTRAL_PROMPTS) or 48 (+ MORE_NEUTRAL_PROMPTS); with 24, one or two looping answers "
+                        "decide the repetition budget's edge")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--model", default="smollm2")
@@ -125,7 +132,7 @@ def main() -> None:
 
     started = time.perf_counter()
     model = load_model(args.model, args.device)
-    prompts = list(NEUTRAL_PROMPTS)
+    prompts = (NEUTRAL_PROMPTS + MORE_NEUTRAL_PROMPTS)[:args.report_prompts]
     dose_prompts = (TUNING_PROMPTS + MORE_TUNING_PROMPTS)[:args.dose_prompts]
     if set(prompts) & set(dose_prompts):
         raise SystemExit("the report prompts must be disjoint from the tuning prompts")
@@ -185,13 +192,13 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         rows = {pt.condition: asdict(pt) for pt in points}
         print(f"  {'condition':<22} {'dose':>5} {'concept':>7} {'x':>5} {'any word':>8} {'feature':>7} {'ppl':>7} {'x':>5} {'rep':>6} {'x':>5}"
-              f"  {'fair':>4}  {'ppl own':>7} {'own':>4}")
+              f"  {'fair':>4} {'sure':>5}  {'ppl own':>7} {'own':>4}")
         b = rows["unsteered"]
         for name, r in rows.items():
             print(f"  {name:<22} {'' if r['dose'] is None else format(r['dose'], '.2g'):>5} {r['lexicon_frequency']:>7.2f} {r['ratio']:>5.1f} "
                   f"{r['lexicon_frequency_any_word']:>8.2f} {r['feature_frequency']:>7.2f} {r['perplexity']:>7.2f} "
                   f"{r['perplexity'] / b['perplexity']:>5.2f} {r['repetition']:>6.3f} {r['repetition'] / max(b['repetition'], 0.02):>5.2f}"
-                  f"  {'yes' if r['within_budget'] else 'no':>4}  {r['perplexity_given_own_prompt']:>7.2f} "
+                  f"  {'yes' if r['within_budget'] else 'no':>4} {r['budget_confidence']:>5.2f}  {r['perplexity_given_own_prompt']:>7.2f} "
                   f"{'yes' if r['within_budget_own_prompt'] else 'no':>4}")
         for name in ("steering", "prompting + steering"):
             if name in rows:
@@ -207,33 +214,41 @@ def main() -> None:
         direction_met = direction_row is not None and direction_row["within_budget"] and direction_row["ratio"] >= 5
         print(f"  {concept}: steering {'reaches' if met else 'does not reach'} 5x within the fair budget "
               f"(today's verdict: {'reaches' if met_own else 'does not'}; counting the concept's own word in unrequested answers: "
-              f"{'reaches' if met_any else 'does not'}); {'matches' if matches else 'does not match'} prompting  [{seconds:.0f} s]")
+              f"{'reaches' if met_any else 'does not'}); {'matches' if matches else 'does not match'} prompting; "
+              f"within budget in {steer_row['budget_confidence'] if steer_row else 0:.2f} and at 5x within budget in "
+              f"{steer_row['confidence_5x'] if steer_row else 0:.2f} of paired resamples of the prompts  [{seconds:.0f} s]")
         figure = write_dose_response(dose, concept, "share of the residual norm" if steer_cfg.mode == "add" else "x weight x max activation",
                                      args.out / f"dose_{concept}.html")
         summary.append({"concept": concept, "predictors": {name: rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried])
                                                            for name in PREDICTORS}, "search": search.to_dict(), "dose_search": {k: v.to_dict() for k, v in searches.items()},
                         "way": way_name(choice.way), "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own,
                         "meets_5x_any_word": met_any, "matches_prompting": matches, "mean_difference_meets_5x": direction_met,
+                        "confidence_5x": steer_row["confidence_5x"] if steer_row else 0.0,
+                        "mean_difference_confidence_5x": direction_row["confidence_5x"] if direction_row else 0.0,
                         "seconds": seconds, "figure": str(figure)})
         pages.append(_section(concept, lexicon, search, rows, prompts))
 
-    print(f"\nsummary ({n} report prompts; lexicon frequency, its ratio to unsteered, and whether the point is within the 2x fluency budget)")
+    print(f"\nsummary ({n} report prompts; lexicon frequency, its ratio to unsteered, whether the point is within the 2x fluency budget, "
+          "and the share of paired resamples of the prompts in which it is)")
     names = ["prompting", "steering", "prompting + steering", "top input feature", "mean difference"]
     print(f"{'concept':<10} {'way':<26} {'unsteered':>9} " + " ".join(f"{s:>24}" for s in names))
     for e in summary:
         cells = []
         for s in names:
             r = e["conditions"].get(s)
-            cells.append("-" if r is None else f"{r['lexicon_frequency']:.2f} ({r['ratio']:.1f}x){'' if r['within_budget'] else ' over'}")
+            cells.append("-" if r is None else f"{r['lexicon_frequency']:.2f} ({r['ratio']:.1f}x){'' if r['within_budget'] else ' over'} "
+                                               f"{r['budget_confidence']:.2f}")
         print(f"{e['concept']:<10} {e['way']:<26} {e['conditions']['unsteered']['lexicon_frequency']:>9.2f} " + " ".join(f"{c:>24}" for c in cells))
     print(f"concepts reaching >= 5x within the fair budget by steering: {[e['concept'] for e in summary if e['meets_5x']] or 'none'} "
           f"({sum(e['meets_5x'] for e in summary)} of {len(summary)}; today's verdict: "
           f"{sum(e['meets_5x_todays_verdict'] for e in summary)}; counting the concept's own word in answers to neutral prompts: "
-          f"{sum(e['meets_5x_any_word'] for e in summary)})")
+          f"{sum(e['meets_5x_any_word'] for e in summary)}); expected on another draw of prompts like these (paired bootstrap): "
+          f"{sum(e['confidence_5x'] for e in summary):.1f} (" + ", ".join(f"{e['concept']} {e['confidence_5x']:.2f}" for e in summary) + ")")
     if args.mean_difference:
         print(f"concepts reaching >= 5x within the fair budget by the mean-difference direction (no dictionary): "
               f"{[e['concept'] for e in summary if e['mean_difference_meets_5x']] or 'none'} "
-              f"({sum(e['mean_difference_meets_5x'] for e in summary)} of {len(summary)})")
+              f"({sum(e['mean_difference_meets_5x'] for e in summary)} of {len(summary)}; expected on another draw: "
+              f"{sum(e['mean_difference_confidence_5x'] for e in summary):.1f})")
     print(f"concepts where steering matches prompting's frequency, both within budget: "
           f"{[e['concept'] for e in summary if e['matches_prompting']] or 'none'}")
     for name in PREDICTORS:

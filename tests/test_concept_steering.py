@@ -208,6 +208,35 @@ def test_choose_way_keeps_the_way_that_shows_the_concept_most_and_never_one_with
         parse_way("add:everywhere")
 
 
+def test_paired_confidence_resamples_prompts_for_both_conditions_alike():
+    from analysis.steering.concept import paired_confidence
+    from analysis.steering.measure import AnswerFluency
+
+    def answers(repetition: list[float], nll_per_token: float = 1.0) -> AnswerFluency:
+        n = len(repetition)
+        return AnswerFluency(torch.full((n,), 20 * nll_per_token), torch.full((n,), 20), torch.tensor(repetition, dtype=torch.float64))
+
+    base = answers([0.05] * 12)
+    none_present, half_present = torch.zeros(12, dtype=torch.bool), torch.arange(12) % 2 == 0
+    same = paired_confidence(base, base, 2.0, 0.02, none_present, none_present)
+    assert same.within_budget == 1.0 and same.meets_ratio == 0.0
+    # One new loop (0.6 where the unsteered answer had 0.05): within 2x as measured (mean 0.0958 <= 0.1), over whenever that
+    # prompt is drawn twice or more: P(at most once in 12 draws of 1/12) = (11/12)^12 + (11/12)^11 = 0.736.
+    one_loop = answers([0.6] + [0.05] * 11)
+    sure = paired_confidence(one_loop, base, 2.0, 0.02, half_present, none_present)
+    assert abs(sure.within_budget - 0.736) < 0.05 and sure.meets_ratio <= sure.within_budget
+    # Paired: the unsteered answers' own loop on the same prompt is no change at all, however often that prompt is drawn.
+    looping_base = answers([0.6] + [0.0] * 11)
+    assert paired_confidence(looping_base, looping_base, 2.0, 0.02).within_budget == 1.0
+    # The ratio: 6 of 12 answers show the concept against none (a zero counted as one answer), 6x as measured; a resample
+    # reaches 5x when it draws 5 or more of the 6: P = 1 - P(Binomial(12, 1/2) <= 4) = 0.806.
+    ratio = paired_confidence(base, base, 2.0, 0.02, half_present, none_present)
+    assert ratio.within_budget == 1.0 and abs(ratio.meets_ratio - 0.806) < 0.05
+    assert paired_confidence(answers([0.05] * 12, nll_per_token=1.0 + math.log(3)), base, 2.0).within_budget == 0.0  # perplexity 3x
+    with pytest.raises(ValueError, match="paired"):
+        paired_confidence(answers([0.05] * 11), base, 2.0)
+
+
 def test_budget_confidence_catches_a_dose_that_passes_only_by_luck_of_the_prompts():
     from analysis.steering.concept import budget_confidence
     from analysis.steering.measure import AnswerFluency
@@ -459,8 +488,9 @@ def test_cli_steer_concept_prints_the_table_and_saves_it(tiny_model, text_corpus
     assert "lexicon (given): q" in printed and "dose search:" in printed and "prompting" in printed
     saved = json.loads((tmp_path / "out" / "steer" / "concept_cat.json").read_text())
     assert [p["condition"] for p in saved["points"]][:2] == ["unsteered", "prompting"]
-    assert {"perplexity", "perplexity_given_own_prompt", "within_budget", "within_budget_own_prompt", "lexicon_frequency_any_word"} \
-        <= set(saved["points"][0])
+    assert {"perplexity", "perplexity_given_own_prompt", "within_budget", "within_budget_own_prompt", "lexicon_frequency_any_word",
+            "budget_confidence", "confidence_5x"} <= set(saved["points"][0])
+    assert saved["points"][0]["budget_confidence"] == 1.0 and saved["points"][0]["confidence_5x"] == 0.0  # unsteered against itself
     assert [p["dose"] for p in saved["dose_search"]["points"]] and saved["dose_search"]["prompting"]["dose"] == 0.0
     figure = (tmp_path / "out" / "steer" / "concept_cat.html").read_text()
     assert "dose-response" in figure and "plotly" in figure.lower() and "<script src=" not in figure  # standalone

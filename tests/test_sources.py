@@ -61,7 +61,7 @@ def test_joined_sources_read_each_part_in_order_with_its_own_split(tmp_path):
 
 
 def test_embedded_chat_corpus_is_whole_conversations_apart_from_the_steering_prompts():
-    from analysis.steering import NEUTRAL_PROMPTS
+    from analysis.steering import MORE_NEUTRAL_PROMPTS, NEUTRAL_PROMPTS
     from analysis.steering.concept import MORE_TUNING_PROMPTS, TUNING_PROMPTS
 
     heldout = list(iter_documents(CorpusConfig(source="chat", split="heldout")))
@@ -69,7 +69,7 @@ def test_embedded_chat_corpus_is_whole_conversations_apart_from_the_steering_pro
     assert len(heldout) + len(train) == 2048 and 0.25 < len(heldout) / 2048 < 0.45 and not set(heldout) & set(train)
     assert all(doc.startswith("<|im_start|>system") and "<|im_start|>user" in doc and "<|im_start|>assistant" in doc for doc in train)
     requests = {doc.split("<|im_start|>user\n")[1].split("<|im_end|>")[0] for doc in train + heldout}
-    assert len(requests) == 2048 and not requests & (set(NEUTRAL_PROMPTS) | set(TUNING_PROMPTS) | set(MORE_TUNING_PROMPTS))
+    assert len(requests) == 2048 and not requests & (set(NEUTRAL_PROMPTS) | set(MORE_NEUTRAL_PROMPTS) | set(TUNING_PROMPTS) | set(MORE_TUNING_PROMPTS))
     assert list(iter_documents(CorpusConfig(source="chat+default", split="heldout")))[: len(heldout)] == heldout
 
 

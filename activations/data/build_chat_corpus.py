@@ -83,12 +83,12 @@ def requests(n: int, seed: int = 0) -> list[str]:
     """`n` distinct user requests, in a fixed order: the open requests, then request forms
     crossed with subjects, drawn without replacement by a seeded generator. None is a
     steering benchmark prompt."""
-    from analysis.steering import NEUTRAL_PROMPTS
+    from analysis.steering import MORE_NEUTRAL_PROMPTS, NEUTRAL_PROMPTS
     from analysis.steering.concept import MORE_TUNING_PROMPTS, TUNING_PROMPTS
 
     crossed = [form.format(s=subject) for form in REQUESTS for subject in SUBJECTS]
     random.Random(seed).shuffle(crossed)
-    reserved = set(NEUTRAL_PROMPTS) | set(TUNING_PROMPTS) | set(MORE_TUNING_PROMPTS)
+    reserved = set(NEUTRAL_PROMPTS) | set(MORE_NEUTRAL_PROMPTS) | set(TUNING_PROMPTS) | set(MORE_TUNING_PROMPTS)
     pool = [r for r in OPEN_REQUESTS + crossed if r not in reserved]
     if n > len(pool):
         raise ValueError(f"only {len(pool)} distinct requests; asked for {n}")

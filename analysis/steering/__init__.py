@@ -43,10 +43,10 @@ from .measure import (
     generation_nll,
     kl_on_text,
 )
-from .sweep import NEUTRAL_PROMPTS, SweepConfig, SweepPoint, SweepResult, score_condition, summarize, sweep, write_sweep
+from .sweep import MORE_NEUTRAL_PROMPTS, NEUTRAL_PROMPTS, SweepConfig, SweepPoint, SweepResult, score_condition, summarize, sweep, write_sweep
 
 __all__ = [
-    "POSITIONS", "Positions", "CausalCheck", "FeatureReadout", "FeatureStats", "Fluency", "GenerationConfig", "Intervention", "MODES", "Mode", "NEUTRAL_PROMPTS",
+    "POSITIONS", "Positions", "CausalCheck", "FeatureReadout", "FeatureStats", "Fluency", "GenerationConfig", "Intervention", "MODES", "Mode", "MORE_NEUTRAL_PROMPTS", "NEUTRAL_PROMPTS",
     "SideBySide", "Steering", "SweepConfig", "SweepPoint", "SweepResult", "TokenPredicate", "UNITS", "Unit", "causal_check",
     "check_compatible", "check_features", "compare", "decode", "encode_prompts", "feature_readout", "feature_stats", "format_side_by_side",
     "generate_tokens", "generation_fluency", "generation_nll", "kl_on_text", "score_condition", "steer", "stop_token_ids", "summarize",

@@ -289,15 +289,16 @@ def _print_concept(points: list[ConceptPoint], prompts: list[str], budget: float
     if "steering" in rows:
         print(format_side_by_side([SideBySide(q, b, s) for q, b, s in zip(prompts, rows["unsteered"].texts, rows["steering"].texts)]))
     print(f"\n{'condition':<22} {'concept freq':>12} {'x':>5} {'any word':>8} {'x':>5} {'feature freq':>12} {'perplexity':>10} {'repetition':>10}  "
-          f"{'within ' + format(budget, 'g') + 'x':>9}  {'own prompt':>10}")
+          f"{'within ' + format(budget, 'g') + 'x':>9} {'sure':>5}  {'own prompt':>10}")
     for p in points:
         print(f"{p.condition:<22} {p.lexicon_frequency:>12.2f} {p.ratio:>5.1f} {p.lexicon_frequency_any_word:>8.2f} {p.ratio_any_word:>5.1f} "
               f"{p.feature_frequency:>12.2f} "
-              f"{p.perplexity:>10.2f} {p.repetition:>10.3f}  {'yes' if p.within_budget else 'no':>9}  "
+              f"{p.perplexity:>10.2f} {p.repetition:>10.3f}  {'yes' if p.within_budget else 'no':>9} {p.budget_confidence:>5.2f}  "
               f"{'yes' if p.within_budget_own_prompt else 'no':>10}")
     print("  concept freq: answers with a lexicon word, the request's words not counted; any word: the request's words counted "
           "too (no echo in an answer to a neutral prompt); perplexity: given the prompt that asks for "
-          "the concept (every condition); own prompt: the verdict with perplexity given each condition's own prompt")
+          "the concept (every condition); sure: the share of paired bootstrap resamples of the prompts within budget; own prompt: "
+          "the verdict with perplexity given each condition's own prompt")
 
 
 def _print_dose_search(title: str, found: DoseSearch) -> None:

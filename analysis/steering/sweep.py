@@ -38,6 +38,19 @@ NEUTRAL_PROMPTS = [
     "Plan a birthday party for a child.", "Why do people keep diaries?", "Describe the room you are in.",
     "What is the best way to start the morning?", "Give advice to a new student.", "Tell me about an interesting job.",
 ]
+MORE_NEUTRAL_PROMPTS = [
+    # Twenty-four more, written before any steering was measured on them, for a report verdict less at the mercy of one
+    # or two looping answers (`bench/concept_steering.py --report-prompts 48`). Like the first, they name none of the
+    # bench's concepts (love, marriage, music, food, sea, Python) and none is a tuning prompt or a chat-corpus request.
+    "Describe a busy train station.", "How do I keep my desk tidy?", "Invent a short tale about a key that opens no door.",
+    "What is the best advice you have ever heard?", "Explain how a clock works.", "Tell me about a famous inventor.",
+    "Write a few lines about the first snow of winter.", "How can I get better at remembering names?", "Describe a quiet library.",
+    "What should I bring to a job interview?", "Give me three reasons to take a walk every day.", "Write a short speech for a school assembly.",
+    "What is interesting about the moon?", "How do I fix a flat tyre on a bike?", "Describe the view from a tall building.",
+    "What makes a good leader?", "Tell me a story about a clever fox.", "How does a rainbow form?",
+    "Write a message to welcome a new colleague.", "What is a good habit to start this year?", "Describe an old house at the end of a street.",
+    "How should I prepare for an exam?", "What do you enjoy about the evening?", "Explain why leaves change colour.",
+]
 
 
 @dataclass
@@ -244,6 +257,6 @@ def steering_report(result: SweepResult, title: str) -> str:
 
 
 __all__ = [
-    "NEUTRAL_PROMPTS", "SweepConfig", "SweepFiles", "SweepPoint", "SweepResult", "score_condition", "steering_report",
+    "MORE_NEUTRAL_PROMPTS", "NEUTRAL_PROMPTS", "SweepConfig", "SweepFiles", "SweepPoint", "SweepResult", "score_condition", "steering_report",
     "steering_sweep_figure", "summarize", "sweep", "write_sweep",
 ]

@@ -56,7 +56,22 @@ depend on the steered features.
 """
 from ..measure import Fluency
 from .config import CONCEPT_MODES, MORE_TUNING_PROMPTS, PROMPTING, REQUEST, TUNING_PROMPTS, ConceptConfig, ConceptMode
-from .dose import DosePoint, DoseSearch, Way, WayChoice, best_dose, budget_confidence, choose_dose, choose_way, parse_way, search_dose, way_name, within_budget
+from .dose import (
+    DosePoint,
+    DoseSearch,
+    VerdictConfidence,
+    Way,
+    WayChoice,
+    best_dose,
+    budget_confidence,
+    choose_dose,
+    choose_way,
+    paired_confidence,
+    parse_way,
+    search_dose,
+    way_name,
+    within_budget,
+)
 from .figure import dose_response_figure, write_dose_response
 from .lexicon import Lexicon, LexiconScores, derive_lexicon, lexicon_scores, neighbour_lexicon
 from .mean_difference import MeanDifference, direction_dictionary, mean_difference, mean_difference_condition, mean_difference_search
@@ -70,7 +85,7 @@ from .search import STEERED_BY, ConceptFeature, ConceptSearch, concept_steering,
 __all__ = [
     "CONCEPT_MODES", "MORE_TUNING_PROMPTS", "ConceptMode", "PROMPTING", "REQUEST", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
     "ConceptPoint", "ConceptSearch", "DosePoint", "DoseSearch", "Way", "WayChoice", "ExtraCondition", "Fluency", "Lexicon", "LexiconScores", "OutputScores",
-    "answer_contrast", "best_dose", "budget_confidence", "choose_dose", "choose_way", "parse_way", "way_name", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores", "neighbour_lexicon",
+    "VerdictConfidence", "answer_contrast", "best_dose", "budget_confidence", "paired_confidence", "choose_dose", "choose_way", "parse_way", "way_name", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores", "neighbour_lexicon",
     "MeanDifference", "direction_dictionary", "mean_difference", "mean_difference_condition", "mean_difference_search", "matched_controls", "output_scores", "ranking_table", "register", "search_concept", "search_dose", "within_budget",
     "dose_response_figure", "write_dose_response",
 ]

@@ -86,13 +86,51 @@ def budget_confidence(steered: AnswerFluency, base: Fluency, budget: float, repe
     below it, near 1. (Resampling the unsteered answers too, paired by prompt, made even doses
     that changed nothing look unsure: repetition comes from a few looping answers, and a ratio
     of two such means swings.)"""
-    n = len(steered.nll)
-    if n == 0:
+    if len(steered.nll) == 0:
         raise ValueError("no steered answers to resample")
-    rows = torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seed))  # [resamples, n]
-    nll, n_tokens = steered.nll.double()[rows].sum(1), steered.n_tokens.double()[rows].sum(1).clamp_min(1)
-    resampled = Fluency((nll / n_tokens).exp(), steered.repetition.double()[rows].mean(1))  # type: ignore[arg-type]  # [resamples] each
-    return share(within_budget(resampled, base, budget, repetition_floor))
+    rows = _resample_rows(len(steered.nll), n_resamples, seed)
+    return share(within_budget(_resampled(steered, rows), base, budget, repetition_floor))
+
+
+def _resample_rows(n: int, n_resamples: int, seed: int) -> Tensor:
+    """Bootstrap rows [resamples, n]: `n` answers drawn with replacement, seeded."""
+    if n == 0:
+        raise ValueError("no answers to resample")
+    return torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _resampled(answers: AnswerFluency, rows: Tensor) -> Fluency:
+    """The aggregate fluency of each resample of `answers` (`rows` [resamples, n]): tensors [resamples]."""
+    nll, n_tokens = answers.nll.double()[rows].sum(1), answers.n_tokens.double()[rows].sum(1).clamp_min(1)
+    return Fluency((nll / n_tokens).exp(), answers.repetition.double()[rows].mean(1))  # type: ignore[arg-type]
+
+
+class VerdictConfidence(NamedTuple):
+    within_budget: float
+    """Share of paired resamples of the prompts in which the condition is within budget of the unsteered answers."""
+    meets_ratio: float
+    """Share in which it is within budget and its concept frequency is at least `min_ratio` x the unsteered one."""
+
+
+def paired_confidence(condition: AnswerFluency, unsteered: AnswerFluency, budget: float, repetition_floor: float = 0.0,
+                      present: Tensor | None = None, unsteered_present: Tensor | None = None, min_ratio: float = 5.0,
+                      n_resamples: int = 1000, seed: int = 0) -> VerdictConfidence:
+    """How surely a report's prompts decide its verdict: the prompts drawn with replacement, the condition's answers and
+    the unsteered ones by the same prompts (paired), and the verdict taken on each resample. `present` [n] and
+    `unsteered_present` [n] (bool: the answer has a lexicon word) give the share that also reaches `min_ratio` x the
+    unsteered concept frequency (a zero counted as one answer in n, as the report's ratio). A verdict decided by one or
+    two looping answers reads near 0.5; the expected number of concepts that pass on prompts like these is the sum of
+    `meets_ratio` over concepts."""
+    n = len(condition.nll)
+    if len(unsteered.nll) != n:
+        raise ValueError(f"paired answers needed: {n} against {len(unsteered.nll)} unsteered")
+    rows = _resample_rows(n, n_resamples, seed)
+    within = within_budget(_resampled(condition, rows), _resampled(unsteered, rows), budget, repetition_floor)
+    if present is None or unsteered_present is None:
+        return VerdictConfidence(share(within), float("nan"))
+    frequency = present.double()[rows].mean(1)
+    base_frequency = unsteered_present.double()[rows].mean(1).clamp_min(1 / n)
+    return VerdictConfidence(share(within), share(within & (frequency / base_frequency >= min_ratio - 1e-9)))
 
 
 def search_dose(measure: Callable[[float], Fluency], base: Fluency, doses: Sequence[float], budget: float = 2.0, refine: int = 2,
@@ -247,5 +285,5 @@ def choose_way(model: HookedModel, sae: SAE, search: ConceptSearch, max_activati
     return WayChoice(tuple(best), tried[way_name(best)], tried)  # type: ignore[arg-type]
 
 
-__all__ = ["DosePoint", "DoseSearch", "Way", "WayChoice", "best_dose", "budget_confidence", "choose_dose", "choose_way", "parse_way", "search_dose", "way_name",
-           "within_budget"]
+__all__ = ["DosePoint", "DoseSearch", "VerdictConfidence", "Way", "WayChoice", "best_dose", "budget_confidence", "choose_dose", "choose_way",
+           "paired_confidence", "parse_way", "search_dose", "way_name", "within_budget"]

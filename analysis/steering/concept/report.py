@@ -10,7 +10,10 @@ unsteered model, and all the same way:
   the repetition of every answer (one too short to judge counts as 1), held to the budget from
   `repetition_floor`;
 * **today's verdict**, beside it: perplexity given each condition's own prompt (steered answers
-  after the neutral prompt), without the repetition floor.
+  after the neutral prompt), without the repetition floor;
+* **how surely the prompts decide it**: the share of paired bootstrap resamples of the prompts in
+  which the fair verdict holds (`dose.paired_confidence`), since one or two looping answers can
+  carry the repetition budget's edge.
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ from activations.model import HookedModel
 from sae.base import SAE
 
 from ..interventions import Steering
-from ..measure import Fluency, feature_readout, generation_fluency, share
+from ..measure import AnswerFluency, Fluency, answer_fluency, feature_readout, generation_fluency, share
 from .config import PROMPTING, REQUEST, ConceptConfig
-from .dose import within_budget
+from .dose import paired_confidence, within_budget
 from .lexicon import lexicon_scores
 from .search import ConceptFeature, ConceptSearch, concept_steering
 
@@ -64,6 +67,11 @@ class ConceptPoint:
     """lexicon_frequency_any_word over the unsteered one, likewise: the second echo rule's ratio. An answer to a
     neutral prompt was not asked for the concept, so there its own word is no echo."""
     texts: list[str]
+    budget_confidence: float = float("nan")
+    """Share of paired bootstrap resamples of the prompts (this condition's and the unsteered answers drawn by the same
+    prompts) in which the fair verdict is within budget (`dose.paired_confidence`)."""
+    confidence_5x: float = float("nan")
+    """Share of those resamples in which it is within budget and at >= 5x the unsteered concept frequency."""
 
 
 class ExtraCondition(NamedTuple):
@@ -125,23 +133,28 @@ def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts
     points: list[ConceptPoint] = []
     base: Fluency | None = None
     base_own: Fluency | None = None
+    base_answers: AnswerFluency | None = None
+    base_present = torch.zeros(0, dtype=torch.bool)
     base_frequency = base_any_word = 0.0
     for name, (tokens, steering, d) in tqdm(runs.items(), desc=f"conditions ({search.concept})", leave=False):
         generated = generate_tokens(model, tokens, cfg.generation, steering)
         texts = [decode(tok, g) for g in generated]
         lex = lexicon_scores(texts, echo_free)
-        fluency = generation_fluency(model, asked, generated)
+        answers = answer_fluency(model, asked, generated)
+        fluency = answers.aggregate()
         own = fluency if tokens is asked else generation_fluency(model, tokens, generated)
-        base, base_own = base or fluency, base_own or own
+        base, base_own, base_answers = base or fluency, base_own or own, base_answers or answers
         frequency, any_word = share(lex.present), share(lexicon_scores(texts, search.lexicon).present)
         if name == "unsteered":
-            base_frequency, base_any_word = frequency, any_word
+            base_frequency, base_any_word, base_present = frequency, any_word, lex.present
+        sure = paired_confidence(answers, base_answers, cfg.budget, cfg.repetition_floor, lex.present, base_present)
         points.append(ConceptPoint(
             name, d, frequency, any_word, float(lex.rate.mean()),
             share(feature_readout(model, sae, feature_ids, generated, max_activation, threshold=0.25).present),
             fluency.perplexity, own.perplexity, fluency.repetition,
             within_budget(fluency, base, cfg.budget, cfg.repetition_floor), within_budget(own, base_own, cfg.budget),
-            _ratio(frequency, base_frequency, len(prompts)), _ratio(any_word, base_any_word, len(prompts)), texts))
+            _ratio(frequency, base_frequency, len(prompts)), _ratio(any_word, base_any_word, len(prompts)), texts,
+            sure.within_budget, sure.meets_ratio))
     return points
 
 
