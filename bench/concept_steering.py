@@ -3,6 +3,9 @@
     python bench/concept_steering.py --sae runs/default/steering/sae/<steering SAE> --out runs/bench_concepts
     python bench/concept_steering.py --hooks blocks.15.hook_resid_post blocks.23.hook_resid_post --out runs/bench_diffmean
       (no SAE: the mean-difference baseline alone at each hook)
+    python bench/concept_steering.py --sae <same SAE> --reuse runs/bench_concepts/summary.json \
+        --report-prompts-file bench/prompts/fresh_report_prompts.txt --out runs/bench_fresh
+      (the features, ways and doses a run chose, steered again on other report prompts: no search)
 
 The concepts and their lexicons (`CONCEPTS` below) were fixed before any measurement. For
 each concept (`analysis.steering.concept`):
@@ -36,7 +39,10 @@ answers'. Ratios count a zero unsteered frequency as one answer in n (a lower bo
 report prompts decide each verdict is printed beside it ("sure"): the share of paired bootstrap resamples
 of the prompts (each condition's and the unsteered answers drawn by the same prompts) in which the point
 is within budget; and, summed over concepts, the number expected to reach 5x within budget on another
-draw of prompts like these. Writes
+draw of prompts like these. A second verdict, "pooled", holds repetition to 2x the unsteered rate of the
+report's and the tuning prompts' unsteered answers together, so one or two loops among the report's own
+unsteered answers do not set the budget (defined after the 48-prompt run; first measured on
+`bench/prompts/fresh_report_prompts.txt`, written before it). Writes
 <out>/summary.json, <out>/concept_steering.html (every answer, HTML-escaped) and one
 dose-response figure per concept.
 """
@@ -44,6 +50,8 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
+import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -61,7 +69,9 @@ from analysis.steering.concept import (
     MORE_TUNING_PROMPTS,
     TUNING_PROMPTS,
     ConceptConfig,
+    ConceptSearch,
     ExtraCondition,
+    Fluency,
     Lexicon,
     choose_dose,
     choose_way,
@@ -117,6 +127,11 @@ def main() -> None:
     p.add_argument("--report-prompts", type=int, choices=(24, 48), default=48,
                    help="report prompts: 24 (NEUTRAL_PROMPTS) or 48 (+ MORE_NEUTRAL_PROMPTS); with 24, one or two looping answers "
                         "decide the repetition budget's edge")
+    p.add_argument("--report-prompts-file", type=Path, default=None,
+                   help="report prompts from this file instead, one per line (none may be a tuning prompt)")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="a summary.json of an earlier run with the same SAE: steer its features, ways and doses again on the report "
+                        "prompts, with no search (the mean difference's direction is read again from the tuning prompts)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--model", default="smollm2")
@@ -133,6 +148,16 @@ def main() -> None:
     started = time.perf_counter()
     model = load_model(args.model, args.device)
     prompts = (NEUTRAL_PROMPTS + MORE_NEUTRAL_PROMPTS)[:args.report_prompts]
+    if args.report_prompts_file is not None:
+        try:
+            prompts = [line.strip() for line in args.report_prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as error:
+            raise SystemExit(f"--report-prompts-file: {error}") from None
+        if not prompts:
+            raise SystemExit(f"--report-prompts-file: {args.report_prompts_file} has no prompts")
+    saved = _saved_choices(args.reuse) if args.reuse is not None else {}
+    if saved and set(args.concepts) - set(saved):
+        raise SystemExit(f"--reuse: {args.reuse} has no choice for {sorted(set(args.concepts) - set(saved))}")
     dose_prompts = (TUNING_PROMPTS + MORE_TUNING_PROMPTS)[:args.dose_prompts]
     if set(prompts) & set(dose_prompts):
         raise SystemExit("the report prompts must be disjoint from the tuning prompts")
@@ -154,51 +179,62 @@ def main() -> None:
     for concept in args.concepts:
         t0 = time.perf_counter()
         lexicon = Lexicon(concept, tuple(CONCEPTS[concept].split()))
-        search = search_concept(concept, model, sae, atlas, labels, lexicon, cfg=cfg)
-        steered = search.steered
-        top_input = search.top_input
-        print(f"\n=== {concept}: {len(search.ranked)} candidates; steered "
-              + ", ".join(f"f{c.feature} (w {c.weight:.2f}, gain {c.concept_gain:+.2f}, input {c.input_score:.1f}, contrast {c.contrast:.3f})"
-                          for c in steered)
-              + f"; top input feature f{top_input.feature} (gain {top_input.concept_gain:+.2f})")
-        for c in steered:
-            print(f"    f{c.feature}: {c.label[:90]}")
-        tried = [c for c in search.ranked if c.trial == c.trial]  # measured (not NaN)
-        print(f"  trials: {len(tried)} candidates steered alone, {sum(c.trial > 0 for c in tried)} showing the concept; "
-              "rank correlation with the trial score: " + ", ".join(f"{name} {rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried]):+.2f}"
-                                                                    for name in PREDICTORS))
-        choice = choose_way(model, sae, search, atlas.max_activation, ways, dose_prompts, cfg=cfg)
-        dose, steer_cfg = choice.dose, choice.config(cfg)
-        print("  ways on the tuning prompts (concept share at the chosen dose): "
-              + ", ".join(f"{name} {'-' if d.chosen is None else f'{d.chosen.concept_frequency:.2f} at {d.dose:.2g}'}"
-                          for name, d in choice.tried.items()) + f" -> {way_name(choice.way)}")
-        searches = {f"concept, {name}": d for name, d in choice.tried.items()}
-        extra = {}
-        if args.top_input:
-            alone = [replace(top_input, weight=1.0)]
-            searches["top input"] = choose_dose(model, sae, search, atlas.max_activation, dose_prompts, steer_cfg, alone, dose.base)
-            if searches["top input"].dose is not None:
-                extra["top input feature"] = ExtraCondition(alone, searches["top input"].dose)
-        if args.mean_difference:  # the baseline without a dictionary, its dose chosen the same way on the same tuning prompts
-            searches["mean difference"], condition = mean_difference_condition(model, sae.cfg.hook_name, concept, lexicon, dose_prompts,
-                                                                               steer_cfg, dose.base)
-            if condition is not None:
-                extra["mean difference"] = condition
-        for name, d in searches.items():
-            print(f"  dose search ({name}): base ppl {d.base.perplexity:.2f} rep {d.base.repetition:.3f}; "
-                  + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f}, "
-                              f"concept {pt.concept_frequency:.2f}, sure {pt.confidence:.2f})" for pt in d.points) + f" -> {d.dose}")
-        points = compare_concept(model, sae, search, prompts, atlas.max_activation, dose.dose, steer_cfg, extra)
+        if concept in saved:  # --reuse: an earlier run's features, way and doses, no search
+            search, steer_cfg, dose_value, base, extra = _reuse(saved[concept], model, sae, dose_prompts, cfg, args.mean_difference)
+            searches, tried, figure = {}, [], None
+            print(f"\n=== {concept}: reused {len(search.steered)} features at dose {dose_value} ({steer_cfg.mode}:{steer_cfg.positions})"
+                  + (f"; mean difference at {extra['mean difference'].dose}" if "mean difference" in extra else ""))
+        else:
+            search = search_concept(concept, model, sae, atlas, labels, lexicon, cfg=cfg)
+            steered = search.steered
+            top_input = search.top_input
+            print(f"\n=== {concept}: {len(search.ranked)} candidates; steered "
+                  + ", ".join(f"f{c.feature} (w {c.weight:.2f}, gain {c.concept_gain:+.2f}, input {c.input_score:.1f}, contrast {c.contrast:.3f})"
+                              for c in steered)
+                  + f"; top input feature f{top_input.feature} (gain {top_input.concept_gain:+.2f})")
+            for c in steered:
+                print(f"    f{c.feature}: {c.label[:90]}")
+            tried = [c for c in search.ranked if c.trial == c.trial]  # measured (not NaN)
+            print(f"  trials: {len(tried)} candidates steered alone, {sum(c.trial > 0 for c in tried)} showing the concept; "
+                  "rank correlation with the trial score: " + ", ".join(f"{name} {rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried]):+.2f}"
+                                                                        for name in PREDICTORS))
+            choice = choose_way(model, sae, search, atlas.max_activation, ways, dose_prompts, cfg=cfg)
+            dose, steer_cfg = choice.dose, choice.config(cfg)
+            print("  ways on the tuning prompts (concept share at the chosen dose): "
+                  + ", ".join(f"{name} {'-' if d.chosen is None else f'{d.chosen.concept_frequency:.2f} at {d.dose:.2g}'}"
+                              for name, d in choice.tried.items()) + f" -> {way_name(choice.way)}")
+            searches = {f"concept, {name}": d for name, d in choice.tried.items()}
+            extra = {}
+            if args.top_input:
+                alone = [replace(top_input, weight=1.0)]
+                searches["top input"] = choose_dose(model, sae, search, atlas.max_activation, dose_prompts, steer_cfg, alone, dose.base)
+                if searches["top input"].dose is not None:
+                    extra["top input feature"] = ExtraCondition(alone, searches["top input"].dose)
+            if args.mean_difference:  # the baseline without a dictionary, its dose chosen the same way on the same tuning prompts
+                searches["mean difference"], condition = mean_difference_condition(model, sae.cfg.hook_name, concept, lexicon, dose_prompts,
+                                                                                   steer_cfg, dose.base)
+                if condition is not None:
+                    extra["mean difference"] = condition
+            for name, d in searches.items():
+                print(f"  dose search ({name}): base ppl {d.base.perplexity:.2f} rep {d.base.repetition:.3f}; "
+                      + ", ".join(f"{pt.dose:.2g}{'' if pt.within_budget else '!'} (ppl {pt.fluency.perplexity:.2f}, rep {pt.fluency.repetition:.3f}, "
+                                  f"concept {pt.concept_frequency:.2f}, sure {pt.confidence:.2f})" for pt in d.points) + f" -> {d.dose}")
+            dose_value, base = dose.dose, dose.base
+            figure = write_dose_response(dose, concept, "share of the residual norm" if steer_cfg.mode == "add" else "x weight x max activation",
+                                         args.out / f"dose_{concept}.html")
+        points = compare_concept(model, sae, search, prompts, atlas.max_activation, dose_value, steer_cfg, extra,
+                                 reference=(base.repetition, len(dose_prompts)))
         seconds = time.perf_counter() - t0
         rows = {pt.condition: asdict(pt) for pt in points}
         print(f"  {'condition':<22} {'dose':>5} {'concept':>7} {'x':>5} {'any word':>8} {'feature':>7} {'ppl':>7} {'x':>5} {'rep':>6} {'x':>5}"
-              f"  {'fair':>4} {'sure':>5}  {'ppl own':>7} {'own':>4}")
+              f"  {'fair':>4} {'sure':>5} {'pooled':>6}  {'ppl own':>7} {'own':>4}")
         b = rows["unsteered"]
         for name, r in rows.items():
             print(f"  {name:<22} {'' if r['dose'] is None else format(r['dose'], '.2g'):>5} {r['lexicon_frequency']:>7.2f} {r['ratio']:>5.1f} "
                   f"{r['lexicon_frequency_any_word']:>8.2f} {r['feature_frequency']:>7.2f} {r['perplexity']:>7.2f} "
                   f"{r['perplexity'] / b['perplexity']:>5.2f} {r['repetition']:>6.3f} {r['repetition'] / max(b['repetition'], 0.02):>5.2f}"
-                  f"  {'yes' if r['within_budget'] else 'no':>4} {r['budget_confidence']:>5.2f}  {r['perplexity_given_own_prompt']:>7.2f} "
+                  f"  {'yes' if r['within_budget'] else 'no':>4} {r['budget_confidence']:>5.2f} {'yes' if r['within_budget_pooled'] else 'no':>6}"
+                  f"  {r['perplexity_given_own_prompt']:>7.2f} "
                   f"{'yes' if r['within_budget_own_prompt'] else 'no':>4}")
         for name in ("steering", "prompting + steering"):
             if name in rows:
@@ -212,20 +248,25 @@ def main() -> None:
         met_any = steer_row is not None and steer_row["within_budget"] and steer_row["ratio_any_word"] >= 5  # the second echo rule
         direction_row = rows.get("mean difference")
         direction_met = direction_row is not None and direction_row["within_budget"] and direction_row["ratio"] >= 5
+        met_pooled = steer_row is not None and steer_row["within_budget_pooled"] and steer_row["ratio"] >= 5  # the second verdict
+        direction_met_pooled = direction_row is not None and direction_row["within_budget_pooled"] and direction_row["ratio"] >= 5
         print(f"  {concept}: steering {'reaches' if met else 'does not reach'} 5x within the fair budget "
               f"(today's verdict: {'reaches' if met_own else 'does not'}; counting the concept's own word in unrequested answers: "
-              f"{'reaches' if met_any else 'does not'}); {'matches' if matches else 'does not match'} prompting; "
+              f"{'reaches' if met_any else 'does not'}; the pooled repetition budget: {'reaches' if met_pooled else 'does not'}); "
+              f"{'matches' if matches else 'does not match'} prompting; "
               f"within budget in {steer_row['budget_confidence'] if steer_row else 0:.2f} and at 5x within budget in "
               f"{steer_row['confidence_5x'] if steer_row else 0:.2f} of paired resamples of the prompts  [{seconds:.0f} s]")
-        figure = write_dose_response(dose, concept, "share of the residual norm" if steer_cfg.mode == "add" else "x weight x max activation",
-                                     args.out / f"dose_{concept}.html")
         summary.append({"concept": concept, "predictors": {name: rank_correlation([c.scores[name] for c in tried], [c.trial for c in tried])
-                                                           for name in PREDICTORS}, "search": search.to_dict(), "dose_search": {k: v.to_dict() for k, v in searches.items()},
-                        "way": way_name(choice.way), "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own,
-                        "meets_5x_any_word": met_any, "matches_prompting": matches, "mean_difference_meets_5x": direction_met,
+                                                           for name in PREDICTORS} if tried else {},
+                        "search": search.to_dict(),
+                        "dose_search": saved[concept]["dose_search"] if concept in saved else {k: v.to_dict() for k, v in searches.items()},
+                        "reused": str(args.reuse) if concept in saved else None,
+                        "way": f"{steer_cfg.mode}:{steer_cfg.positions}", "conditions": rows, "meets_5x": met, "meets_5x_todays_verdict": met_own,
+                        "meets_5x_any_word": met_any, "meets_5x_pooled": met_pooled, "matches_prompting": matches,
+                        "mean_difference_meets_5x": direction_met, "mean_difference_meets_5x_pooled": direction_met_pooled,
                         "confidence_5x": steer_row["confidence_5x"] if steer_row else 0.0,
                         "mean_difference_confidence_5x": direction_row["confidence_5x"] if direction_row else 0.0,
-                        "seconds": seconds, "figure": str(figure)})
+                        "seconds": seconds, "figure": None if figure is None else str(figure)})
         pages.append(_section(concept, lexicon, search, rows, prompts))
 
     print(f"\nsummary ({n} report prompts; lexicon frequency, its ratio to unsteered, whether the point is within the 2x fluency budget, "
@@ -242,17 +283,18 @@ def main() -> None:
     print(f"concepts reaching >= 5x within the fair budget by steering: {[e['concept'] for e in summary if e['meets_5x']] or 'none'} "
           f"({sum(e['meets_5x'] for e in summary)} of {len(summary)}; today's verdict: "
           f"{sum(e['meets_5x_todays_verdict'] for e in summary)}; counting the concept's own word in answers to neutral prompts: "
-          f"{sum(e['meets_5x_any_word'] for e in summary)}); expected on another draw of prompts like these (paired bootstrap): "
+          f"{sum(e['meets_5x_any_word'] for e in summary)}; the pooled repetition budget: {sum(e['meets_5x_pooled'] for e in summary)}); expected on another draw of prompts like these (paired bootstrap): "
           f"{sum(e['confidence_5x'] for e in summary):.1f} (" + ", ".join(f"{e['concept']} {e['confidence_5x']:.2f}" for e in summary) + ")")
     if args.mean_difference:
         print(f"concepts reaching >= 5x within the fair budget by the mean-difference direction (no dictionary): "
               f"{[e['concept'] for e in summary if e['mean_difference_meets_5x']] or 'none'} "
-              f"({sum(e['mean_difference_meets_5x'] for e in summary)} of {len(summary)}; expected on another draw: "
+              f"({sum(e['mean_difference_meets_5x'] for e in summary)} of {len(summary)}; the pooled repetition budget: "
+              f"{sum(e['mean_difference_meets_5x_pooled'] for e in summary)}; expected on another draw: "
               f"{sum(e['mean_difference_confidence_5x'] for e in summary):.1f})")
     print(f"concepts where steering matches prompting's frequency, both within budget: "
           f"{[e['concept'] for e in summary if e['matches_prompting']] or 'none'}")
     for name in PREDICTORS:
-        values = [e["predictors"][name] for e in summary if e["predictors"][name] == e["predictors"][name]]
+        values = [e["predictors"][name] for e in summary if e["predictors"].get(name, math.nan) == e["predictors"].get(name, math.nan)]
         print(f"rank correlation of {name} with the trial score: mean {sum(values) / max(len(values), 1):+.2f} over {len(values)} concepts")
     print("seconds per concept (search, dose search, report): " + ", ".join(f"{e['concept']} {e['seconds']:.0f}" for e in summary))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +302,32 @@ def main() -> None:
     atomic_write_bytes(args.out / "concept_steering.html", _page(pages).encode())
     print(f"{args.out / 'summary.json'}\n{args.out / 'concept_steering.html'}\ntotal {time.perf_counter() - started:.0f} s")
 
+
+
+def _saved_choices(path: Path) -> dict[str, dict]:
+    """An earlier run's summary.json by concept (`--reuse`)."""
+    try:
+        concepts = json.loads(path.read_text(encoding="utf-8"))["concepts"]
+        return {e["concept"]: e for e in concepts if e["search"] and e["conditions"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"--reuse: {path} is not a summary.json of this bench ({error})") from None
+
+
+def _reuse(entry: dict, model, sae, dose_prompts: list[str], cfg: ConceptConfig, with_mean_difference: bool):
+    """The search, steering config, dose and tuning prompts' unsteered fluency of an earlier run's concept (`entry`), and the
+    mean difference's report condition at its saved dose (its direction read again from the tuning prompts: deterministic)."""
+    search = ConceptSearch.from_dict(entry["search"])
+    mode, positions = parse_way(entry["way"])
+    steer_cfg = replace(cfg, mode=mode, positions=positions)
+    chosen = entry["dose_search"][f"concept, {entry['way']}"]
+    base = Fluency(chosen["base"]["perplexity"], chosen["base"]["repetition"])
+    extra = {}
+    direction = entry["conditions"].get("mean difference")
+    if with_mean_difference and direction is not None:
+        dictionary, md_search, max_activation = mean_difference_search(model, sae.cfg.hook_name, search.concept, search.lexicon, dose_prompts,
+                                                                       replace(steer_cfg, mode="add"))
+        extra["mean difference"] = ExtraCondition(md_search.steered, direction["dose"], dictionary, md_search.residual_norm, max_activation)
+    return search, steer_cfg, chosen["dose"], base, extra
 
 
 def mean_difference_by_hook(args, model, prompts: list[str], dose_prompts: list[str]) -> None:

@@ -208,6 +208,20 @@ def test_choose_way_keeps_the_way_that_shows_the_concept_most_and_never_one_with
         parse_way("add:everywhere")
 
 
+def test_a_saved_search_loads_back_as_it_was():
+    import json
+
+    from analysis.steering.concept import ConceptFeature, ConceptSearch, Lexicon
+
+    search = ConceptSearch("sea", Lexicon("sea", ("sea", "ocean"), "neighbours"),
+                           [ConceptFeature(7, {"input_score": 2.5, "trial": float("nan")}, 0.75, weight=0.5, label="tokens \" sea\"", density=0.01),
+                            ConceptFeature(3, {"input_score": 1.0, "trial": 0.0}, 0.25)], residual_norm=12.5)
+    saved = json.loads(json.dumps(search.to_dict()))  # as a bench summary stores it
+    again = ConceptSearch.from_dict(saved)
+    assert json.dumps(again.to_dict()) == json.dumps(search.to_dict())
+    assert [c.feature for c in again.steered] == [7] and again.steered[0].input_score == 2.5 and again.lexicon.source == "neighbours"
+
+
 def test_paired_confidence_resamples_prompts_for_both_conditions_alike():
     from analysis.steering.concept import paired_confidence
     from analysis.steering.measure import AnswerFluency

@@ -9,6 +9,7 @@ from analysis.steering.concept import (
     ConceptConfig,
     ConceptFeature,
     ExtraCondition,
+    Fluency,
     Lexicon,
     answer_contrast,
     choose_dose,
@@ -17,6 +18,7 @@ from analysis.steering.concept import (
     direction_dictionary,
     mean_difference,
     mean_difference_search,
+    within_budget,
 )
 from analysis.steering.measure import answer_activations
 
@@ -85,6 +87,15 @@ def test_the_mean_difference_goes_through_the_same_dose_search_and_report(tiny_m
                               concept_steering(sae, search.steered, dose, max_activation, cfg, search.residual_norm))
     assert points[2].texts == [decode(tiny_model.tokenizer, g) for g in steered]
     assert points[2].texts != points[0].texts  # the push changed the answers
+    assert all(p.within_budget_pooled is None for p in points)  # no reference: no second verdict
+    for reference in [(1.0, 1000), (0.0, 10**6), (0.05, 12)]:  # the unsteered answers to other prompts, pooled with these
+        pooled = compare_concept(tiny_model, main, search, PROMPTS, torch.ones(64), None, cfg, reference=reference)
+        base = pooled[0]
+        repetition = (base.repetition * len(PROMPTS) + reference[0] * reference[1]) / (len(PROMPTS) + reference[1])
+        assert [p.within_budget_pooled for p in pooled] == [
+            within_budget(Fluency(p.perplexity, p.repetition), Fluency(base.perplexity, repetition), cfg.budget, cfg.repetition_floor)
+            for p in pooled]
+        assert [p.within_budget for p in pooled] == [p.within_budget for p in points[:2]]  # the first verdict is unchanged
 
 
 def test_answer_contrast_reads_the_answers_through_the_sae(tiny_model):

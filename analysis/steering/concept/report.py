@@ -72,6 +72,10 @@ class ConceptPoint:
     prompts) in which the fair verdict is within budget (`dose.paired_confidence`)."""
     confidence_5x: float = float("nan")
     """Share of those resamples in which it is within budget and at >= 5x the unsteered concept frequency."""
+    within_budget_pooled: bool | None = None
+    """A second verdict: as `within_budget`, with the repetition budget 2x the unsteered rate pooled over these prompts'
+    unsteered answers and the `reference` ones (other neutral prompts: the tuning prompts'), so that one or two loops
+    in the report's own unsteered answers do not set it. None without a reference."""
 
 
 class ExtraCondition(NamedTuple):
@@ -111,6 +115,13 @@ def _runs(sae: SAE, search: ConceptSearch, neutral: list[Tensor], asked: list[Te
     return runs
 
 
+def _pooled(base: Fluency, n: int, reference_repetition: float, n_reference: int) -> float:
+    """The mean repetition of `n` unsteered answers (`base`) and `n_reference` others (mean `reference_repetition`) together."""
+    if n_reference < 0 or not reference_repetition >= 0:
+        raise ValueError(f"a reference is (mean repetition >= 0, answers >= 0), got ({reference_repetition}, {n_reference})")
+    return (base.repetition * n + reference_repetition * n_reference) / (n + n_reference)
+
+
 def _ratio(frequency: float, unsteered: float, n_prompts: int) -> float:
     """A share of answers over the unsteered one, a zero counted as one answer in `n_prompts` (a lower bound); rounded,
     so that 5 answers in 24 over 1 is 5x."""
@@ -119,10 +130,14 @@ def _ratio(frequency: float, unsteered: float, n_prompts: int) -> float:
 
 @torch.no_grad()
 def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts: Sequence[str], max_activation: Tensor, dose: float | None,
-                    cfg: ConceptConfig | None = None, extra: dict[str, ExtraCondition] | None = None) -> list[ConceptPoint]:
+                    cfg: ConceptConfig | None = None, extra: dict[str, ExtraCondition] | None = None,
+                    reference: tuple[float, int] | None = None) -> list[ConceptPoint]:
     """Answers to `prompts` unsteered, prompted (`PROMPTING`), steered with the search's features at
     `dose`, prompted and steered, and under each `extra` condition (name -> `ExtraCondition`),
-    all scored the same way under the unsteered model; `max_activation` [d_sae]."""
+    all scored the same way under the unsteered model; `max_activation` [d_sae]. `reference`: (mean
+    repetition, number) of unsteered answers to other neutral prompts (e.g. the dose search's
+    `DoseSearch.base.repetition` and its prompt count), pooled with these prompts' unsteered answers
+    for the second verdict, `ConceptPoint.within_budget_pooled`."""
     cfg = cfg or ConceptConfig()
     tok = model.tokenizer
     neutral = encode_prompts(tok, list(prompts), cfg.generation.chat)
@@ -148,13 +163,15 @@ def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts
         if name == "unsteered":
             base_frequency, base_any_word, base_present = frequency, any_word, lex.present
         sure = paired_confidence(answers, base_answers, cfg.budget, cfg.repetition_floor, lex.present, base_present)
+        pooled = None if reference is None else within_budget(fluency, base._replace(repetition=_pooled(base, len(prompts), *reference)),
+                                                              cfg.budget, cfg.repetition_floor)
         points.append(ConceptPoint(
             name, d, frequency, any_word, float(lex.rate.mean()),
             share(feature_readout(model, sae, feature_ids, generated, max_activation, threshold=0.25).present),
             fluency.perplexity, own.perplexity, fluency.repetition,
             within_budget(fluency, base, cfg.budget, cfg.repetition_floor), within_budget(own, base_own, cfg.budget),
             _ratio(frequency, base_frequency, len(prompts)), _ratio(any_word, base_any_word, len(prompts)), texts,
-            sure.within_budget, sure.meets_ratio))
+            sure.within_budget, sure.meets_ratio, pooled))
     return points
 
 

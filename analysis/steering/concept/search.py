@@ -59,6 +59,13 @@ class ConceptFeature:
         return {"feature": self.feature, **self.scores, "combined": self.combined, "weight": self.weight, "label": self.label,
                 "density": self.density}
 
+    @classmethod
+    def from_dict(cls, row: dict) -> ConceptFeature:
+        """The inverse of `to_dict` (a saved search, e.g. a bench summary's)."""
+        fields = {"feature", "combined", "weight", "label", "density"}
+        return cls(int(row["feature"]), {k: float(v) for k, v in row.items() if k not in fields}, float(row["combined"]),
+                   float(row.get("weight", 0.0)), str(row.get("label", "")), float(row.get("density", 0.0)))
+
 
 @dataclass
 class ConceptSearch:
@@ -81,6 +88,12 @@ class ConceptSearch:
     def to_dict(self) -> dict:
         return {"concept": self.concept, "lexicon": {"words": list(self.lexicon.words), "source": self.lexicon.source},
                 "residual_norm": self.residual_norm, "ranked": [c.to_dict() for c in self.ranked]}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ConceptSearch:
+        """The inverse of `to_dict`: a saved search, to steer its features again (e.g. on other report prompts)."""
+        lexicon = Lexicon(saved["concept"], tuple(saved["lexicon"]["words"]), saved["lexicon"].get("source", "given"))
+        return cls(saved["concept"], lexicon, [ConceptFeature.from_dict(row) for row in saved["ranked"]], float(saved["residual_norm"]))
 
 
 def _best(score: Tensor, usable: Tensor, n: int) -> Tensor:
