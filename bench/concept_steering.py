@@ -243,8 +243,9 @@ def main() -> None:
         steer_row, prompt_row = rows.get("steering"), rows["prompting"]
         met = steer_row is not None and steer_row["within_budget"] and steer_row["ratio"] >= 5
         met_own = steer_row is not None and steer_row["within_budget_own_prompt"] and steer_row["ratio"] >= 5
-        matches = (steer_row is not None and steer_row["within_budget"] and prompt_row["within_budget"]
-                   and steer_row["lexicon_frequency"] >= prompt_row["lexicon_frequency"])
+        matches = (steer_row is not None and steer_row["within_budget"] and prompt_row["within_budget"]  # at zero, nothing is matched
+                   and steer_row["lexicon_frequency"] >= prompt_row["lexicon_frequency"]
+                   and steer_row["lexicon_frequency"] > rows["unsteered"]["lexicon_frequency"])
         met_any = steer_row is not None and steer_row["within_budget"] and steer_row["ratio_any_word"] >= 5  # the second echo rule
         direction_row = rows.get("mean difference")
         direction_met = direction_row is not None and direction_row["within_budget"] and direction_row["ratio"] >= 5
@@ -295,6 +296,8 @@ def main() -> None:
           f"{[e['concept'] for e in summary if e['matches_prompting']] or 'none'}")
     for name in PREDICTORS:
         values = [e["predictors"][name] for e in summary if e["predictors"].get(name, math.nan) == e["predictors"].get(name, math.nan)]
+        if not values:  # --reuse: no search, no trials
+            continue
         print(f"rank correlation of {name} with the trial score: mean {sum(values) / max(len(values), 1):+.2f} over {len(values)} concepts")
     print("seconds per concept (search, dose search, report): " + ", ".join(f"{e['concept']} {e['seconds']:.0f}" for e in summary))
     args.out.mkdir(parents=True, exist_ok=True)
