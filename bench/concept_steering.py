@@ -100,10 +100,6 @@ PREDICTORS = ("output_score", "delta_confidence", "concept_gain", "logit_z")
 """Single-pass scores compared by how well they predict the trial score (the candidate steered alone, measured where it is used)."""
 
 
-def ratio(value: float, base: float, n: int) -> float:
-    return value / max(base, 1 / n)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sae", default=None, help="SAE folder with its atlas and labels (saewb analyze); needed unless --hooks is given")

@@ -88,12 +88,15 @@ def test_the_echo_rule_an_answer_that_only_repeats_the_request_scores_zero():
 def test_a_frequency_ratio_counts_a_zero_unsteered_share_as_one_answer():
     """Both echo rules' ratios use one rule: over the unsteered share, a zero counted as one answer in n (a lower
     bound), rounded so that 5 answers in 24 over none is exactly 5x."""
-    from analysis.steering.concept.report import _ratio
+    from analysis.steering.concept import concept_ratio as _ratio
 
     assert _ratio(5 / 24, 0.0, 24) == 5.0
     assert _ratio(0.42, 0.04, 24) == pytest.approx(0.42 / (1 / 24))  # 0.04 < 1/24: still the one-answer floor
     assert _ratio(0.5, 0.25, 24) == 2.0
     assert _ratio(0.0, 0.0, 24) == 0.0
+    # the paired bootstrap's resamples go through the same rule, as tensors
+    resampled = _ratio(torch.tensor([5 / 24, 0.42, 0.5, 0.0], dtype=torch.float64), torch.tensor([0.0, 0.04, 0.25, 0.0], dtype=torch.float64), 24)
+    assert resampled.tolist() == [_ratio(5 / 24, 0.0, 24), _ratio(0.42, 0.04, 24), 2.0, 0.0]
 
 
 def test_lexicon_refuses_empty_and_multi_word_entries():

@@ -66,6 +66,7 @@ from .dose import (
     budget_confidence,
     choose_dose,
     choose_way,
+    concept_ratio,
     paired_confidence,
     parse_way,
     search_dose,
@@ -85,7 +86,7 @@ from .search import STEERED_BY, ConceptFeature, ConceptSearch, concept_steering,
 __all__ = [
     "CONCEPT_MODES", "MORE_TUNING_PROMPTS", "ConceptMode", "PROMPTING", "REQUEST", "SCORES", "STEERED_BY", "TUNING_PROMPTS", "CandidateInputs", "CandidateScore", "ConceptConfig", "ConceptFeature",
     "ConceptPoint", "ConceptSearch", "DosePoint", "DoseSearch", "Way", "WayChoice", "ExtraCondition", "Fluency", "Lexicon", "LexiconScores", "OutputScores",
-    "VerdictConfidence", "answer_contrast", "best_dose", "budget_confidence", "paired_confidence", "choose_dose", "choose_way", "parse_way", "way_name", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores", "neighbour_lexicon",
+    "VerdictConfidence", "answer_contrast", "best_dose", "budget_confidence", "concept_ratio", "paired_confidence", "choose_dose", "choose_way", "parse_way", "way_name", "compare_concept", "concept_steering", "derive_lexicon", "lexicon_logit_z", "lexicon_scores", "neighbour_lexicon",
     "MeanDifference", "direction_dictionary", "mean_difference", "mean_difference_condition", "mean_difference_search", "matched_controls", "output_scores", "ranking_table", "register", "search_concept", "search_dose", "within_budget",
     "dose_response_figure", "write_dose_response",
 ]

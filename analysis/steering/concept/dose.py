@@ -105,6 +105,14 @@ def _resampled(answers: AnswerFluency, rows: Tensor) -> Fluency:
     return Fluency((nll / n_tokens).exp(), answers.repetition.double()[rows].mean(1))  # type: ignore[arg-type]
 
 
+def concept_ratio(frequency, unsteered, n_prompts: int):
+    """A concept frequency over the unsteered one, a zero counted as one answer in `n_prompts` (a lower bound), rounded
+    to 9 decimals so that 5 answers in 24 over 1 is 5x. Floats, or tensors [m] of as many resamples."""
+    if isinstance(frequency, Tensor):
+        return (frequency / unsteered.clamp_min(1 / n_prompts)).round(decimals=9)
+    return round(frequency / max(unsteered, 1 / n_prompts), 9)
+
+
 class VerdictConfidence(NamedTuple):
     within_budget: float
     """Share of paired resamples of the prompts in which the condition is within budget of the unsteered answers."""
@@ -128,9 +136,8 @@ def paired_confidence(condition: AnswerFluency, unsteered: AnswerFluency, budget
     within = within_budget(_resampled(condition, rows), _resampled(unsteered, rows), budget, repetition_floor)
     if present is None or unsteered_present is None:
         return VerdictConfidence(share(within), float("nan"))
-    frequency = present.double()[rows].mean(1)
-    base_frequency = unsteered_present.double()[rows].mean(1).clamp_min(1 / n)
-    return VerdictConfidence(share(within), share(within & (frequency / base_frequency >= min_ratio - 1e-9)))
+    ratio = concept_ratio(present.double()[rows].mean(1), unsteered_present.double()[rows].mean(1), n)
+    return VerdictConfidence(share(within), share(within & (ratio >= min_ratio)))
 
 
 def search_dose(measure: Callable[[float], Fluency], base: Fluency, doses: Sequence[float], budget: float = 2.0, refine: int = 2,
@@ -285,5 +292,5 @@ def choose_way(model: HookedModel, sae: SAE, search: ConceptSearch, max_activati
     return WayChoice(tuple(best), tried[way_name(best)], tried)  # type: ignore[arg-type]
 
 
-__all__ = ["DosePoint", "DoseSearch", "VerdictConfidence", "Way", "WayChoice", "best_dose", "budget_confidence", "choose_dose", "choose_way",
+__all__ = ["DosePoint", "DoseSearch", "VerdictConfidence", "Way", "WayChoice", "best_dose", "budget_confidence", "choose_dose", "concept_ratio", "choose_way",
            "paired_confidence", "parse_way", "search_dose", "way_name", "within_budget"]

@@ -32,7 +32,7 @@ from sae.base import SAE
 from ..interventions import Steering
 from ..measure import AnswerFluency, Fluency, answer_fluency, feature_readout, generation_fluency, share
 from .config import PROMPTING, REQUEST, ConceptConfig
-from .dose import paired_confidence, within_budget
+from .dose import concept_ratio, paired_confidence, within_budget
 from .lexicon import lexicon_scores
 from .search import ConceptFeature, ConceptSearch, concept_steering
 
@@ -122,12 +122,6 @@ def _pooled(base: Fluency, n: int, reference_repetition: float, n_reference: int
     return (base.repetition * n + reference_repetition * n_reference) / (n + n_reference)
 
 
-def _ratio(frequency: float, unsteered: float, n_prompts: int) -> float:
-    """A share of answers over the unsteered one, a zero counted as one answer in `n_prompts` (a lower bound); rounded,
-    so that 5 answers in 24 over 1 is 5x."""
-    return round(frequency / max(unsteered, 1 / n_prompts), 9)
-
-
 @torch.no_grad()
 def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts: Sequence[str], max_activation: Tensor, dose: float | None,
                     cfg: ConceptConfig | None = None, extra: dict[str, ExtraCondition] | None = None,
@@ -170,7 +164,7 @@ def compare_concept(model: HookedModel, sae: SAE, search: ConceptSearch, prompts
             share(feature_readout(model, sae, feature_ids, generated, max_activation, threshold=0.25).present),
             fluency.perplexity, own.perplexity, fluency.repetition,
             within_budget(fluency, base, cfg.budget, cfg.repetition_floor), within_budget(own, base_own, cfg.budget),
-            _ratio(frequency, base_frequency, len(prompts)), _ratio(any_word, base_any_word, len(prompts)), texts,
+            concept_ratio(frequency, base_frequency, len(prompts)), concept_ratio(any_word, base_any_word, len(prompts)), texts,
             sure.within_budget, sure.meets_ratio, pooled))
     return points
 
